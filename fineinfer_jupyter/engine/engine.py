@@ -1,0 +1,566 @@
+"""The Engine facade: one thread owns the model; callers talk to it through an inbox and streams."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+
+from .adapters import AdapterStore
+from .config import (
+    BASE,
+    EngineConfig,
+    EngineNotReady,
+    QueueFull,
+    SamplingParams,
+    Slo,
+    TrainParams,
+    UnknownName,
+    check,
+)
+from .costmodel import CostModel
+from .data import build_dataset
+from .metrics import Metrics
+from .models import LoadedModel, load_model
+from .runner import Runner
+from .scheduler import Scheduler, Step, StepKind
+from .sequence import Completion, RequestStream, Sequence, Status
+from .training import Trainer
+
+log = logging.getLogger("fineinfer")
+
+
+class Engine:
+    """Owns one base model; serves generate() requests with continuous batching.
+
+    All model work happens in the engine thread; every public method is safe to call from any
+    thread. `Engine(config)` waits for the model unless `wait=False` (then `state` is
+    "loading" until it is "ready" or "error"). With `thread=False` the model loads in the
+    caller's thread and nothing runs until the caller calls `step()` (tests, benchmarks).
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        wait: bool = True,
+        thread: bool = True,
+        **overrides,
+    ):
+        self.config = config or EngineConfig(**overrides)
+        self.state = "loading"
+        self.progress = "starting"
+        self.error: str | None = None
+        self.metrics = Metrics()
+        self.costs = CostModel()
+        self.scheduler = Scheduler(
+            policy=self.config.policy,
+            max_batch_size=self.config.max_batch_size,
+            costs=self.costs,
+            max_train_step=self.config.slo.ttft / 2,
+            fineinfer_bound=self.config.fineinfer_bound,
+        )
+        self.loaded: LoadedModel | None = None
+        self.model_info: dict | None = None  # name, path, device, dtype, parameters, max_context
+        self.runner: Runner | None = None
+        self.adapters: AdapterStore | None = None
+        self.trainer: Trainer | None = None
+        self._requests: dict[str, Sequence] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._tokenizer_lock = threading.Lock()
+        self._stopping = False
+        self._ready = threading.Event()
+        self._thread = None
+        if not thread:
+            self._start()
+            self.wait_ready()
+            return
+        self._thread = threading.Thread(target=self._main, name="fineinfer-engine", daemon=True)
+        self._thread.start()
+        if wait:
+            self.wait_ready()
+
+    # -- public API (any thread) -------------------------------------------------------------
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        if not self._ready.wait(timeout):
+            raise TimeoutError("model still loading")
+        if self.state != "ready":
+            raise EngineNotReady(f"model failed to load: {self.error}")
+
+    def generate(
+        self,
+        prompt: str | list[dict],
+        *,
+        adapter: str | None = None,
+        sampling: SamplingParams | None = None,
+        slo: Slo | None = None,
+        callback: Callable[[dict], None] | None = None,
+        **sampling_kwargs,
+    ) -> RequestStream:
+        """Queue a request; returns its stream of {"type": "delta"} events and a final event.
+
+        `prompt` is raw text, or a list of chat messages (rendered with the chat template).
+        Bad input raises ValueError naming the field, before anything is queued.
+        """
+        self._check_ready()
+        sampling = sampling or SamplingParams(**sampling_kwargs)
+        check(
+            sampling.max_new_tokens <= self.config.max_new_tokens_cap,
+            "max_new_tokens",
+            f"must be <= {self.config.max_new_tokens_cap}",
+        )
+        name = self._resolve_adapter(adapter)
+        ids = self._encode(prompt)
+        limit = self.loaded.max_context
+        check(len(ids) < limit, "prompt", f"is {len(ids)} tokens; the model's context is {limit}")
+        if len(self.scheduler.waiting) >= self.config.max_queue:
+            raise QueueFull(f"queue full: {self.config.max_queue} requests are waiting")
+        seq = Sequence(
+            ids, sampling=sampling, slo=slo or self.config.slo, adapter=name, max_context=limit
+        )
+        seq.stream = RequestStream(seq.request_id, callback)
+        seq.stream.cancel = lambda: self.cancel(seq.request_id)
+        self._requests[seq.request_id] = seq
+        self._inbox.put((self.scheduler.add, (seq,), None))
+        return seq.stream
+
+    def complete(self, prompt: str | list[dict], **kwargs) -> Completion:
+        """Blocking generate(): the whole answer."""
+        return self.generate(prompt, **kwargs).result()
+
+    def cancel(self, request_id: str) -> bool:
+        seq = self._requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        seq.cancelled = True
+        self._inbox.put((lambda: None, (), None))  # wake the loop
+        return True
+
+    def load_adapter(self, name: str, path: str | Path, *, replace: bool = False) -> dict:
+        return self._call(self.adapters.load, name, path, replace=replace)
+
+    def delete_adapter(self, name: str, *, files: bool = True) -> None:
+        """Unload an adapter; with `files`, also remove its saved copy under the data directory."""
+        return self._call(self.adapters.delete, name, files=files)
+
+    def save_adapter(self, name: str, path: str | Path) -> dict:
+        """Write an adapter in PEFT's format to `path` (a folder; loads with PeftModel.from_pretrained)."""
+
+        def save():
+            info = self.adapters.get(name)
+            folder = self.adapters.save(name, Path(path), {"step": info["step"]})
+            return {**info, "saved_to": str(folder)}
+
+        return self._call(save)
+
+    def list_adapters(self) -> list[dict]:
+        self._check_ready()
+        return [dict(self.adapters.info[n]) for n in self.adapters.names()]
+
+    def tune(self, adapter: str, data, params: TrainParams | dict | None = None, **kwargs) -> dict:
+        """Start (or queue) a LoRA fine-tuning job; returns the job's status dict at once.
+
+        `data` is a .jsonl/.txt path or a list of records. Bad data or parameters raise
+        ValueError naming the problem before anything starts.
+        """
+        self._check_ready()
+        if not isinstance(params, TrainParams):
+            params = TrainParams.from_dict({**(params or {}), **kwargs})
+        with self._tokenizer_lock:
+            dataset = build_dataset(
+                data,
+                self.loaded.tokenizer,
+                max_length=params.max_length,
+                val_fraction=params.val_fraction,
+                seed=params.seed,
+            )
+        return self._call(lambda: self.trainer.submit(adapter, dataset, params).to_dict())
+
+    def jobs(self) -> list[dict]:
+        self._check_ready()
+        return self._call(lambda: [j.to_dict() for j in self.trainer.jobs.values()])
+
+    def job(self, job_id: str) -> dict:
+        return self._call(lambda: self.trainer.get(job_id).to_dict())
+
+    def stop_job(self, job_id: str) -> dict:
+        return self._call(lambda: self.trainer.stop(job_id).to_dict())
+
+    def resume_job(self, job_id: str) -> dict:
+        return self._call(lambda: self.trainer.resume(job_id).to_dict())
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._call(lambda: self.trainer.cancel(job_id).to_dict())
+
+    def wait_job(self, job_id: str, timeout: float | None = None, poll: float = 0.05) -> dict:
+        """Block until the job is no longer queued or running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["state"] not in ("queued", "running"):
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']}")
+            time.sleep(poll)
+
+    def status(self) -> dict:
+        return {
+            "state": self.state,
+            "progress": self.progress,
+            "error": self.error,
+            "model": self.model_info,
+            "policy": self.config.policy,
+            "adapters": self.adapters.names() if self.adapters else [],
+            "requests": {
+                "waiting": len(self.scheduler.waiting),
+                "running": self.scheduler.num_running,
+            },
+        }
+
+    def metrics_snapshot(self) -> dict:
+        return self.metrics.snapshot(state=self.state)
+
+    def step(self) -> Step:
+        """One iteration: take in what arrived, pick a step, run it."""
+        self._drain(block=False)
+        self._reap_cancelled()
+        step = self.scheduler.schedule(time.monotonic(), self.trainer)
+        if step.kind is StepKind.IDLE:
+            self._publish_queue()
+        else:
+            self._run(step)
+        return step
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._thread is None:
+            self._close()
+            return
+        self._inbox.put((lambda: None, (), None))
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- helpers for callers ---------------------------------------------------------------
+
+    def _check_ready(self) -> None:
+        if self.state == "loading":
+            raise EngineNotReady(f"model is loading: {self.progress}")
+        if self.state != "ready":
+            raise EngineNotReady(
+                f"engine is {self.state}" + (f": {self.error}" if self.error else "")
+            )
+
+    def _resolve_adapter(self, adapter: str | None) -> str | None:
+        if adapter in (None, "", BASE):
+            return None
+        if adapter not in self.adapters:
+            raise UnknownName(
+                f"adapter: no adapter named {adapter!r} (known: {', '.join(self.adapters.names()) or 'none'}; use 'base' for the base model)"
+            )
+        return adapter
+
+    def _encode(self, prompt: str | list[dict]) -> list[int]:
+        tok = self.loaded.tokenizer
+        with self._tokenizer_lock:
+            if isinstance(prompt, str):
+                check(prompt != "", "prompt", "must not be empty")
+                return tok(prompt, add_special_tokens=False)["input_ids"]
+            check(
+                isinstance(prompt, list) and len(prompt) > 0,
+                "messages",
+                "must be a non-empty list of {role, content}",
+            )
+            for i, m in enumerate(prompt):
+                check(
+                    isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str),
+                    f"messages[{i}]",
+                    "must be {role: str, content: str}",
+                )
+                check(
+                    m["role"] in ("system", "user", "assistant", "tool"),
+                    f"messages[{i}].role",
+                    f"unknown role {m['role']!r}",
+                )
+            check(
+                tok.chat_template is not None,
+                "messages",
+                "this model's tokenizer has no chat template; send a prompt",
+            )
+            ids = tok.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            return list(ids)
+
+    def _call(self, fn, *args, **kwargs):
+        """Run fn in the engine thread and wait for its result (its exception is raised here)."""
+        self._check_ready()
+        if self._thread is None:
+            return fn(*args, **kwargs)
+        future: Future = Future()
+        self._inbox.put((lambda: fn(*args, **kwargs), (), future))
+        return future.result()
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _main(self) -> None:
+        if self._start():
+            self._loop()
+        self._close()
+
+    def _start(self) -> bool:
+        try:
+            self._load()
+            self.state = "ready"
+        except Exception as e:  # reported through status(); the server keeps running
+            log.exception("model failed to load")
+            self.state, self.error = "error", f"{type(e).__name__}: {e}"
+        finally:
+            self._ready.set()
+        return self.state == "ready"
+
+    def _load(self) -> None:
+        def progress(message: str) -> None:
+            self.progress = message
+            log.info(message)
+
+        self.loaded = load_model(
+            self.config.model,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            cache_dir=self.config.cache_dir,
+            progress=progress,
+        )
+        m = self.loaded
+        self.model_info = {
+            "name": m.name,
+            "path": m.path,
+            "device": str(m.device),
+            "dtype": str(m.dtype).removeprefix("torch."),
+            "parameters": m.parameters,
+            "max_context": m.max_context,
+        }
+        self.runner = Runner(m.model, device=m.device)
+        root = Path(self.config.data_dir)
+        (root / "adapters").mkdir(parents=True, exist_ok=True)
+        self.adapters = AdapterStore(self.runner, root / "adapters")
+        self.adapters.load_saved()
+        tok = self.loaded.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.trainer = Trainer(self.runner, self.adapters, root=root / "jobs", pad_id=pad)
+        tok, gen = self.loaded.tokenizer, self.loaded.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        progress("ready")
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            step = self.step()
+            if step.kind is StepKind.IDLE:
+                self._drain(block=True, timeout=step.wait)
+
+    def _drain(self, *, block: bool, timeout: float | None = None) -> None:
+        try:
+            item = self._inbox.get(block=block, timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            fn, args, future = item
+            try:
+                result = fn(*args)
+                if future is not None:
+                    future.set_result(result)
+            except Exception as e:
+                if future is None:
+                    log.exception("engine command failed")
+                else:
+                    future.set_exception(e)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self, step: Step) -> None:
+        kind = step.kind.value
+        self.metrics.step_started_now(kind)
+        start = time.perf_counter()
+        rows = tokens = 0
+        if step.kind is StepKind.PREFILL:
+            for seq in step.seqs:
+                t = time.perf_counter()
+                self._prefill(seq)
+                self.costs.observe("prefill", seq.num_prompt_tokens, time.perf_counter() - t)
+            rows, tokens = len(step.seqs), sum(s.num_prompt_tokens for s in step.seqs)
+        elif step.kind is StepKind.DECODE:
+            rows = tokens = len(step.seqs)
+            self._decode(step.seqs)
+            self.costs.observe("decode", rows, time.perf_counter() - start)
+        elif step.kind is StepKind.TRAIN:
+            rows, tokens = self.trainer.step(step.train_examples or None)
+            if rows:
+                self.costs.observe("train", tokens, time.perf_counter() - start)
+            self._publish_training(rows, tokens)
+        self.metrics.record_step(kind, time.perf_counter() - start, rows=rows, tokens=tokens)
+        self._publish_queue()
+
+    def _prefill(self, seq: Sequence) -> None:
+        self.scheduler.admitted(seq)
+        seq.admitted = time.monotonic()
+        try:
+            if seq.adapter is not None:
+                seq.adapter = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
+            cache, mask, logits = self.runner.prefill(seq)
+            token = self.runner.sample(logits, [seq])[0]
+        except Exception as e:
+            return self._fail(seq, e)
+        self._append(seq, token)
+        if not seq.is_finished:
+            self.scheduler.batch.join(seq, cache, mask)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        batch = self.scheduler.batch
+        try:
+            logits = self.runner.decode(batch)
+        except Exception as e:  # the whole pass failed: every row in it fails, the engine goes on
+            for seq in seqs:
+                self._fail(seq, e)
+            batch.keep([])
+            return
+        tokens = self.runner.sample(logits, seqs)
+        for seq, token in zip(seqs, tokens, strict=True):
+            self._append(seq, token)
+        batch.keep([i for i, s in enumerate(seqs) if not s.is_finished])
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Add one sampled token: stop checks, incremental text, the stream."""
+        try:
+            seq.output_ids.append(token)
+            seq.token_times.append(time.monotonic())
+            p = seq.sampling
+            if token in self.eos_ids and not p.ignore_eos:
+                seq.finish_reason = "eos"
+            with self._tokenizer_lock:
+                seq.text = self.loaded.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            hold = 0
+            for stop in p.stop:
+                at = seq.text.find(stop, max(0, seq.sent - len(stop)))
+                if at >= 0:
+                    seq.text, seq.finish_reason = seq.text[:at], "stop"
+                    break
+                hold = max(hold, _partial_suffix(seq.text, stop))
+            if seq.finish_reason is None:
+                if len(seq.output_ids) >= p.max_new_tokens:
+                    seq.finish_reason = "length"
+                elif seq.num_tokens >= seq.max_context:
+                    seq.finish_reason = "context"
+            end = len(seq.text) if seq.finish_reason else len(seq.text) - hold
+            if not seq.finish_reason and seq.text.endswith("\ufffd"):
+                end = min(end, len(seq.text.rstrip("\ufffd")))
+            if end > seq.sent:
+                seq.stream.put({"type": "delta", "text": seq.text[seq.sent : end]})
+                seq.sent = end
+            if seq.finish_reason:
+                self._finish(seq)
+        except Exception as e:
+            self._fail(seq, e)
+
+    def _finish(self, seq: Sequence, outcome: str = "finished") -> None:
+        seq.status = Status.FINISHED
+        self._unpin(seq)
+        self._requests.pop(seq.request_id, None)
+        self.metrics.record_request(
+            seq.stats(), outcome=outcome, ttft_target=seq.slo.ttft, tpot_target=seq.slo.tpot
+        )
+        try:
+            seq.stream.put(seq.final_event())
+        except Exception:
+            log.exception("stream consumer failed for %s", seq.request_id)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        log.warning("request %s failed: %s", seq.request_id, error)
+        seq.status, seq.finish_reason = Status.FINISHED, "error"
+        self._unpin(seq)
+        self._requests.pop(seq.request_id, None)
+        self.metrics.record_request(
+            seq.stats(), outcome="failed", ttft_target=seq.slo.ttft, tpot_target=seq.slo.tpot
+        )
+        try:
+            seq.stream.put(
+                {
+                    "type": "error",
+                    "id": seq.request_id,
+                    "message": f"{type(error).__name__}: {error}",
+                }
+            )
+        except Exception:
+            log.exception("stream consumer failed for %s", seq.request_id)
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.admitted is not None and self.adapters is not None:
+            self.adapters.unpin(seq.adapter)
+
+    def _publish_training(self, samples: int, tokens: int) -> None:
+        job = self.trainer.current or next((j for j in reversed(self.trainer.jobs.values())), None)
+        summary = {"job": None, "loss": None, "step": None, "total_steps": None, "state": None}
+        if job is not None:
+            summary = {
+                "job": job.id,
+                "adapter": job.adapter,
+                "state": job.state.value,
+                "loss": job.loss_history[-1][1] if job.loss_history else None,
+                "step": job.step,
+                "total_steps": job.total_steps,
+            }
+        self.metrics.record_training(
+            samples=samples, tokens=tokens, loss=summary["loss"] if samples else None, job=summary
+        )
+
+    def _reap_cancelled(self) -> None:
+        for seq in self.scheduler.drop(lambda s: s.cancelled or s.is_finished):
+            if not seq.is_finished:
+                seq.finish_reason = "cancelled"
+                self._finish(seq, "cancelled")
+
+    def _publish_queue(self) -> None:
+        now = time.monotonic()
+        waiting = self.scheduler.waiting
+        slack = min((s.ttft_deadline - now for s in waiting), default=None)
+        self.metrics.record_queue(
+            waiting=len(waiting), running=self.scheduler.num_running, slack=slack
+        )
+
+    def _close(self) -> None:
+        for seq in list(self._requests.values()):
+            if not seq.is_finished:
+                self._fail(seq, EngineNotReady("engine shut down"))
+        self.state = "stopped" if self.state == "ready" else self.state
+        self.runner = self.adapters = None
+        if self.loaded is not None:
+            self.loaded.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _partial_suffix(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that begins `stop` (held back while streaming)."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0

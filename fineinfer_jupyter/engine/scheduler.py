@@ -1,0 +1,151 @@
+"""Which step runs next: prefill, decode, a training micro-step, or idle. Owns only its queues.
+
+Policies (DESIGN.md "Scheduling"):
+- immediate: inference preempts training the moment it arrives.
+- exclusive: inference waits until training has ended.
+- fineinfer: the prototype's fixed deferral bound; once served, a batch runs until it drains.
+- deferred: training runs while every waiting request's time-to-first-token slack and every
+  running row's time-per-token room survive the step, with the micro-batch sized to fit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from .batch import Batch
+from .costmodel import CostModel
+from .sequence import Sequence, Status
+
+INF = float("inf")
+
+
+class StepKind(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    TRAIN = "train"
+    IDLE = "idle"
+
+
+@dataclass
+class Step:
+    kind: StepKind
+    seqs: list[Sequence] = field(default_factory=list)  # prefill: newcomers; decode: the batch
+    train_examples: int = 0  # train: examples in the micro-step (0 = the job's micro_batch_size)
+    budget: float = INF  # train: seconds the step may take before inference must run
+    wait: float | None = None  # idle: sleep at most this long (None = until woken)
+
+
+class Training(Protocol):
+    active: bool
+
+    def next_tokens(self, k: int) -> list[int]:
+        """Token counts of the next (up to) k examples the job would train on."""
+
+    def max_examples(self) -> int:
+        """The job's micro_batch_size: the largest micro-step it allows."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        policy: str = "immediate",
+        max_batch_size: int = 32,
+        costs: CostModel | None = None,
+        max_train_step: float = 1.5,
+        fineinfer_bound: float = 2.0,
+    ):
+        self.policy = policy
+        self.max_batch_size = max_batch_size
+        self.costs = costs or CostModel()
+        self.max_train_step = (
+            max_train_step  # seconds: an arrival must not wait longer behind training
+        )
+        self.fineinfer_bound = fineinfer_bound
+        self.waiting: deque[Sequence] = deque()
+        self.batch = Batch()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.batch)
+
+    def schedule(self, now: float, training: Training | None = None) -> Step:
+        room = self.max_batch_size - len(self.batch)
+        newcomers = list(self.waiting)[: max(room, 0)]
+        running = self.batch.seqs
+        if training is None or not training.active or self.policy == "immediate":
+            return self._serve(now, newcomers, running)
+        if self.policy == "exclusive":
+            return Step(StepKind.TRAIN)
+        if self.policy == "fineinfer":
+            if running:
+                return self._serve(now, newcomers, running)
+            if newcomers and now - newcomers[0].arrival >= self.fineinfer_bound:
+                return self._serve(now, newcomers, running)
+            return Step(StepKind.TRAIN)
+        return self._deferred(now, newcomers, running, training)
+
+    def _deferred(
+        self, now: float, newcomers: list[Sequence], running: list[Sequence], training: Training
+    ) -> Step:
+        prefill_slack = self.prefill_slack(now, newcomers)
+        decode_room = self.decode_room(now, running)
+        budget = min(prefill_slack, decode_room, self.max_train_step)
+        k = self._fit(training, budget)
+        if k == 0 and not newcomers and not running:
+            k = 1  # nothing to protect: never starve training
+        if k:
+            return Step(StepKind.TRAIN, train_examples=k, budget=budget)
+        if newcomers and running and decode_room < prefill_slack:
+            return Step(StepKind.DECODE, list(running))  # the rows' next token is due first
+        return self._serve(now, newcomers, running)
+
+    def _fit(self, training: Training, budget: float) -> int:
+        """The largest micro-step (in examples) whose estimated time fits the budget."""
+        tokens = training.next_tokens(training.max_examples())
+        for k in range(len(tokens), 0, -1):
+            if self.costs.margin * self.costs.train(sum(tokens[:k])) <= budget:
+                return k
+        return 0
+
+    def prefill_slack(self, now: float, newcomers: list[Sequence]) -> float:
+        """Seconds the waiting group can still be deferred and meet every first-token target."""
+        if not newcomers:
+            return INF
+        cost = self.costs.margin * self.costs.prefill(sum(s.num_prompt_tokens for s in newcomers))
+        return min(s.ttft_deadline for s in newcomers) - now - cost
+
+    def decode_room(self, now: float, running: list[Sequence]) -> float:
+        """Seconds before the running rows must decode to keep their per-token target."""
+        if not running:
+            return INF
+        cost = self.costs.margin * self.costs.decode(len(running))
+        return min(s.next_token_deadline for s in running) - now - cost
+
+    def _serve(self, now: float, newcomers: list[Sequence], running: list[Sequence]) -> Step:
+        if newcomers:
+            return Step(StepKind.PREFILL, newcomers)
+        if running:
+            return Step(StepKind.DECODE, list(running))
+        return Step(StepKind.IDLE)
+
+    def admitted(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        seq.status = Status.RUNNING
+
+    def drop(self, predicate) -> list[Sequence]:
+        """Remove waiting and running rows for which predicate(seq) holds; returns them."""
+        gone = [s for s in self.waiting if predicate(s)]
+        for s in gone:
+            self.waiting.remove(s)
+        rows = self.batch.seqs
+        keep = [i for i, s in enumerate(rows) if not predicate(s)]
+        gone += [s for s in rows if predicate(s)]
+        self.batch.keep(keep)
+        return gone

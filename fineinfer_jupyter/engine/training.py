@@ -1,0 +1,424 @@
+"""LoRA fine-tuning jobs: a queue, one job training at a time, one micro-step per call.
+
+A micro-step is one forward and backward over part of the current effective batch; the
+optimizer steps when the effective batch is complete. Checkpoints (PEFT adapter files plus
+the trainer state) go under <data_dir>/jobs/<id>/; a finished or stopped adapter is also saved
+under <data_dir>/adapters/<name>/ and stays loaded for inference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import shutil
+import time
+from collections import deque
+from enum import Enum
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from transformers import get_cosine_schedule_with_warmup
+
+from .adapters import AdapterStore, _replace_dir
+from .config import NameTaken, TrainParams, UnknownName, check, check_adapter_name
+from .data import Dataset, Example, collate
+from .runner import Runner
+
+KEEP_CHECKPOINTS = 2
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Job:
+    def __init__(
+        self, job_id: str, adapter: str, params: TrainParams, dataset: Dataset, folder: Path
+    ):
+        self.id, self.adapter, self.params, self.dataset, self.folder = (
+            job_id,
+            adapter,
+            params,
+            dataset,
+            folder,
+        )
+        self.state = JobState.QUEUED
+        self.error: str | None = None
+        n = len(dataset.train)
+        self.steps_per_epoch = math.ceil(n / params.batch_size)
+        self.total_steps = params.max_steps or max(
+            1, math.ceil(params.epochs * self.steps_per_epoch)
+        )
+        self.step = 0  # optimizer steps done
+        self.loss_history: list[tuple[int, float]] = []
+        self.eval_loss: float | None = None
+        self.checkpoint: str | None = None
+        self.pending: list[int] = []  # examples of the current effective batch still to run
+        self.batch_tokens = 0  # label tokens of the whole current effective batch
+        self.loss_sum = 0.0
+        self.tokens_done = self.samples_done = 0
+        self.train_time = 0.0  # seconds spent in this job's micro-steps
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_scheduler = None
+        self.resume_from: Path | None = None
+        self.created = time.time()
+
+    @property
+    def epoch(self) -> float:
+        return self.step * self.params.batch_size / max(1, len(self.dataset.train))
+
+    @property
+    def active(self) -> bool:
+        return self.state in (JobState.QUEUED, JobState.RUNNING)
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Examples of optimizer step `step`: consecutive slices of seeded per-epoch shuffles."""
+        n, bs = len(self.dataset.train), self.params.batch_size
+        out = []
+        for p in range(step * bs, step * bs + bs):
+            epoch, i = divmod(p, n)
+            out.append(self._permutation(epoch)[i])
+        return out
+
+    def _permutation(self, epoch: int) -> list[int]:
+        cache = self.__dict__.setdefault("_perms", {})
+        if epoch not in cache:
+            order = list(range(len(self.dataset.train)))
+            random.Random(self.params.seed * 100_003 + epoch).shuffle(order)
+            cache.clear()
+            cache[epoch] = order
+        return cache[epoch]
+
+    def to_dict(self) -> dict:
+        rate = self.train_time or 1e-9
+        samples_per_s = self.samples_done / rate if self.samples_done else None
+        remaining = (self.total_steps - self.step) * self.params.batch_size
+        return {
+            "id": self.id,
+            "adapter": self.adapter,
+            "state": self.state.value,
+            "error": self.error,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": round(self.epoch, 4),
+            "loss": self.loss_history[-1][1] if self.loss_history else None,
+            "loss_history": [list(p) for p in self.loss_history[-500:]],
+            "eval_loss": self.eval_loss,
+            "tokens_per_s": self.tokens_done / rate if self.tokens_done else None,
+            "samples_per_s": samples_per_s,
+            "eta_s": remaining / samples_per_s if samples_per_s and self.active else None,
+            "checkpoint": self.checkpoint,
+            "examples": len(self.dataset.train),
+            "val_examples": len(self.dataset.val),
+            "params": self.params.to_dict(),
+            "created": self.created,
+        }
+
+
+class Trainer:
+    def __init__(self, runner: Runner, adapters: AdapterStore, *, root: Path, pad_id: int):
+        self.runner, self.adapters, self.root, self.pad_id = runner, adapters, root, pad_id
+        self.jobs: dict[str, Job] = {}
+        self.queue: deque[Job] = deque()
+        self.current: Job | None = None
+        self._ids = itertools.count(1)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def active(self) -> bool:
+        return self.current is not None or bool(self.queue)
+
+    def get(self, job_id: str) -> Job:
+        if job_id not in self.jobs:
+            raise UnknownName(f"job: no job {job_id!r}")
+        return self.jobs[job_id]
+
+    def submit(self, adapter: str, dataset: Dataset, params: TrainParams) -> Job:
+        check_adapter_name(adapter)
+        if adapter in self.adapters or any(
+            j.adapter == adapter and j.active for j in self.jobs.values()
+        ):
+            raise NameTaken(
+                f"adapter: {adapter!r} exists already; pick another name or delete it first"
+            )
+        job_id = self._new_id()
+        job = Job(job_id, adapter, params, dataset, self.root / job_id)
+        self.jobs[job_id] = job
+        self.queue.append(job)
+        return job
+
+    def _new_id(self) -> str:
+        while True:
+            job_id = f"job-{next(self._ids)}"
+            if job_id not in self.jobs and not (self.root / job_id).exists():
+                return job_id
+
+    def _next_job(self) -> Job | None:
+        return self.current or (self.queue[0] if self.queue else None)
+
+    def max_examples(self) -> int:
+        job = self._next_job()
+        return job.params.micro_batch_size if job else 0
+
+    def next_tokens(self, k: int) -> list[int]:
+        """Token counts of the next (up to) k examples, for the scheduler's cost estimate."""
+        job = self._next_job()
+        if job is None:
+            return []
+        pending = job.pending or job.batch_indices(job.step)
+        return [job.dataset.train[i].num_tokens for i in pending[:k]]
+
+    def step(self, max_examples: int | None = None) -> tuple[int, int]:
+        """One micro-step of the current job; returns (examples, tokens) processed."""
+        job = self.current
+        if job is None:
+            if not self.queue:
+                return 0, 0
+            job = self.current = self.queue.popleft()
+            try:
+                self._start(job)
+            except Exception as e:
+                self._fail(job, e)
+                return 0, 0
+        start = time.perf_counter()
+        try:
+            if not job.pending:
+                self._begin_batch(job)
+            k = min(
+                job.params.micro_batch_size,
+                max_examples or job.params.micro_batch_size,
+                len(job.pending),
+            )
+            take, job.pending = job.pending[:k], job.pending[k:]
+            examples = [job.dataset.train[i] for i in take]
+            loss_sum, _ = self.runner.train_step(
+                collate(examples, self.pad_id), scale=1.0 / job.batch_tokens
+            )
+            check(math.isfinite(loss_sum), "loss", f"is {loss_sum} at step {job.step + 1}")
+            job.loss_sum += loss_sum
+            tokens = sum(e.num_tokens for e in examples)
+            job.tokens_done += tokens
+            job.samples_done += k
+            if not job.pending:
+                self._optimizer_step(job)
+        except Exception as e:
+            job.train_time += time.perf_counter() - start
+            self._fail(job, e)
+            return 0, 0
+        job.train_time += time.perf_counter() - start
+        return k, tokens
+
+    def _start(self, job: Job) -> None:
+        p = job.params
+        job.folder.mkdir(parents=True, exist_ok=True)
+        if job.adapter not in self.adapters:
+            config = LoraConfig(
+                r=p.r,
+                lora_alpha=p.lora_alpha,
+                target_modules=p.target_modules,
+                lora_dropout=0.0,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(p.seed)  # LoRA A's initialisation
+                self.adapters.create(job.adapter, config)
+        self.adapters.info[job.adapter]["training"] = True
+        params = self.adapters.train(job.adapter)
+        job.optimizer = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
+        job.lr_scheduler = get_cosine_schedule_with_warmup(
+            job.optimizer, p.warmup_steps, job.total_steps
+        )
+        if job.resume_from is not None:
+            self._load_checkpoint(job, job.resume_from)
+        self.adapters.info[job.adapter]["step"] = job.step
+        job.pending, job.state = [], JobState.RUNNING
+        self._write_job(job)
+
+    def _begin_batch(self, job: Job) -> None:
+        job.pending = job.batch_indices(job.step)
+        job.batch_tokens = sum(_label_tokens(job.dataset.train[i]) for i in job.pending)
+        job.loss_sum = 0.0
+        job.optimizer.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self, job: Job) -> None:
+        p = job.params
+        if p.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(_params(job.optimizer), p.max_grad_norm)
+        job.optimizer.step()
+        job.lr_scheduler.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        job.step += 1
+        job.loss_history.append((job.step, job.loss_sum / job.batch_tokens))
+        self.adapters.info[job.adapter]["step"] = job.step
+        last = job.step >= job.total_steps
+        if job.dataset.val and (last or (p.eval_every and job.step % p.eval_every == 0)):
+            job.eval_loss = self._eval(job)
+        if last:
+            self._finish(job, JobState.DONE)
+        elif job.step % p.checkpoint_every == 0:
+            self._save_checkpoint(job)
+
+    def _eval(self, job: Job) -> float:
+        total = n = 0
+        val = job.dataset.val
+        for i in range(0, len(val), job.params.micro_batch_size):
+            s, k = self.runner.eval_loss(
+                collate(val[i : i + job.params.micro_batch_size], self.pad_id)
+            )
+            total, n = total + s, n + k
+        return total / max(n, 1)
+
+    # -- control (engine thread) --------------------------------------------------------------
+
+    def stop(self, job_id: str) -> Job:
+        """Checkpoint at the last optimizer step, save the adapter, stop. Resumable."""
+        job = self.get(job_id)
+        if job.state == JobState.QUEUED:
+            self.queue.remove(job)
+            job.state = JobState.STOPPED
+            self._write_job(job)
+        elif job.state == JobState.RUNNING:
+            self._finish(job, JobState.STOPPED)
+        else:
+            check(False, "job", f"{job_id} is {job.state.value}, not running or queued")
+        return job
+
+    def resume(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        check(
+            job.state in (JobState.STOPPED, JobState.FAILED),
+            "job",
+            f"{job_id} is {job.state.value}; only stopped or failed jobs resume",
+        )
+        check(
+            job.checkpoint is not None or job.step == 0,
+            "job",
+            f"{job_id} has no checkpoint to resume from",
+        )
+        job.resume_from = Path(job.checkpoint) if job.checkpoint else None
+        job.state, job.error = JobState.QUEUED, None
+        self.queue.append(job)
+        self._write_job(job)
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Stop without saving: the adapter goes back to its last saved state (or away)."""
+        job = self.get(job_id)
+        check(job.active, "job", f"{job_id} is {job.state.value}, not running or queued")
+        if job.state == JobState.QUEUED:
+            self.queue.remove(job)
+        else:
+            self._release(job)
+        job.state = JobState.CANCELLED
+        self._write_job(job)
+        return job
+
+    # -- endings ----------------------------------------------------------------------------------
+
+    def _finish(self, job: Job, state: JobState) -> None:
+        job.pending = []  # a partial effective batch is dropped; its gradients too
+        job.optimizer.zero_grad(set_to_none=True)
+        self._save_checkpoint(job)
+        info = self.adapters.info[job.adapter]
+        folder = self.adapters.root / job.adapter
+        self.adapters.save(
+            job.adapter,
+            folder,
+            {
+                "step": job.step,
+                "job": job.id,
+                "loss": job.loss_history[-1][1] if job.loss_history else None,
+            },
+        )
+        info.update(path=str(folder), training=False, step=job.step)
+        self.adapters.runner.model.requires_grad_(False)
+        job.state, job.optimizer, job.lr_scheduler = state, None, None
+        self.current = None
+        self.adapters.unpin(None)
+        self.adapters._release_unused()
+        self._write_job(job)
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        job.error = f"{type(error).__name__}: {error}"
+        job.state = JobState.FAILED
+        self._release(job)
+        self._write_job(job)
+
+    def _release(self, job: Job) -> None:
+        """Put the adapter back to its last good saved weights (or drop it) and free the slot."""
+        job.pending, job.optimizer, job.lr_scheduler = [], None, None
+        self.current = None
+        name = job.adapter
+        if name in self.adapters:
+            self.runner.model.requires_grad_(False)
+            self.adapters.info[name]["training"] = False
+            if job.checkpoint:
+                self.adapters.restore(name, Path(job.checkpoint))
+                self.adapters.info[name]["step"] = int(Path(job.checkpoint).name.split("-")[-1])
+            else:
+                self.adapters.delete(name)
+        self.adapters._release_unused()
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, job: Job) -> None:
+        folder = job.folder / f"checkpoint-{job.step:06d}"
+        meta = {"step": job.step, "job": job.id}
+        self.adapters.save(job.adapter, folder.with_name(folder.name + ".build"), meta)
+        state = {
+            "step": job.step,
+            "optimizer": job.optimizer.state_dict() if job.optimizer else None,
+            "lr_scheduler": job.lr_scheduler.state_dict() if job.lr_scheduler else None,
+            "loss_history": job.loss_history,
+            "eval_loss": job.eval_loss,
+            "tokens_done": job.tokens_done,
+            "samples_done": job.samples_done,
+            "train_time": job.train_time,
+            "rng": torch.get_rng_state(),
+        }
+        build = folder.with_name(folder.name + ".build")
+        torch.save(state, build / "trainer_state.pt")
+        _replace_dir(build, folder)
+        job.checkpoint = str(folder)
+        for old in sorted(job.folder.glob("checkpoint-*"))[:-KEEP_CHECKPOINTS]:
+            if old.name[len("checkpoint-") :].isdigit():
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, job: Job, folder: Path) -> None:
+        self.adapters.restore(job.adapter, folder)
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        job.step = state["step"]
+        if state["optimizer"] is not None:
+            job.optimizer.load_state_dict(state["optimizer"])
+            job.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        job.loss_history = [tuple(p) for p in state["loss_history"]]
+        job.eval_loss = state["eval_loss"]
+        job.tokens_done, job.samples_done, job.train_time = (
+            state["tokens_done"],
+            state["samples_done"],
+            state["train_time"],
+        )
+        torch.set_rng_state(state["rng"])
+
+    def _write_job(self, job: Job) -> None:
+        job.folder.mkdir(parents=True, exist_ok=True)
+        tmp = job.folder / "job.json.tmp"
+        tmp.write_text(json.dumps(job.to_dict(), indent=1))
+        tmp.replace(job.folder / "job.json")
+
+
+def _label_tokens(example: Example) -> int:
+    return sum(1 for t in example.labels[1:] if t != -100)
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]

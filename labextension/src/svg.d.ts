@@ -1,0 +1,4 @@
+declare module '*.svg' {
+  const value: string; // the SVG source, inlined by the JupyterLab builder
+  export default value;
+}

@@ -1,0 +1,71 @@
+// The JSON shapes of docs/api.md, as far as the sidebar reads them.
+
+export type EngineState = 'loading' | 'ready' | 'error';
+export type StepKind = 'decode' | 'prefill' | 'train' | 'idle';
+export type JobState = 'queued' | 'running' | 'stopped' | 'done' | 'failed';
+
+export interface IStatus {
+  state: EngineState;
+  progress: string | null; // e.g. "converting default model (step 2/3)"
+  error: string | null;
+  model: {
+    name: string;
+    path: string;
+    device: string;
+    dtype: string;
+    parameters: number;
+  } | null;
+  policy: string;
+  adapters: string[];
+  version: string;
+}
+
+export interface IMetrics {
+  time: number; // server clock, seconds
+  state: EngineState;
+  step: { kind: StepKind; started: number };
+  requests: { waiting: number; running: number; finished: number; failed: number };
+  slack: { min: number | null }; // seconds the most urgent request can still wait
+  inference: { tokens_per_s: number };
+  training: {
+    job: string | null;
+    samples_per_s: number;
+    loss: number | null;
+  } | null;
+  offload: { bytes_per_s: number; bytes_total: number };
+  series?: ISeries; // one point per second over the last five minutes
+}
+
+export interface ISeries {
+  t: number[];
+  inference_tokens_per_s: (number | null)[];
+  train_samples_per_s: (number | null)[];
+  loss: (number | null)[];
+  slack: (number | null)[];
+  offload_bytes_per_s: (number | null)[];
+}
+
+export interface IJob {
+  id: string;
+  adapter: string;
+  state: JobState;
+  error: string | null;
+  step: number;
+  total_steps: number;
+  loss: number | null;
+  samples_per_s: number | null;
+  eta_s: number | null;
+}
+
+export interface IAdapter {
+  name: string;
+  path: string;
+  training: boolean;
+  step: number | null;
+  r: number | null;
+}
+
+/** One WebSocket message of `fineinfer/api/events`. */
+export type EventMessage =
+  | { type: 'metrics'; data: IMetrics }
+  | { type: 'jobs'; data: IJob[] };

@@ -1,0 +1,255 @@
+import { ReactWidget, UseSignal } from '@jupyterlab/ui-components';
+import { Message } from '@lumino/messaging';
+import * as React from 'react';
+
+import { Chart } from './chart';
+import { fmtBytes, fmtCount, fmtNumber, fmtSeconds } from './format';
+import { FineInferModel, SeriesKey } from './model';
+import { IJob } from './types';
+
+const CHARTS: { key: SeriesKey; title: string; format: (v: number) => string; zero?: boolean }[] = [
+  { key: 'inference_tokens_per_s', title: 'Inference tokens/s', format: v => fmtNumber(v) },
+  { key: 'train_samples_per_s', title: 'Training samples/s', format: v => fmtNumber(v, 2) },
+  { key: 'loss', title: 'Loss', format: v => fmtNumber(v, 3), zero: false },
+  { key: 'slack', title: 'Deferral slack', format: fmtSeconds },
+  { key: 'offload_bytes_per_s', title: 'Offload', format: v => `${fmtBytes(v)}/s` }
+];
+
+/** The left sidebar panel: draws the model and nothing else. */
+export class FineInferPanel extends ReactWidget {
+  constructor(private readonly _model: FineInferModel) {
+    super();
+    this.addClass('fi-Panel');
+  }
+
+  protected onAfterAttach(msg: Message): void {
+    super.onAfterAttach(msg);
+    this._model.active = this.isVisible;
+  }
+
+  protected onAfterShow(msg: Message): void {
+    super.onAfterShow(msg);
+    this._model.active = true;
+  }
+
+  protected onAfterHide(msg: Message): void {
+    super.onAfterHide(msg);
+    this._model.active = false;
+  }
+
+  render(): JSX.Element {
+    return (
+      <UseSignal signal={this._model.changed}>{() => <Dashboard model={this._model} />}</UseSignal>
+    );
+  }
+}
+
+function Dashboard({ model }: { model: FineInferModel }): JSX.Element {
+  const up = model.status !== null && model.connection !== 'unreachable';
+  return (
+    <div className="fi-Dashboard">
+      <h2 className="fi-Title">FineInfer</h2>
+      <Engine model={model} />
+      {up && <Activity model={model} />}
+      {up && (
+        <Section title="Last 5 minutes">
+          {CHARTS.map(c => (
+            <Chart
+              key={c.key}
+              testid={`fi-chart-${c.key}`}
+              title={c.title}
+              t={model.history.t}
+              values={model.history[c.key]}
+              windowS={300}
+              format={c.format}
+              zero={c.zero}
+            />
+          ))}
+        </Section>
+      )}
+      {up && <Jobs model={model} />}
+      {up && <Adapters model={model} />}
+    </div>
+  );
+}
+
+function Engine({ model }: { model: FineInferModel }): JSX.Element {
+  const { status, connection } = model;
+  const info = status?.model;
+  let state: string = connection === 'unreachable' ? 'unreachable' : status?.state ?? 'connecting';
+  let text = state;
+  let detail = '';
+  if (state === 'connecting') {
+    text = 'connecting…';
+  } else if (state === 'unreachable') {
+    text = 'server not reachable';
+    detail = `${model.unreachableReason}. Retrying every 2 s.`;
+  } else if (state === 'loading') {
+    detail = status?.progress ?? '';
+  } else if (state === 'error') {
+    detail = status?.error ?? '';
+  }
+  if (!['connecting', 'unreachable', 'loading', 'ready', 'error'].includes(state)) {
+    state = 'error';
+  }
+  return (
+    <Section title="Engine">
+      <dl className="fi-Fields">
+        <dt>Model</dt>
+        <dd data-testid="fi-model-name" title={info?.path}>
+          {info?.name ?? '—'}
+        </dd>
+        <dt>Device</dt>
+        <dd data-testid="fi-device">
+          {info ? `${info.device} · ${info.dtype} · ${fmtCount(info.parameters)} params` : '—'}
+        </dd>
+        <dt>State</dt>
+        <dd>
+          <span className={`fi-State fi-mod-${state}`} data-testid="fi-state" data-state={state}>
+            {text}
+          </span>
+          {connection !== 'unreachable' && connection !== 'connecting' && (
+            <span className="fi-Connection" data-testid="fi-connection" title="how the sidebar hears from the server">
+              {connection === 'live' ? 'live' : 'polling'}
+            </span>
+          )}
+        </dd>
+      </dl>
+      {detail && (
+        <div className={`fi-Detail fi-mod-${state}`} data-testid="fi-state-detail">
+          {detail}
+        </div>
+      )}
+    </Section>
+  );
+}
+
+function Activity({ model }: { model: FineInferModel }): JSX.Element {
+  const m = model.metrics;
+  return (
+    <Section title="Now">
+      <dl className="fi-Fields">
+        <dt>Step</dt>
+        <dd data-testid="fi-step-kind" data-kind={m?.step.kind}>
+          {m?.step.kind ?? '—'}
+        </dd>
+        <dt>Requests</dt>
+        <dd>
+          <span data-testid="fi-requests-waiting">{m?.requests.waiting ?? '—'}</span> waiting,{' '}
+          <span data-testid="fi-requests-running">{m?.requests.running ?? '—'}</span> running
+        </dd>
+        <dt>Slack</dt>
+        <dd data-testid="fi-slack" title="how long the most urgent request can still be deferred">
+          {fmtSeconds(m?.slack.min)}
+        </dd>
+        <dt>Policy</dt>
+        <dd data-testid="fi-policy">{model.status?.policy ?? '—'}</dd>
+      </dl>
+    </Section>
+  );
+}
+
+function Jobs({ model }: { model: FineInferModel }): JSX.Element {
+  return (
+    <Section title="Training jobs">
+      {model.actionError && (
+        <div className="fi-Detail fi-mod-error" data-testid="fi-action-error">
+          {model.actionError}
+        </div>
+      )}
+      {model.jobs.length === 0 && <div className="fi-Empty">No training jobs.</div>}
+      <ul className="fi-Jobs" data-testid="fi-jobs">
+        {model.jobs.map(job => (
+          <Job key={job.id} job={job} model={model} />
+        ))}
+      </ul>
+    </Section>
+  );
+}
+
+function Job({ job, model }: { job: IJob; model: FineInferModel }): JSX.Element {
+  const fraction = job.total_steps > 0 ? Math.min(job.step / job.total_steps, 1) : 0;
+  const canStop = job.state === 'queued' || job.state === 'running';
+  return (
+    <li className={`fi-Job fi-mod-${job.state}`} data-testid={`fi-job-${job.id}`} data-state={job.state}>
+      <div className="fi-Job-head">
+        <span className="fi-Job-adapter">{job.adapter}</span>
+        <span className="fi-Job-id">{job.id}</span>
+        <span className={`fi-Badge fi-mod-${job.state}`} data-testid="fi-job-state">
+          {job.state}
+        </span>
+      </div>
+      <div
+        className="fi-Progress"
+        role="progressbar"
+        aria-valuemin={0}
+        aria-valuemax={job.total_steps}
+        aria-valuenow={job.step}
+        data-testid="fi-job-progress"
+      >
+        <div className="fi-Progress-bar" style={{ width: `${(fraction * 100).toFixed(1)}%` }} />
+      </div>
+      <div className="fi-Job-stats">
+        <span data-testid="fi-job-step">
+          {job.step} / {job.total_steps}
+        </span>
+        <span>
+          loss <span data-testid="fi-job-loss">{fmtNumber(job.loss, 3)}</span>
+        </span>
+        {job.state === 'running' && <span>eta {fmtSeconds(job.eta_s)}</span>}
+      </div>
+      {job.error && (
+        <div className="fi-Detail fi-mod-error" data-testid="fi-job-error">
+          {job.error}
+        </div>
+      )}
+      <div className="fi-Job-actions">
+        <button
+          className="fi-Button"
+          data-testid="fi-job-stop"
+          disabled={!canStop}
+          onClick={() => void model.stopJob(job.id)}
+        >
+          Stop
+        </button>
+        <button
+          className="fi-Button"
+          data-testid="fi-job-resume"
+          disabled={job.state !== 'stopped'}
+          onClick={() => void model.resumeJob(job.id)}
+        >
+          Resume
+        </button>
+      </div>
+    </li>
+  );
+}
+
+function Adapters({ model }: { model: FineInferModel }): JSX.Element {
+  return (
+    <Section title="Adapters">
+      {model.adapters.length === 0 && <div className="fi-Empty">No adapters loaded.</div>}
+      <ul className="fi-Adapters" data-testid="fi-adapters">
+        {model.adapters.map(a => (
+          <li key={a.name} className="fi-Adapter" data-testid={`fi-adapter-${a.name}`}>
+            <span className="fi-Adapter-name">{a.name}</span>
+            <span className="fi-Adapter-info">
+              {a.r !== null && `r=${a.r}`}
+              {a.step !== null && ` · step ${a.step}`}
+            </span>
+            {a.training && <span className="fi-Badge fi-mod-running">training</span>}
+          </li>
+        ))}
+      </ul>
+    </Section>
+  );
+}
+
+function Section(props: { title: string; children: React.ReactNode }): JSX.Element {
+  return (
+    <section className="fi-Section">
+      <h3 className="fi-Section-title">{props.title}</h3>
+      {props.children}
+    </section>
+  );
+}

@@ -1,0 +1,279 @@
+import threading
+
+import pytest
+import torch
+from conftest import PROMPTS, hf_greedy, run_until_done
+from peft import PeftModel
+
+from fineinfer_jupyter.engine.config import EngineConfig, EngineNotReady, QueueFull, UnknownName
+from fineinfer_jupyter.engine.engine import Engine
+from fineinfer_jupyter.engine.models import load_model
+from fineinfer_jupyter.engine.sequence import RequestError
+
+
+def reference(prompts, n, adapter_dir=None):
+    loaded = load_model("tiny")
+    model = loaded.model
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    return [hf_greedy(model, loaded.tokenizer, p, n) for p in prompts]
+
+
+def test_requests_joining_at_different_iterations_match_hf_generate_token_for_token(stepped):
+    expected = reference(PROMPTS, 24)
+    streams = []
+    for prompt in PROMPTS:  # each arrives while the earlier ones are decoding
+        streams.append(stepped.generate(prompt, max_new_tokens=24))
+        for _ in range(3):
+            stepped.step()
+    assert len(stepped.scheduler.batch) > 1
+    run_until_done(stepped, streams)
+    assert [s.final["token_ids"] for s in streams] == expected
+    assert len(stepped.scheduler.batch) == 0
+
+
+def test_finished_rows_leave_at_once_and_the_rest_keep_their_tokens(stepped):
+    lengths = [3, 30, 7, 18]
+    expected = [reference([p], n)[0] for p, n in zip(PROMPTS, lengths)]
+    streams = [stepped.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, lengths)]
+    stepped.step()  # prefill all four
+    sizes = []
+    while any(s.final is None for s in streams):
+        stepped.step()
+        sizes.append(len(stepped.scheduler.batch))
+    assert [s.final["token_ids"] for s in streams] == expected
+    assert sizes[0] == 4 and 3 in sizes and 1 in sizes and sizes[-1] == 0
+
+
+def test_mixed_adapter_batch_matches_each_adapter_alone(stepped, adapter_dirs):
+    for name, path in adapter_dirs.items():
+        stepped.load_adapter(name, path)
+    plan = [
+        ("base", PROMPTS[0]),
+        ("alpha", PROMPTS[0]),
+        ("beta", PROMPTS[0]),
+        ("alpha", PROMPTS[2]),
+        ("base", PROMPTS[2]),
+    ]
+    streams = [stepped.generate(p, adapter=a, max_new_tokens=16) for a, p in plan]
+    run_until_done(stepped, streams)
+    mixed = [s.final["token_ids"] for s in streams]
+    for (adapter, prompt), tokens in zip(plan, mixed):
+        path = None if adapter == "base" else adapter_dirs[adapter]
+        assert tokens == reference([prompt], 16, path)[0], adapter
+    assert mixed[0] != mixed[1] != mixed[2]  # the adapters really change the answer
+
+
+def test_cancelling_one_stream_leaves_the_others_unchanged_and_frees_its_row(stepped):
+    expected = reference(PROMPTS[:3], 20)
+    streams = [stepped.generate(p, max_new_tokens=20) for p in PROMPTS[:3]]
+    for _ in range(5):
+        stepped.step()
+    assert len(stepped.scheduler.batch) == 3
+    streams[1].cancel()
+    stepped.step()
+    assert len(stepped.scheduler.batch) == 2
+    assert streams[1].final["finish_reason"] == "cancelled"
+    run_until_done(stepped, streams)
+    assert streams[0].final["token_ids"] == expected[0]
+    assert streams[2].final["token_ids"] == expected[2]
+    assert expected[1][: len(streams[1].final["token_ids"])] == streams[1].final["token_ids"]
+
+
+def test_a_request_that_fails_while_running_fails_alone(stepped):
+    expected = reference(PROMPTS[:2], 12)
+
+    def broken(event):
+        raise RuntimeError("consumer went away")
+
+    good = stepped.generate(PROMPTS[0], max_new_tokens=12)
+    bad = stepped.generate(PROMPTS[2], max_new_tokens=12, callback=broken)
+    late = stepped.generate(PROMPTS[1], max_new_tokens=12)
+    run_until_done(stepped, [good, late])
+    assert good.final["token_ids"] == expected[0]
+    assert late.final["token_ids"] == expected[1]
+    assert bad.final["type"] == "error"
+    assert stepped.metrics.snapshot()["requests"]["failed"] == 1
+
+
+def test_stop_string_ends_the_answer_before_it(stepped):
+    full = stepped.generate("stop test", max_new_tokens=40, ignore_eos=True)
+    run_until_done(stepped, [full])
+    text = "".join(e["text"] for e in full if e["type"] == "delta")
+    stop = text[4:6]
+    assert len(stop) == 2
+    cut = stepped.generate("stop test", max_new_tokens=40, ignore_eos=True, stop=[stop])
+    run_until_done(stepped, [cut])
+    streamed = "".join(e["text"] for e in cut if e["type"] == "delta")
+    assert streamed == text[: text.find(stop)]
+    assert cut.final["finish_reason"] == "stop"
+
+
+def test_length_limit_and_finish_reasons(stepped):
+    s = stepped.generate("abc", max_new_tokens=5, ignore_eos=True)
+    run_until_done(stepped, [s])
+    assert s.final["finish_reason"] == "length"
+    assert s.final["usage"] == {"prompt_tokens": 3, "completion_tokens": 5}
+    assert len(s.final["token_ids"]) == 5
+
+
+def test_context_length_stops_generation(stepped):
+    limit = stepped.loaded.max_context
+    s = stepped.generate("x" * (limit - 4), max_new_tokens=50, ignore_eos=True)
+    run_until_done(stepped, [s])
+    assert s.final["finish_reason"] == "context"
+    assert s.final["usage"]["completion_tokens"] == 4
+
+
+def test_same_seed_same_text_and_sampling_options(stepped):
+    opts = dict(
+        max_new_tokens=20,
+        temperature=0.9,
+        top_p=0.9,
+        top_k=50,
+        repetition_penalty=1.2,
+        ignore_eos=True,
+    )
+    a = stepped.generate("seeded", seed=7, **opts)
+    b = stepped.generate("seeded", seed=7, **opts)
+    c = stepped.generate("seeded", seed=8, **opts)
+    run_until_done(stepped, [a, b, c])
+    assert a.final["token_ids"] == b.final["token_ids"]
+    assert a.final["token_ids"] != c.final["token_ids"]
+
+
+def test_top_k_one_is_greedy(stepped):
+    greedy = stepped.generate("topk", max_new_tokens=12)
+    sampled = stepped.generate("topk", max_new_tokens=12, temperature=1.5, top_k=1, seed=3)
+    run_until_done(stepped, [greedy, sampled])
+    assert greedy.final["token_ids"] == sampled.final["token_ids"]
+
+
+def test_chat_messages_go_through_the_chat_template(stepped):
+    messages = [{"role": "user", "content": "hi"}]
+    tok = stepped.loaded.tokenizer
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    s = stepped.generate(messages, max_new_tokens=4)
+    run_until_done(stepped, [s])
+    assert s.final["usage"]["prompt_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="x" * 5000), "prompt"),
+        (dict(prompt=[]), "messages"),
+        (dict(prompt=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+        (dict(prompt="hi", adapter="nope"), "adapter"),
+        (dict(prompt="hi", temperature=-1), "temperature"),
+        (dict(prompt="hi", top_p=0), "top_p"),
+        (dict(prompt="hi", top_k=-2), "top_k"),
+        (dict(prompt="hi", max_new_tokens=0), "max_new_tokens"),
+        (dict(prompt="hi", max_new_tokens=10**6), "max_new_tokens"),
+        (dict(prompt="hi", repetition_penalty=0), "repetition_penalty"),
+        (dict(prompt="hi", seed="x"), "seed"),
+        (dict(prompt="hi", stop=[""]), "stop"),
+    ],
+)
+def test_bad_input_is_refused_before_admission_naming_the_field(stepped, kwargs, field):
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(ValueError) as info:
+        stepped.generate(prompt, **kwargs)
+    assert str(info.value).startswith(field + ":")
+    assert not stepped.scheduler.waiting
+
+
+def test_unknown_adapter_is_a_distinct_error(stepped):
+    with pytest.raises(UnknownName, match="no adapter named 'nope'"):
+        stepped.generate("hi", adapter="nope")
+
+
+def test_queue_limit(data_dir):
+    engine = Engine(EngineConfig(model="tiny", data_dir=data_dir, max_queue=2), thread=False)
+    engine.generate("a")
+    engine.generate("b")
+    engine._drain(block=False)
+    with pytest.raises(QueueFull):
+        engine.generate("c")
+    engine.shutdown()
+
+
+def test_threaded_engine_serves_concurrent_callers_with_the_same_tokens(engine):
+    expected = reference(PROMPTS, 16)
+    results = [None] * len(PROMPTS)
+
+    def call(i):
+        results[i] = engine.complete(PROMPTS[i], max_new_tokens=16).token_ids
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == expected
+    snap = engine.metrics_snapshot()
+    assert snap["requests"]["finished"] == len(PROMPTS)
+    assert snap["inference"]["ttft_p50"] is not None
+
+
+def test_stream_text_matches_decoded_tokens_and_stats_are_reported(engine):
+    stream = engine.generate("stats please", max_new_tokens=10)
+    events = list(stream)
+    final = events[-1]
+    text = "".join(e["text"] for e in events[:-1])
+    assert text == engine.loaded.tokenizer.decode(final["token_ids"], skip_special_tokens=True)
+    stats = final["stats"]
+    assert stats["ttft"] > 0 and stats["total"] >= stats["ttft"]
+    assert stats["deferred"] >= 0
+
+
+def test_load_list_and_delete_adapters(engine, adapter_dirs):
+    info = engine.load_adapter("alpha", adapter_dirs["alpha"])
+    assert info["r"] == 4
+    assert [a["name"] for a in engine.list_adapters()] == ["alpha"]
+    with pytest.raises(ValueError, match="exists already"):
+        engine.load_adapter("alpha", adapter_dirs["alpha"])
+    with pytest.raises(ValueError, match="name:"):
+        engine.load_adapter("train", adapter_dirs["alpha"])
+    engine.delete_adapter("alpha")
+    assert engine.list_adapters() == []
+    assert engine.complete("hi", max_new_tokens=3).finish_reason in ("length", "eos")
+
+
+def test_status_before_ready_and_after_shutdown(data_dir):
+    engine = Engine(EngineConfig(model="tiny", data_dir=data_dir), wait=False)
+    engine.wait_ready(60)
+    assert engine.status()["state"] == "ready"
+    engine.shutdown()
+    assert engine.status()["state"] == "stopped"
+    with pytest.raises(EngineNotReady):
+        engine.generate("hi")
+
+
+def test_a_model_that_fails_to_load_reports_the_error(data_dir):
+    engine = Engine(EngineConfig(model="/no/such/model", data_dir=data_dir), wait=False)
+    engine._ready.wait(30)
+    assert engine.status()["state"] == "error"
+    assert "model" in engine.status()["error"]
+    with pytest.raises(EngineNotReady):
+        engine.generate("hi")
+
+
+def test_streamed_request_raises_on_error_result(stepped):
+    stream = stepped.generate("x", max_new_tokens=3)
+    stream.put({"type": "error", "message": "boom"})
+    with pytest.raises(RequestError, match="boom"):
+        stream.result()
+
+
+@pytest.mark.slow
+def test_default_model_knows_the_capital_of_france(tmp_path):
+    with Engine(EngineConfig(model="default", data_dir=tmp_path)) as engine:
+        answer = engine.complete(
+            [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24
+        )
+    assert "Paris" in answer.text
+    assert torch.get_default_dtype() == torch.float32
