@@ -42,7 +42,7 @@ def data_dir(tmp_path):
 @pytest.fixture
 def stepped(data_dir):
     """An engine without a thread: the test calls step() itself."""
-    engine = Engine(EngineConfig(model="tiny", data_dir=data_dir), thread=False)
+    engine = Engine(EngineConfig(model="tiny", data_dir=data_dir, policy="immediate"), thread=False)
     yield engine
     engine.shutdown()
 

@@ -166,21 +166,22 @@ def test_engine_loss_at_each_step_equals_a_plain_peft_loop(stepped):
     assert got == pytest.approx(expected, rel=1e-5)
 
 
-def test_a_request_on_a_training_adapter_is_pinned_to_a_snapshot(stepped):
-    job = stepped.tune("herb", RECORDS, max_steps=6, **dict(FAST, checkpoint_every=1))
+def test_a_request_on_a_training_adapter_is_pinned_to_a_snapshot(stepped, tmp_path):
+    job = stepped.tune("herb", RECORDS, max_steps=6, **FAST)
     while stepped.job(job["id"])["step"] < 2:
         stepped.step()
+    at_two = stepped.save_adapter("herb", tmp_path / "herb-at-2")["saved_to"]
     stream = stepped.generate(
         chat(RECORDS[0]["prompt"]), adapter="herb", max_new_tokens=12, ignore_eos=True
     )
     stepped.step()  # prefill: pinned to herb@2
+    assert list(stepped.adapters.snapshots) == ["herb__at2"]
     while stream.final is None:
         stepped.trainer.step()  # training moves on while the request decodes
         stepped.step()
     assert stepped.job(job["id"])["step"] > 2
     loaded = load_model("tiny")
-    ckpt = stepped.config.data_dir / "jobs" / job["id"] / "checkpoint-000002"
-    model = PeftModel.from_pretrained(loaded.model, str(ckpt)).eval()
+    model = PeftModel.from_pretrained(loaded.model, at_two).eval()
     ids = loaded.tokenizer.apply_chat_template(
         chat(RECORDS[0]["prompt"]), add_generation_prompt=True, tokenize=True, return_dict=False
     )

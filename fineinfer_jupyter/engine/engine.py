@@ -134,7 +134,10 @@ class Engine:
 
     def complete(self, prompt: str | list[dict], **kwargs) -> Completion:
         """Blocking generate(): the whole answer."""
-        return self.generate(prompt, **kwargs).result()
+        stream = self.generate(prompt, **kwargs)
+        while self._thread is None and stream.final is None:
+            self.step()  # no engine thread: drive the engine from here
+        return stream.result()
 
     def cancel(self, request_id: str) -> bool:
         seq = self._requests.get(request_id)

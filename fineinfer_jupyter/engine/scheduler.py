@@ -79,15 +79,14 @@ class Scheduler:
         room = self.max_batch_size - len(self.batch)
         newcomers = list(self.waiting)[: max(room, 0)]
         running = self.batch.seqs
-        if training is None or not training.active or self.policy == "immediate":
-            return self._serve(now, newcomers, running)
+        training_active = training is not None and training.active
+        if not training_active or self.policy == "immediate":
+            return self._serve(newcomers, running, training_active)
         if self.policy == "exclusive":
             return Step(StepKind.TRAIN)
         if self.policy == "fineinfer":
-            if running:
-                return self._serve(now, newcomers, running)
-            if newcomers and now - newcomers[0].arrival >= self.fineinfer_bound:
-                return self._serve(now, newcomers, running)
+            if running or (newcomers and now - newcomers[0].arrival >= self.fineinfer_bound):
+                return self._serve(newcomers, running)
             return Step(StepKind.TRAIN)
         return self._deferred(now, newcomers, running, training)
 
@@ -104,7 +103,7 @@ class Scheduler:
             return Step(StepKind.TRAIN, train_examples=k, budget=budget)
         if newcomers and running and decode_room < prefill_slack:
             return Step(StepKind.DECODE, list(running))  # the rows' next token is due first
-        return self._serve(now, newcomers, running)
+        return self._serve(newcomers, running)
 
     def _fit(self, training: Training, budget: float) -> int:
         """The largest micro-step (in examples) whose estimated time fits the budget."""
@@ -128,12 +127,14 @@ class Scheduler:
         cost = self.costs.margin * self.costs.decode(len(running))
         return min(s.next_token_deadline for s in running) - now - cost
 
-    def _serve(self, now: float, newcomers: list[Sequence], running: list[Sequence]) -> Step:
+    def _serve(
+        self, newcomers: list[Sequence], running: list[Sequence], training: bool = False
+    ) -> Step:
         if newcomers:
             return Step(StepKind.PREFILL, newcomers)
         if running:
             return Step(StepKind.DECODE, list(running))
-        return Step(StepKind.IDLE)
+        return Step(StepKind.TRAIN) if training else Step(StepKind.IDLE)
 
     def admitted(self, seq: Sequence) -> None:
         self.waiting.remove(seq)

@@ -1,0 +1,171 @@
+"""Arguments of %fineinfer and %%generate: the one place that turns a magic's line (and cell)
+into a request, or into a one-line FineInferError."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from .client import FineInferError
+
+HELP = """\
+%fineinfer status                      engine state, model, adapters
+%fineinfer tune NAME --data PATH [--epochs N] [--max-steps N] [--rank R] [--alpha A] [--lr X]
+           [--batch-size N] [--micro-batch-size N] [--max-length N] [--val-fraction F]
+           [--warmup-steps N] [--eval-every N] [--checkpoint-every N] [--seed N]
+           [--target-modules a,b]      start training at once; shows a live job widget
+           (--records VAR instead of --data: a list of {"prompt", "completion"} records)
+%fineinfer jobs                        every job and its progress
+%fineinfer wait NAME_OR_ID [--timeout S]   block until the job has finished
+%fineinfer stop | resume | cancel NAME_OR_ID
+%fineinfer adapters                    loaded adapters
+%fineinfer load NAME PATH              load a saved PEFT adapter folder
+%fineinfer save NAME PATH              write an adapter to a new folder (PEFT format)
+%fineinfer delete NAME                 unload an adapter and delete its saved files
+%fineinfer dashboard                   live engine dashboard
+%fineinfer connect URL [--token T]     use another server (found on its own otherwise)
+%fineinfer help
+
+%%generate [--adapter NAME | --compare base,NAME,...] [--max-new-tokens N] [--temperature T]
+           [--top-p P] [--top-k K] [--seed S] [--stop TEXT] [--system TEXT] [--raw]
+           [--ttft S] [--tpot S]
+<prompt: the cell body; sent as a user message through the chat template, or as is with --raw>"""
+
+
+def modules(text: str) -> str | list[str]:
+    """--target-modules: "all-linear" as is (PEFT's keyword), else a list of module names."""
+    return text if text == "all-linear" else [m for m in text.split(",") if m]
+
+
+TRAIN_OPTIONS = {  # flag -> (TrainParams field, type)
+    "--epochs": ("epochs", float),
+    "--max-steps": ("max_steps", int),
+    "--rank": ("r", int),
+    "--alpha": ("lora_alpha", float),
+    "--lr": ("learning_rate", float),
+    "--batch-size": ("batch_size", int),
+    "--micro-batch-size": ("micro_batch_size", int),
+    "--max-length": ("max_length", int),
+    "--val-fraction": ("val_fraction", float),
+    "--warmup-steps": ("warmup_steps", int),
+    "--eval-every": ("eval_every", int),
+    "--checkpoint-every": ("checkpoint_every", int),
+    "--seed": ("seed", int),
+    "--target-modules": ("target_modules", modules),
+}
+SAMPLING_OPTIONS = {
+    "--max-new-tokens": ("max_new_tokens", int),
+    "--temperature": ("temperature", float),
+    "--top-p": ("top_p", float),
+    "--top-k": ("top_k", int),
+    "--seed": ("seed", int),
+    "--ttft": ("ttft", float),
+    "--tpot": ("tpot", float),
+}
+
+
+class HelpShown(Exception):
+    """argparse printed help (-h): nothing else to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises FineInferError instead of printing usage and exiting."""
+
+    def error(self, message):
+        name = self.prog.removeprefix("%fineinfer").strip()
+        raise FineInferError(f"{name}: {message}" if name else message)
+
+    def exit(self, status=0, message=None):
+        if status:
+            raise FineInferError((message or "bad arguments").strip())
+        raise HelpShown
+
+
+def _line_parser() -> _Parser:
+    parser = _Parser(prog="%fineinfer", add_help=False)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for command in ("status", "jobs", "adapters", "dashboard", "help"):
+        sub.add_parser(command, prog=f"%fineinfer {command}")
+    tune = sub.add_parser("tune", prog="%fineinfer tune")
+    tune.add_argument("name")
+    source = tune.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a .jsonl or .txt file (relative to the notebook)")
+    source.add_argument("--records", help="a variable holding a list of records")
+    for flag, (dest, kind) in TRAIN_OPTIONS.items():
+        tune.add_argument(flag, dest=dest, type=kind)
+    for command in ("stop", "resume", "cancel", "wait"):
+        p = sub.add_parser(command, prog=f"%fineinfer {command}")
+        p.add_argument("job", metavar="NAME_OR_ID")
+    sub.choices["wait"].add_argument("--timeout", type=float)
+    for command in ("load", "save"):
+        p = sub.add_parser(command, prog=f"%fineinfer {command}")
+        p.add_argument("name")
+        p.add_argument("path")
+    sub.add_parser("delete", prog="%fineinfer delete").add_argument("name")
+    connect = sub.add_parser("connect", prog="%fineinfer connect")
+    connect.add_argument("url")
+    connect.add_argument("--token", default="")
+    return parser
+
+
+def _generate_parser() -> _Parser:
+    parser = _Parser(prog="%%generate")
+    parser.add_argument("--adapter")
+    parser.add_argument("--compare", help="comma-separated adapters, e.g. base,herb")
+    for flag, (dest, kind) in SAMPLING_OPTIONS.items():
+        parser.add_argument(flag, dest=dest, type=kind)
+    parser.add_argument("--stop", action="append")
+    parser.add_argument("--system")
+    parser.add_argument("--raw", action="store_true")
+    return parser
+
+
+LINE_PARSER, GENERATE_PARSER = _line_parser(), _generate_parser()
+
+
+def parse_line(line: str) -> argparse.Namespace:
+    words = _split(line)
+    commands = LINE_PARSER._subparsers._group_actions[0].choices
+    if not words:
+        raise FineInferError("missing command (try %fineinfer help)")
+    if words[0] not in commands:
+        raise FineInferError(f"unknown command {words[0]!r} (try %fineinfer help)")
+    return LINE_PARSER.parse_args(words)
+
+
+def parse_generate(line: str, cell: str) -> tuple[list[str | None], dict]:
+    """(adapters to ask, GenerateRequest fields) from a %%generate line and cell."""
+    args = GENERATE_PARSER.parse_args(_split(line))
+    if args.adapter and args.compare:
+        raise FineInferError("generate: use --adapter or --compare, not both")
+    if args.raw and args.system:
+        raise FineInferError("generate: --system needs the chat template; drop --raw")
+    prompt = cell.strip("\n")
+    if not prompt.strip():
+        raise FineInferError("generate: the cell is empty; write the prompt in the cell")
+    request = {dest: getattr(args, dest) for dest, _ in SAMPLING_OPTIONS.values()}
+    request["stop"] = args.stop
+    if args.raw:
+        request["prompt"] = prompt
+    else:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        request["messages"] = [*system, {"role": "user", "content": prompt}]
+    if not args.compare:
+        return [args.adapter], request
+    adapters = [a.strip() for a in args.compare.split(",") if a.strip()]
+    if not adapters or len(set(adapters)) != len(adapters):
+        raise FineInferError("generate: --compare takes distinct names, e.g. base,herb")
+    return adapters, request
+
+
+def train_params(args: argparse.Namespace) -> dict:
+    """The TrainParams fields a `tune` line set."""
+    params = {dest: getattr(args, dest) for dest, _ in TRAIN_OPTIONS.values()}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        raise FineInferError(f"cannot parse the arguments: {e}") from None

@@ -1,0 +1,84 @@
+"""Text and HTML the magics print: status, tables, job lines, answer footers, side-by-side answers."""
+
+from __future__ import annotations
+
+import html
+
+
+def status_lines(status: dict, url: str) -> list[str]:
+    state = status.get("state", "?")
+    lines = [f"fineinfer {status.get('version', '')} at {url}: {state}".replace("  ", " ")]
+    if state == "loading" and status.get("progress"):
+        lines[0] += f" ({status['progress']})"
+    if status.get("error"):
+        lines[0] += f": {status['error']}"
+    model = status.get("model") or {}
+    if model:
+        size = f" · {model['parameters'] / 1e6:.1f}M parameters" if model.get("parameters") else ""
+        lines.append(
+            f"model {model.get('name')} · {model.get('device')} · {model.get('dtype')}{size}"
+            f" · policy {status.get('policy')}"
+        )
+    lines.append(f"adapters: {', '.join(status.get('adapters') or []) or 'none'}")
+    return lines
+
+
+def table(header: tuple, rows: list[tuple]) -> str:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def job_line(job: dict) -> str:
+    line = (
+        f"{job['adapter']} ({job['id']}): {job['state']} · step {job['step']}/{job['total_steps']}"
+    )
+    if job.get("loss") is not None:
+        line += f" · loss {job['loss']:.4g}"
+    if job.get("eval_loss") is not None:
+        line += f" · eval loss {job['eval_loss']:.4g}"
+    if job.get("error"):
+        line += f" · {job['error']}"
+    return line
+
+
+def footer(done: dict | None, adapter: str | None) -> str:
+    """One line under an answer: tokens, TTFT, tokens/s, deferral, finish reason."""
+    name = adapter or "base"
+    if not done:
+        return f"[{name}] stopped before the end"
+    tokens = (done.get("usage") or {}).get("completion_tokens")
+    stats = done.get("stats") or {}
+    parts = [name, f"{tokens} tokens"]
+    if stats.get("ttft") is not None:
+        parts.append(f"TTFT {stats['ttft']:.2f} s")
+    if stats.get("tokens_per_s") is not None:
+        parts.append(f"{stats['tokens_per_s']:.1f} tokens/s")
+    deferred = stats.get("deferred") or 0.0
+    parts.append(f"deferred {deferred:.2f} s" if deferred >= 0.005 else "not deferred")
+    parts.append(f"finish: {done.get('finish_reason')}")
+    return "[" + " · ".join(parts) + "]"
+
+
+def compare_bundle(answers: dict) -> dict:
+    """text/plain and text/html of several answers to one prompt, side by side."""
+    plain = "\n\n".join(f"── {name} ──\n{_text(a)}" for name, a in answers.items())
+    head = "".join(f"<th style='text-align:left'>{html.escape(n)}</th>" for n in answers)
+    body = "".join(
+        "<td style='vertical-align:top;text-align:left'>"
+        f"<pre style='white-space:pre-wrap;margin:0'>{html.escape(_text(a))}</pre></td>"
+        for a in answers.values()
+    )
+    width = f"{100 / max(1, len(answers)):.0f}%"
+    cols = "".join(f"<col style='width:{width}'>" for _ in answers)
+    return {
+        "text/plain": plain,
+        "text/html": f"<table style='width:100%;table-layout:fixed'>{cols}<tr>{head}</tr>"
+        f"<tr>{body}</tr></table>",
+    }
+
+
+def _text(answer: dict) -> str:
+    if answer.get("error") is not None:
+        return f"(error: {answer['error'].message})"
+    return answer["text"] or ("…" if answer.get("done") is None else "")

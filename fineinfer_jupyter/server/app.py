@@ -1,0 +1,127 @@
+"""The Jupyter server extension: configuration (traitlets) and the engine's lifecycle."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, validate
+
+from . import openai_api, routes
+from .host import EngineHost
+
+# engine.config.POLICIES and Slo's defaults, repeated: importing the engine here would load torch
+# while the server starts (tests check that the two agree)
+POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
+TTFT, TPOT = 3.0, 0.5
+
+
+class FineInferApp(ExtensionApp):
+    """Hosts one fineinfer engine: REST and OpenAI-compatible APIs under <base_url>/fineinfer/."""
+
+    name = "fineinfer_jupyter"
+    description = "Fine-tune LoRA adapters and serve the same model at once."
+    load_other_extensions = True
+
+    model = Unicode(
+        "default",
+        help="""The base model: "default" (SmolLM2-135M-Instruct), "tiny" (a random model for
+        tests), a local Hugging Face model folder or a .gguf file.""",
+    ).tag(config=True)
+    device = Unicode("auto", help='Where the model runs: "auto", "cpu", "cuda", "cuda:1", ...').tag(
+        config=True
+    )
+    dtype = Unicode(
+        "auto", help='Model weights\' dtype: "auto" (float32 on CPU), "float32", "bfloat16", ...'
+    ).tag(config=True)
+    data_dir = Unicode(
+        None,
+        allow_none=True,
+        help="""Where adapters, checkpoints and jobs live. Default: $FINEINFER_DATA_DIR or
+        ~/.local/share/fineinfer (the engine's default).""",
+    ).tag(config=True)
+    cache_dir = Unicode(
+        None,
+        allow_none=True,
+        help="Where converted models are cached. Default: ~/.cache/fineinfer.",
+    ).tag(config=True)
+    policy = Enum(
+        POLICIES,
+        default_value="deferred",
+        help="""How training and inference share the model: "deferred" (train while every
+        request's latency targets allow), "immediate" (inference first), "fineinfer" (a fixed
+        deferral bound) or "exclusive" (inference waits for training).""",
+    ).tag(config=True)
+    ttft = Float(
+        TTFT, help="Default time-to-first-token target, in seconds (a request may set its own)."
+    ).tag(config=True)
+    tpot = Float(
+        TPOT, help="Default time-per-output-token target, in seconds (a request may set its own)."
+    ).tag(config=True)
+    max_queue = Int(
+        256, help="Requests that may wait for the model; more are refused with HTTP 429."
+    ).tag(config=True)
+    max_new_tokens_cap = Int(
+        2048, help="The largest max_new_tokens (max_tokens) a request may ask for."
+    ).tag(config=True)
+    max_batch_size = Int(32, help="Requests decoding together at most.").tag(config=True)
+    load_at_start = Bool(
+        True,
+        help="""Load the model in the background when the server starts. When False, it loads
+        on the first authenticated request to any /fineinfer/ route (status included); until
+        it is ready, routes that need the model answer 503.""",
+    ).tag(config=True)
+
+    @validate("ttft", "tpot")
+    def _positive_seconds(self, proposal):
+        value = proposal["value"]
+        if not (math.isfinite(value) and value > 0):
+            raise TraitError(f"{proposal['trait'].name} must be > 0 seconds, not {value}")
+        return value
+
+    @validate("max_queue", "max_new_tokens_cap", "max_batch_size")
+    def _at_least_one(self, proposal):
+        if proposal["value"] < 1:
+            raise TraitError(f"{proposal['trait'].name} must be >= 1")
+        return proposal["value"]
+
+    def engine_config(self) -> dict:
+        """EngineConfig's fields, from the traits."""
+        names = ("model", "device", "dtype", "data_dir", "cache_dir", "policy")
+        limits = ("max_queue", "max_new_tokens_cap", "max_batch_size")
+        return {
+            **{n: getattr(self, n) for n in names + limits},
+            "slo": {"ttft": self.ttft, "tpot": self.tpot},
+        }
+
+    def initialize_settings(self):
+        self.host = EngineHost(self.engine_config(), root_dir=self.serverapp.root_dir, log=self.log)
+
+    def initialize_handlers(self):
+        self.handlers.extend(routes.handlers() + openai_api.handlers())
+
+    async def _start_jupyter_server_extension(self, serverapp):
+        # the port is bound by now; kernels started from here on inherit these
+        os.environ["FINEINFER_SERVER_URL"] = server_url(serverapp)
+        os.environ["FINEINFER_TOKEN"] = serverapp.identity_provider.token or ""
+        if self.load_at_start:
+            self.host.start()
+
+    async def stop_extension(self):
+        await self.host.close()
+
+
+def server_url(serverapp) -> str:
+    """The URL a process on this machine reaches the server at, base_url included."""
+    if serverapp.sock:
+        return serverapp.connection_url
+    ip = serverapp.ip
+    if ip in ("", "0.0.0.0", "localhost", "127.0.0.1"):
+        host = "127.0.0.1"
+    elif ip in ("::", "::1"):
+        host = "[::1]"
+    else:
+        host = f"[{ip}]" if ":" in ip else ip
+    scheme = "https" if serverapp.certfile else "http"
+    return f"{scheme}://{host}:{serverapp.port}{serverapp.base_url}"

@@ -1,0 +1,76 @@
+"""The base of every fineinfer HTTP handler: JSON replies, JSON errors, streamed answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from http.client import responses
+
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from tornado.iostream import StreamClosedError
+from tornado.web import HTTPError
+
+from .errors import ApiError, dumps, error_body
+from .host import EngineHost, EventQueue
+
+
+class FineInferHandler(ExtensionHandlerMixin, APIHandler):
+    openai = False  # error bodies also carry OpenAI's "param" and "code"
+    _cancel: Callable[[], object] | None = None  # cancels the request being streamed
+    _gone = False  # the client closed the connection
+
+    @property
+    def host(self) -> EngineHost:
+        return self.extensionapp.host
+
+    def reply(self, value, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(dumps(value))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        field = None
+        if isinstance(exc, ApiError):
+            message, field = exc.message, exc.field
+        elif isinstance(exc, HTTPError):
+            message = exc.log_message or responses.get(status_code, "error")
+            if exc.args:
+                message = message % exc.args
+        else:  # a bug, not the client's fault; the traceback is in the server log
+            message = f"internal error ({type(exc).__name__}); see the server log"
+        if status_code in (429, 503):
+            self.set_header("Retry-After", "1")
+        self.finish(dumps(error_body(status_code, message, field, openai=self.openai)))
+
+    async def stream(self, engine, stream_id: str, events: EventQueue, render, *, live=True):
+        """Write each batch of a request's events as `render(event)` text, flushing each batch
+        (with `live`, the headers go out at once, before the first token).
+
+        A client that goes away (on_connection_close, or a write that fails) cancels the
+        request in the engine, and so does any other way out before the final event.
+        """
+        self._cancel = lambda: engine.cancel(stream_id)
+        done = False
+        try:
+            if self._gone:  # went away while the request was being queued
+                raise StreamClosedError()
+            if live:
+                await self.flush()
+            async for batch in events.batches():
+                done = batch[-1]["type"] != "delta"
+                chunk = "".join(render(e) for e in batch)
+                if chunk:
+                    self.write(chunk)
+                    await self.flush()
+        except StreamClosedError:
+            pass
+        finally:
+            self._cancel = None
+            if not done:
+                engine.cancel(stream_id)
+
+    def on_connection_close(self) -> None:
+        self._gone = True
+        if self._cancel is not None:
+            self._cancel()
+        super().on_connection_close()

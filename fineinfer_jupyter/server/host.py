@@ -1,0 +1,207 @@
+"""The engine inside the server: created off the tornado loop, called through threads.
+
+Nothing here touches torch on the loop: the engine module is imported and the Engine built in
+a worker thread (the model then loads in the engine's own thread), blocking engine calls run in
+a small thread pool, and engine events reach the loop through `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+from .. import __version__
+from .errors import ApiError, dumps, engine_errors
+
+EVENTS_INTERVAL = 0.5  # seconds between two pushes on the events WebSocket
+
+
+class EngineHost:
+    def __init__(self, config: dict, *, root_dir: str, log: logging.Logger):
+        self.config = config  # EngineConfig fields
+        self.root_dir = root_dir  # the server's root directory: every path must lie under it
+        self.log = log
+        self.engine = None
+        self.error: str | None = None  # the engine could not be created at all
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fineinfer-call")
+        self.sockets: set = set()  # open events WebSockets (anything with .send(text))
+        self._creating: asyncio.Task | None = None
+        self._pushing: asyncio.Task | None = None
+        self._closed = False
+        self.started = time.time()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start creating the engine (once); the model then loads in the engine's thread."""
+        if self._creating is None and not self._closed:
+            self._creating = asyncio.get_running_loop().create_task(self._create())
+
+    async def _create(self) -> None:
+        try:
+            engine = await asyncio.get_running_loop().run_in_executor(self.executor, self._new)
+        except Exception as e:
+            self.log.exception("fineinfer: could not start the engine")
+            self.error = f"{type(e).__name__}: {e}"
+            return
+        if self._closed:  # stopped while it was being built
+            await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+            return
+        self.engine = engine
+
+    def _new(self):
+        from ..engine import Engine, EngineConfig
+
+        return Engine(EngineConfig(**self.config), wait=False)
+
+    async def close(self) -> None:
+        """Shut the engine down and free the model (stop_extension, on SIGTERM)."""
+        self._closed = True
+        for socket in list(self.sockets):
+            socket.close()
+        self.sockets.clear()
+        if self._pushing is not None:
+            self._pushing.cancel()
+        if self._creating is not None:
+            await asyncio.gather(self._creating, return_exceptions=True)
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- what handlers call -------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.engine is not None:
+            return self.engine.state
+        return "error" if self.error else "loading"
+
+    def status(self) -> dict:
+        self.start()
+        if self.engine is not None:
+            status = self.engine.status()
+        else:
+            status = {
+                "state": self.state,
+                "progress": None if self.error else "starting the engine",
+                "error": self.error,
+                "model": None,
+                "policy": self.config["policy"],
+                "adapters": [],
+                "requests": {"waiting": 0, "running": 0},
+            }
+        return {**status, "version": __version__}
+
+    def require(self):
+        """The engine, for a request that needs the model; 503 until the model is ready."""
+        self.start()
+        engine = self.engine
+        if engine is not None and engine.state == "ready":
+            return engine
+        if engine is None and not self.error:
+            raise ApiError(503, "model is loading: starting the engine")
+        if engine is None or engine.state == "error":
+            raise ApiError(503, f"model failed to load: {self.error or engine.error}")
+        if engine.state == "loading":
+            raise ApiError(503, f"model is loading: {engine.progress}")
+        raise ApiError(503, f"engine is {engine.state}")
+
+    async def run(self, fn: Callable, *args, conflict=False, data_field="data", **kwargs):
+        """Call a blocking engine method in a worker thread; its errors become ApiErrors."""
+        call = partial(fn, *args, **kwargs)
+        with engine_errors(conflict=conflict, data_field=data_field):
+            return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    async def generate(self, engine, req, callback: Callable[[dict], None]):
+        """Queue a validated GenerateRequest; returns its RequestStream, whose events reach
+        `callback` in the engine thread. (In a worker thread: the engine tokenizes the prompt
+        under a lock that a job's dataset building may hold for a while.)"""
+        sampling = dict(req.sampling)
+        if "max_new_tokens" not in sampling:  # the engine's default, within the server's cap
+            from ..engine import SamplingParams
+
+            cap = engine.config.max_new_tokens_cap
+            sampling["max_new_tokens"] = min(SamplingParams.max_new_tokens, cap)
+        slo = self.slo(req.ttft, req.tpot)
+        return await self.run(
+            engine.generate, req.prompt, adapter=req.adapter, slo=slo, callback=callback, **sampling
+        )
+
+    def slo(self, ttft: float | None, tpot: float | None):
+        """A request's latency targets: the server's defaults where the request gives none."""
+        if ttft is None and tpot is None:
+            return None
+        from ..engine import Slo
+
+        default = self.engine.config.slo
+        with engine_errors():
+            return Slo(
+                ttft=default.ttft if ttft is None else ttft,
+                tpot=default.tpot if tpot is None else tpot,
+            )
+
+    # -- the events WebSocket -----------------------------------------------------------------
+
+    def subscribe(self, socket) -> None:
+        self.start()
+        self.sockets.add(socket)
+        if self._pushing is None or self._pushing.done():
+            self._pushing = asyncio.get_running_loop().create_task(self._push())
+
+    def unsubscribe(self, socket) -> None:
+        self.sockets.discard(socket)
+
+    async def _push(self) -> None:
+        """Metrics to every socket about twice a second; jobs whenever a fresh list is in.
+
+        One task for all sockets: each snapshot is taken once. The jobs list comes from the
+        engine thread (up to one engine step away), so it is fetched alongside, not awaited.
+        """
+        loop = asyncio.get_running_loop()
+        jobs: asyncio.Future | None = None
+        while self.sockets:
+            tick = loop.time()
+            engine = self.engine
+            if jobs is None and engine is not None and engine.state == "ready":
+                jobs = loop.run_in_executor(self.executor, engine.jobs)
+            if jobs is not None:
+                await asyncio.wait([jobs], timeout=EVENTS_INTERVAL)
+            messages = []
+            if engine is not None:
+                messages.append({"type": "metrics", "data": engine.metrics_snapshot()})
+            if jobs is not None and jobs.done():
+                if jobs.exception() is None:
+                    messages.append({"type": "jobs", "data": jobs.result()})
+                jobs = None
+            for socket in list(self.sockets):
+                for message in messages:
+                    socket.send(dumps(message))
+            await asyncio.sleep(max(0.0, EVENTS_INTERVAL - (loop.time() - tick)))
+
+
+class EventQueue:
+    """A request's engine events, delivered in the engine thread, read on the tornado loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+
+    def put(self, event: dict) -> None:  # engine thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+    async def batches(self) -> AsyncIterator[list[dict]]:
+        """Lists of the events that are in (at least one), ending with the final event."""
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            yield batch
+            if batch[-1]["type"] != "delta":
+                return
