@@ -47,6 +47,12 @@ class CostModel:
 
     def observe(self, kind: str, units: float, seconds: float) -> None:
         getattr(self, kind).observe(units, seconds)
+        if kind == "prefill" and not self.train.samples:
+            # until a training step is measured: forward + backward ~ 3x a forward per token
+            self.train.fixed, self.train.per_unit = (
+                3 * self.prefill.fixed,
+                3 * self.prefill.per_unit,
+            )
 
     def snapshot(self) -> dict:
         return {

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterStore
+from .batch import Batch
 from .config import (
     BASE,
     EngineConfig,
@@ -24,6 +25,7 @@ from .config import (
     TrainParams,
     UnknownName,
     check,
+    default_slo,
 )
 from .costmodel import CostModel
 from .data import build_dataset
@@ -64,10 +66,10 @@ class Engine:
             policy=self.config.policy,
             max_batch_size=self.config.max_batch_size,
             costs=self.costs,
-            max_train_step=self.config.slo.ttft / 2,
             fineinfer_bound=self.config.fineinfer_bound,
         )
         self.loaded: LoadedModel | None = None
+        self.slo: Slo | None = None  # default latency targets, set by device at load
         self.model_info: dict | None = None  # name, path, device, dtype, parameters, max_context
         self.runner: Runner | None = None
         self.adapters: AdapterStore | None = None
@@ -123,9 +125,7 @@ class Engine:
         check(len(ids) < limit, "prompt", f"is {len(ids)} tokens; the model's context is {limit}")
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise QueueFull(f"queue full: {self.config.max_queue} requests are waiting")
-        seq = Sequence(
-            ids, sampling=sampling, slo=slo or self.config.slo, adapter=name, max_context=limit
-        )
+        seq = Sequence(ids, sampling=sampling, slo=slo or self.slo, adapter=name, max_context=limit)
         seq.stream = RequestStream(seq.request_id, callback)
         seq.stream.cancel = lambda: self.cancel(seq.request_id)
         self._requests[seq.request_id] = seq
@@ -221,6 +221,7 @@ class Engine:
             "error": self.error,
             "model": self.model_info,
             "policy": self.config.policy,
+            "slo": {"ttft": self.slo.ttft, "tpot": self.slo.tpot} if self.slo else None,
             "adapters": self.adapters.names() if self.adapters else [],
             "requests": {
                 "waiting": len(self.scheduler.waiting),
@@ -360,6 +361,10 @@ class Engine:
             "max_context": m.max_context,
         }
         self.runner = Runner(m.model, device=m.device)
+        self.slo = self.config.slo or default_slo(m.device.type)
+        self.scheduler.max_train_step = self.slo.ttft / 2  # an arrival must not wait longer
+        if m.device.type != "cpu":
+            self.costs.__init__(gpu=True)
         root = Path(self.config.data_dir)
         (root / "adapters").mkdir(parents=True, exist_ok=True)
         self.adapters = AdapterStore(self.runner, root / "adapters")
@@ -370,7 +375,27 @@ class Engine:
         tok, gen = self.loaded.tokenizer, self.loaded.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self._calibrate()
         progress("ready")
+
+    def _calibrate(self) -> None:
+        """Measure a prefill and a decode step once, so the scheduler plans with this machine's
+        figures from the first request on (also warms the kernels up)."""
+        sampling = SamplingParams(max_new_tokens=2)
+        for n in (16, 16, 64):
+            seq = Sequence(
+                [self.eos_ids and min(self.eos_ids) or 0] * n, sampling=sampling, slo=self.slo
+            )
+            start = time.perf_counter()
+            cache, mask, _ = self.runner.prefill(seq)
+            self.costs.observe("prefill", n, time.perf_counter() - start)
+        batch = Batch()
+        batch.join(seq, cache, mask)
+        seq.output_ids.append(0)
+        for _ in range(2):
+            start = time.perf_counter()
+            self.runner.decode(batch)
+            self.costs.observe("decode", 1, time.perf_counter() - start)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -425,6 +450,7 @@ class Engine:
     def _prefill(self, seq: Sequence) -> None:
         self.scheduler.admitted(seq)
         seq.admitted = time.monotonic()
+        seq.slack_at_admission = seq.ttft_deadline - seq.admitted
         try:
             if seq.adapter is not None:
                 seq.adapter = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
@@ -541,9 +567,9 @@ class Engine:
                 self._finish(seq, "cancelled")
 
     def _publish_queue(self) -> None:
-        now = time.monotonic()
-        waiting = self.scheduler.waiting
-        slack = min((s.ttft_deadline - now for s in waiting), default=None)
+        sched, now = self.scheduler, time.monotonic()
+        waiting = sorted(sched.waiting, key=lambda s: s.ttft_deadline)
+        slack = sched.prefill_slack(now, waiting, sched.batch.seqs) if waiting else None
         self.metrics.record_queue(
             waiting=len(waiting), running=self.scheduler.num_running, slack=slack
         )

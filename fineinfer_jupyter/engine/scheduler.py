@@ -77,23 +77,23 @@ class Scheduler:
 
     def schedule(self, now: float, training: Training | None = None) -> Step:
         room = self.max_batch_size - len(self.batch)
-        newcomers = list(self.waiting)[: max(room, 0)]
+        newcomers = sorted(self.waiting, key=lambda s: s.ttft_deadline)[: max(room, 0)]
         running = self.batch.seqs
         training_active = training is not None and training.active
         if not training_active or self.policy == "immediate":
-            return self._serve(newcomers, running, training_active)
+            return self._serve(newcomers, running, training_active, now)
         if self.policy == "exclusive":
             return Step(StepKind.TRAIN)
         if self.policy == "fineinfer":
             if running or (newcomers and now - newcomers[0].arrival >= self.fineinfer_bound):
-                return self._serve(newcomers, running)
+                return self._serve(newcomers, running, now=now)
             return Step(StepKind.TRAIN)
         return self._deferred(now, newcomers, running, training)
 
     def _deferred(
         self, now: float, newcomers: list[Sequence], running: list[Sequence], training: Training
     ) -> Step:
-        prefill_slack = self.prefill_slack(now, newcomers)
+        prefill_slack = self.prefill_slack(now, newcomers, running)
         decode_room = self.decode_room(now, running)
         budget = min(prefill_slack, decode_room, self.max_train_step)
         k = self._fit(training, budget)
@@ -101,9 +101,31 @@ class Scheduler:
             k = 1  # nothing to protect: never starve training
         if k:
             return Step(StepKind.TRAIN, train_examples=k, budget=budget)
-        if newcomers and running and decode_room < prefill_slack:
-            return Step(StepKind.DECODE, list(running))  # the rows' next token is due first
-        return self._serve(newcomers, running)
+        if (
+            newcomers
+            and running
+            and decode_room < self.costs.margin * self.costs.prefill(newcomers[0].num_prompt_tokens)
+        ):
+            return Step(StepKind.DECODE, list(running))  # a prefill now would make the rows late
+        return self._serve(newcomers, running, now=now)
+
+    def _group(
+        self, now: float, newcomers: list[Sequence], running: list[Sequence]
+    ) -> list[Sequence]:
+        """Newcomers to prefill in one step, earliest deadline first: as many as fit before the
+        running rows, and the newcomers already prefilled in this step, need their next token."""
+        c = self.costs
+        decode = c.margin * c.decode(len(running) + len(newcomers))
+        room = self.decode_room(now, running)
+        group, spent = [newcomers[0]], c.margin * c.prefill(newcomers[0].num_prompt_tokens)
+        for seq in newcomers[1:]:
+            spent += c.margin * c.prefill(seq.num_prompt_tokens)
+            if spent > room or spent - c.margin * c.prefill(
+                group[0].num_prompt_tokens
+            ) + decode > min(s.slo.tpot for s in group):
+                break
+            group.append(seq)
+        return group
 
     def _fit(self, training: Training, budget: float) -> int:
         """The largest micro-step (in examples) whose estimated time fits the budget."""
@@ -113,12 +135,24 @@ class Scheduler:
                 return k
         return 0
 
-    def prefill_slack(self, now: float, newcomers: list[Sequence]) -> float:
-        """Seconds the waiting group can still be deferred and meet every first-token target."""
-        if not newcomers:
-            return INF
-        cost = self.costs.margin * self.costs.prefill(sum(s.num_prompt_tokens for s in newcomers))
-        return min(s.ttft_deadline for s in newcomers) - now - cost
+    def prefill_slack(
+        self, now: float, newcomers: list[Sequence], running: list[Sequence] = ()
+    ) -> float:
+        """Seconds the waiting requests can still be deferred and all meet their first-token
+        targets: prefilled one after another, earliest deadline first (each gets its first token
+        at the end of its own prefill), with the decode steps that rows admitted on the way
+        need for their own per-token targets."""
+        c, slack, t = self.costs, INF, now
+        rows, room = len(running), self.decode_room(now, running)
+        for s in newcomers:
+            p = c.margin * c.prefill(s.num_prompt_tokens)
+            if rows and p > room:  # the rows need a token before this prefill
+                d = c.margin * c.decode(rows)
+                t, room = t + d, min(r.slo.tpot for r in running + newcomers) - d
+            t, room, rows = t + p, room - p, rows + 1
+            room = min(room, s.slo.tpot - c.margin * c.decode(rows))
+            slack = min(slack, s.ttft_deadline - t)
+        return slack
 
     def decode_room(self, now: float, running: list[Sequence]) -> float:
         """Seconds before the running rows must decode to keep their per-token target."""
@@ -128,10 +162,14 @@ class Scheduler:
         return min(s.next_token_deadline for s in running) - now - cost
 
     def _serve(
-        self, newcomers: list[Sequence], running: list[Sequence], training: bool = False
+        self,
+        newcomers: list[Sequence],
+        running: list[Sequence],
+        training: bool = False,
+        now: float = 0.0,
     ) -> Step:
         if newcomers:
-            return Step(StepKind.PREFILL, newcomers)
+            return Step(StepKind.PREFILL, self._group(now, newcomers, running))
         if running:
             return Step(StepKind.DECODE, list(running))
         return Step(StepKind.TRAIN) if training else Step(StepKind.IDLE)

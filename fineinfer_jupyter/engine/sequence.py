@@ -99,6 +99,7 @@ class Sequence:
         self.status = Status.WAITING
         self.arrival = time.monotonic()
         self.admitted: float | None = None  # prefill start
+        self.slack_at_admission: float | None = None  # seconds left before the TTFT target
         self.token_times: list[float] = []
         self.finish_reason: str | None = None
         self.cancelled = False  # set from any thread
@@ -141,6 +142,8 @@ class Sequence:
             "tpot_max": max(gaps) if gaps else None,
             "tokens_per_s": len(gaps) / decode_time if gaps and decode_time > 0 else None,
             "deferred": None if self.admitted is None else self.admitted - self.arrival,
+            "slack_at_admission": self.slack_at_admission,
+            "slo": {"ttft": self.slo.ttft, "tpot": self.slo.tpot},
             "total": end - self.arrival,
             "adapter": self.adapter_label,
         }

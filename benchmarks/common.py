@@ -1,0 +1,86 @@
+"""Shared bits of the benchmark scripts: prompts, tables, plots, output folder."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+OUT = Path(__file__).parent / "out"
+
+TOPICS = [
+    "the water cycle",
+    "photosynthesis",
+    "how bees make honey",
+    "the French revolution",
+    "black holes",
+    "compound interest",
+    "the rules of chess",
+    "how vaccines work",
+    "volcanoes",
+    "the history of tea",
+    "plate tectonics",
+    "why the sky is blue",
+    "the Roman empire",
+    "machine learning",
+    "sourdough bread",
+    "the moon landing",
+    "electric cars",
+    "the human heart",
+    "origami",
+    "climate change",
+    "jazz music",
+    "the printing press",
+    "coral reefs",
+    "the Great Wall of China",
+    "recycling",
+    "the internet",
+]
+STYLES = [
+    "Explain {t} in one sentence.",
+    "Write a short paragraph about {t} for a ten-year-old.",
+    "Give three facts about {t}.",
+    "What is the most surprising thing about {t}? Answer briefly, then explain why in a few sentences.",
+    "Summarize {t}.",
+    "I am writing a school report about {t}. List the key points I should cover, with a short note on each.",
+]
+
+
+def workload(
+    n: int, *, seed: int = 0, min_new: int = 16, max_new: int = 160
+) -> list[tuple[list[dict], int]]:
+    """n chat requests with varied prompts and seeded answer-length limits."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = rng.choice(STYLES).format(t=rng.choice(TOPICS))
+        out.append(([{"role": "user", "content": prompt}], rng.randint(min_new, max_new)))
+    return out
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_bar_plot(
+    path: Path, labels: list[str], values: list[float], *, title: str, ylabel: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(labels, values, color="#4a7ab5")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

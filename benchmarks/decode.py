@@ -1,0 +1,153 @@
+"""Inference throughput: the engine's continuous batching versus HF generate's static batches.
+
+(a) a realistic set of requests (varied prompts, varied answer limits, EOS allowed), all queued
+    at once: engine (continuous batching) vs HF generate in static batches of 8 and of 32;
+(b) equal-length decode at batch 1, 8 and 32: tokens/s of both.
+Everything runs side by side in one process, one after the other. Prints a table, saves a plot.
+
+    python benchmarks/decode.py [--model default] [--requests 64] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import OUT, save_bar_plot, table, workload  # noqa: E402
+
+from fineinfer_jupyter.engine import Engine, EngineConfig  # noqa: E402
+
+
+def encode(tok, messages):
+    return list(
+        tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+
+
+def useful(row: list[int], limit: int, eos: set[int]) -> int:
+    """Tokens a request actually wanted: up to its own limit and its first EOS."""
+    for i, t in enumerate(row[:limit]):
+        if t in eos:
+            return i + 1
+    return min(len(row), limit)
+
+
+@torch.no_grad()
+def hf_static(model, tok, reqs, batch: int, eos: set[int], pad: int) -> tuple[float, int]:
+    start, tokens = time.perf_counter(), 0
+    for i in range(0, len(reqs), batch):
+        group = reqs[i : i + batch]
+        ids = [encode(tok, m) for m, _ in group]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        out = model.generate(
+            input_ids,
+            attention_mask=mask,
+            max_new_tokens=max(n for _, n in group),
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        for row, (_, n) in zip(out[:, width:].tolist(), group):
+            tokens += useful(row, n, eos)
+    return time.perf_counter() - start, tokens
+
+
+def engine_run(engine, reqs, **kwargs) -> tuple[float, int]:
+    start = time.perf_counter()
+    streams = [engine.generate(m, max_new_tokens=n, **kwargs) for m, n in reqs]
+    tokens = sum(s.result().usage["completion_tokens"] for s in streams)
+    return time.perf_counter() - start, tokens
+
+
+@torch.no_grad()
+def hf_equal(model, tok, prompt, batch: int, n: int, pad: int) -> float:
+    ids = torch.tensor([encode(tok, prompt)] * batch)
+    start = time.perf_counter()
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--equal-tokens", type=int, default=48)
+    ap.add_argument("--quick", action="store_true", help="a small run to check the script")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    n_req = 8 if args.quick else args.requests
+    reqs = workload(n_req, seed=0)
+    engine = Engine(
+        EngineConfig(
+            model=args.model, data_dir=tempfile.mkdtemp(), max_batch_size=32, policy="immediate"
+        )
+    )
+    model, tok = engine.loaded.model, engine.loaded.tokenizer
+    eos, pad = engine.eos_ids, tok.pad_token_id
+    print(
+        f"model {engine.model_info['name']} on {engine.model_info['device']}, {n_req} requests, limits {min(n for _, n in reqs)}-{max(n for _, n in reqs)} tokens",
+        flush=True,
+    )
+
+    engine_run(engine, reqs[:2], ignore_eos=False)  # warm-up
+    rows = []
+    results = {}
+    for label, fn in [
+        ("engine, continuous batching", lambda: engine_run(engine, reqs)),
+        ("HF generate, static batches of 8", lambda: hf_static(model, tok, reqs, 8, eos, pad)),
+        ("HF generate, static batches of 32", lambda: hf_static(model, tok, reqs, 32, eos, pad)),
+    ]:
+        seconds, tokens = fn()
+        results[label] = (seconds, tokens)
+        print(f"  {label}: {seconds:.1f} s, {tokens} tokens", flush=True)
+    base = results["engine, continuous batching"]
+    for label, (seconds, tokens) in results.items():
+        rows.append(
+            [label, n_req / seconds, tokens / seconds, (base[1] / base[0]) / (tokens / seconds)]
+        )
+    print("\n(a) realistic requests, all queued at once\n")
+    print(table(["system", "requests/s", "tokens/s", "engine speed-up (tokens/s)"], rows))
+
+    n = 8 if args.quick else args.equal_tokens
+    prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+    eq_rows = []
+    for batch in (1, 8, 32):
+        t_hf = hf_equal(model, tok, prompt, batch, n, pad)
+        t_engine, _ = engine_run(engine, [(prompt, n)] * batch, ignore_eos=True)
+        eq_rows.append([batch, batch * n / t_engine, batch * n / t_hf, t_hf / t_engine])
+        print(f"  equal-length batch {batch}: engine {t_engine:.1f} s, HF {t_hf:.1f} s", flush=True)
+    print(f"\n(b) equal-length decode, {n} new tokens per row\n")
+    print(table(["batch", "engine tokens/s", "HF tokens/s", "engine / HF"], eq_rows))
+    engine.shutdown()
+
+    labels = (
+        ["engine", "HF x8", "HF x32"]
+        + [f"eq{b} engine" for b in (1, 8, 32)]
+        + [f"eq{b} HF" for b in (1, 8, 32)]
+    )
+    values = [r[2] for r in rows] + [r[1] for r in eq_rows] + [r[2] for r in eq_rows]
+    path = OUT / "decode.png"
+    save_bar_plot(
+        path, labels, values, title=f"decode throughput ({args.model})", ylabel="tokens/s"
+    )
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The scheduling policies, with a fake clock and fake step costs (no model)."""
+
+import pytest
+
+from fineinfer_jupyter.engine.config import SamplingParams, Slo
+from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
+from fineinfer_jupyter.engine.scheduler import Scheduler, StepKind
+from fineinfer_jupyter.engine.sequence import Sequence, Status
+
+PREFILL_PER_TOKEN, DECODE_FIXED, TRAIN_PER_TOKEN = 0.004, 0.08, 0.005
+
+
+def costs() -> CostModel:
+    c = CostModel()
+    c.prefill, c.decode, c.train = (
+        LinearCost(0.0, PREFILL_PER_TOKEN),
+        LinearCost(DECODE_FIXED, 0.0),
+        LinearCost(0.0, TRAIN_PER_TOKEN),
+    )
+    c.margin = 1.0
+    return c
+
+
+class FakeTraining:
+    def __init__(self, tokens_per_example=40, micro=4):
+        self.active, self.tokens, self.micro = True, tokens_per_example, micro
+        self.steps: list[int] = []
+
+    def next_tokens(self, k):
+        return [self.tokens] * min(k, self.micro)
+
+    def max_examples(self):
+        return self.micro
+
+
+class Sim:
+    """Runs the scheduler against a fake clock: each step takes exactly its estimated cost."""
+
+    def __init__(self, policy="deferred", slo=None, training=None, **kw):
+        self.sched = Scheduler(policy=policy, costs=costs(), **kw)
+        self.slo, self.training, self.now = slo or Slo(ttft=1.0, tpot=0.3), training, 0.0
+        self.log: list[tuple[float, str, int]] = []  # (start, kind, rows or examples)
+        self.arrivals: list[tuple[float, Sequence]] = []
+
+    def request(self, at: float, prompt_tokens=50, new_tokens=5) -> Sequence:
+        seq = Sequence(
+            [1] * prompt_tokens, sampling=SamplingParams(max_new_tokens=new_tokens), slo=self.slo
+        )
+        seq.arrival = at
+        self.arrivals.append((at, seq))
+        return seq
+
+    def run(self, until: float):
+        while self.now < until:
+            for at, seq in [a for a in self.arrivals if a[0] <= self.now]:
+                self.arrivals.remove((at, seq))
+                self.sched.add(seq)
+            step = self.sched.schedule(self.now, self.training)
+            c = self.sched.costs
+            if step.kind is StepKind.PREFILL:
+                self.log.append((self.now, "prefill", len(step.seqs)))
+                for s in step.seqs:  # one after another, as the engine does
+                    self.sched.admitted(s)
+                    s.admitted = self.now
+                    self.now += c.prefill(s.num_prompt_tokens)
+                    s.token_times = [self.now]
+                    s.output_ids.append(7)
+                    self.sched.batch.seqs.append(s)
+            elif step.kind is StepKind.DECODE:
+                self.log.append((self.now, "decode", len(step.seqs)))
+                self.now += c.decode(len(step.seqs))
+                for s in step.seqs:
+                    s.output_ids.append(7)
+                    s.token_times.append(self.now)
+                    if len(s.output_ids) >= s.sampling.max_new_tokens:
+                        s.status = Status.FINISHED
+                self.sched.batch.seqs = [
+                    s for s in self.sched.batch.seqs if s.status is not Status.FINISHED
+                ]
+            elif step.kind is StepKind.TRAIN:
+                k = step.train_examples or self.training.micro
+                self.log.append((self.now, "train", k))
+                self.training.steps.append(k)
+                self.now += c.train(k * self.training.tokens)
+            else:
+                nxt = min((a for a, _ in self.arrivals), default=until)
+                self.now = max(self.now + 1e-3, nxt)
+
+    def kinds(self):
+        return [k for _, k, _ in self.log]
+
+
+def test_a_request_is_deferred_while_its_slack_allows_and_admitted_before_its_deadline():
+    sim = Sim(training=FakeTraining(micro=1))
+    seq = sim.request(at=0.0)
+    sim.run(until=3.0)
+    first_prefill = sim.kinds().index("prefill")
+    assert sim.kinds()[:first_prefill].count("train") >= 3  # deferred: training went on
+    assert seq.token_times[0] - seq.arrival <= seq.slo.ttft  # first token in time
+    assert seq.admitted - seq.arrival > 0.5  # and it really waited
+
+
+def test_arrivals_during_the_deferral_join_the_same_prefill():
+    sim = Sim(training=FakeTraining())
+    a, b, c = (sim.request(at=t, prompt_tokens=20) for t in (0.0, 0.3, 0.55))
+    sim.run(until=3.0)
+    prefills = [(t, n) for t, k, n in sim.log if k == "prefill"]
+    assert prefills[0][1] == 3  # one batched prefill for all three
+    assert all(s.token_times[0] - s.arrival <= s.slo.ttft for s in (a, b, c))
+
+
+def test_training_resumes_when_the_batch_drains():
+    sim = Sim(training=FakeTraining())
+    seq = sim.request(at=0.0, new_tokens=4)
+    sim.run(until=4.0)
+    done = seq.token_times[-1]
+    after = [k for t, k, _ in sim.log if t >= done]
+    assert after and set(after) == {"train"}
+
+
+def test_per_token_targets_hold_while_training_fills_the_gaps():
+    sim = Sim(training=FakeTraining(tokens_per_example=20, micro=4))
+    seqs = [sim.request(at=0.1 * i, new_tokens=12) for i in range(3)]
+    sim.run(until=8.0)
+    for s in seqs:
+        assert s.token_times[0] - s.arrival <= s.slo.ttft
+        gaps = [b - a for a, b in zip(s.token_times, s.token_times[1:])]
+        assert max(gaps) <= s.slo.tpot + 1e-9
+    kinds = sim.kinds()
+    between = kinds[kinds.index("decode") : len(kinds) - kinds[::-1].index("decode")]
+    assert "train" in between  # training ran between decode steps
+
+
+def test_the_micro_batch_shrinks_under_tight_targets_and_grows_back():
+    training = FakeTraining(tokens_per_example=40, micro=4)  # 0.2 s per example
+    sim = Sim(training=training, slo=Slo(ttft=1.0, tpot=0.38), max_train_step=1.0)
+    sim.request(at=0.0, new_tokens=20)
+    sim.run(until=12.0)
+    sizes = [(t, n) for t, k, n in sim.log if k == "train"]
+    while_decoding = [n for t, n in sizes if 0.8 < t < 4.0]
+    assert while_decoding and max(while_decoding) == 1  # room per token ~0.3 s: one example
+    assert sizes[-1][1] == 4  # back to the full micro-batch once the batch drained
+
+
+def test_immediate_policy_serves_on_arrival():
+    sim = Sim(policy="immediate", training=FakeTraining())
+    sim.request(at=0.0)
+    sim.run(until=0.5)
+    assert sim.kinds()[0] == "prefill"
+
+
+def test_exclusive_policy_waits_for_training_to_end():
+    training = FakeTraining()
+    sim = Sim(policy="exclusive", training=training)
+    sim.request(at=0.0)
+    sim.run(until=2.0)
+    assert "prefill" not in sim.kinds()
+    training.active = False
+    sim.run(until=3.0)
+    assert "prefill" in sim.kinds()
+
+
+def test_fineinfer_policy_defers_by_a_fixed_bound_then_serves_until_the_batch_drains():
+    sim = Sim(
+        policy="fineinfer",
+        training=FakeTraining(tokens_per_example=40, micro=1),
+        fineinfer_bound=0.6,
+    )
+    seq = sim.request(at=0.0, new_tokens=6)
+    sim.run(until=4.0)
+    start = next(t for t, k, _ in sim.log if k == "prefill")
+    assert 0.6 <= start < 0.6 + 0.2 + 1e-9  # the bound, plus at most one training step
+    during = [k for t, k, _ in sim.log if start <= t < seq.token_times[-1]]
+    assert "train" not in during
+
+
+@pytest.mark.parametrize("units, seconds", [(10, 0.1), (20, 0.2), (40, 0.4)])
+def test_cost_model_learns_from_measured_steps(units, seconds):
+    cost = LinearCost(1.0, 1.0)
+    for u in (10, 20, 40, 10, 20, 40):
+        cost.observe(u, 0.05 + u * 0.01)
+    assert cost(units) == pytest.approx(0.05 + units * 0.01, rel=1e-6)
+    one = LinearCost(0.1, 0.01)
+    one.observe(10, 0.4)  # a single size seen: scale the prior
+    assert one(10) == pytest.approx(0.4)
