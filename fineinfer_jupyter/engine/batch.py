@@ -27,10 +27,10 @@ class Batch:
     def length(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def join(self, seq: Sequence, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Add one prefilled row (cache of batch size 1, mask [1, P])."""
+    def join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add prefilled rows (their own cache and mask [len(seqs), P], left-padded)."""
         if not self.seqs:
-            self.seqs, self.cache, self.mask = [seq], cache, mask
+            self.seqs, self.cache, self.mask = list(seqs), cache, mask
             return
         n = mask.shape[1] - self.length
         if n > 0:
@@ -43,7 +43,7 @@ class Batch:
             mine.keys = torch.cat([mine.keys, theirs.keys])
             mine.values = torch.cat([mine.values, theirs.values])
         self.mask = torch.cat([self.mask, mask])
-        self.seqs.append(seq)
+        self.seqs.extend(seqs)
 
     def grow(self) -> torch.Tensor:
         """Open a column for the tokens about to be decoded; returns the mask for the forward."""

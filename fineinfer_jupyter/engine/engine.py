@@ -387,10 +387,10 @@ class Engine:
                 [self.eos_ids and min(self.eos_ids) or 0] * n, sampling=sampling, slo=self.slo
             )
             start = time.perf_counter()
-            cache, mask, _ = self.runner.prefill(seq)
+            cache, mask, _ = self.runner.prefill([seq])
             self.costs.observe("prefill", n, time.perf_counter() - start)
         batch = Batch()
-        batch.join(seq, cache, mask)
+        batch.join([seq], cache, mask)
         seq.output_ids.append(0)
         for _ in range(2):
             start = time.perf_counter()
@@ -430,10 +430,7 @@ class Engine:
         start = time.perf_counter()
         rows = tokens = 0
         if step.kind is StepKind.PREFILL:
-            for seq in step.seqs:
-                t = time.perf_counter()
-                self._prefill(seq)
-                self.costs.observe("prefill", seq.num_prompt_tokens, time.perf_counter() - t)
+            self._prefill(step.seqs)
             rows, tokens = len(step.seqs), sum(s.num_prompt_tokens for s in step.seqs)
         elif step.kind is StepKind.DECODE:
             rows = tokens = len(step.seqs)
@@ -447,20 +444,52 @@ class Engine:
         self.metrics.record_step(kind, time.perf_counter() - start, rows=rows, tokens=tokens)
         self._publish_queue()
 
-    def _prefill(self, seq: Sequence) -> None:
-        self.scheduler.admitted(seq)
-        seq.admitted = time.monotonic()
-        seq.slack_at_admission = seq.ttft_deadline - seq.admitted
-        try:
-            if seq.adapter is not None:
-                seq.adapter = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
-            cache, mask, logits = self.runner.prefill(seq)
-            token = self.runner.sample(logits, [seq])[0]
-        except Exception as e:
-            return self._fail(seq, e)
-        self._append(seq, token)
-        if not seq.is_finished:
-            self.scheduler.batch.join(seq, cache, mask)
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        admitted = []
+        for seq in seqs:
+            self.scheduler.admitted(seq)
+            seq.admitted = time.monotonic()
+            seq.slack_at_admission = seq.ttft_deadline - seq.admitted
+            try:
+                if seq.adapter is not None:
+                    seq.adapter = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
+                admitted.append(seq)
+            except Exception as e:
+                self._fail(seq, e)
+        for group in self._prefill_groups(admitted):
+            start = time.perf_counter()
+            try:
+                cache, mask, logits = self.runner.prefill(group)
+                tokens = self.runner.sample(logits, group)
+            except Exception as e:  # this pass failed: its rows fail, the rest go on
+                for seq in group:
+                    self._fail(seq, e)
+                continue
+            width = max(s.num_prompt_tokens for s in group)
+            self.costs.observe("prefill", len(group) * width, time.perf_counter() - start)
+            for seq, token in zip(group, tokens, strict=True):
+                self._append(seq, token)
+            keep = [i for i, s in enumerate(group) if not s.is_finished]
+            if keep:
+                if len(keep) < len(group):
+                    cache.batch_select_indices(torch.tensor(keep, device=mask.device))
+                    mask = mask[keep]
+                self.scheduler.batch.join([group[i] for i in keep], cache, mask)
+
+    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Prompts of similar length share one pass when that is cheaper than a pass each
+        (one pass saves the fixed cost per call; padding to the longest costs per token)."""
+        cost, groups = self.costs.prefill, []
+        for seq in sorted(seqs, key=lambda s: s.num_prompt_tokens):
+            group = groups[-1] if groups else None
+            n = seq.num_prompt_tokens  # the longest so far: sorted
+            if group and cost((len(group) + 1) * n) <= cost(
+                len(group) * group[-1].num_prompt_tokens
+            ) + cost(n):
+                group.append(seq)
+            else:
+                groups.append([seq])
+        return groups
 
     def _decode(self, seqs: list[Sequence]) -> None:
         batch = self.scheduler.batch

@@ -39,21 +39,28 @@ class Runner:
         )
 
     @torch.no_grad()
-    def prefill(self, seq: Sequence) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        ids = torch.tensor([seq.prompt_ids], device=self.device)  # [1, P]
-        mask = torch.ones_like(ids)
-        positions = torch.arange(ids.shape[1], device=self.device)[None]
+    def prefill(self, seqs: list[Sequence]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One pass over the prompts of `seqs`, left-padded to the longest."""
+        width = max(s.num_prompt_tokens for s in seqs)
+        ids = torch.tensor(
+            [[0] * (width - s.num_prompt_tokens) + s.prompt_ids for s in seqs], device=self.device
+        )  # [B, P]
+        mask = torch.tensor(
+            [[0] * (width - s.num_prompt_tokens) + [1] * s.num_prompt_tokens for s in seqs],
+            device=self.device,
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
         out = self.forward(
             ids,
             mask=mask,
             position_ids=positions,
             cache=cache,
-            adapters=[seq.adapter],
+            adapters=[s.adapter for s in seqs],
             use_cache=True,
             logits_to_keep=1,
         )
-        return cache, mask, out.logits[:, -1].float()  # [1, V]
+        return cache, mask, out.logits[:, -1].float()  # [B, V]
 
     @torch.no_grad()
     def decode(self, batch: Batch) -> torch.Tensor:

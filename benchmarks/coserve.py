@@ -1,0 +1,199 @@
+"""Training and serving at once: the scheduling policies side by side on one arrival trace.
+
+A seeded trace in the style of the paper (random gaps, fixed duration) is replayed against a
+LoRA job that trains the whole time, once per policy (deferred, fineinfer, immediate,
+exclusive), plus training alone and inference alone. Prints a table and saves a timeline PNG.
+
+    python benchmarks/coserve.py [--model default] [--duration 90] [--gap 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import OUT, STYLES, TOPICS, table  # noqa: E402
+
+from fineinfer_jupyter.engine import Engine, EngineConfig, Slo, TrainParams  # noqa: E402
+
+DATA = Path(__file__).parent.parent / "notebooks" / "data" / "herbology.jsonl"
+
+
+def trace(duration: float, gap: float, seed: int = 0) -> list[tuple[float, list[dict], int]]:
+    """(arrival second, chat messages, max_new_tokens): exponential gaps, varied prompts."""
+    rng, t, out = random.Random(seed), 0.0, []
+    while True:
+        t += rng.expovariate(1 / gap)
+        if t >= duration:
+            return out
+        prompt = rng.choice(STYLES).format(t=rng.choice(TOPICS))
+        out.append((t, [{"role": "user", "content": prompt}], rng.randint(16, 64)))
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def run(
+    model: str, policy: str, requests, duration: float, train: bool, slo: Slo, params: TrainParams
+) -> dict:
+    engine = Engine(EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy=policy, slo=slo))
+    job = engine.tune("bench", str(DATA), params) if train else None
+    time.sleep(0.5)  # the job has started
+    busy0 = dict(engine.metrics.busy)
+    trainer_job = engine.trainer.jobs[job["id"]] if job else None
+    samples0 = trainer_job.samples_done if job else 0
+    start = time.monotonic()
+    streams = []
+    for at, messages, n in requests:
+        delay = start + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        streams.append(engine.generate(messages, max_new_tokens=n))
+    time.sleep(max(0.0, start + duration - time.monotonic()))
+    samples = (trainer_job.samples_done - samples0) if job else 0
+    busy = {k: engine.metrics.busy[k] - busy0[k] for k in busy0}
+    timeline = [s for s in engine.metrics.timeline]  # noqa: C416
+    if job:
+        engine.stop_job(job["id"])  # the rest (exclusive's whole queue) drains without training
+    results = [s.result() for s in streams]
+    engine.shutdown()
+    ttft = [r.stats["ttft"] for r in results]
+    tpot = [r.stats["tpot_mean"] for r in results if r.stats["tpot_mean"] is not None]
+    met = [r.stats["ttft"] <= slo.ttft and (r.stats["tpot_mean"] or 0) <= slo.tpot for r in results]
+    tokens = sum(r.usage["completion_tokens"] for r in results)
+    inference_time = busy["prefill"] + busy["decode"]
+    return {
+        "samples_per_s": samples / duration,
+        "tokens_per_s": tokens / duration,
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "tpot_p50": pct(tpot, 0.5),
+        "tpot_p99": pct(tpot, 0.99),
+        "slo": sum(met) / len(met) if met else float("nan"),
+        "inference_share": inference_time / duration,
+        "timeline": timeline,
+        "start": time.time() - (time.monotonic() - start),
+        "slack": [(s.stats["deferred"], s.stats["slack_at_admission"]) for s in results],
+    }
+
+
+def plot(path: Path, runs: dict[str, dict], duration: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"prefill": "#d95f02", "decode": "#1b9e77", "train": "#7570b3"}
+    names = [n for n in runs if runs[n]["timeline"]]
+    fig, axes = plt.subplots(len(names) + 1, 1, figsize=(11, 1.1 * len(names) + 2.6), sharex=False)
+    for ax, name in zip(axes, names):
+        r = runs[name]
+        t0 = r["timeline"][0]["start"] if r["timeline"] else 0
+        for step in r["timeline"]:
+            ax.broken_barh(
+                [(step["start"] - t0, step["duration"])], (0, 1), color=colors[step["kind"]]
+            )
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    axes[0].set_title("last steps of each run (prefill orange, decode green, train purple)")
+    ax = axes[-1]
+    for name in ("deferred", "fineinfer", "immediate"):
+        if name in runs:
+            deferred = [d for d, _ in runs[name]["slack"]]
+            ax.plot(range(len(deferred)), deferred, marker=".", label=f"{name}: deferral (s)")
+    ax.set_xlabel("request")
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--duration", type=float, default=90.0)
+    ap.add_argument("--gap", type=float, default=4.0, help="mean seconds between arrivals")
+    ap.add_argument("--ttft", type=float, default=3.0)
+    ap.add_argument("--tpot", type=float, default=0.5)
+    ap.add_argument("--policies", default="deferred,fineinfer,immediate,exclusive")
+    args = ap.parse_args()
+    slo = Slo(ttft=args.ttft, tpot=args.tpot)
+    params = TrainParams(
+        r=16,
+        lora_alpha=32,
+        batch_size=8,
+        micro_batch_size=4,
+        max_length=128,
+        max_steps=100_000,
+        checkpoint_every=100_000,
+    )
+    requests = trace(args.duration, args.gap)
+    print(
+        f"model {args.model}: {len(requests)} requests over {args.duration:.0f} s (mean gap {args.gap} s), targets TTFT {slo.ttft} s / TPOT {slo.tpot} s",
+        flush=True,
+    )
+    runs: dict[str, dict] = {}
+    plan = [
+        ("training alone", "deferred", [], True),
+        ("inference alone", "immediate", requests, False),
+    ]
+    plan += [(p, p, requests, True) for p in args.policies.split(",")]
+    for name, policy, reqs, train in plan:
+        runs[name] = run(args.model, policy, reqs, args.duration, train, slo, params)
+        r = runs[name]
+        print(
+            f"  {name}: {r['samples_per_s']:.2f} samples/s, {r['tokens_per_s']:.1f} tokens/s, SLO {r['slo']:.0%}",
+            flush=True,
+        )
+    alone = runs["training alone"]["samples_per_s"]
+    headers = [
+        "run",
+        "train samples/s",
+        "vs alone",
+        "inference tokens/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "SLO met",
+        "inference share",
+    ]
+    rows = []
+    for name, r in runs.items():
+        served = name != "training alone"
+        rows.append(
+            [name, r["samples_per_s"], r["samples_per_s"] / alone, r["tokens_per_s"]]
+            + (
+                [r["ttft_p50"], r["ttft_p99"], r["tpot_p50"], r["tpot_p99"], f"{r['slo']:.0%}"]
+                if served
+                else ["-"] * 5
+            )
+            + [r["inference_share"]]
+        )
+    print()
+    print(table(headers, rows))
+    if "deferred" in runs and "immediate" in runs:
+        d, i = runs["deferred"], runs["immediate"]
+        bound = alone * (1 - d["inference_share"])
+        print(
+            f"\ndeferred / immediate training throughput: {d['samples_per_s'] / i['samples_per_s']:.2f}x (goal >= 1.5x)"
+        )
+        print(
+            f"deferred vs switching-free bound (alone x non-inference share {1 - d['inference_share']:.2f}): {d['samples_per_s'] / bound:.0%} (goal >= 90%)"
+        )
+    path = OUT / "coserve.png"
+    plot(path, {k: v for k, v in runs.items() if k != "training alone"}, args.duration)
+    print(f"timeline: {path}")
+
+
+if __name__ == "__main__":
+    main()
