@@ -277,3 +277,34 @@ def test_default_model_knows_the_capital_of_france(tmp_path):
         )
     assert "Paris" in answer.text
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_broken_engine_step_fails_the_requests_in_flight_and_the_engine_goes_on(
+    engine, monkeypatch
+):
+    real = engine.scheduler.schedule
+    calls = {"n": 0}
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("scheduler bug")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.scheduler, "schedule", broken_once)
+    stream = engine.generate("hi", max_new_tokens=3)
+    events = list(stream)
+    assert events[-1]["type"] == "error" and "scheduler bug" in events[-1]["message"]
+    assert engine.complete("hi", max_new_tokens=3).finish_reason in ("length", "eos")
+
+
+def test_an_engine_whose_steps_keep_failing_reports_error_and_answers_503(engine, monkeypatch):
+    monkeypatch.setattr(engine.scheduler, "schedule", lambda *a, **k: 1 / 0)
+    stream = engine.generate("hi", max_new_tokens=3)
+    assert list(stream)[-1]["type"] == "error"
+    engine._thread.join(10)
+    assert engine.status()["state"] == "error" and "ZeroDivisionError" in engine.status()["error"]
+    with pytest.raises(EngineNotReady):
+        engine.generate("hi")
+    with pytest.raises(EngineNotReady):
+        engine.jobs()

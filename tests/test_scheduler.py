@@ -120,7 +120,7 @@ def test_training_resumes_when_the_batch_drains():
 
 def test_per_token_targets_hold_while_training_fills_the_gaps():
     sim = Sim(training=FakeTraining(tokens_per_example=20, micro=4))
-    seqs = [sim.request(at=0.1 * i, new_tokens=12) for i in range(3)]
+    seqs = [sim.request(at=0.1 * i, prompt_tokens=40, new_tokens=12) for i in range(3)]
     sim.run(until=8.0)
     for s in seqs:
         assert s.token_times[0] - s.arrival <= s.slo.ttft
@@ -140,6 +140,15 @@ def test_the_micro_batch_shrinks_under_tight_targets_and_grows_back():
     while_decoding = [n for t, n in sizes if 0.8 < t < 4.0]
     assert while_decoding and max(while_decoding) == 1  # room per token ~0.3 s: one example
     assert sizes[-1][1] == 4  # back to the full micro-batch once the batch drained
+
+
+def test_a_prompt_too_long_to_fit_between_tokens_is_not_starved():
+    sim = Sim(training=FakeTraining(tokens_per_example=20, micro=1))
+    a = sim.request(at=0.0, prompt_tokens=40, new_tokens=30)
+    b = sim.request(at=0.5, prompt_tokens=100, new_tokens=3)  # 0.4 s: more than a's token gap
+    sim.run(until=10.0)
+    assert b.token_times and b.token_times[0] - b.arrival <= b.slo.ttft
+    assert len(a.token_times) == 30
 
 
 def test_immediate_policy_serves_on_arrival():

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import torch
@@ -319,7 +320,12 @@ class Engine:
             return fn(*args, **kwargs)
         future: Future = Future()
         self._inbox.put((lambda: fn(*args, **kwargs), (), future))
-        return future.result()
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except FutureTimeout:
+                if not self._thread.is_alive():
+                    raise EngineNotReady(f"engine {self.state}") from None
 
     # -- the engine thread -------------------------------------------------------------------
 
@@ -398,8 +404,20 @@ class Engine:
             self.costs.observe("decode", 1, time.perf_counter() - start)
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stopping:
-            step = self.step()
+            try:
+                step = self.step()
+                failures = 0
+            except Exception as e:  # a bug, not a bad request: fail what is in flight, go on
+                log.exception("engine step failed")
+                failures += 1
+                for seq in self.scheduler.drop(lambda s: True):
+                    self._fail(seq, e)
+                if failures >= 3:
+                    self.state, self.error = "error", f"engine loop failed: {type(e).__name__}: {e}"
+                    return
+                continue
             if step.kind is StepKind.IDLE:
                 self._drain(block=True, timeout=step.wait)
 
@@ -597,17 +615,25 @@ class Engine:
 
     def _publish_queue(self) -> None:
         sched, now = self.scheduler, time.monotonic()
-        waiting = sorted(sched.waiting, key=lambda s: s.ttft_deadline)
+        waiting = sorted(sched.waiting, key=sched.ttft_due)
         slack = sched.prefill_slack(now, waiting, sched.batch.seqs) if waiting else None
         self.metrics.record_queue(
             waiting=len(waiting), running=self.scheduler.num_running, slack=slack
         )
 
     def _close(self) -> None:
+        self.state = "stopped" if self.state == "ready" else self.state
+        reason = EngineNotReady(f"engine {self.state}" + (f": {self.error}" if self.error else ""))
         for seq in list(self._requests.values()):
             if not seq.is_finished:
-                self._fail(seq, EngineNotReady("engine shut down"))
-        self.state = "stopped" if self.state == "ready" else self.state
+                self._fail(seq, reason)
+        while True:  # callers waiting on engine-thread calls get an answer too
+            try:
+                _, _, future = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None:
+                future.set_exception(reason)
         self.runner = self.adapters = None
         if self.loaded is not None:
             self.loaded.model = None

@@ -65,6 +65,7 @@ class Scheduler:
             max_train_step  # seconds: an arrival must not wait longer behind training
         )
         self.fineinfer_bound = fineinfer_bound
+        self.headroom = 0.9  # plan to land within 90% of each latency target
         self.waiting: deque[Sequence] = deque()
         self.batch = Batch()
 
@@ -77,7 +78,7 @@ class Scheduler:
 
     def schedule(self, now: float, training: Training | None = None) -> Step:
         room = self.max_batch_size - len(self.batch)
-        newcomers = sorted(self.waiting, key=lambda s: s.ttft_deadline)[: max(room, 0)]
+        newcomers = sorted(self.waiting, key=self.ttft_due)[: max(room, 0)]
         running = self.batch.seqs
         training_active = training is not None and training.active
         if not training_active or self.policy == "immediate":
@@ -101,12 +102,14 @@ class Scheduler:
             k = 1  # nothing to protect: never starve training
         if k:
             return Step(StepKind.TRAIN, train_examples=k, budget=budget)
-        if (
-            newcomers
-            and running
-            and decode_room < self.costs.margin * self.costs.prefill(newcomers[0].num_prompt_tokens)
-        ):
-            return Step(StepKind.DECODE, list(running))  # a prefill now would make the rows late
+        if newcomers and running:
+            c = self.costs
+            p = c.margin * c.prefill(newcomers[0].num_prompt_tokens)
+            fresh_room = self.headroom * min(s.slo.tpot for s in running) - c.margin * c.decode(
+                len(running)
+            )
+            if decode_room < p <= fresh_room:
+                return Step(StepKind.DECODE, list(running))  # the prefill fits right after a token
         return self._serve(newcomers, running, now=now)
 
     def _group(
@@ -122,7 +125,7 @@ class Scheduler:
             spent += c.margin * c.prefill(seq.num_prompt_tokens)
             if spent > room or spent - c.margin * c.prefill(
                 group[0].num_prompt_tokens
-            ) + decode > min(s.slo.tpot for s in group):
+            ) + decode > self.headroom * min(s.slo.tpot for s in group):
                 break
             group.append(seq)
         return group
@@ -148,10 +151,10 @@ class Scheduler:
             p = c.margin * c.prefill(s.num_prompt_tokens)
             if rows and p > room:  # the rows need a token before this prefill
                 d = c.margin * c.decode(rows)
-                t, room = t + d, min(r.slo.tpot for r in running + newcomers) - d
+                t, room = t + d, self.headroom * min(r.slo.tpot for r in running + newcomers) - d
             t, room, rows = t + p, room - p, rows + 1
-            room = min(room, s.slo.tpot - c.margin * c.decode(rows))
-            slack = min(slack, s.ttft_deadline - t)
+            room = min(room, self.headroom * s.slo.tpot - c.margin * c.decode(rows))
+            slack = min(slack, self.ttft_due(s) - t)
         return slack
 
     def decode_room(self, now: float, running: list[Sequence]) -> float:
@@ -159,7 +162,15 @@ class Scheduler:
         if not running:
             return INF
         cost = self.costs.margin * self.costs.decode(len(running))
-        return min(s.next_token_deadline for s in running) - now - cost
+        return min(self.token_due(s) for s in running) - now - cost
+
+    def ttft_due(self, s: Sequence) -> float:
+        """When the first token is due, planning with headroom against noise."""
+        return s.arrival + self.headroom * s.slo.ttft
+
+    def token_due(self, s: Sequence) -> float:
+        last = s.token_times[-1] if s.token_times else self.ttft_due(s)
+        return last + self.headroom * s.slo.tpot
 
     def _serve(
         self,
