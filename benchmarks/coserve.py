@@ -43,44 +43,58 @@ def pct(values: list[float], q: float) -> float:
 def run(
     model: str, policy: str, requests, duration: float, train: bool, slo: Slo, params: TrainParams
 ) -> dict:
+    """One window of `duration` seconds replaying `requests` (arrival seconds from 0)."""
     engine = Engine(EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy=policy, slo=slo))
-    job = engine.tune("bench", str(DATA), params) if train else None
-    time.sleep(0.5)  # the job has started
+    job = None
+    if train:
+        job = engine.trainer.jobs[engine.tune("bench", str(DATA), params)["id"]]
+        while job.step < 1:  # past the job's start-up and first optimizer step
+            time.sleep(0.05)
     busy0 = dict(engine.metrics.busy)
-    trainer_job = engine.trainer.jobs[job["id"]] if job else None
-    samples0 = trainer_job.samples_done if job else 0
+    samples0, tokens0 = (job.samples_done, job.tokens_done) if job else (0, 0)
     start = time.monotonic()
     streams = []
     for at, messages, n in requests:
-        delay = start + at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        time.sleep(max(0.0, start + at - time.monotonic()))
         streams.append(engine.generate(messages, max_new_tokens=n))
     time.sleep(max(0.0, start + duration - time.monotonic()))
-    samples = (trainer_job.samples_done - samples0) if job else 0
+    samples, train_tokens = (
+        (job.samples_done - samples0, job.tokens_done - tokens0) if job else (0, 0)
+    )
     busy = {k: engine.metrics.busy[k] - busy0[k] for k in busy0}
-    timeline = [s for s in engine.metrics.timeline]  # noqa: C416
+    timeline = list(engine.metrics.timeline)
     if job:
-        engine.stop_job(job["id"])  # the rest (exclusive's whole queue) drains without training
+        engine.stop_job(job.id)  # what is still queued (all of exclusive's) drains without training
     results = [s.result() for s in streams]
     engine.shutdown()
+    return {
+        "samples": samples,
+        "train_tokens": train_tokens,
+        "busy": busy,
+        "results": results,
+        "timeline": timeline,
+    }
+
+
+def summarize(windows: list[dict], duration: float, slo: Slo) -> dict:
+    total = duration * len(windows)
+    results = [r for w in windows for r in w["results"]]
     ttft = [r.stats["ttft"] for r in results]
     tpot = [r.stats["tpot_mean"] for r in results if r.stats["tpot_mean"] is not None]
     met = [r.stats["ttft"] <= slo.ttft and (r.stats["tpot_mean"] or 0) <= slo.tpot for r in results]
-    tokens = sum(r.usage["completion_tokens"] for r in results)
-    inference_time = busy["prefill"] + busy["decode"]
+    inference = sum(w["busy"]["prefill"] + w["busy"]["decode"] for w in windows)
     return {
-        "samples_per_s": samples / duration,
-        "tokens_per_s": tokens / duration,
+        "samples_per_s": sum(w["samples"] for w in windows) / total,
+        "train_tokens_per_s": sum(w["train_tokens"] for w in windows) / total,
+        "tokens_per_s": sum(r.usage["completion_tokens"] for r in results) / total,
         "ttft_p50": pct(ttft, 0.5),
         "ttft_p99": pct(ttft, 0.99),
         "tpot_p50": pct(tpot, 0.5),
         "tpot_p99": pct(tpot, 0.99),
         "slo": sum(met) / len(met) if met else float("nan"),
-        "inference_share": inference_time / duration,
-        "timeline": timeline,
-        "start": time.time() - (time.monotonic() - start),
-        "slack": [(s.stats["deferred"], s.stats["slack_at_admission"]) for s in results],
+        "inference_share": inference / total,
+        "timeline": windows[-1]["timeline"],
+        "slack": [(r.stats["deferred"], r.stats["slack_at_admission"]) for r in results],
     }
 
 
@@ -120,8 +134,11 @@ def plot(path: Path, runs: dict[str, dict], duration: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--duration", type=float, default=90.0)
-    ap.add_argument("--gap", type=float, default=4.0, help="mean seconds between arrivals")
+    ap.add_argument("--duration", type=float, default=40.0, help="seconds per window")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="windows per run, interleaved across runs"
+    )
+    ap.add_argument("--gap", type=float, default=2.5, help="mean seconds between arrivals")
     ap.add_argument("--ttft", type=float, default=3.0)
     ap.add_argument("--tpot", type=float, default=0.5)
     ap.add_argument("--policies", default="deferred,fineinfer,immediate,exclusive")
@@ -136,28 +153,34 @@ def main() -> None:
         max_steps=100_000,
         checkpoint_every=100_000,
     )
-    requests = trace(args.duration, args.gap)
+    slices = [trace(args.duration, args.gap, seed=r) for r in range(args.rounds)]
+    n = sum(map(len, slices))
     print(
-        f"model {args.model}: {len(requests)} requests over {args.duration:.0f} s (mean gap {args.gap} s), targets TTFT {slo.ttft} s / TPOT {slo.tpot} s",
+        f"model {args.model}: {n} requests in {args.rounds} windows of {args.duration:.0f} s (mean gap {args.gap} s), targets TTFT {slo.ttft} s / TPOT {slo.tpot} s",
         flush=True,
     )
-    runs: dict[str, dict] = {}
     plan = [
-        ("training alone", "deferred", [], True),
-        ("inference alone", "immediate", requests, False),
+        ("training alone", "deferred", False, True),
+        ("inference alone", "immediate", True, False),
     ]
-    plan += [(p, p, requests, True) for p in args.policies.split(",")]
-    for name, policy, reqs, train in plan:
-        runs[name] = run(args.model, policy, reqs, args.duration, train, slo, params)
-        r = runs[name]
-        print(
-            f"  {name}: {r['samples_per_s']:.2f} samples/s, {r['tokens_per_s']:.1f} tokens/s, SLO {r['slo']:.0%}",
-            flush=True,
-        )
-    alone = runs["training alone"]["samples_per_s"]
+    plan += [(p, p, True, True) for p in args.policies.split(",")]
+    windows: dict[str, list[dict]] = {name: [] for name, *_ in plan}
+    for r in range(args.rounds):  # round-robin: machine noise hits every run alike
+        for name, policy, serve, train in plan:
+            w = run(
+                args.model, policy, slices[r] if serve else [], args.duration, train, slo, params
+            )
+            windows[name].append(w)
+            print(
+                f"  round {r + 1} {name}: {w['train_tokens'] / args.duration:.0f} train tokens/s, {len(w['results'])} requests",
+                flush=True,
+            )
+    runs = {name: summarize(ws, args.duration, slo) for name, ws in windows.items()}
+    alone = runs["training alone"]
     headers = [
         "run",
         "train samples/s",
+        "train tokens/s",
         "vs alone",
         "inference tokens/s",
         "TTFT p50",
@@ -170,25 +193,36 @@ def main() -> None:
     rows = []
     for name, r in runs.items():
         served = name != "training alone"
+        latency = (
+            [r["ttft_p50"], r["ttft_p99"], r["tpot_p50"], r["tpot_p99"], f"{r['slo']:.0%}"]
+            if served
+            else ["-"] * 5
+        )
         rows.append(
-            [name, r["samples_per_s"], r["samples_per_s"] / alone, r["tokens_per_s"]]
-            + (
-                [r["ttft_p50"], r["ttft_p99"], r["tpot_p50"], r["tpot_p99"], f"{r['slo']:.0%}"]
-                if served
-                else ["-"] * 5
-            )
+            [
+                name,
+                r["samples_per_s"],
+                r["train_tokens_per_s"],
+                r["train_tokens_per_s"] / alone["train_tokens_per_s"],
+                r["tokens_per_s"],
+            ]
+            + latency
             + [r["inference_share"]]
         )
     print()
     print(table(headers, rows))
     if "deferred" in runs and "immediate" in runs:
         d, i = runs["deferred"], runs["immediate"]
-        bound = alone * (1 - d["inference_share"])
+        bound = alone["train_tokens_per_s"] * (1 - d["inference_share"])
         print(
-            f"\ndeferred / immediate training throughput: {d['samples_per_s'] / i['samples_per_s']:.2f}x (goal >= 1.5x)"
+            f"\ndeferred / immediate training throughput (tokens): {d['train_tokens_per_s'] / i['train_tokens_per_s']:.2f}x (goal >= 1.5x)"
         )
+        if "fineinfer" in runs:
+            print(
+                f"deferred / fineinfer training throughput (tokens): {d['train_tokens_per_s'] / runs['fineinfer']['train_tokens_per_s']:.2f}x"
+            )
         print(
-            f"deferred vs switching-free bound (alone x non-inference share {1 - d['inference_share']:.2f}): {d['samples_per_s'] / bound:.0%} (goal >= 90%)"
+            f"deferred vs switching-free bound (alone x non-inference share {1 - d['inference_share']:.2f}): {d['train_tokens_per_s'] / bound:.0%} (goal >= 90%)"
         )
     path = OUT / "coserve.png"
     plot(path, {k: v for k, v in runs.items() if k != "training alone"}, args.duration)

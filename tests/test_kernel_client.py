@@ -248,3 +248,42 @@ def test_generate_in_a_terminal_prints_the_answer_then_the_footer(shell, fake_se
     shell.run_cell_magic("generate", "--compare base,herb", "Hi")
     out, err = capsys.readouterr()
     assert out.startswith("── base ──\nParis\n\n── herb ──\nParis\n[base · 2 tokens") and err == ""
+
+
+def test_widgets_render_the_documented_shapes_and_empty_values():
+    from fineinfer_jupyter.kernel.widgets import Dashboard, JobWidget, sparkline
+
+    client = FineInferClient("http://127.0.0.1:9/", "")
+    idle = {"state": "ready", "step": {"kind": "idle", "started": None}, "slack": {"min": None}}
+    busy = {
+        **idle,
+        "step": {"kind": "train", "started": 1.0},
+        "slack": {"min": -0.5},
+        "requests": {"waiting": 2, "running": 1},
+        "inference": {"tokens_per_s": 20.1, "slo": {"ttft": 1.0, "tpot": 0.98}},
+        "training": {
+            "job": "job-1",
+            "samples_per_s": 1.0,
+            "loss": 1.9,
+            "step": 12,
+            "total_steps": 100,
+        },
+        "offload": {"bytes_per_s": 0, "bytes_total": 0},
+        "memory": {"rss_bytes": 900_000_000, "device_bytes": 0},
+        "series": {"loss": [2.5, 2.4, None, 1.9], "slack": []},
+    }
+    dashboard = Dashboard(client)
+    dashboard.render(idle)
+    assert (
+        "nothing waiting" in dashboard.body.value and "step: <b>idle</b>" in dashboard.header.value
+    )
+    dashboard.render(busy)
+    body = dashboard.body.value
+    assert "0.5 s late" in body and "TTFT 100% · TPOT 98%" in body and "858.3 MB RAM" in body
+    assert "1 samples/s · step 12/100" in body and body.count("<svg") == 1
+    assert (dashboard.bar.value, dashboard.bar.max, dashboard.bar.description) == (12, 100, "job-1")
+    job = {"id": "job-1", "adapter": "herb", "state": "running", "step": 3, "total_steps": 10}
+    widget = JobWidget(client, {**job, "loss": 2.0, "loss_history": [[1, 2.5], [2, 2.0]]})
+    assert "step 3/10 · loss 2 · – samples/s · ETA –" in widget.stats.value
+    assert widget.bar.value == 3 and "<svg" in widget.spark.value
+    assert sparkline([1.0]) == "" and sparkline([float("nan"), 1.0, 2.0]).count(" ") > 2

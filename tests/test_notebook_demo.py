@@ -37,8 +37,9 @@ def cell(nb, start: str):
 
 def test_demo_notebook_runs_end_to_end(fineinfer_server, server_root, tmp_path):
     out = tmp_path / "demo.executed.ipynb"
+    parameters = {"MAX_STEPS": 8}
     nb = execute(
-        server_root / "demo.ipynb", out, server=fineinfer_server, parameters={"MAX_STEPS": 8}
+        server_root / "demo.ipynb", out, server=fineinfer_server, parameters=parameters, timeout=60
     )
     assert nbformat.read(out, as_version=4).cells[2].source == "MAX_STEPS = 8"
     for c in nb.cells:
@@ -67,6 +68,7 @@ def test_make_demo_entry_point_writes_the_executed_notebook(tmp_path):
     out = tmp_path / "out" / "demo.executed.ipynb"
     command = [sys.executable, "-m", "fineinfer_jupyter.kernel.demo", "--model", "tiny"]
     command += ["--max-steps", "3", "--out", str(out), "--data-dir", str(tmp_path / "data")]
+    command += ["--timeout", "60"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=200, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith(f"wrote {out}")

@@ -58,10 +58,7 @@ def error(status_type, message, field=None):
 
 def test_traits_agree_with_the_engine_and_all_have_help():
     assert server_app.POLICIES == engine_config.POLICIES
-    assert (server_app.TTFT, server_app.TPOT) == (
-        engine_config.Slo().ttft,
-        engine_config.Slo().tpot,
-    )
+    assert server_app.FineInferApp().engine_config()["slo"] == {"ttft": None, "tpot": None}
     traits = server_app.FineInferApp.class_traits(config=True)
     own = {n for n, t in traits.items() if t.this_class is server_app.FineInferApp}
     assert {"model", "device", "dtype", "data_dir", "policy", "ttft", "tpot", "max_queue"} <= own
@@ -96,7 +93,7 @@ async def test_traits_configure_the_engine_and_kernels_learn_url_and_token(
 ):
     engine = ready_api.app.host.engine
     assert (engine.config.policy, engine.config.max_queue) == ("exclusive", 3)
-    assert (engine.config.slo.ttft, engine.config.slo.tpot) == (2.0, 0.25)
+    assert (engine.slo.ttft, engine.slo.tpot) == (2.0, 0.25)
     assert os.environ["FINEINFER_SERVER_URL"] == f"http://127.0.0.1:{jp_http_port}{jp_base_url}"
     assert os.environ["FINEINFER_TOKEN"] == token
 
@@ -380,7 +377,7 @@ async def test_events_websocket_pushes_metrics_and_jobs_about_twice_a_second(
         message = json.loads(await asyncio.wait_for(socket.read_message(), 10))
         seen[message["type"]].append((time.monotonic(), message["data"]))
     socket.close()
-    assert time.monotonic() - start < 8
+    assert time.monotonic() - start < 15
     assert seen["metrics"][-1][1]["state"] == "ready"
     assert [j["id"] for j in seen["jobs"][-1][1]] == [job["id"]]
     times = [t for t, _ in seen["metrics"]]

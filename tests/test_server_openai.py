@@ -9,6 +9,8 @@ import time
 import openai
 import pytest
 
+from fineinfer_jupyter.engine.runner import Runner
+
 pytest_plugins = ["pytest_jupyter.jupyter_server", "server_fixtures"]
 pytestmark = pytest.mark.timeout(180)
 
@@ -129,7 +131,7 @@ async def test_twenty_concurrent_streams_give_the_tokens_the_engine_gives_in_pro
     engine = ready_api.app.host.engine
 
     def in_process():
-        streams = [engine.generate(b.pop("prompt"), **b) for b in bodies]
+        streams = [engine.generate(**b) for b in bodies]
         return [s.result().token_ids for s in streams]
 
     expected = await asyncio.get_running_loop().run_in_executor(None, in_process)
@@ -139,9 +141,13 @@ async def test_twenty_concurrent_streams_give_the_tokens_the_engine_gives_in_pro
 
 
 async def test_a_job_trains_to_the_end_while_requests_are_served_then_its_adapter_is_a_model(
-    ready_api, client
+    ready_api, client, monkeypatch
 ):
     api = ready_api
+    train_step = Runner.train_step  # a micro-step of at least 20 ms: the job lasts over a second
+    monkeypatch.setattr(
+        Runner, "train_step", lambda *a, **k: (time.sleep(0.02), train_step(*a, **k))[1]
+    )
     params = {"r": 4, "lora_alpha": 8, "batch_size": 2, "max_length": 64, "max_steps": 30}
     code, job = await api.post("jobs", {"adapter": "herb", "records": RECORDS, "params": params})
     assert code == 201

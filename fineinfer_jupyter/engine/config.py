@@ -109,7 +109,9 @@ class EngineConfig:
     )
     cache_dir: str | Path | None = None  # converted models; default ~/.cache/fineinfer
     policy: str = "deferred"
-    slo: Slo | None = None  # default latency targets; None = by device (see default_slo)
+    slo: Slo | dict | None = (
+        None  # default latency targets; None or missing keys: by device (default_slo)
+    )
     max_batch_size: int = 32  # rows decoding at once
     max_queue: int = 256  # waiting requests before new ones are refused
     max_new_tokens_cap: int = 2048
@@ -130,13 +132,16 @@ class EngineConfig:
             "max_new_tokens_cap",
             "must be >= 1",
         )
-        if isinstance(self.slo, dict):
-            self.slo = Slo(**self.slo)
+        if isinstance(self.slo, dict):  # a partial dict: the rest comes from default_slo at load
+            self.slo = {k: v for k, v in self.slo.items() if v is not None}
+            unknown = set(self.slo) - {"ttft", "tpot"}
+            check(not unknown, "slo", f"unknown target(s) {', '.join(sorted(unknown))}")
+            Slo(**{"ttft": 1.0, "tpot": 1.0, **self.slo})  # validates the values given
         self.data_dir = Path(self.data_dir) if self.data_dir else default_data_dir()
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["slo"] = asdict(self.slo) if self.slo else None
+        d["slo"] = asdict(self.slo) if isinstance(self.slo, Slo) else self.slo
         d["data_dir"] = str(self.data_dir)
         d["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
         return d

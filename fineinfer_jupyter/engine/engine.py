@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import queue
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -114,7 +116,11 @@ class Engine:
         Bad input raises ValueError naming the field, before anything is queued.
         """
         self._check_ready()
-        sampling = sampling or SamplingParams(**sampling_kwargs)
+        if sampling is None:
+            sampling_kwargs.setdefault(
+                "max_new_tokens", min(SamplingParams.max_new_tokens, self.config.max_new_tokens_cap)
+            )
+            sampling = SamplingParams(**sampling_kwargs)
         check(
             sampling.max_new_tokens <= self.config.max_new_tokens_cap,
             "max_new_tokens",
@@ -158,16 +164,27 @@ class Engine:
     def save_adapter(self, name: str, path: str | Path) -> dict:
         """Write an adapter in PEFT's format to `path` (a folder; loads with PeftModel.from_pretrained)."""
 
+        target = Path(path)
+        check(
+            not target.exists()
+            or (
+                target.is_dir()
+                and (not any(target.iterdir()) or (target / "adapter_config.json").exists())
+            ),
+            "path",
+            f"{target} exists and is not an adapter folder; refusing to replace it",
+        )
+
         def save():
             info = self.adapters.get(name)
-            folder = self.adapters.save(name, Path(path), {"step": info["step"]})
+            folder = self.adapters.save(name, target, {"step": info["step"]})
             return {**info, "saved_to": str(folder)}
 
         return self._call(save)
 
     def list_adapters(self) -> list[dict]:
         self._check_ready()
-        return [dict(self.adapters.info[n]) for n in self.adapters.names()]
+        return [dict(info) for _, info in sorted(list(self.adapters.info.items()))]
 
     def tune(self, adapter: str, data, params: TrainParams | dict | None = None, **kwargs) -> dict:
         """Start (or queue) a LoRA fine-tuning job; returns the job's status dict at once.
@@ -179,13 +196,16 @@ class Engine:
         if not isinstance(params, TrainParams):
             params = TrainParams.from_dict({**(params or {}), **kwargs})
         with self._tokenizer_lock:
-            dataset = build_dataset(
-                data,
-                self.loaded.tokenizer,
-                max_length=params.max_length,
-                val_fraction=params.val_fraction,
-                seed=params.seed,
-            )
+            tokenizer = copy.deepcopy(
+                self.loaded.tokenizer
+            )  # a data set can take a while: not under the lock
+        dataset = build_dataset(
+            data,
+            tokenizer,
+            max_length=params.max_length,
+            val_fraction=params.val_fraction,
+            seed=params.seed,
+        )
         return self._call(lambda: self.trainer.submit(adapter, dataset, params).to_dict())
 
     def jobs(self) -> list[dict]:
@@ -316,6 +336,8 @@ class Engine:
     def _call(self, fn, *args, **kwargs):
         """Run fn in the engine thread and wait for its result (its exception is raised here)."""
         self._check_ready()
+        if self._stopping:
+            raise EngineNotReady("engine is shutting down")
         if self._thread is None:
             return fn(*args, **kwargs)
         future: Future = Future()
@@ -367,7 +389,12 @@ class Engine:
             "max_context": m.max_context,
         }
         self.runner = Runner(m.model, device=m.device)
-        self.slo = self.config.slo or default_slo(m.device.type)
+        given = self.config.slo
+        self.slo = (
+            given
+            if isinstance(given, Slo)
+            else Slo(**{**asdict(default_slo(m.device.type)), **(given or {})})
+        )
         self.scheduler.max_train_step = self.slo.ttft / 2  # an arrival must not wait longer
         if m.device.type != "cpu":
             self.costs.__init__(gpu=True)

@@ -72,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises FineInferError instead of printing usage and exiting."""
 
     def error(self, message):
-        name = self.prog.removeprefix("%fineinfer").strip()
+        name = self.prog.removeprefix("%fineinfer").strip().lstrip("%")
         raise FineInferError(f"{name}: {message}" if name else message)
 
     def exit(self, status=0, message=None):
@@ -81,7 +81,7 @@ class _Parser(argparse.ArgumentParser):
         raise HelpShown
 
 
-def _line_parser() -> _Parser:
+def _line_parser() -> tuple[_Parser, dict]:
     parser = _Parser(prog="%fineinfer", add_help=False)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     for command in ("status", "jobs", "adapters", "dashboard", "help"):
@@ -105,7 +105,7 @@ def _line_parser() -> _Parser:
     connect = sub.add_parser("connect", prog="%fineinfer connect")
     connect.add_argument("url")
     connect.add_argument("--token", default="")
-    return parser
+    return parser, sub.choices
 
 
 def _generate_parser() -> _Parser:
@@ -120,15 +120,15 @@ def _generate_parser() -> _Parser:
     return parser
 
 
-LINE_PARSER, GENERATE_PARSER = _line_parser(), _generate_parser()
+LINE_PARSER, COMMANDS = _line_parser()
+GENERATE_PARSER = _generate_parser()
 
 
 def parse_line(line: str) -> argparse.Namespace:
     words = _split(line)
-    commands = LINE_PARSER._subparsers._group_actions[0].choices
     if not words:
         raise FineInferError("missing command (try %fineinfer help)")
-    if words[0] not in commands:
+    if words[0] not in COMMANDS:
         raise FineInferError(f"unknown command {words[0]!r} (try %fineinfer help)")
     return LINE_PARSER.parse_args(words)
 

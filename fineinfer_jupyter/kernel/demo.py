@@ -70,7 +70,9 @@ def serve(root_dir, *, model="default", data_dir=None, options=(), timeout=600.0
         env["JUPYTER_RUNTIME_DIR"] = str(scratch / "runtime")  # where its URL file is written
         log = scratch / "server.log"
         with open(log, "wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+            )
         try:
             url = _wait_for_url(process, scratch / "runtime", log, timeout)
             server = Server(url, token, process, log)
@@ -78,6 +80,15 @@ def serve(root_dir, *, model="default", data_dir=None, options=(), timeout=600.0
             yield server
         finally:
             _stop(process)
+
+
+def _die_with_parent() -> None:
+    """In the child, on Linux: SIGTERM when the thread that started it dies, so a killed test
+    run or demo leaves no server behind (start it from a long-lived thread)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -183,6 +194,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.notebook.is_file():
         parser.error(f"no notebook at {args.notebook}")
+    try:
+        import ipykernel  # noqa: F401
+        import nbclient  # noqa: F401
+    except ImportError as e:
+        parser.error(f"needs {e.name}: pip install nbclient nbformat ipykernel")
     parameters = {} if args.max_steps is None else {"MAX_STEPS": args.max_steps}
     started, executing = time.monotonic(), False
     print(f"demo: starting jupyter_server with model {args.model!r}…", file=sys.stderr)

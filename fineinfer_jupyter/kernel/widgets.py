@@ -53,6 +53,7 @@ class _Poller:
             delay = self.interval
             try:
                 data = self.fetch()
+                self.render(data)
             except FineInferError as e:
                 self.show_error(e.message)
                 if e.status == 404:
@@ -62,7 +63,6 @@ class _Poller:
             except Exception as e:  # keep the widget alive whatever one poll does
                 self.show_error(f"{type(e).__name__}: {e}")
                 continue
-            self.render(data)
             if self.finished(data):
                 return
 

@@ -11,10 +11,9 @@ from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, validate
 from . import openai_api, routes
 from .host import EngineHost
 
-# engine.config.POLICIES and Slo's defaults, repeated: importing the engine here would load torch
-# while the server starts (tests check that the two agree)
+# engine.config.POLICIES, repeated: importing the engine here would load torch while the server
+# starts (a test checks that the two agree)
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
-TTFT, TPOT = 3.0, 0.5
 
 
 class FineInferApp(ExtensionApp):
@@ -54,10 +53,16 @@ class FineInferApp(ExtensionApp):
         deferral bound) or "exclusive" (inference waits for training).""",
     ).tag(config=True)
     ttft = Float(
-        TTFT, help="Default time-to-first-token target, in seconds (a request may set its own)."
+        None,
+        allow_none=True,
+        help="""Default time-to-first-token target, in seconds (a request may set its own).
+        Default: by device, 3 s on CPU, 1 s on GPU.""",
     ).tag(config=True)
     tpot = Float(
-        TPOT, help="Default time-per-output-token target, in seconds (a request may set its own)."
+        None,
+        allow_none=True,
+        help="""Default time-per-output-token target, in seconds (a request may set its own).
+        Default: by device, 0.5 s on CPU, 0.1 s on GPU.""",
     ).tag(config=True)
     max_queue = Int(
         256, help="Requests that may wait for the model; more are refused with HTTP 429."
@@ -76,7 +81,7 @@ class FineInferApp(ExtensionApp):
     @validate("ttft", "tpot")
     def _positive_seconds(self, proposal):
         value = proposal["value"]
-        if not (math.isfinite(value) and value > 0):
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise TraitError(f"{proposal['trait'].name} must be > 0 seconds, not {value}")
         return value
 

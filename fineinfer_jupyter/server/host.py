@@ -137,7 +137,7 @@ class EngineHost:
             return None
         from ..engine import Slo
 
-        default = self.engine.config.slo
+        default = self.engine.slo
         with engine_errors():
             return Slo(
                 ttft=default.ttft if ttft is None else ttft,
