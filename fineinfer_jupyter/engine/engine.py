@@ -555,29 +555,11 @@ class Engine:
         try:
             seq.output_ids.append(token)
             seq.token_times.append(time.monotonic())
-            p = seq.sampling
-            if token in self.eos_ids and not p.ignore_eos:
-                seq.finish_reason = "eos"
             with self._tokenizer_lock:
-                seq.text = self.loaded.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            hold = 0
-            for stop in p.stop:
-                at = seq.text.find(stop, max(0, seq.sent - len(stop)))
-                if at >= 0:
-                    seq.text, seq.finish_reason = seq.text[:at], "stop"
-                    break
-                hold = max(hold, _partial_suffix(seq.text, stop))
-            if seq.finish_reason is None:
-                if len(seq.output_ids) >= p.max_new_tokens:
-                    seq.finish_reason = "length"
-                elif seq.num_tokens >= seq.max_context:
-                    seq.finish_reason = "context"
-            end = len(seq.text) if seq.finish_reason else len(seq.text) - hold
-            if not seq.finish_reason and seq.text.endswith("\ufffd"):
-                end = min(end, len(seq.text.rstrip("\ufffd")))
-            if end > seq.sent:
-                seq.stream.put({"type": "delta", "text": seq.text[seq.sent : end]})
-                seq.sent = end
+                text = self.loaded.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            delta = seq.update_text(text, eos=token in self.eos_ids)
+            if delta:
+                seq.stream.put({"type": "delta", "text": delta})
             if seq.finish_reason:
                 self._finish(seq)
         except Exception as e:
@@ -667,11 +649,3 @@ class Engine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _partial_suffix(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that begins `stop` (held back while streaming)."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if stop.startswith(text[-n:]):
-            return n
-    return 0

@@ -131,6 +131,32 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
+    def update_text(self, text: str, *, eos: bool) -> str:
+        """Take the decoded text after a new token; set finish_reason when a stop condition
+        holds; return the part of the text that can be streamed now. Holds back the start of a
+        stop string and an incomplete UTF-8 character until they resolve."""
+        p = self.sampling
+        if eos and not p.ignore_eos:
+            self.finish_reason = "eos"
+        self.text, hold = text, 0
+        for stop in p.stop:
+            at = text.find(stop, max(0, self.sent - len(stop)))
+            if at >= 0:
+                self.text, self.finish_reason = text[:at], "stop"
+                break
+            hold = max(hold, _partial_suffix(text, stop))
+        if self.finish_reason is None:
+            if len(self.output_ids) >= p.max_new_tokens:
+                self.finish_reason = "length"
+            elif self.num_tokens >= self.max_context:
+                self.finish_reason = "context"
+        end = len(self.text)
+        if not self.finish_reason:
+            end = min(end - hold, len(self.text.rstrip("\ufffd")))
+        delta = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
     def stats(self) -> dict:
         first = self.token_times[0] if self.token_times else None
         end = self.token_times[-1] if self.token_times else time.monotonic()
@@ -160,3 +186,11 @@ class Sequence:
             },
             "stats": self.stats(),
         }
+
+
+def _partial_suffix(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that begins `stop` (held back while streaming)."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0
