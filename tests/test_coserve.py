@@ -79,7 +79,7 @@ def test_threaded_engine_serves_while_a_job_trains(tmp_path):
             model="tiny", data_dir=tmp_path, policy="deferred", slo=Slo(ttft=0.5, tpot=0.2)
         )
     ) as e:
-        job = e.tune("herb", RECORDS8, **dict(JOB, max_steps=400))
+        job = e.tune("herb", RECORDS8, **dict(JOB, max_steps=100_000))
         answers = [e.complete(p, max_new_tokens=8) for p in PROMPTS]
         assert e.job(job["id"])["state"] == "running"  # served before the job ended
         assert all(a.finish_reason in ("length", "eos") for a in answers)
@@ -87,7 +87,7 @@ def test_threaded_engine_serves_while_a_job_trains(tmp_path):
         assert e.stop_job(job["id"])["state"] == "stopped"
     assert snap["share"]["train"] > 0 and snap["share"]["decode"] > 0
     assert snap["inference"]["slo"]["ttft"] is not None
-    assert {t["kind"] for t in snap["timeline"]} >= {"prefill", "decode", "train"}
+    assert snap["share"]["prefill"] > 0 and "train" in {t["kind"] for t in snap["timeline"]}
     assert all(
         a.stats["deferred"] >= 0 and a.stats["slack_at_admission"] is not None for a in answers
     )
