@@ -64,6 +64,11 @@ def test_requests_during_training_get_the_tokens_they_get_without_training(tmp_p
                 adapter, prompt = plan[len(streams)]
                 streams.append(e.generate(prompt, adapter=adapter, max_new_tokens=12, slo=slo))
             kinds.append(e.step().kind)
+            if (
+                i % 3 == 0 and e.trainer.active
+            ):  # and, whatever the clock says, more training in between
+                e.trainer.step(1 + i % 2)
+                kinds.append(StepKind.TRAIN)
             if len(streams) == len(plan) and all(s.final for s in streams) and not e.trainer.active:
                 break
         losses = [loss for _, loss in e.job(job["id"])["loss_history"]]

@@ -59,13 +59,15 @@ class Sim:
             c = self.sched.costs
             if step.kind is StepKind.PREFILL:
                 self.log.append((self.now, "prefill", len(step.seqs)))
-                for s in step.seqs:  # one after another, as the engine does
-                    self.sched.admitted(s)
-                    s.admitted = self.now
-                    self.now += c.prefill(s.num_prompt_tokens)
-                    s.token_times = [self.now]
-                    s.output_ids.append(7)
-                    self.sched.batch.seqs.append(s)
+                for group in self.sched.prefill_passes(step.seqs, self.now):  # as the engine does
+                    for s in group:
+                        self.sched.admitted(s)
+                        s.admitted = self.now
+                    self.now += c.prefill(self.sched.pass_tokens(group))
+                    for s in group:
+                        s.token_times = [self.now]
+                        s.output_ids.append(7)
+                        self.sched.batch.seqs.append(s)
             elif step.kind is StepKind.DECODE:
                 self.log.append((self.now, "decode", len(step.seqs)))
                 self.now += c.decode(len(step.seqs))

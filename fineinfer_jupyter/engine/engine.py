@@ -501,7 +501,7 @@ class Engine:
                 admitted.append(seq)
             except Exception as e:
                 self._fail(seq, e)
-        for group in self._prefill_groups(admitted):
+        for group in self.scheduler.prefill_passes(admitted, time.monotonic()):
             start = time.perf_counter()
             try:
                 cache, mask, logits = self.runner.prefill(group)
@@ -510,8 +510,9 @@ class Engine:
                 for seq in group:
                     self._fail(seq, e)
                 continue
-            width = max(s.num_prompt_tokens for s in group)
-            self.costs.observe("prefill", len(group) * width, time.perf_counter() - start)
+            self.costs.observe(
+                "prefill", self.scheduler.pass_tokens(group), time.perf_counter() - start
+            )
             for seq, token in zip(group, tokens, strict=True):
                 self._append(seq, token)
             keep = [i for i, s in enumerate(group) if not s.is_finished]
@@ -520,21 +521,6 @@ class Engine:
                     cache.batch_select_indices(torch.tensor(keep, device=mask.device))
                     mask = mask[keep]
                 self.scheduler.batch.join([group[i] for i in keep], cache, mask)
-
-    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
-        """Prompts of similar length share one pass when that is cheaper than a pass each
-        (one pass saves the fixed cost per call; padding to the longest costs per token)."""
-        cost, groups = self.costs.prefill, []
-        for seq in sorted(seqs, key=lambda s: s.num_prompt_tokens):
-            group = groups[-1] if groups else None
-            n = seq.num_prompt_tokens  # the longest so far: sorted
-            if group and cost((len(group) + 1) * n) <= cost(
-                len(group) * group[-1].num_prompt_tokens
-            ) + cost(n):
-                group.append(seq)
-            else:
-                groups.append([seq])
-        return groups
 
     def _decode(self, seqs: list[Sequence]) -> None:
         batch = self.scheduler.batch

@@ -116,19 +116,58 @@ class Scheduler:
         self, now: float, newcomers: list[Sequence], running: list[Sequence]
     ) -> list[Sequence]:
         """Newcomers to prefill in one step, earliest deadline first: as many as fit before the
-        running rows, and the newcomers already prefilled in this step, need their next token."""
-        c = self.costs
-        decode = c.margin * c.decode(len(running) + len(newcomers))
-        room = self.decode_room(now, running)
-        group, spent = [newcomers[0]], c.margin * c.prefill(newcomers[0].num_prompt_tokens)
+        running rows need their next token, and before the newcomers whose pass ends first
+        need their second one."""
+        c, room = self.costs, self.decode_room(now, running)
+        group = [newcomers[0]]
         for seq in newcomers[1:]:
-            spent += c.margin * c.prefill(seq.num_prompt_tokens)
-            if spent > room or spent - c.margin * c.prefill(
-                group[0].num_prompt_tokens
-            ) + decode > self.headroom * min(s.slo.tpot for s in group):
+            trial = group + [seq]
+            passes = [
+                c.margin * c.prefill(self.pass_tokens(p)) for p in self.prefill_passes(trial, now)
+            ]
+            decode = c.margin * c.decode(len(running) + len(trial))
+            if sum(passes) > room or sum(passes) - passes[0] + decode > self.headroom * min(
+                s.slo.tpot for s in trial
+            ):
                 break
-            group.append(seq)
+            group = trial
         return group
+
+    def prefill_passes(
+        self, seqs: list[Sequence], now: float | None = None
+    ) -> list[list[Sequence]]:
+        """Split newcomers (earliest deadline first) into prefill passes. A request joins the
+        current pass when one pass is cheaper than two (it saves the fixed cost per call;
+        padding to the longest prompt costs per token) and, planned from `now`, the pass still
+        ends before every member's first token is due."""
+        c, passes, start = self.costs, [], now
+        for seq in seqs:
+            last = passes[-1] if passes else None
+            if last:
+                cost = c.prefill(
+                    (len(last) + 1)
+                    * max(seq.num_prompt_tokens, *(s.num_prompt_tokens for s in last))
+                )
+                cheaper = cost <= c.prefill(
+                    len(last) * max(s.num_prompt_tokens for s in last)
+                ) + c.prefill(seq.num_prompt_tokens)
+                in_time = start is None or start + c.margin * cost <= min(
+                    self.ttft_due(s) for s in last + [seq]
+                )
+                if cheaper and in_time:
+                    last.append(seq)
+                    continue
+                if start is not None:
+                    start += c.margin * c.prefill(
+                        len(last) * max(s.num_prompt_tokens for s in last)
+                    )
+            passes.append([seq])
+        return passes
+
+    @staticmethod
+    def pass_tokens(group: list[Sequence]) -> int:
+        """Tokens a pass computes: every prompt padded to the longest."""
+        return len(group) * max(s.num_prompt_tokens for s in group)
 
     def _fit(self, training: Training, budget: float) -> int:
         """The largest micro-step (in examples) whose estimated time fits the budget."""
@@ -142,19 +181,21 @@ class Scheduler:
         self, now: float, newcomers: list[Sequence], running: list[Sequence] = ()
     ) -> float:
         """Seconds the waiting requests can still be deferred and all meet their first-token
-        targets: prefilled one after another, earliest deadline first (each gets its first token
-        at the end of its own prefill), with the decode steps that rows admitted on the way
+        targets: prefilled in the passes the engine would run (each request gets its first
+        token at the end of its pass), with the decode steps that rows admitted on the way
         need for their own per-token targets."""
         c, slack, t = self.costs, INF, now
         rows, room = len(running), self.decode_room(now, running)
-        for s in newcomers:
-            p = c.margin * c.prefill(s.num_prompt_tokens)
-            if rows and p > room:  # the rows need a token before this prefill
+        for group in self.prefill_passes(newcomers, now):
+            p = c.margin * c.prefill(self.pass_tokens(group))
+            if rows and p > room:  # the rows need a token before this pass
                 d = c.margin * c.decode(rows)
                 t, room = t + d, self.headroom * min(r.slo.tpot for r in running + newcomers) - d
-            t, room, rows = t + p, room - p, rows + 1
-            room = min(room, self.headroom * s.slo.tpot - c.margin * c.decode(rows))
-            slack = min(slack, self.ttft_due(s) - t)
+            t, room, rows = t + p, room - p, rows + len(group)
+            room = min(
+                room, self.headroom * min(s.slo.tpot for s in group) - c.margin * c.decode(rows)
+            )
+            slack = min(slack, min(self.ttft_due(s) for s in group) - t)
         return slack
 
     def decode_room(self, now: float, running: list[Sequence]) -> float:
