@@ -181,6 +181,7 @@ export class FineInferModel implements IDisposable {
       const job = await requestAPI<IJob>(path, { method: 'POST' }, this._settings);
       this.jobs = this.jobs.map(j => (j.id === job.id ? job : j));
       this.actionError = null;
+      void this._poll.refresh(); // adapters (their "training" flag) and status change too
     } catch (error) {
       this.actionError = `Could not ${action} ${id}: ${(error as Error).message}`;
     }

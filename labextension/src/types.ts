@@ -2,7 +2,7 @@
 
 export type EngineState = 'loading' | 'ready' | 'error';
 export type StepKind = 'decode' | 'prefill' | 'train' | 'idle';
-export type JobState = 'queued' | 'running' | 'stopped' | 'done' | 'failed';
+export type JobState = 'queued' | 'running' | 'stopped' | 'done' | 'failed' | 'cancelled';
 
 export interface IStatus {
   state: EngineState;

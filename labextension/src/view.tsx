@@ -170,10 +170,13 @@ function Jobs({ model }: { model: FineInferModel }): JSX.Element {
 function Job({ job, model }: { job: IJob; model: FineInferModel }): JSX.Element {
   const fraction = job.total_steps > 0 ? Math.min(job.step / job.total_steps, 1) : 0;
   const canStop = job.state === 'queued' || job.state === 'running';
+  const canResume = job.state === 'stopped' || job.state === 'failed'; // docs/api.md: resume
   return (
     <li className={`fi-Job fi-mod-${job.state}`} data-testid={`fi-job-${job.id}`} data-state={job.state}>
       <div className="fi-Job-head">
-        <span className="fi-Job-adapter">{job.adapter}</span>
+        <span className="fi-Job-adapter" title={job.adapter}>
+          {job.adapter}
+        </span>
         <span className="fi-Job-id">{job.id}</span>
         <span className={`fi-Badge fi-mod-${job.state}`} data-testid="fi-job-state">
           {job.state}
@@ -215,7 +218,7 @@ function Job({ job, model }: { job: IJob; model: FineInferModel }): JSX.Element 
         <button
           className="fi-Button"
           data-testid="fi-job-resume"
-          disabled={job.state !== 'stopped'}
+          disabled={!canResume}
           onClick={() => void model.resumeJob(job.id)}
         >
           Resume
@@ -232,7 +235,9 @@ function Adapters({ model }: { model: FineInferModel }): JSX.Element {
       <ul className="fi-Adapters" data-testid="fi-adapters">
         {model.adapters.map(a => (
           <li key={a.name} className="fi-Adapter" data-testid={`fi-adapter-${a.name}`}>
-            <span className="fi-Adapter-name">{a.name}</span>
+            <span className="fi-Adapter-name" title={a.name}>
+              {a.name}
+            </span>
             <span className="fi-Adapter-info">
               {a.r !== null && `r=${a.r}`}
               {a.step !== null && ` · step ${a.step}`}
