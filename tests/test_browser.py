@@ -7,33 +7,15 @@ skipping: a browser test that silently does not run proves nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import secrets
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
+from lab_process import CHROMIUM, CHROMIUM_ARGS, Lab, LabError
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 START_TIMEOUT = 60.0  # JupyterLab up and the tiny model loaded
 UI_TIMEOUT_MS = 30_000  # any one thing the page must show
 RECORDS = [
@@ -42,125 +24,15 @@ RECORDS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Lab:
-    """A JupyterLab subprocess and JSON calls to its fineinfer API."""
-
-    def __init__(self, url: str, token: str, proc: subprocess.Popen, log: Path):
-        self.url, self.token, self.proc, self.log = url, token, proc, log
-
-    def call(self, method: str, path: str, body=None, *, timeout=10.0):
-        """(status, JSON answer or None) of an authenticated request; no status raises."""
-        request = urllib.request.Request(
-            self.url + path,
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                status, text = response.status, response.read()
-        except urllib.error.HTTPError as e:
-            status, text = e.code, e.read()
-        try:
-            return status, json.loads(text) if text else None
-        except ValueError:
-            return status, None
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def wait_ready(self, timeout: float) -> None:
-        """Until /api/status answers and /fineinfer/api/status says "ready"; fails fast when
-        the process exits or the model fails to load."""
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"JupyterLab exited with {self.proc.returncode} while starting:\n"
-                    + self.log_tail()
-                )
-            try:
-                server, _ = self.call("GET", "api/status", timeout=2)
-                status, answer = self.call("GET", "fineinfer/api/status", timeout=2)
-            except (OSError, urllib.error.URLError) as e:  # not listening yet
-                last = repr(e)
-            else:
-                state = (answer or {}).get("state")
-                last = f"api/status {server}, fineinfer/api/status {status} {answer}"
-                if server == 200 and status == 200 and state == "ready":
-                    return
-                if state == "error":
-                    pytest.fail(f"the model failed to load: {answer}\n" + self.log_tail())
-            time.sleep(0.2)
-        pytest.fail(f"JupyterLab not ready after {timeout:.0f} s ({last}):\n" + self.log_tail())
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (the server frees the model), then SIGKILL to its process group if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # anything it started (its own session)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
 @pytest.fixture
 def lab(tmp_path_factory, request):
     """A real JupyterLab with the extension on the tiny model, everything under a tmp dir."""
-    base = tmp_path_factory.mktemp("lab")
-    dirs = {n: base / n for n in ("root", "fineinfer", "workspaces", "settings", "runtime")}
-    for d in dirs.values():
-        d.mkdir()
-    port, token = free_port(), secrets.token_hex(16)
-    command = [
-        sys.executable,
-        "-m",
-        "jupyterlab",
-        "--no-browser",
-        "--allow-root",
-        "--ServerApp.ip=127.0.0.1",
-        f"--port={port}",
-        "--ServerApp.port_retries=0",
-        f"--ServerApp.token={token}",
-        f"--ServerApp.root_dir={dirs['root']}",
-        "--FineInferApp.model=tiny",
-        f"--FineInferApp.data_dir={dirs['fineinfer']}",
-        f"--LabApp.workspaces_dir={dirs['workspaces']}",
-        f"--LabApp.user_settings_dir={dirs['settings']}",  # not the user's own settings
-    ]
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(dirs["runtime"])}
-    for name in ("FINEINFER_SERVER_URL", "FINEINFER_TOKEN"):
-        env.pop(name, None)
-    log = base / "jupyterlab.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command,
-            cwd=base,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    request.addfinalizer(lambda: stop(proc))
-    lab = Lab(f"http://127.0.0.1:{port}/", token, proc, log)
-    lab.wait_ready(START_TIMEOUT)
+    lab = Lab.start(tmp_path_factory.mktemp("lab"), "tiny")
+    request.addfinalizer(lab.stop)
+    try:
+        lab.wait_ready(START_TIMEOUT)
+    except LabError as e:
+        pytest.fail(str(e))
     return lab
 
 

@@ -1,0 +1,94 @@
+"""Make docs/images/sidebar.png: JupyterLab with the FineInfer sidebar open next to a notebook
+whose %%generate cell answered while the herb adapter trains.
+
+    .venv/bin/python docs/screenshot.py [--model default] [--out docs/images/sidebar.png]
+
+A real JupyterLab (the default model, everything under a temporary folder), Debian's
+Chromium driven by playwright, the notebook run through the Run menu as a user would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+from lab_process import CHROMIUM, CHROMIUM_ARGS, Lab  # noqa: E402
+
+CELLS = [
+    "%load_ext fineinfer_jupyter\n%fineinfer tune herb --data data/herbology.jsonl --epochs 2",
+    "%%generate --max-new-tokens 60\nIn two sentences: what should I plant in a shady herb bed?",
+]
+
+
+def write_notebook(root: Path) -> str:
+    (root / "data").mkdir()
+    shutil.copy(REPO / "notebooks" / "data" / "herbology.jsonl", root / "data")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, root / "herbology.ipynb")
+    return "herbology.ipynb"
+
+
+def quiet_settings(settings: Path) -> None:
+    """No "get notified about Jupyter news?" toast over the picture."""
+    folder = settings / "@jupyterlab" / "apputils-extension"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--out", type=Path, default=HERE / "images" / "sidebar.png")
+    args = parser.parse_args()
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=180_000)  # the default model answers while it trains
+
+    with tempfile.TemporaryDirectory(prefix="fineinfer-shot-") as tmp:
+        base = Path(tmp)
+        quiet_settings(base / "settings")
+        lab = Lab.start(base, args.model)
+        try:
+            lab.wait_ready(300)
+            notebook = write_notebook(lab.root)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1400, "height": 820})
+                page.set_default_timeout(120_000)
+                page.goto(f"{lab.url}lab/tree/{notebook}?token={lab.token}")
+                page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+                page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
+                page.get_by_role("menuitem", name="Run", exact=True).click()
+                page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+                outputs = page.locator(".jp-Notebook .jp-OutputArea-output")
+                expect(outputs.filter(has_text="finish:")).to_have_count(1)
+                page.locator('.jp-SideBar [data-id="fineinfer-sidebar"]').click()
+                panel = page.locator("#fineinfer-sidebar")
+                expect(panel.get_by_test_id("fi-state")).to_have_text("ready")
+                expect(panel.get_by_test_id("fi-job-state").first).to_have_text("running")
+                page.wait_for_timeout(4000)  # a few points on the charts
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(args.out))
+                browser.close()
+        finally:
+            lab.stop()
+    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
+
+
+if __name__ == "__main__":
+    main()
