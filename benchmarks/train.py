@@ -28,13 +28,15 @@ DATA = Path(__file__).parent.parent / "notebooks" / "data" / "herbology.jsonl"
 
 
 class PlainLoop:
-    """The textbook PEFT loop: forward, backward, accumulate, step."""
+    """The textbook PEFT loop: forward, backward, accumulate, clip, step. It trains on the
+    engine job's examples in the job's order, so both pay for the same padding."""
 
-    def __init__(self, model_name: str, p: TrainParams):
+    def __init__(self, model_name: str, p: TrainParams, order):
         loaded = load_model(model_name)
         self.data = build_dataset(
             str(DATA), loaded.tokenizer, max_length=p.max_length, seed=p.seed
         ).train
+        self.order, self.step_no = order, 0  # order(step) -> example indices of that step
         self.pad = loaded.tokenizer.pad_token_id
         config = LoraConfig(
             r=p.r,
@@ -46,20 +48,20 @@ class PlainLoop:
         self.model = get_peft_model(loaded.model, config).eval()
         params = [q for q in self.model.parameters() if q.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=p.learning_rate)
-        self.p, self.pos = p, 0
+        self.params, self.p = params, p
 
     def step(self) -> int:
-        tokens = 0
-        for _ in range(self.p.batch_size // self.p.micro_batch_size):
-            examples = [
-                self.data[(self.pos + i) % len(self.data)] for i in range(self.p.micro_batch_size)
-            ]
-            self.pos += self.p.micro_batch_size
+        tokens, micro = 0, self.p.micro_batch_size
+        indices = self.order(self.step_no)
+        for i in range(0, len(indices), micro):
+            examples = [self.data[j] for j in indices[i : i + micro]]
             batch = collate(examples, self.pad)
-            (self.model(**batch).loss / (self.p.batch_size // self.p.micro_batch_size)).backward()
+            (self.model(**batch).loss / (len(indices) // micro)).backward()
             tokens += sum(e.num_tokens for e in examples)
+        torch.nn.utils.clip_grad_norm_(self.params, self.p.max_grad_norm)
         self.opt.step()
-        self.opt.zero_grad()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_no += 1
         return tokens
 
 
@@ -88,8 +90,8 @@ def main() -> None:
         max_steps=10_000,
     )
     engine = Engine(EngineConfig(model=args.model, data_dir=tempfile.mkdtemp()), thread=False)
-    engine.tune("bench", str(DATA), p)
-    plain = PlainLoop(args.model, p)
+    job = engine.tune("bench", str(DATA), p)
+    plain = PlainLoop(args.model, p, engine.trainer.get(job["id"]).batch_indices)
     engine_steps(engine, 1)  # warm-up both
     plain.step()
     totals = {"engine": [0, 0.0], "plain PEFT loop": [0, 0.0]}

@@ -140,8 +140,10 @@ class Runner:
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # [B, S]
         out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        logits = out.logits[:, :-1].float()  # [B, S-1, V]
-        targets = labels[:, 1:]
+        logits = out.logits.float()  # [B, S, V]; no copy in fp32
+        # position i predicts token i+1: shift the labels, not the (large) logits, so neither
+        # the forward nor the backward copies a [B, S-1, V] slice
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, S]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             targets.reshape(-1),
