@@ -3,7 +3,8 @@
 (a) a realistic set of requests (varied prompts, varied answer limits, EOS allowed), all queued
     at once: engine (continuous batching) vs HF generate in static batches of 8 and of 32;
 (b) equal-length decode at batch 1, 8 and 32: tokens/s of both.
-Everything runs side by side in one process, one after the other. Prints a table, saves a plot.
+Each measurement runs in a fresh process of its own (a system alone, as in practice), all
+in one run, one after the other. Prints a table, saves a plot.
 
     python benchmarks/decode.py [--model default] [--requests 64] [--quick]
 """
@@ -11,9 +12,11 @@ Everything runs side by side in one process, one after the other. Prints a table
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -83,6 +86,45 @@ def hf_equal(model, tok, prompt, batch: int, n: int, pad: int) -> float:
     return time.perf_counter() - start
 
 
+PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+
+
+def measure(system: str, model_name: str, task: tuple) -> tuple[float, int]:
+    """(seconds, useful tokens) of one measurement, in this (fresh) process after a warm-up.
+
+    task: ("mixed", n_requests, static_batch) or ("equal", batch, new_tokens).
+    """
+    torch.manual_seed(0)
+    kind, a, b = task
+    engine = Engine(
+        EngineConfig(
+            model=model_name, data_dir=tempfile.mkdtemp(), max_batch_size=32, policy="immediate"
+        )
+    )
+    model, tok = engine.loaded.model, engine.loaded.tokenizer
+    eos, pad = engine.eos_ids, tok.pad_token_id
+    reqs = workload(a, seed=0) if kind == "mixed" else [(PROMPT, b)] * a
+    try:
+        if system == "engine":
+            engine_run(engine, [(m, 8) for m, _ in reqs[:2]])  # warm-up
+            extra = {} if kind == "mixed" else {"ignore_eos": True}
+            return engine_run(engine, reqs, **extra)
+        hf_equal(model, tok, PROMPT, 2, 8, pad)  # warm-up
+        if kind == "mixed":
+            return hf_static(model, tok, reqs, b, eos, pad)
+        return hf_equal(model, tok, PROMPT, a, b, pad), a * b
+    finally:
+        engine.shutdown()
+
+
+def isolated(system: str, model_name: str, task: tuple) -> tuple[float, int]:
+    """measure() in a fresh process: each system runs alone, as it would in practice, and
+    nothing one leaves behind (allocator state, thread pools) slows the other."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+        return pool.submit(measure, system, model_name, task).result()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -90,51 +132,41 @@ def main() -> None:
     ap.add_argument("--equal-tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="a small run to check the script")
     args = ap.parse_args()
-    torch.manual_seed(0)
     n_req = 8 if args.quick else args.requests
     reqs = workload(n_req, seed=0)
-    engine = Engine(
-        EngineConfig(
-            model=args.model, data_dir=tempfile.mkdtemp(), max_batch_size=32, policy="immediate"
-        )
-    )
-    model, tok = engine.loaded.model, engine.loaded.tokenizer
-    eos, pad = engine.eos_ids, tok.pad_token_id
     print(
-        f"model {engine.model_info['name']} on {engine.model_info['device']}, {n_req} requests, limits {min(n for _, n in reqs)}-{max(n for _, n in reqs)} tokens",
+        f"model {args.model}, {n_req} requests, answer limits "
+        f"{min(n for _, n in reqs)}-{max(n for _, n in reqs)} tokens; each measurement in a "
+        "fresh process",
         flush=True,
     )
-
-    engine_run(engine, reqs[:2], ignore_eos=False)  # warm-up
-    rows = []
     results = {}
-    for label, fn in [
-        ("engine, continuous batching", lambda: engine_run(engine, reqs)),
-        ("HF generate, static batches of 8", lambda: hf_static(model, tok, reqs, 8, eos, pad)),
-        ("HF generate, static batches of 32", lambda: hf_static(model, tok, reqs, 32, eos, pad)),
+    for label, system, static in [
+        ("engine, continuous batching", "engine", 0),
+        ("HF generate, static batches of 8", "hf", 8),
+        ("HF generate, static batches of 32", "hf", 32),
     ]:
-        seconds, tokens = fn()
+        seconds, tokens = isolated(system, args.model, ("mixed", n_req, static))
         results[label] = (seconds, tokens)
         print(f"  {label}: {seconds:.1f} s, {tokens} tokens", flush=True)
     base = results["engine, continuous batching"]
-    for label, (seconds, tokens) in results.items():
-        rows.append(
-            [label, n_req / seconds, tokens / seconds, (base[1] / base[0]) / (tokens / seconds)]
-        )
+    rows = [
+        [label, n_req / seconds, tokens / seconds, (base[1] / base[0]) / (tokens / seconds)]
+        for label, (seconds, tokens) in results.items()
+    ]
     print("\n(a) realistic requests, all queued at once\n")
     print(table(["system", "requests/s", "tokens/s", "engine speed-up (tokens/s)"], rows))
 
     n = 8 if args.quick else args.equal_tokens
-    prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
     eq_rows = []
     for batch in (1, 8, 32):
-        t_hf = hf_equal(model, tok, prompt, batch, n, pad)
-        t_engine, _ = engine_run(engine, [(prompt, n)] * batch, ignore_eos=True)
+        t_hf, _ = isolated("hf", args.model, ("equal", batch, n))
+        t_engine, tokens = isolated("engine", args.model, ("equal", batch, n))
+        assert tokens == batch * n, f"the engine made {tokens} tokens, not {batch} x {n}"
         eq_rows.append([batch, batch * n / t_engine, batch * n / t_hf, t_hf / t_engine])
         print(f"  equal-length batch {batch}: engine {t_engine:.1f} s, HF {t_hf:.1f} s", flush=True)
     print(f"\n(b) equal-length decode, {n} new tokens per row\n")
     print(table(["batch", "engine tokens/s", "HF tokens/s", "engine / HF"], eq_rows))
-    engine.shutdown()
 
     labels = (
         ["engine", "HF x8", "HF x32"]

@@ -144,6 +144,26 @@ def test_the_micro_batch_shrinks_under_tight_targets_and_grows_back():
     assert sizes[-1][1] == 4  # back to the full micro-batch once the batch drained
 
 
+@pytest.mark.parametrize("floor", [0.9, 0.0])
+def test_a_micro_step_too_small_to_train_efficiently_is_not_squeezed_between_tokens(floor):
+    # a fixed 0.2 s per micro-step: one example trains at 100 tokens/s, four at 160
+    training = FakeTraining(tokens_per_example=40, micro=4)
+    sim = Sim(training=training, slo=Slo(ttft=1.0, tpot=0.6), min_train_efficiency=floor)
+    sim.sched.costs.train = LinearCost(0.2, TRAIN_PER_TOKEN)
+    seq = sim.request(at=0.0, new_tokens=10)
+    sim.run(until=8.0)
+    assert seq.token_times[0] - seq.arrival <= seq.slo.ttft
+    assert max(b - a for a, b in zip(seq.token_times, seq.token_times[1:])) <= 0.6 + 1e-9
+    during = [
+        n for t, k, n in sim.log if k == "train" and seq.token_times[0] < t < seq.token_times[-1]
+    ]
+    if floor:  # decoded back to back, then training at full size again
+        assert during == [] and seq.token_times[-1] - seq.token_times[0] == pytest.approx(9 * 0.08)
+    else:  # one-example steps between the tokens
+        assert during and set(during) == {1}
+    assert [n for t, k, n in sim.log if k == "train"][-1] == 4
+
+
 def test_a_prompt_too_long_to_fit_between_tokens_is_not_starved():
     sim = Sim(training=FakeTraining(tokens_per_example=20, micro=1))
     a = sim.request(at=0.0, prompt_tokens=40, new_tokens=30)

@@ -57,6 +57,7 @@ class Scheduler:
         costs: CostModel | None = None,
         max_train_step: float = 1.5,
         fineinfer_bound: float = 2.0,
+        min_train_efficiency: float = 0.9,
     ):
         self.policy = policy
         self.max_batch_size = max_batch_size
@@ -65,6 +66,9 @@ class Scheduler:
             max_train_step  # seconds: an arrival must not wait longer behind training
         )
         self.fineinfer_bound = fineinfer_bound
+        # a micro-step squeezed between requests must train at least this fraction of the
+        # tokens/s of a full one; a smaller step wastes more than serving the requests first
+        self.min_train_efficiency = min_train_efficiency
         self.headroom = 0.9  # plan to land within 90% of each latency target
         self.waiting: deque[Sequence] = deque()
         self.batch = Batch()
@@ -98,6 +102,12 @@ class Scheduler:
         decode_room = self.decode_room(now, running)
         budget = min(prefill_slack, decode_room, self.max_train_step)
         k = self._fit(training, budget)
+        if (
+            k
+            and (newcomers or running)
+            and self._efficiency(training, k) < self.min_train_efficiency
+        ):
+            k = 0  # serve now, back to full-size micro-steps sooner
         if k == 0 and not newcomers and not running:
             k = 1  # nothing to protect: never starve training
         if k:
@@ -176,6 +186,17 @@ class Scheduler:
             if self.costs.margin * self.costs.train(sum(tokens[:k])) <= budget:
                 return k
         return 0
+
+    def _efficiency(self, training: Training, k: int) -> float:
+        """Training tokens/s of a k-example micro-step, relative to the largest one allowed
+        when nothing waits (the step's fixed cost weighs more on small steps)."""
+        tokens = training.next_tokens(training.max_examples())
+        full = max(self._fit(training, self.max_train_step), k)
+
+        def rate(n: int) -> float:
+            return n / max(self.costs.train(n), 1e-9)
+
+        return rate(sum(tokens[:k])) / rate(sum(tokens[:full]))
 
     def prefill_slack(
         self, now: float, newcomers: list[Sequence], running: list[Sequence] = ()
