@@ -101,12 +101,9 @@ class Scheduler:
         prefill_slack = self.prefill_slack(now, newcomers, running)
         decode_room = self.decode_room(now, running)
         budget = min(prefill_slack, decode_room, self.max_train_step)
-        k = self._fit(training, budget)
-        if (
-            k
-            and (newcomers or running)
-            and self._efficiency(training, k) < self.min_train_efficiency
-        ):
+        tokens = training.next_tokens(training.max_examples())  # of the next examples
+        k = self._fit(tokens, budget)
+        if k and (newcomers or running) and self._efficiency(tokens, k) < self.min_train_efficiency:
             k = 0  # serve now, back to full-size micro-steps sooner
         if k == 0 and not newcomers and not running:
             k = 1  # nothing to protect: never starve training
@@ -179,19 +176,18 @@ class Scheduler:
         """Tokens a pass computes: every prompt padded to the longest."""
         return len(group) * max(s.num_prompt_tokens for s in group)
 
-    def _fit(self, training: Training, budget: float) -> int:
-        """The largest micro-step (in examples) whose estimated time fits the budget."""
-        tokens = training.next_tokens(training.max_examples())
+    def _fit(self, tokens: list[int], budget: float) -> int:
+        """The largest micro-step (in examples, tokens per example given) whose estimated time
+        fits the budget."""
         for k in range(len(tokens), 0, -1):
             if self.costs.margin * self.costs.train(sum(tokens[:k])) <= budget:
                 return k
         return 0
 
-    def _efficiency(self, training: Training, k: int) -> float:
-        """Training tokens/s of a k-example micro-step, relative to the largest one allowed
-        when nothing waits (the step's fixed cost weighs more on small steps)."""
-        tokens = training.next_tokens(training.max_examples())
-        full = max(self._fit(training, self.max_train_step), k)
+    def _efficiency(self, tokens: list[int], k: int) -> float:
+        """Training tokens/s of a micro-step of the first k examples, relative to the largest
+        one allowed when nothing waits (the step's fixed cost weighs more on small steps)."""
+        full = max(self._fit(tokens, self.max_train_step), k)
 
         def rate(n: int) -> float:
             return n / max(self.costs.train(n), 1e-9)
