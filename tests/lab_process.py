@@ -9,23 +9,13 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-class LabError(RuntimeError):
-    """JupyterLab exited, did not come up in time, or its model failed to load."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fineinfer_jupyter.kernel.demo import Server, free_port, wait_ready
 
 
 class Lab:
@@ -93,37 +83,10 @@ class Lab:
         except ValueError:
             return status, None
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
     def wait_ready(self, timeout: float) -> None:
-        """Until /api/status answers and /fineinfer/api/status says "ready"; raises LabError
-        at once when the process exits or the model fails to load."""
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise LabError(
-                    f"JupyterLab exited with {self.proc.returncode} while starting:\n"
-                    + self.log_tail()
-                )
-            try:
-                server, _ = self.call("GET", "api/status", timeout=2)
-                status, answer = self.call("GET", "fineinfer/api/status", timeout=2)
-            except (OSError, urllib.error.URLError) as e:  # not listening yet
-                last = repr(e)
-            else:
-                state = (answer or {}).get("state")
-                last = f"api/status {server}, fineinfer/api/status {status} {answer}"
-                if server == 200 and status == 200 and state == "ready":
-                    return
-                if state == "error":
-                    raise LabError(f"the model failed to load: {answer}\n" + self.log_tail())
-            time.sleep(0.2)
-        raise LabError(f"JupyterLab not ready after {timeout:.0f} s ({last}):\n" + self.log_tail())
+        """Until the extension says "ready"; RuntimeError when JupyterLab exits, the model
+        fails to load or `timeout` passes (the same wait as `make demo`'s)."""
+        wait_ready(Server(self.url, self.token, self.proc, self.log), timeout)
 
     def stop(self) -> None:
         """SIGTERM (the server frees the model), then SIGKILL to its process group if it

@@ -76,7 +76,7 @@ def serve(root_dir, *, model="default", data_dir=None, options=(), timeout=600.0
         try:
             url = _wait_for_url(process, scratch / "runtime", log, timeout)
             server = Server(url, token, process, log)
-            _wait_ready(server, timeout)
+            wait_ready(server, timeout)
             yield server
         finally:
             _stop(process)
@@ -102,22 +102,24 @@ def _wait_for_url(process, runtime: Path, log: Path, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"jupyter_server exited ({process.returncode}):\n{_tail(log)}")
+            raise RuntimeError(f"jupyter_server exited ({process.returncode}):\n{log_tail(log)}")
         if info.is_file():
             try:
                 return json.loads(info.read_text())["url"]
             except (ValueError, KeyError):
                 pass  # still being written
         time.sleep(0.1)
-    raise RuntimeError(f"jupyter_server did not start in {timeout:g} s:\n{_tail(log)}")
+    raise RuntimeError(f"jupyter_server did not start in {timeout:g} s:\n{log_tail(log)}")
 
 
-def _wait_ready(server: Server, timeout: float) -> None:
+def wait_ready(server: Server, timeout: float) -> None:
+    """Until the extension says "ready"; RuntimeError (with the log's tail) when the process
+    exits, the model fails to load or `timeout` passes."""
     client = FineInferClient(server.url, server.token, timeout=10)
     deadline = time.monotonic() + timeout
     while True:
         if server.process.poll() is not None:
-            raise RuntimeError(f"jupyter_server exited:\n{_tail(server.log)}")
+            raise RuntimeError(f"jupyter_server exited:\n{log_tail(server.log)}")
         try:
             state = client.status()
         except FineInferError as e:  # the extension's routes may not be up yet
@@ -125,9 +127,13 @@ def _wait_ready(server: Server, timeout: float) -> None:
         if state["state"] == "ready":
             return
         if state["state"] == "error":
-            raise RuntimeError(f"model failed to load: {state.get('error')}\n{_tail(server.log)}")
+            raise RuntimeError(
+                f"model failed to load: {state.get('error')}\n{log_tail(server.log)}"
+            )
         if time.monotonic() > deadline:
-            raise RuntimeError(f"model not ready after {timeout:g} s: {state}\n{_tail(server.log)}")
+            raise RuntimeError(
+                f"model not ready after {timeout:g} s: {state}\n{log_tail(server.log)}"
+            )
         time.sleep(0.2)
 
 
@@ -141,7 +147,7 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def _tail(log: Path, lines: int = 40) -> str:
+def log_tail(log: Path, lines: int = 40) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
