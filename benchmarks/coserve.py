@@ -67,6 +67,7 @@ def run(
     )
     busy = {k: engine.metrics.busy[k] - busy0[k] for k in busy0}
     timeline = list(engine.metrics.timeline)
+    costs = engine.costs.snapshot()
     if job:
         engine.stop_job(job.id)  # what is still queued (all of exclusive's) drains without training
     results = [s.result() for s in streams]
@@ -77,6 +78,7 @@ def run(
         "busy": busy,
         "results": results,
         "timeline": timeline,
+        "costs": costs,
     }
 
 
@@ -85,6 +87,7 @@ def summarize(windows: list[dict], duration: float, slo: Slo) -> dict:
     results = [r for w in windows for r in w["results"]]
     ttft = [r.stats["ttft"] for r in results]
     tpot = [r.stats["tpot_mean"] for r in results if r.stats["tpot_mean"] is not None]
+    stall = [r.stats["tpot_max"] for r in results if r.stats["tpot_max"] is not None]
     met = [r.stats["ttft"] <= slo.ttft and (r.stats["tpot_mean"] or 0) <= slo.tpot for r in results]
     inference = sum(w["busy"]["prefill"] + w["busy"]["decode"] for w in windows)
     return {
@@ -95,6 +98,7 @@ def summarize(windows: list[dict], duration: float, slo: Slo) -> dict:
         "ttft_p99": pct(ttft, 0.99),
         "tpot_p50": pct(tpot, 0.5),
         "tpot_p99": pct(tpot, 0.99),
+        "stall_p99": pct(stall, 0.99),
         "slo": sum(met) / len(met) if met else float("nan"),
         "inference_share": inference / total,
         "timeline": windows[-1]["timeline"],
@@ -191,6 +195,7 @@ def main() -> None:
         "TTFT p99",
         "TPOT p50",
         "TPOT p99",
+        "stall p99",
         "SLO met",
         "inference share",
     ]
@@ -198,9 +203,16 @@ def main() -> None:
     for name, r in runs.items():
         served = name != "training alone"
         latency = (
-            [r["ttft_p50"], r["ttft_p99"], r["tpot_p50"], r["tpot_p99"], f"{r['slo']:.0%}"]
+            [
+                r["ttft_p50"],
+                r["ttft_p99"],
+                r["tpot_p50"],
+                r["tpot_p99"],
+                r["stall_p99"],
+                f"{r['slo']:.0%}",
+            ]
             if served
-            else ["-"] * 5
+            else ["-"] * 6
         )
         rows.append(
             [

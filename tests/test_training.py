@@ -199,6 +199,15 @@ def test_a_request_on_a_training_adapter_is_pinned_to_a_snapshot(stepped, tmp_pa
     assert not stepped.adapters.snapshots  # released once nothing uses them
 
 
+def test_the_cost_probe_runs_a_backward_pass_and_changes_nothing(stepped):
+    model = stepped.runner.model
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    stepped.runner.train_probe(2, 16)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] and p.grad is None
+    assert stepped.costs.train.samples  # calibrated at load: a training step's cost is known
+
+
 def test_one_job_trains_at_a_time_and_the_next_waits(stepped):
     a = stepped.tune("first", RECORDS, max_steps=2, **FAST)
     b = stepped.tune("second", RECORDS, max_steps=2, **FAST)

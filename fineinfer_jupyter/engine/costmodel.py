@@ -1,37 +1,60 @@
 """Running estimates of step times, from the steps the engine measured: what the scheduler plans with.
 
 Each step kind is a line, seconds = fixed + per_unit * units (units: prompt tokens for prefill,
-rows for decode, tokens for a training micro-step), fitted by least squares over recent steps.
+rows for decode, padded tokens (examples x the longest) for a training micro-step), fitted by
+least squares over recent steps, and corrected near sizes already measured. The optimizer step, which only the last micro-step of an
+effective batch runs, is estimated on its own.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
-WINDOW = 64
+PER_BUCKET = 16  # recent samples kept per size bucket (sizes within a factor of ~1.4)
+
+
+def _bucket(units: float) -> int:
+    return round(2 * math.log2(max(units, 1.0)))
 
 
 class LinearCost:
     def __init__(self, fixed: float, per_unit: float):
         self.fixed, self.per_unit = fixed, per_unit  # priors, until measurements come in
-        self.samples: deque[tuple[float, float]] = deque(maxlen=WINDOW)
+        # samples are kept per size bucket, so that sizes seen a while ago still pin the line
+        # down when recent steps all have about the same size (a narrow range of sizes alone
+        # cannot tell the fixed cost from the per-unit one)
+        self.buckets: dict[int, deque[tuple[float, float]]] = {}
+
+    @property
+    def samples(self) -> list[tuple[float, float]]:
+        return [xy for b in self.buckets.values() for xy in b]
+
+    def line(self, units: float) -> float:
+        return self.fixed + self.per_unit * units
 
     def __call__(self, units: float) -> float:
-        return max(0.0, self.fixed + self.per_unit * units)
+        """The line, corrected by how far the steps measured at about this size were off it
+        (step times are not quite linear: large steps can be slower per unit on a CPU)."""
+        near = self.buckets.get(_bucket(units), ())
+        off = sum(y - self.line(x) for x, y in near) / len(near) if len(near) >= 2 else 0.0
+        return max(0.0, self.line(units) + off)
 
     def observe(self, units: float, seconds: float) -> None:
-        self.samples.append((float(units), seconds))
-        n = len(self.samples)
-        xs = [x for x, _ in self.samples]
-        ys = [y for _, y in self.samples]
+        bucket = self.buckets.setdefault(_bucket(units), deque(maxlen=PER_BUCKET))
+        bucket.append((float(units), seconds))
+        samples = self.samples
+        n = len(samples)
+        xs = [x for x, _ in samples]
+        ys = [y for _, y in samples]
         mx, my = sum(xs) / n, sum(ys) / n
-        var = sum((x - mx) ** 2 for x in xs)
-        if n >= 3 and var > 1e-9:
-            slope = sum((x - mx) * (y - my) for x, y in self.samples) / var
+        var = sum((x - mx) ** 2 for x in xs) / n
+        if n >= 3 and var > (0.1 * mx) ** 2:  # sizes spread enough to fit a line
+            slope = sum((x - mx) * (y - my) for x, y in samples) / (var * n)
             if slope > 0:
                 self.per_unit, self.fixed = slope, max(0.0, my - slope * mx)
                 return
-        # one size seen so far: keep the prior's split between fixed and per-unit cost
+        # about one size seen so far: keep the prior's split between fixed and per-unit cost
         guess = self.fixed + self.per_unit * mx
         scale = my / guess if guess > 0 else 1.0
         self.fixed, self.per_unit = self.fixed * scale, self.per_unit * scale
@@ -42,10 +65,14 @@ class CostModel:
         f = 0.02 if gpu else 1.0  # priors: this CPU (DESIGN.md), a GPU ~50x faster
         self.prefill = LinearCost(0.02 * f, 0.0045 * f)  # per prompt token
         self.decode = LinearCost(0.07 * f, 0.0045 * f)  # per row
-        self.train = LinearCost(0.05 * f, 0.0093 * f)  # per token of the micro-batch
+        self.train = LinearCost(0.05 * f, 0.0093 * f)  # per padded token of the micro-batch
+        self.optimizer = 0.0  # seconds of an optimizer step, added to a batch's last micro-step
         self.margin = 1.15  # plan with estimates padded against noise
 
     def observe(self, kind: str, units: float, seconds: float) -> None:
+        if kind == "optimizer":  # a running mean that follows changes
+            self.optimizer = seconds if not self.optimizer else 0.8 * self.optimizer + 0.2 * seconds
+            return
         getattr(self, kind).observe(units, seconds)
         if kind == "prefill" and not self.train.samples:
             # until a training step is measured: forward + backward ~ 3x a forward per token
@@ -56,6 +83,13 @@ class CostModel:
 
     def snapshot(self) -> dict:
         return {
-            k: {"fixed": c.fixed, "per_unit": c.per_unit}
-            for k, c in (("prefill", self.prefill), ("decode", self.decode), ("train", self.train))
+            **{
+                k: {"fixed": c.fixed, "per_unit": c.per_unit}
+                for k, c in (
+                    ("prefill", self.prefill),
+                    ("decode", self.decode),
+                    ("train", self.train),
+                )
+            },
+            "optimizer": self.optimizer,
         }

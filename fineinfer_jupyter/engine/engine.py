@@ -412,8 +412,9 @@ class Engine:
         progress("ready")
 
     def _calibrate(self) -> None:
-        """Measure a prefill and a decode step once, so the scheduler plans with this machine's
-        figures from the first request on (also warms the kernels up)."""
+        """Measure prefill, decode and (forward and backward) training steps once, so the
+        scheduler plans with this machine's figures from the first step on (also warms the
+        kernels up)."""
         sampling = SamplingParams(max_new_tokens=2)
         for n in (16, 16, 64):
             seq = Sequence(
@@ -429,6 +430,10 @@ class Engine:
             start = time.perf_counter()
             self.runner.decode(batch)
             self.costs.observe("decode", 1, time.perf_counter() - start)
+        for rows, length in ((1, 16), (1, 32), (2, 64)):  # a micro-step's fixed and per-token cost
+            start = time.perf_counter()
+            self.runner.train_probe(rows, length)
+            self.costs.observe("train", rows * length, time.perf_counter() - start)
 
     def _loop(self) -> None:
         failures = 0
@@ -482,9 +487,11 @@ class Engine:
             self._decode(step.seqs)
             self.costs.observe("decode", rows, time.perf_counter() - start)
         elif step.kind is StepKind.TRAIN:
-            rows, tokens = self.trainer.step(step.train_examples or None)
+            rows, tokens, padded, optimizer = self.trainer.step(step.train_examples or None)
             if rows:
-                self.costs.observe("train", tokens, time.perf_counter() - start)
+                self.costs.observe("train", padded, time.perf_counter() - start - optimizer)
+                if optimizer:
+                    self.costs.observe("optimizer", 1, optimizer)
             self._publish_training(rows, tokens)
         self.metrics.record_step(kind, time.perf_counter() - start, rows=rows, tokens=tokens)
         self._publish_queue()

@@ -132,6 +132,22 @@ class Runner:
         (loss_sum * scale).backward()
         return loss_sum.item(), n
 
+    def train_probe(self, rows: int, length: int) -> None:
+        """Forward and backward over dummy tokens with the gradient taken only with respect to
+        the input embeddings: the work of a LoRA micro-step of rows x length tokens less the
+        adapter's own small share. For calibrating the cost model; changes no weights."""
+        ids = torch.zeros((rows, length), dtype=torch.long, device=self.device)  # [B, S]
+        frozen = [p.requires_grad for p in self.model.parameters()]
+        self.model.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_()
+                logits = self.model(inputs_embeds=embeds, use_cache=False).logits.float()
+                logits.logsumexp(-1).sum().backward()  # as costly as the cross-entropy's
+        finally:
+            for p, g in zip(self.model.parameters(), frozen):
+                p.requires_grad_(g)
+
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         loss_sum, n = self._loss_sum({k: v.to(self.device) for k, v in batch.items()})

@@ -6,6 +6,11 @@ Policies (DESIGN.md "Scheduling"):
 - fineinfer: the prototype's fixed deferral bound; once served, a batch runs until it drains.
 - deferred: training runs while every waiting request's time-to-first-token slack and every
   running row's time-per-token room survive the step, with the micro-batch sized to fit.
+
+The time-per-output-token target is a pace: a request's n-th token after its first is due
+n * tpot after the first one, so a reader going at 1/tpot tokens a second never waits. Tokens
+delivered ahead of that pace bank time that a training step may use, but no pause between two
+tokens is planned longer than STALL_TPOTS * tpot.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from .costmodel import CostModel
 from .sequence import Sequence, Status
 
 INF = float("inf")
+STALL_TPOTS = 4.0  # the longest planned pause between two tokens, in units of the tpot target
 
 
 class StepKind(Enum):
@@ -41,8 +47,8 @@ class Step:
 class Training(Protocol):
     active: bool
 
-    def next_tokens(self, k: int) -> list[int]:
-        """Token counts of the next (up to) k examples the job would train on."""
+    def next_tokens(self) -> list[int]:
+        """Token counts of the examples left in the job's current effective batch, in order."""
 
     def max_examples(self) -> int:
         """The job's micro_batch_size: the largest micro-step it allows."""
@@ -101,21 +107,23 @@ class Scheduler:
         prefill_slack = self.prefill_slack(now, newcomers, running)
         decode_room = self.decode_room(now, running)
         budget = min(prefill_slack, decode_room, self.max_train_step)
-        tokens = training.next_tokens(training.max_examples())  # of the next examples
-        k = self._fit(tokens, budget)
-        if k and (newcomers or running) and self._efficiency(tokens, k) < self.min_train_efficiency:
-            k = 0  # serve now, back to full-size micro-steps sooner
-        if k == 0 and not newcomers and not running:
-            k = 1  # nothing to protect: never starve training
+        tokens = training.next_tokens()  # what is left of the effective batch
+        most = training.max_examples()
+        k = self._fit(tokens, most, budget)
+        if not newcomers and not running:
+            k = self._best(tokens, k) if k else 1  # nothing to protect: never starve training
+        elif k:
+            # the best step these requests could ever leave room for (all the way up to the
+            # longest planned pause, or their whole slack): what fits now must be worth it
+            ceiling = min(self.max_train_step, self._ceiling(newcomers, running))
+            best = self._best(tokens, self._fit(tokens, most, ceiling))
+            k = next((j for j in range(k, 0, -1) if self._worth_it(tokens, j, best)), 0)
         if k:
             return Step(StepKind.TRAIN, train_examples=k, budget=budget)
         if newcomers and running:
             c = self.costs
             p = c.margin * c.prefill(newcomers[0].num_prompt_tokens)
-            fresh_room = self.headroom * min(s.slo.tpot for s in running) - c.margin * c.decode(
-                len(running)
-            )
-            if decode_room < p <= fresh_room:
+            if decode_room < p <= self.room_after_decode(now, running):
                 return Step(StepKind.DECODE, list(running))  # the prefill fits right after a token
         return self._serve(newcomers, running, now=now)
 
@@ -176,23 +184,54 @@ class Scheduler:
         """Tokens a pass computes: every prompt padded to the longest."""
         return len(group) * max(s.num_prompt_tokens for s in group)
 
-    def _fit(self, tokens: list[int], budget: float) -> int:
-        """The largest micro-step (in examples, tokens per example given) whose estimated time
-        fits the budget."""
-        for k in range(len(tokens), 0, -1):
-            if self.costs.margin * self.costs.train(sum(tokens[:k])) <= budget:
+    def _step_cost(self, tokens: list[int]) -> float:
+        """Estimated seconds of one micro-step on these examples (padded to the longest)."""
+        return self.costs.train(len(tokens) * max(tokens)) if tokens else 0.0
+
+    def _fit(self, tokens: list[int], most: int, budget: float) -> int:
+        """The largest micro-step of at most `most` of these examples (what is left of the
+        effective batch) whose estimated time fits the budget; the step that ends the batch
+        also runs the optimizer step."""
+        for k in range(min(most, len(tokens)), 0, -1):
+            last = self.costs.optimizer if k == len(tokens) else 0.0
+            if self.costs.margin * (self._step_cost(tokens[:k]) + last) <= budget:
                 return k
         return 0
 
-    def _efficiency(self, tokens: list[int], k: int) -> float:
-        """Training tokens/s of a micro-step of the first k examples, relative to the largest
-        one allowed when nothing waits (the step's fixed cost weighs more on small steps)."""
-        full = max(self._fit(tokens, self.max_train_step), k)
+    def _best(self, tokens: list[int], most: int) -> int:
+        """The micro-step of at most `most` examples that trains the most tokens a second."""
+        return max(range(1, max(most, 1) + 1), key=lambda k: (self._rate(tokens[:k]), k))
 
-        def rate(n: int) -> float:
-            return n / max(self.costs.train(n), 1e-9)
+    def _rate(self, tokens: list[int]) -> float:
+        """Training tokens/s of one micro-step on these examples."""
+        return sum(tokens) / max(self._step_cost(tokens), 1e-9)
 
-        return rate(sum(tokens[:k])) / rate(sum(tokens[:full]))
+    def _worth_it(self, tokens: list[int], k: int, best: int) -> bool:
+        """Is a micro-step of the first k examples left in the effective batch worth squeezing
+        between requests? It must train at min_train_efficiency of the best step there is
+        room for (a step's fixed cost weighs more on small steps; on a CPU large ones can be
+        slower per token too), and so must the steps of at most that size that the rest of
+        the batch then splits into (a step that leaves a small remainder costs a small step
+        later). The batch's own last examples are never held back."""
+        floor = self.min_train_efficiency * self._rate(tokens[:best])
+        if self._rate(tokens[:k]) < floor:
+            return k == len(tokens) <= best
+        rest = len(tokens) - k
+        if rest == 0:
+            return True
+        size = rest // -(-rest // best)  # the smallest part when the rest splits evenly
+        return self._rate(tokens[k : k + size]) >= floor
+
+    def _ceiling(self, newcomers: list[Sequence], running: list[Sequence]) -> float:
+        """The most room for a training step that these requests can leave between their
+        tokens: the longest planned pause (or, for a waiting request, its whole first-token
+        slack) less the step that must follow it."""
+        c, seqs = self.costs, running + newcomers
+        d = c.margin * c.decode(len(seqs))
+        room = min(self.headroom * STALL_TPOTS * s.slo.tpot - d for s in seqs)
+        for s in newcomers:
+            room = min(room, self.headroom * s.slo.ttft - c.margin * c.prefill(s.num_prompt_tokens))
+        return room
 
     def prefill_slack(
         self, now: float, newcomers: list[Sequence], running: list[Sequence] = ()
@@ -227,8 +266,25 @@ class Scheduler:
         return s.arrival + self.headroom * s.slo.ttft
 
     def token_due(self, s: Sequence) -> float:
-        last = s.token_times[-1] if s.token_times else self.ttft_due(s)
-        return last + self.headroom * s.slo.tpot
+        """When the next token is due: on the request's pace since its first token, and not
+        more than the longest allowed pause after the last one (planning with headroom)."""
+        if not s.token_times:
+            return self.ttft_due(s) + self.headroom * s.slo.tpot
+        return self._due(s, s.token_times[0], s.token_times[-1], len(s.token_times))
+
+    def _due(self, s: Sequence, first: float, last: float, n: int) -> float:
+        pace = first + n * self.headroom * s.slo.tpot
+        return min(pace, last + self.headroom * STALL_TPOTS * s.slo.tpot)
+
+    def room_after_decode(self, now: float, running: list[Sequence]) -> float:
+        """decode_room right after one decode step that starts now."""
+        d = self.costs.margin * self.costs.decode(len(running))
+        end = now + d
+        due = min(
+            self._due(s, s.token_times[0] if s.token_times else end, end, len(s.token_times) + 1)
+            for s in running
+        )
+        return due - end - d
 
     def _serve(
         self,

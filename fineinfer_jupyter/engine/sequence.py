@@ -124,10 +124,6 @@ class Sequence:
         return self.arrival + self.slo.ttft
 
     @property
-    def next_token_deadline(self) -> float:
-        return (self.token_times[-1] if self.token_times else self.ttft_deadline) + self.slo.tpot
-
-    @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 

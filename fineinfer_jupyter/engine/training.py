@@ -17,6 +17,7 @@ import time
 from collections import deque
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from peft import LoraConfig
@@ -28,6 +29,16 @@ from .data import Dataset, Example, collate
 from .runner import Runner
 
 KEEP_CHECKPOINTS = 2
+
+
+class MicroStep(NamedTuple):
+    examples: int
+    tokens: int  # real tokens, for throughput
+    padded: int  # tokens computed: examples x the longest, what the step's time scales with
+    optimizer: float = 0.0  # seconds of it spent in the optimizer step (the batch's last step)
+
+
+NO_STEP = MicroStep(0, 0, 0)
 
 
 class JobState(str, Enum):
@@ -168,26 +179,27 @@ class Trainer:
         job = self._next_job()
         return job.params.micro_batch_size if job else 0
 
-    def next_tokens(self, k: int) -> list[int]:
-        """Token counts of the next (up to) k examples, for the scheduler's cost estimate."""
+    def next_tokens(self) -> list[int]:
+        """Token counts of the examples left in the current effective batch, in the order they
+        will be trained, for the scheduler's cost estimate."""
         job = self._next_job()
         if job is None:
             return []
         pending = job.pending or job.batch_indices(job.step)
-        return [job.dataset.train[i].num_tokens for i in pending[:k]]
+        return [job.dataset.train[i].num_tokens for i in pending]
 
-    def step(self, max_examples: int | None = None) -> tuple[int, int]:
-        """One micro-step of the current job; returns (examples, tokens) processed."""
+    def step(self, max_examples: int | None = None) -> MicroStep:
+        """One micro-step of the current job: what it processed."""
         job = self.current
         if job is None:
             if not self.queue:
-                return 0, 0
+                return NO_STEP
             job = self.current = self.queue.popleft()
             try:
                 self._start(job)
             except Exception as e:
                 self._fail(job, e)
-                return 0, 0
+                return NO_STEP
         start = time.perf_counter()
         try:
             if not job.pending:
@@ -207,14 +219,16 @@ class Trainer:
             tokens = sum(e.num_tokens for e in examples)
             job.tokens_done += tokens
             job.samples_done += k
+            optimizer = time.perf_counter()
             if not job.pending:
                 self._optimizer_step(job)
+            optimizer = time.perf_counter() - optimizer
         except Exception as e:
             job.train_time += time.perf_counter() - start
             self._fail(job, e)
-            return 0, 0
+            return NO_STEP
         job.train_time += time.perf_counter() - start
-        return k, tokens
+        return MicroStep(k, tokens, k * max(e.num_tokens for e in examples), optimizer)
 
     def _start(self, job: Job) -> None:
         p = job.params
