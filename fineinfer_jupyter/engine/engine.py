@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterStore
-from .batch import Batch
 from .config import (
     BASE,
     EngineConfig,
@@ -32,11 +31,12 @@ from .config import (
 )
 from .costmodel import CostModel
 from .data import build_dataset
+from .executor import Executor
 from .metrics import Metrics
 from .models import LoadedModel, load_model
 from .runner import Runner
 from .scheduler import Scheduler, Step, StepKind
-from .sequence import Completion, RequestStream, Sequence, Status
+from .sequence import Completion, RequestStream, Sequence
 from .training import Trainer
 
 log = logging.getLogger("fineinfer")
@@ -77,6 +77,7 @@ class Engine:
         self.runner: Runner | None = None
         self.adapters: AdapterStore | None = None
         self.trainer: Trainer | None = None
+        self.executor: Executor | None = None  # runs the steps, once the model has loaded
         self._requests: dict[str, Sequence] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._tokenizer_lock = threading.Lock()
@@ -256,12 +257,12 @@ class Engine:
     def step(self) -> Step:
         """One iteration: take in what arrived, pick a step, run it."""
         self._drain(block=False)
-        self._reap_cancelled()
+        self.executor.reap_cancelled()
         step = self.scheduler.schedule(time.monotonic(), self.trainer)
         if step.kind is StepKind.IDLE:
-            self._publish_queue()
+            self.executor.publish_queue()
         else:
-            self._run(step)
+            self.executor.run(step)
         return step
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -408,32 +409,21 @@ class Engine:
         tok, gen = self.loaded.tokenizer, self.loaded.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self._calibrate()
+        self.executor = Executor(
+            runner=self.runner,
+            adapters=self.adapters,
+            trainer=self.trainer,
+            scheduler=self.scheduler,
+            costs=self.costs,
+            metrics=self.metrics,
+            tokenizer=tok,
+            tokenizer_lock=self._tokenizer_lock,
+            eos_ids=self.eos_ids,
+            slo=self.slo,
+            requests=self._requests,
+        )
+        self.executor.calibrate()
         progress("ready")
-
-    def _calibrate(self) -> None:
-        """Measure prefill, decode and (forward and backward) training steps once, so the
-        scheduler plans with this machine's figures from the first step on (also warms the
-        kernels up)."""
-        sampling = SamplingParams(max_new_tokens=2)
-        for n in (16, 16, 64):
-            seq = Sequence(
-                [self.eos_ids and min(self.eos_ids) or 0] * n, sampling=sampling, slo=self.slo
-            )
-            start = time.perf_counter()
-            cache, mask, _ = self.runner.prefill([seq])
-            self.costs.observe("prefill", n, time.perf_counter() - start)
-        batch = Batch()
-        batch.join([seq], cache, mask)
-        seq.output_ids.append(0)
-        for _ in range(2):
-            start = time.perf_counter()
-            self.runner.decode(batch)
-            self.costs.observe("decode", 1, time.perf_counter() - start)
-        for rows, length in ((1, 16), (1, 32), (2, 64)):  # a micro-step's fixed and per-token cost
-            start = time.perf_counter()
-            self.runner.train_probe(rows, length)
-            self.costs.observe("train", rows * length, time.perf_counter() - start)
 
     def _loop(self) -> None:
         failures = 0
@@ -445,7 +435,7 @@ class Engine:
                 log.exception("engine step failed")
                 failures += 1
                 for seq in self.scheduler.drop(lambda s: True):
-                    self._fail(seq, e)
+                    self.executor.fail(seq, e)
                 if failures >= 3:
                     self.state, self.error = "error", f"engine loop failed: {type(e).__name__}: {e}"
                     return
@@ -474,161 +464,12 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _run(self, step: Step) -> None:
-        kind = step.kind.value
-        self.metrics.step_started_now(kind)
-        start = time.perf_counter()
-        rows = tokens = 0
-        if step.kind is StepKind.PREFILL:
-            self._prefill(step.seqs)
-            rows, tokens = len(step.seqs), sum(s.num_prompt_tokens for s in step.seqs)
-        elif step.kind is StepKind.DECODE:
-            rows = tokens = len(step.seqs)
-            self._decode(step.seqs)
-            self.costs.observe("decode", rows, time.perf_counter() - start)
-        elif step.kind is StepKind.TRAIN:
-            rows, tokens, padded, optimizer = self.trainer.step(step.train_examples or None)
-            if rows:
-                self.costs.observe("train", padded, time.perf_counter() - start - optimizer)
-                if optimizer:
-                    self.costs.observe("optimizer", 1, optimizer)
-            self._publish_training(rows, tokens)
-        self.metrics.record_step(kind, time.perf_counter() - start, rows=rows, tokens=tokens)
-        self._publish_queue()
-
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        admitted = []
-        for seq in seqs:
-            self.scheduler.admitted(seq)
-            seq.admitted = time.monotonic()
-            seq.slack_at_admission = seq.ttft_deadline - seq.admitted
-            try:
-                if seq.adapter is not None:
-                    seq.adapter = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
-                admitted.append(seq)
-            except Exception as e:
-                self._fail(seq, e)
-        for group in self.scheduler.prefill_passes(admitted, time.monotonic()):
-            start = time.perf_counter()
-            try:
-                cache, mask, logits = self.runner.prefill(group)
-                tokens = self.runner.sample(logits, group)
-            except Exception as e:  # this pass failed: its rows fail, the rest go on
-                for seq in group:
-                    self._fail(seq, e)
-                continue
-            self.costs.observe(
-                "prefill", self.scheduler.pass_tokens(group), time.perf_counter() - start
-            )
-            for seq, token in zip(group, tokens, strict=True):
-                self._append(seq, token)
-            keep = [i for i, s in enumerate(group) if not s.is_finished]
-            if keep:
-                if len(keep) < len(group):
-                    cache.batch_select_indices(torch.tensor(keep, device=mask.device))
-                    mask = mask[keep]
-                self.scheduler.batch.join([group[i] for i in keep], cache, mask)
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        batch = self.scheduler.batch
-        try:
-            logits = self.runner.decode(batch)
-        except Exception as e:  # the whole pass failed: every row in it fails, the engine goes on
-            for seq in seqs:
-                self._fail(seq, e)
-            batch.keep([])
-            return
-        tokens = self.runner.sample(logits, seqs)
-        for seq, token in zip(seqs, tokens, strict=True):
-            self._append(seq, token)
-        batch.keep([i for i, s in enumerate(seqs) if not s.is_finished])
-
-    def _append(self, seq: Sequence, token: int) -> None:
-        """Add one sampled token: stop checks, incremental text, the stream."""
-        try:
-            seq.output_ids.append(token)
-            seq.token_times.append(time.monotonic())
-            with self._tokenizer_lock:
-                text = self.loaded.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            delta = seq.update_text(text, eos=token in self.eos_ids)
-            if delta:
-                seq.stream.put({"type": "delta", "text": delta})
-            if seq.finish_reason:
-                self._finish(seq)
-        except Exception as e:
-            self._fail(seq, e)
-
-    def _finish(self, seq: Sequence, outcome: str = "finished") -> None:
-        seq.status = Status.FINISHED
-        self._unpin(seq)
-        self._requests.pop(seq.request_id, None)
-        self.metrics.record_request(
-            seq.stats(), outcome=outcome, ttft_target=seq.slo.ttft, tpot_target=seq.slo.tpot
-        )
-        try:
-            seq.stream.put(seq.final_event())
-        except Exception:
-            log.exception("stream consumer failed for %s", seq.request_id)
-
-    def _fail(self, seq: Sequence, error: Exception) -> None:
-        log.warning("request %s failed: %s", seq.request_id, error)
-        seq.status, seq.finish_reason = Status.FINISHED, "error"
-        self._unpin(seq)
-        self._requests.pop(seq.request_id, None)
-        self.metrics.record_request(
-            seq.stats(), outcome="failed", ttft_target=seq.slo.ttft, tpot_target=seq.slo.tpot
-        )
-        try:
-            seq.stream.put(
-                {
-                    "type": "error",
-                    "id": seq.request_id,
-                    "message": f"{type(error).__name__}: {error}",
-                }
-            )
-        except Exception:
-            log.exception("stream consumer failed for %s", seq.request_id)
-
-    def _unpin(self, seq: Sequence) -> None:
-        if seq.admitted is not None and self.adapters is not None:
-            self.adapters.unpin(seq.adapter)
-
-    def _publish_training(self, samples: int, tokens: int) -> None:
-        job = self.trainer.current or next((j for j in reversed(self.trainer.jobs.values())), None)
-        summary = {"job": None, "loss": None, "step": None, "total_steps": None, "state": None}
-        if job is not None:
-            summary = {
-                "job": job.id,
-                "adapter": job.adapter,
-                "state": job.state.value,
-                "loss": job.loss_history[-1][1] if job.loss_history else None,
-                "step": job.step,
-                "total_steps": job.total_steps,
-            }
-        self.metrics.record_training(
-            samples=samples, tokens=tokens, loss=summary["loss"] if samples else None, job=summary
-        )
-
-    def _reap_cancelled(self) -> None:
-        for seq in self.scheduler.drop(lambda s: s.cancelled or s.is_finished):
-            if not seq.is_finished:
-                seq.finish_reason = "cancelled"
-                self._finish(seq, "cancelled")
-
-    def _publish_queue(self) -> None:
-        sched, now = self.scheduler, time.monotonic()
-        waiting = sorted(sched.waiting, key=sched.ttft_due)
-        slack = sched.prefill_slack(now, waiting, sched.batch.seqs) if waiting else None
-        self.metrics.record_queue(
-            waiting=len(waiting), running=self.scheduler.num_running, slack=slack
-        )
-
     def _close(self) -> None:
         self.state = "stopped" if self.state == "ready" else self.state
         reason = EngineNotReady(f"engine {self.state}" + (f": {self.error}" if self.error else ""))
-        for seq in list(self._requests.values()):
-            if not seq.is_finished:
-                self._fail(seq, reason)
+        for seq in list(self._requests.values()):  # (none unless the model had loaded)
+            if not seq.is_finished and self.executor is not None:
+                self.executor.fail(seq, reason)
         while True:  # callers waiting on engine-thread calls get an answer too
             try:
                 _, _, future = self._inbox.get_nowait()
