@@ -18,6 +18,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,6 +50,7 @@ def run(
 ) -> dict:
     """One window of `duration` seconds replaying `requests` (arrival seconds from 0)."""
     engine = Engine(EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy=policy, slo=slo))
+    engine.metrics.timeline = deque(maxlen=100_000)  # every step of the window, for the plot
     job = None
     if train:
         job = engine.trainer.jobs[engine.tune("bench", str(DATA), params)["id"]]
@@ -56,7 +58,7 @@ def run(
             time.sleep(0.05)
     busy0 = dict(engine.metrics.busy)
     samples0, tokens0 = (job.samples_done, job.tokens_done) if job else (0, 0)
-    start = time.monotonic()
+    start, wall = time.monotonic(), time.time()  # the timeline's clock is time.time()
     streams = []
     for at, messages, n in requests:
         time.sleep(max(0.0, start + at - time.monotonic()))
@@ -66,7 +68,11 @@ def run(
         (job.samples_done - samples0, job.tokens_done - tokens0) if job else (0, 0)
     )
     busy = {k: engine.metrics.busy[k] - busy0[k] for k in busy0}
-    timeline = list(engine.metrics.timeline)
+    timeline = [
+        {**step, "start": step["start"] - wall}
+        for step in engine.metrics.timeline
+        if step["start"] >= wall
+    ]
     costs = engine.costs.snapshot()
     if job:
         engine.stop_job(job.id)  # what is still queued (all of exclusive's) drains without training
@@ -114,17 +120,18 @@ def plot(path: Path, runs: dict[str, dict], duration: float) -> None:
 
     colors = {"prefill": "#d95f02", "decode": "#1b9e77", "train": "#7570b3"}
     names = [n for n in runs if runs[n]["timeline"]]
-    fig, axes = plt.subplots(len(names) + 1, 1, figsize=(11, 1.1 * len(names) + 2.6), sharex=False)
+    span = (max(0.0, duration / 2 - 10), min(duration, duration / 2 + 10))  # same 20 s for all
+    fig, axes = plt.subplots(len(names) + 1, 1, figsize=(11, 1.1 * len(names) + 2.6))
     for ax, name in zip(axes, names):
-        r = runs[name]
-        t0 = r["timeline"][0]["start"] if r["timeline"] else 0
-        for step in r["timeline"]:
-            ax.broken_barh(
-                [(step["start"] - t0, step["duration"])], (0, 1), color=colors[step["kind"]]
-            )
+        for step in runs[name]["timeline"]:
+            if span[0] <= step["start"] + step["duration"] and step["start"] <= span[1]:
+                ax.broken_barh(
+                    [(step["start"], step["duration"])], (0, 1), color=colors[step["kind"]]
+                )
+        ax.set_xlim(*span)
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    axes[0].set_title("last steps of each run (prefill orange, decode green, train purple)")
+    axes[0].set_title("seconds into the last window (prefill orange, decode green, train purple)")
     ax = axes[-1]
     for name in ("deferred", "fineinfer", "immediate"):
         if name in runs:

@@ -38,7 +38,7 @@ def default_data_dir() -> Path:
 @dataclass
 class Slo:
     ttft: float = 3.0  # seconds to first token
-    tpot: float = 0.5  # seconds per output token
+    tpot: float = 0.5  # seconds per output token, as a pace: token n after the first by n*tpot
 
     def __post_init__(self):
         for f in ("ttft", "tpot"):
