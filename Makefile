@@ -33,7 +33,7 @@ browser:
 	@test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 model: setup
-	$(PY) -m fineinfer_jupyter.engine.models prepare default
+	$(VENV)/bin/fineinfer-model prepare default
 
 lab: setup model
 	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) $(if $(filter 0,$(shell id -u)),--allow-root,)
