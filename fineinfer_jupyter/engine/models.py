@@ -293,9 +293,7 @@ def chat(loaded: LoadedModel, prompt: str, *, max_new_tokens: int = 32) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="fineinfer-model", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="fineinfer-model", description=__doc__)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
