@@ -130,6 +130,18 @@ def test_arrivals_during_the_deferral_join_the_same_prefill():
     assert all(s.token_times[0] - s.arrival <= s.slo.ttft for s in (a, b, c))
 
 
+def test_an_arrival_while_a_batch_decodes_joins_that_batch():
+    sim = Sim(training=FakeTraining(tokens_per_example=20, micro=2))
+    a = sim.request(at=0.0, prompt_tokens=20, new_tokens=20)
+    b = sim.request(at=1.5, prompt_tokens=20, new_tokens=5)  # a is decoding by then
+    sim.run(until=10.0)
+    assert a.token_times[0] < b.arrival < a.token_times[-1]
+    assert len(b.token_times) == 5 and on_pace(a) and on_pace(b)
+    shared = [n for t, k, n in sim.log if k == "decode" and b.token_times[0] <= t]
+    assert 2 in shared  # decode steps ran both rows together
+    assert b.token_times[-1] < a.token_times[-1]
+
+
 def test_training_resumes_when_the_batch_drains():
     sim = Sim(training=FakeTraining())
     seq = sim.request(at=0.0, new_tokens=4)
