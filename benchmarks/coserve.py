@@ -247,6 +247,16 @@ def main() -> None:
         print(
             f"deferred vs switching-free bound (alone x non-inference share {1 - d['inference_share']:.2f}): {d['train_tokens_per_s'] / bound:.0%} (goal >= 90%)"
         )
+    if windows.get("deferred"):
+        c = windows["deferred"][-1]["costs"]
+        print(
+            "deferred's cost model at the end (seconds = fixed + per unit): "
+            + ", ".join(
+                f"{k} {c[k]['fixed']:.3f} + {c[k]['per_unit']:.5f}"
+                for k in ("prefill", "decode", "train")
+            )
+            + f", optimizer step {c['optimizer']:.3f}"
+        )
     path = OUT / "coserve.png"
     plot(path, {k: v for k, v in runs.items() if k != "training alone"}, args.duration)
     print(f"timeline: {path}")

@@ -2,8 +2,9 @@
 
 Each step kind is a line, seconds = fixed + per_unit * units (units: prompt tokens for prefill,
 rows for decode, padded tokens (examples x the longest) for a training micro-step), fitted by
-least squares over recent steps, and corrected near sizes already measured. The optimizer step, which only the last micro-step of an
-effective batch runs, is estimated on its own.
+least squares over recent steps of every size, and corrected near sizes already measured.
+The optimizer step, which only the last micro-step of an effective batch runs, is estimated
+on its own.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ class Runner:
         the input embeddings: the work of a LoRA micro-step of rows x length tokens less the
         adapter's own small share. For calibrating the cost model; changes no weights."""
         ids = torch.zeros((rows, length), dtype=torch.long, device=self.device)  # [B, S]
-        frozen = [p.requires_grad for p in self.model.parameters()]
+        flags = [p.requires_grad for p in self.model.parameters()]
         self.model.requires_grad_(False)
         try:
             with torch.enable_grad():
@@ -145,7 +145,7 @@ class Runner:
                 logits = self.model(inputs_embeds=embeds, use_cache=False).logits.float()
                 logits.logsumexp(-1).sum().backward()  # as costly as the cross-entropy's
         finally:
-            for p, g in zip(self.model.parameters(), frozen):
+            for p, g in zip(self.model.parameters(), flags, strict=True):
                 p.requires_grad_(g)
 
     @torch.no_grad()
