@@ -142,6 +142,18 @@ def test_an_arrival_while_a_batch_decodes_joins_that_batch():
     assert b.token_times[-1] < a.token_times[-1]
 
 
+def test_a_full_batch_with_requests_waiting_for_a_row_decodes_without_training_breaks():
+    # rows on a 0.3 s pace would leave room for training, but a third request needs a row
+    sim = Sim(training=FakeTraining(tokens_per_example=20, micro=2), max_batch_size=2)
+    a, b = (sim.request(at=0.0, prompt_tokens=20, new_tokens=8) for _ in range(2))
+    c = sim.request(at=0.5, prompt_tokens=20, new_tokens=4)
+    sim.run(until=8.0)
+    assert all(len(s.token_times) == s.sampling.max_new_tokens for s in (a, b, c))
+    freed = min(a.token_times[-1], b.token_times[-1])
+    assert not [t for t, k, _ in sim.log if k == "train" and c.arrival <= t < freed]
+    assert c.token_times[0] - c.arrival <= c.slo.ttft
+
+
 def test_training_resumes_when_the_batch_drains():
     sim = Sim(training=FakeTraining())
     seq = sim.request(at=0.0, new_tokens=4)

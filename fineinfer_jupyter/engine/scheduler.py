@@ -110,7 +110,9 @@ class Scheduler:
         tokens = training.next_tokens()  # what is left of the effective batch
         most = training.max_examples()
         k = self._fit(tokens, most, budget)
-        if not newcomers and not running:
+        if len(self.waiting) > len(newcomers):
+            k = 0  # the batch is full and requests wait for a row: finish the running ones first
+        elif not newcomers and not running:
             k = self._best(tokens, k) if k else 1  # nothing to protect: never starve training
         elif k:
             # the best step these requests could ever leave room for (all the way up to the
