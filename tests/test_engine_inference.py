@@ -1,4 +1,6 @@
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -247,10 +249,14 @@ def test_status_before_ready_and_after_shutdown(data_dir):
     engine = Engine(EngineConfig(model="tiny", data_dir=data_dir), wait=False)
     engine.wait_ready(60)
     assert engine.status()["state"] == "ready"
+    model = weakref.ref(engine.loaded.model)
+    engine.tune("t", [{"prompt": "a", "completion": "b"}] * 4, max_steps=1)  # the trainer too
     engine.shutdown()
     assert engine.status()["state"] == "stopped"
     with pytest.raises(EngineNotReady):
         engine.generate("hi")
+    gc.collect()
+    assert model() is None  # nothing keeps the model's memory after shutdown
 
 
 def test_a_model_that_fails_to_load_reports_the_error(data_dir):

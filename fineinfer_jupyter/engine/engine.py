@@ -477,7 +477,8 @@ class Engine:
                 break
             if future is not None:
                 future.set_exception(reason)
-        self.runner = self.adapters = None
+        # nothing may keep the model alive: the trainer and the executor hold the runner too
+        self.runner = self.adapters = self.trainer = self.executor = None
         if self.loaded is not None:
             self.loaded.model = None
         gc.collect()

@@ -186,7 +186,7 @@ class Executor:
             log.exception("stream consumer failed for %s", seq.request_id)
 
     def _unpin(self, seq: Sequence) -> None:
-        if seq.admitted is not None and self.adapters is not None:
+        if seq.admitted is not None:
             self.adapters.unpin(seq.adapter)
 
     def _publish_training(self, samples: int, tokens: int) -> None:
