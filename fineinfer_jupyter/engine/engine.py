@@ -107,7 +107,7 @@ class Engine:
         *,
         adapter: str | None = None,
         sampling: SamplingParams | None = None,
-        slo: Slo | None = None,
+        slo: Slo | dict | None = None,
         callback: Callable[[dict], None] | None = None,
         **sampling_kwargs,
     ) -> RequestStream:
@@ -133,6 +133,8 @@ class Engine:
         check(len(ids) < limit, "prompt", f"is {len(ids)} tokens; the model's context is {limit}")
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise QueueFull(f"queue full: {self.config.max_queue} requests are waiting")
+        if isinstance(slo, dict):  # targets left out (or None) are the engine's defaults
+            slo = Slo(**{**asdict(self.slo), **{k: v for k, v in slo.items() if v is not None}})
         seq = Sequence(ids, sampling=sampling, slo=slo or self.slo, adapter=name, max_context=limit)
         seq.stream = RequestStream(seq.request_id, callback)
         seq.stream.cancel = lambda: self.cancel(seq.request_id)

@@ -27,7 +27,7 @@ class EngineHost:
         self.log = log
         self.engine = None
         self.error: str | None = None  # the engine could not be created at all
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fineinfer-call")
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fineinfer-call")
         self.sockets: set = set()  # open events WebSockets (anything with .send(text))
         self._creating: asyncio.Task | None = None
         self._pushing: asyncio.Task | None = None
@@ -43,7 +43,7 @@ class EngineHost:
 
     async def _create(self) -> None:
         try:
-            engine = await asyncio.get_running_loop().run_in_executor(self.executor, self._new)
+            engine = await asyncio.get_running_loop().run_in_executor(self.pool, self._new)
         except Exception as e:
             self.log.exception("fineinfer: could not start the engine")
             self.error = f"{type(e).__name__}: {e}"
@@ -70,7 +70,7 @@ class EngineHost:
             await asyncio.gather(self._creating, return_exceptions=True)
         if self.engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- what handlers call -------------------------------------------------------------------
 
@@ -114,35 +114,22 @@ class EngineHost:
         """Call a blocking engine method in a worker thread; its errors become ApiErrors."""
         call = partial(fn, *args, **kwargs)
         with engine_errors(conflict=conflict, data_field=data_field):
-            return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, call)
 
     async def generate(self, engine, req, callback: Callable[[dict], None]):
         """Queue a validated GenerateRequest; returns its RequestStream, whose events reach
         `callback` in the engine thread. (In a worker thread: the engine tokenizes the prompt
-        under a lock that a job's dataset building may hold for a while.)"""
-        sampling = dict(req.sampling)
-        if "max_new_tokens" not in sampling:  # the engine's default, within the server's cap
-            from ..engine import SamplingParams
-
-            cap = engine.config.max_new_tokens_cap
-            sampling["max_new_tokens"] = min(SamplingParams.max_new_tokens, cap)
-        slo = self.slo(req.ttft, req.tpot)
+        under a lock that a job's dataset building may hold for a while.) Defaults and ranges
+        are the engine's: what a request leaves out, the engine fills in."""
+        slo = {"ttft": req.ttft, "tpot": req.tpot}
         return await self.run(
-            engine.generate, req.prompt, adapter=req.adapter, slo=slo, callback=callback, **sampling
+            engine.generate,
+            req.prompt,
+            adapter=req.adapter,
+            slo=slo,
+            callback=callback,
+            **req.sampling,
         )
-
-    def slo(self, ttft: float | None, tpot: float | None):
-        """A request's latency targets: the server's defaults where the request gives none."""
-        if ttft is None and tpot is None:
-            return None
-        from ..engine import Slo
-
-        default = self.engine.slo
-        with engine_errors():
-            return Slo(
-                ttft=default.ttft if ttft is None else ttft,
-                tpot=default.tpot if tpot is None else tpot,
-            )
 
     # -- the events WebSocket -----------------------------------------------------------------
 
@@ -167,7 +154,7 @@ class EngineHost:
             tick = loop.time()
             engine = self.engine
             if jobs is None and engine is not None and engine.state == "ready":
-                jobs = loop.run_in_executor(self.executor, engine.jobs)
+                jobs = loop.run_in_executor(self.pool, engine.jobs)
             if jobs is not None:
                 await asyncio.wait([jobs], timeout=EVENTS_INTERVAL)
             messages = []
