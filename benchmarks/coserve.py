@@ -53,7 +53,7 @@ def run(
     engine.metrics.timeline = deque(maxlen=100_000)  # every step of the window, for the plot
     job = None
     if train:
-        job = engine.trainer.jobs[engine.tune("bench", str(DATA), params)["id"]]
+        job = engine.core.trainer.jobs[engine.tune("bench", str(DATA), params)["id"]]
         while job.step < 1:  # past the job's start-up and first optimizer step
             time.sleep(0.05)
     busy0 = dict(engine.metrics.busy)
@@ -73,7 +73,7 @@ def run(
         for step in engine.metrics.timeline
         if step["start"] >= wall
     ]
-    costs = engine.costs.snapshot()
+    costs = engine.core.scheduler.costs.snapshot()
     if job:
         engine.stop_job(job.id)  # what is still queued (all of exclusive's) drains without training
     results = [s.result() for s in streams]

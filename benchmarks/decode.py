@@ -2,11 +2,14 @@
 
 (a) a realistic set of requests (varied prompts, varied answer limits, EOS allowed), all queued
     at once: engine (continuous batching) vs HF generate in static batches of 8 and of 32;
-(b) equal-length decode at batch 1, 8 and 32: tokens/s of both.
+(b) equal-length decode at batch 1, 8 and 32: tokens/s of both;
+(c) one long answer (2,000 tokens by default): seconds per token over its first and its last
+    hundred tokens (the cost per token must stay flat), and what detokenizing costs per token
+    when each token decodes a short window (the engine) or the whole answer so far.
 Each measurement runs in a fresh process of its own (a system alone, as in practice), all
 in one run, one after the other. Prints a table, saves a plot.
 
-    python benchmarks/decode.py [--model default] [--requests 64] [--quick]
+    python benchmarks/decode.py [--model default] [--requests 64] [--long 2000] [--quick]
 """
 
 from __future__ import annotations
@@ -101,8 +104,8 @@ def measure(system: str, model_name: str, task: tuple) -> tuple[float, int]:
             model=model_name, data_dir=tempfile.mkdtemp(), max_batch_size=32, policy="immediate"
         )
     )
-    model, tok = engine.loaded.model, engine.loaded.tokenizer
-    eos, pad = engine.eos_ids, tok.pad_token_id
+    model, tok = engine.core.loaded.model, engine.core.loaded.tokenizer
+    eos, pad = engine.core.tokenizer.eos_ids, tok.pad_token_id
     reqs = workload(a, seed=0) if kind == "mixed" else [(PROMPT, b)] * a
     try:
         if system == "engine":
@@ -115,6 +118,42 @@ def measure(system: str, model_name: str, task: tuple) -> tuple[float, int]:
         return hf_equal(model, tok, PROMPT, a, b, pad), a * b
     finally:
         engine.shutdown()
+
+
+def measure_long(model_name: str, n: int) -> dict:
+    """One request of n new tokens, alone: the seconds of each decode iteration, and the cost
+    of detokenizing by window (the engine's) or the whole answer so far, per token."""
+    from fineinfer_jupyter.engine.sequence import Detokenizer
+
+    engine = Engine(EngineConfig(model=model_name, data_dir=tempfile.mkdtemp()), thread=False)
+    try:
+        engine.complete(PROMPT, max_new_tokens=8)  # warm-up
+        stream = engine.generate(PROMPT, max_new_tokens=n, ignore_eos=True)
+        times = []
+        while stream.final is None:
+            start = time.perf_counter()
+            out = engine.iterate()
+            if out.decode:
+                times.append(time.perf_counter() - start)
+        ids = stream.final["token_ids"]
+        tokenizer = engine.core.tokenizer
+        detok, window, whole = Detokenizer(tokenizer), [], []
+        for i in range(1, len(ids) + 1):
+            start = time.perf_counter()
+            detok(ids[:i])
+            window.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            tokenizer.decode(ids[:i])
+            whole.append(time.perf_counter() - start)
+        return {"iterations": times, "window": window, "whole": whole}
+    finally:
+        engine.shutdown()
+
+
+def isolated_long(model_name: str, n: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+        return pool.submit(measure_long, model_name, n).result()
 
 
 def isolated(system: str, model_name: str, task: tuple) -> tuple[float, int]:
@@ -130,6 +169,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--equal-tokens", type=int, default=48)
+    ap.add_argument("--long", type=int, default=2000, help="tokens of the long answer in (c)")
     ap.add_argument("--quick", action="store_true", help="a small run to check the script")
     args = ap.parse_args()
     n_req = 8 if args.quick else args.requests
@@ -167,6 +207,29 @@ def main() -> None:
         print(f"  equal-length batch {batch}: engine {t_engine:.1f} s, HF {t_hf:.1f} s", flush=True)
     print(f"\n(b) equal-length decode, {n} new tokens per row\n")
     print(table(["batch", "engine tokens/s", "HF tokens/s", "engine / HF"], eq_rows))
+
+    n_long = 300 if args.quick else args.long
+    long = isolated_long(args.model, n_long)
+    first, last = slice(0, 100), slice(-100, None)
+
+    def ms(values):
+        return 1000 * sum(values) / len(values)
+
+    long_rows = [
+        [
+            part,
+            ms(long[key][first]),
+            ms(long[key][last]),
+            ms(long[key][last]) / ms(long[key][first]),
+        ]
+        for part, key in [
+            ("decode iteration (engine)", "iterations"),
+            ("detokenize a window (engine)", "window"),
+            ("detokenize the whole answer (before)", "whole"),
+        ]
+    ]
+    print(f"\n(c) one answer of {n_long} tokens: ms per token, first vs last 100 tokens\n")
+    print(table(["part", "first 100", "last 100", "last / first"], long_rows))
 
     labels = (
         ["engine", "HF x8", "HF x32"]

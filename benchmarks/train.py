@@ -66,10 +66,10 @@ class PlainLoop:
 
 
 def engine_steps(engine: Engine, steps: int) -> int:
-    job = engine.trainer.current or engine.trainer.queue[0]
+    job = engine.core.trainer.current or engine.core.trainer.queue[0]
     target, tokens = job.step + steps, 0
     while job.step < target:
-        tokens += engine.trainer.step()[1]
+        tokens += engine.core.trainer.micro_step()[1]
     return tokens
 
 
@@ -91,7 +91,7 @@ def main() -> None:
     )
     engine = Engine(EngineConfig(model=args.model, data_dir=tempfile.mkdtemp()), thread=False)
     job = engine.tune("bench", str(DATA), p)
-    plain = PlainLoop(args.model, p, engine.trainer.get(job["id"]).batch_indices)
+    plain = PlainLoop(args.model, p, engine.core.trainer.get(job["id"]).batch_indices)
     engine_steps(engine, 1)  # warm-up both
     plain.step()
     totals = {"engine": [0, 0.0], "plain PEFT loop": [0, 0.0]}

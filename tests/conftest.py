@@ -58,7 +58,7 @@ def run_until_done(engine, streams, max_steps=10_000):
     for _ in range(max_steps):
         if all(s.final is not None for s in streams):
             return
-        engine.step()
+        engine.iterate()
     raise AssertionError("requests did not finish")
 
 

@@ -6,7 +6,7 @@ from test_training import FAST, RECORDS, train_to_end
 
 from fineinfer_jupyter.engine.config import EngineConfig, Slo
 from fineinfer_jupyter.engine.engine import Engine
-from fineinfer_jupyter.engine.scheduler import StepKind
+from fineinfer_jupyter.engine.outputs import IterationKind
 
 RECORDS8 = RECORDS + [
     {"prompt": p["prompt"] + " Again?", "completion": p["completion"]} for p in RECORDS
@@ -36,8 +36,10 @@ def test_regrouped_micro_batches_give_the_same_loss_at_every_step(tmp_path):
         job = e.tune("herb", RECORDS8, **JOB)
         sizes = [1, 3, 2, 4, 1, 1, 2]
         i = 0
-        while e.trainer.active:
-            e.trainer.step(sizes[i % len(sizes)])  # as the deferred policy might size them
+        while e.core.trainer.active:
+            e.core.trainer.micro_step(
+                sizes[i % len(sizes)]
+            )  # as the deferred policy might size them
             i += 1
         got = [loss for _, loss in e.job(job["id"])["loss_history"]]
     assert got == pytest.approx(expected, rel=1e-4)
@@ -63,19 +65,26 @@ def test_requests_during_training_get_the_tokens_they_get_without_training(tmp_p
             if i % 7 == 0 and len(streams) < len(plan):
                 adapter, prompt = plan[len(streams)]
                 streams.append(e.generate(prompt, adapter=adapter, max_new_tokens=12, slo=slo))
-            kinds.append(e.step().kind)
+            kinds.append(e.iterate().kind)
             if (
-                i % 3 == 0 and e.trainer.active
+                i % 3 == 0 and e.core.trainer.active
             ):  # and, whatever the clock says, more training in between
-                e.trainer.step(1 + i % 2)
-                kinds.append(StepKind.TRAIN)
-            if len(streams) == len(plan) and all(s.final for s in streams) and not e.trainer.active:
+                e.core.trainer.micro_step(1 + i % 2)
+                kinds.append(IterationKind.TRAIN)
+            if (
+                len(streams) == len(plan)
+                and all(s.final for s in streams)
+                and not e.core.trainer.active
+            ):
                 break
         losses = [loss for _, loss in e.job(job["id"])["loss_history"]]
     assert [s.final["token_ids"] for s in streams] == expected_tokens
     assert losses == pytest.approx(expected_losses, rel=1e-4)
-    first, last = kinds.index(StepKind.PREFILL), len(kinds) - 1 - kinds[::-1].index(StepKind.DECODE)
-    assert StepKind.TRAIN in kinds[first:last]  # they really were interleaved
+    first, last = (
+        kinds.index(IterationKind.PREFILL),
+        len(kinds) - 1 - kinds[::-1].index(IterationKind.DECODE),
+    )
+    assert IterationKind.TRAIN in kinds[first:last]  # they really were interleaved
 
 
 def test_threaded_engine_serves_while_a_job_trains(tmp_path):

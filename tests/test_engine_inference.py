@@ -10,7 +10,8 @@ from peft import PeftModel
 from fineinfer_jupyter.engine.config import EngineConfig, EngineNotReady, QueueFull, UnknownName
 from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.models import load_model
-from fineinfer_jupyter.engine.sequence import RequestError
+from fineinfer_jupyter.engine.outputs import IterationKind
+from fineinfer_jupyter.engine.request import RequestError
 
 
 def reference(prompts, n, adapter_dir=None):
@@ -27,22 +28,23 @@ def test_requests_joining_at_different_iterations_match_hf_generate_token_for_to
     for prompt in PROMPTS:  # each arrives while the earlier ones are decoding
         streams.append(stepped.generate(prompt, max_new_tokens=24))
         for _ in range(3):
-            stepped.step()
-    assert len(stepped.scheduler.batch) > 1
+            stepped.iterate()
+    assert len(stepped.core.scheduler.running) > 1
     run_until_done(stepped, streams)
     assert [s.final["token_ids"] for s in streams] == expected
-    assert len(stepped.scheduler.batch) == 0
+    assert len(stepped.core.scheduler.running) == 0
 
 
 def test_finished_rows_leave_at_once_and_the_rest_keep_their_tokens(stepped):
     lengths = [3, 30, 7, 18]
     expected = [reference([p], n)[0] for p, n in zip(PROMPTS, lengths)]
-    streams = [stepped.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, lengths)]
-    stepped.step()  # prefill all four
+    slo = {"ttft": 60.0, "tpot": 60.0}  # room to prefill all four in one iteration
+    streams = [stepped.generate(p, max_new_tokens=n, slo=slo) for p, n in zip(PROMPTS, lengths)]
+    stepped.iterate()  # prefill all four
     sizes = []
     while any(s.final is None for s in streams):
-        stepped.step()
-        sizes.append(len(stepped.scheduler.batch))
+        stepped.iterate()
+        sizes.append(len(stepped.core.scheduler.running))
     assert [s.final["token_ids"] for s in streams] == expected
     assert sizes[0] == 4 and 3 in sizes and 1 in sizes and sizes[-1] == 0
 
@@ -70,11 +72,11 @@ def test_cancelling_one_stream_leaves_the_others_unchanged_and_frees_its_row(ste
     expected = reference(PROMPTS[:3], 20)
     streams = [stepped.generate(p, max_new_tokens=20) for p in PROMPTS[:3]]
     for _ in range(5):
-        stepped.step()
-    assert len(stepped.scheduler.batch) == 3
+        stepped.iterate()
+    assert len(stepped.core.scheduler.running) == 3
     streams[1].cancel()
-    stepped.step()
-    assert len(stepped.scheduler.batch) == 2
+    stepped.iterate()
+    assert len(stepped.core.scheduler.running) == 2
     assert streams[1].final["finish_reason"] == "cancelled"
     run_until_done(stepped, streams)
     assert streams[0].final["token_ids"] == expected[0]
@@ -120,7 +122,7 @@ def test_length_limit_and_finish_reasons(stepped):
 
 
 def test_context_length_stops_generation(stepped):
-    limit = stepped.loaded.max_context
+    limit = stepped.core.loaded.max_context
     s = stepped.generate("x" * (limit - 4), max_new_tokens=50, ignore_eos=True)
     run_until_done(stepped, [s])
     assert s.final["finish_reason"] == "context"
@@ -153,7 +155,7 @@ def test_top_k_one_is_greedy(stepped):
 
 def test_chat_messages_go_through_the_chat_template(stepped):
     messages = [{"role": "user", "content": "hi"}]
-    tok = stepped.loaded.tokenizer
+    tok = stepped.core.loaded.tokenizer
     ids = tok.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=False
     )
@@ -185,7 +187,7 @@ def test_bad_input_is_refused_before_admission_naming_the_field(stepped, kwargs,
     with pytest.raises(ValueError) as info:
         stepped.generate(prompt, **kwargs)
     assert str(info.value).startswith(field + ":")
-    assert not stepped.scheduler.waiting
+    assert not stepped.core.scheduler.waiting
 
 
 def test_unknown_adapter_is_a_distinct_error(stepped):
@@ -226,7 +228,7 @@ def test_stream_text_matches_decoded_tokens_and_stats_are_reported(engine):
     events = list(stream)
     final = events[-1]
     text = "".join(e["text"] for e in events[:-1])
-    assert text == engine.loaded.tokenizer.decode(final["token_ids"], skip_special_tokens=True)
+    assert text == engine.core.loaded.tokenizer.decode(final["token_ids"], skip_special_tokens=True)
     stats = final["stats"]
     assert stats["ttft"] > 0 and stats["total"] >= stats["ttft"]
     assert stats["deferred"] >= 0
@@ -249,7 +251,7 @@ def test_status_before_ready_and_after_shutdown(data_dir):
     engine = Engine(EngineConfig(model="tiny", data_dir=data_dir), wait=False)
     engine.wait_ready(60)
     assert engine.status()["state"] == "ready"
-    model = weakref.ref(engine.loaded.model)
+    model = weakref.ref(engine.core.loaded.model)
     engine.tune("t", [{"prompt": "a", "completion": "b"}] * 4, max_steps=1)  # the trainer too
     engine.shutdown()
     assert engine.status()["state"] == "stopped"
@@ -285,10 +287,10 @@ def test_default_model_knows_the_capital_of_france(tmp_path):
     assert torch.get_default_dtype() == torch.float32
 
 
-def test_a_broken_engine_step_fails_the_requests_in_flight_and_the_engine_goes_on(
+def test_a_broken_engine_iteration_fails_the_requests_in_flight_and_the_engine_goes_on(
     engine, monkeypatch
 ):
-    real = engine.scheduler.schedule
+    real = engine.core.scheduler.schedule
     calls = {"n": 0}
 
     def broken_once(*args, **kwargs):
@@ -297,15 +299,15 @@ def test_a_broken_engine_step_fails_the_requests_in_flight_and_the_engine_goes_o
             raise RuntimeError("scheduler bug")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.scheduler, "schedule", broken_once)
+    monkeypatch.setattr(engine.core.scheduler, "schedule", broken_once)
     stream = engine.generate("hi", max_new_tokens=3)
     events = list(stream)
     assert events[-1]["type"] == "error" and "scheduler bug" in events[-1]["message"]
     assert engine.complete("hi", max_new_tokens=3).finish_reason in ("length", "eos")
 
 
-def test_an_engine_whose_steps_keep_failing_reports_error_and_answers_503(engine, monkeypatch):
-    monkeypatch.setattr(engine.scheduler, "schedule", lambda *a, **k: 1 / 0)
+def test_an_engine_whose_iterations_keep_failing_reports_error_and_answers_503(engine, monkeypatch):
+    monkeypatch.setattr(engine.core.scheduler, "schedule", lambda *a, **k: 1 / 0)
     stream = engine.generate("hi", max_new_tokens=3)
     assert list(stream)[-1]["type"] == "error"
     engine._thread.join(10)
@@ -314,3 +316,39 @@ def test_an_engine_whose_steps_keep_failing_reports_error_and_answers_503(engine
         engine.generate("hi")
     with pytest.raises(EngineNotReady):
         engine.jobs()
+
+
+def scheduler_state(sched) -> tuple:
+    seqs = [*sched.waiting, *sched.running]
+    lines = (sched.costs.prefill, sched.costs.decode, sched.costs.train)
+    return (
+        [s.request_id for s in sched.waiting],
+        [s.request_id for s in sched.running],
+        {s.request_id: s.status for s in seqs},
+        sched.costs.snapshot(),
+        [sorted(line.samples) for line in lines],
+    )
+
+
+def test_the_executor_runs_what_it_is_told_and_changes_no_scheduler_state(stepped, monkeypatch):
+    core, kinds = stepped.core, []
+    execute = core.executor.execute
+
+    def checked(out):
+        before = scheduler_state(core.scheduler)
+        result = execute(out)
+        assert scheduler_state(core.scheduler) == before  # only update() changes it
+        assert [s.request_id for s in stepped.core.executor.batch.seqs] == [
+            s.request_id for s in [*core.scheduler.running, *out.admitted] if not s.is_finished
+        ]  # the KV rows follow the scheduler's batch
+        kinds.append(out.kind)
+        return result
+
+    monkeypatch.setattr(core.executor, "execute", checked)
+    stepped.tune("t", [{"prompt": "a", "completion": "bcd"}] * 4, max_steps=2)
+    streams = [stepped.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, (3, 9, 1, 6))]
+    while any(s.final is None for s in streams) or core.trainer.active:
+        stepped.iterate()
+    assert {IterationKind.PREFILL, IterationKind.DECODE, IterationKind.TRAIN} <= set(kinds)
+    assert [len(s.final["token_ids"]) for s in streams] == [3, 9, 1, 6]
+    assert not core.scheduler.running and not core.executor.batch.seqs

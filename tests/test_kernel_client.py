@@ -254,10 +254,14 @@ def test_widgets_render_the_documented_shapes_and_empty_values():
     from fineinfer_jupyter.kernel.widgets import Dashboard, JobWidget, sparkline
 
     client = FineInferClient("http://127.0.0.1:9/", "")
-    idle = {"state": "ready", "step": {"kind": "idle", "started": None}, "slack": {"min": None}}
+    idle = {
+        "state": "ready",
+        "iteration": {"kind": "idle", "started": None},
+        "slack": {"min": None},
+    }
     busy = {
         **idle,
-        "step": {"kind": "train", "started": 1.0},
+        "iteration": {"kind": "train", "started": 1.0},
         "slack": {"min": -0.5},
         "requests": {"waiting": 2, "running": 1},
         "inference": {"tokens_per_s": 20.1, "slo": {"ttft": 1.0, "tpot": 0.98}},
@@ -275,7 +279,7 @@ def test_widgets_render_the_documented_shapes_and_empty_values():
     dashboard = Dashboard(client)
     dashboard.render(idle)
     assert (
-        "nothing waiting" in dashboard.body.value and "step: <b>idle</b>" in dashboard.header.value
+        "nothing waiting" in dashboard.body.value and "now: <b>idle</b>" in dashboard.header.value
     )
     dashboard.render(busy)
     body = dashboard.body.value
@@ -286,4 +290,6 @@ def test_widgets_render_the_documented_shapes_and_empty_values():
     widget = JobWidget(client, {**job, "loss": 2.0, "loss_history": [[1, 2.5], [2, 2.0]]})
     assert "step 3/10 · loss 2 · – samples/s · ETA –" in widget.stats.value
     assert widget.bar.value == 3 and "<svg" in widget.spark.value
+    widget.render({**job, "estimating": True})  # no optimizer step measured yet
+    assert "step 3/10 · loss – · estimating speed and ETA" in widget.stats.value
     assert sparkline([1.0]) == "" and sparkline([float("nan"), 1.0, 2.0]).count(" ") > 2

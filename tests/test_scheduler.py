@@ -1,10 +1,12 @@
-"""The scheduling policies, with a fake clock and fake step costs (no model)."""
+"""The scheduler through schedule()/update(): policies, with a fake clock, fake costs and a fake
+executor (no model)."""
 
 import pytest
 
 from fineinfer_jupyter.engine.config import SamplingParams, Slo
-from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
-from fineinfer_jupyter.engine.scheduler import STALL_TPOTS, Scheduler, StepKind
+from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost, prefill_units
+from fineinfer_jupyter.engine.outputs import IterationKind, IterationResult, SchedulerOutput
+from fineinfer_jupyter.engine.scheduler import STALL_TPOTS, Scheduler
 from fineinfer_jupyter.engine.sequence import Sequence, Status
 
 PREFILL_PER_TOKEN, DECODE_FIXED, TRAIN_PER_TOKEN = 0.004, 0.08, 0.005
@@ -43,7 +45,8 @@ class FakeTraining:
 
 
 class Sim:
-    """Runs the scheduler against a fake clock: each step takes exactly its estimated cost."""
+    """The scheduler's own loop, schedule() -> execute -> update(), with a fake executor and a
+    fake clock: each pass takes exactly its estimated cost and every row gets a token."""
 
     def __init__(self, policy="deferred", slo=None, training=None, **kw):
         self.sched = Scheduler(policy=policy, costs=costs(), **kw)
@@ -64,37 +67,38 @@ class Sim:
             for at, seq in [a for a in self.arrivals if a[0] <= self.now]:
                 self.arrivals.remove((at, seq))
                 self.sched.add(seq)
-            step = self.sched.schedule(self.now, self.training)
-            c = self.sched.costs
-            if step.kind is StepKind.PREFILL:
-                self.log.append((self.now, "prefill", len(step.seqs)))
-                for group in self.sched.prefill_passes(step.seqs, self.now):  # as the engine does
-                    for s in group:
-                        self.sched.admitted(s)
-                        s.admitted = self.now
-                    self.now += c.prefill(self.sched.pass_tokens(group))
-                    for s in group:
-                        s.token_times = [self.now]
-                        s.output_ids.append(7)
-                        self.sched.batch.seqs.append(s)
-            elif step.kind is StepKind.DECODE:
-                self.log.append((self.now, "decode", len(step.seqs)))
-                self.now += c.decode(len(step.seqs))
-                for s in step.seqs:
-                    s.output_ids.append(7)
-                    s.token_times.append(self.now)
-                    if len(s.output_ids) >= s.sampling.max_new_tokens:
-                        s.status = Status.FINISHED
-                self.sched.batch.seqs = [
-                    s for s in self.sched.batch.seqs if s.status is not Status.FINISHED
-                ]
-            elif step.kind is StepKind.TRAIN:
-                k = self.training.take(step.train_examples or self.training.micro)
-                self.log.append((self.now, "train", k))
-                self.now += c.train(k * self.training.tokens)
-            else:
-                nxt = min((a for a, _ in self.arrivals), default=until)
-                self.now = max(self.now + 1e-3, nxt)
+            out = self.sched.schedule(self.now, self.training)
+            self.sched.update(out, self.execute(out))
+
+    def execute(self, out: SchedulerOutput) -> IterationResult:
+        c, result = self.sched.costs, IterationResult()
+        if out.prefill:
+            self.log.append((self.now, "prefill", len(out.admitted)))
+            for group in out.prefill:
+                self.now += c.prefill(prefill_units(group))
+                for s in group:
+                    self.token(s, result)
+        elif out.decode:
+            self.log.append((self.now, "decode", len(out.decode)))
+            self.now += c.decode(len(out.decode))
+            for s in out.decode:
+                self.token(s, result)
+        elif out.train_examples:
+            k = self.training.take(out.train_examples)
+            self.log.append((self.now, "train", k))
+            self.now += c.train(k * self.training.tokens)
+            result.trained_examples = k
+        else:
+            self.now = max(self.now + 1e-3, min((a for a, _ in self.arrivals), default=1e9))
+        return result
+
+    def token(self, s: Sequence, result: IterationResult) -> None:
+        s.output_ids.append(7)
+        s.token_times.append(self.now)
+        result.tokens.append((s, 7))
+        if len(s.output_ids) >= s.sampling.max_new_tokens:
+            s.finish_reason = "length"
+            result.finished.append(s)
 
     def kinds(self):
         return [k for _, k, _ in self.log]
@@ -196,7 +200,7 @@ def test_the_micro_batch_shrinks_under_tight_targets_and_grows_back(fixed):
     # tokens there is room for one example at most. With a fixed cost per step that one is
     # less efficient than a full step, but it is the best these targets allow: not starved
     training = FakeTraining(tokens_per_example=40, micro=4)
-    sim = Sim(training=training, slo=Slo(ttft=1.0, tpot=0.12), max_train_step=1.0)
+    sim = Sim(training=training, slo=Slo(ttft=1.0, tpot=0.12), max_micro_step=1.0)
     sim.sched.costs.train = LinearCost(fixed, TRAIN_PER_TOKEN)
     seq = sim.request(at=0.0, new_tokens=40)
     sim.run(until=12.0)
@@ -298,5 +302,43 @@ def test_the_most_efficient_micro_step_is_preferred_over_the_largest():
     for _ in range(3):
         for k, seconds in ((1, 0.25), (2, 0.4), (3, 0.75), (4, 1.2)):
             sched.costs.train.observe(k * 40, seconds)
-    step = sched.schedule(0.0, FakeTraining(tokens_per_example=40, micro=4, batch=8))
-    assert step.kind is StepKind.TRAIN and step.train_examples == 2
+    out = sched.schedule(0.0, FakeTraining(tokens_per_example=40, micro=4, batch=8))
+    assert out.kind is IterationKind.TRAIN and out.train_examples == 2
+
+
+def test_update_joins_admitted_requests_and_takes_finished_ones_out():
+    sim = Sim(policy="immediate")
+    a, b = sim.request(at=0.0, new_tokens=1), sim.request(at=0.0, new_tokens=3)
+    sim.run(until=1e-9)  # one iteration: both admitted and prefilled
+    assert sim.log[0][1:] == ("prefill", 2)
+    assert not sim.sched.waiting and sim.sched.running == [b]  # a ended on its first token
+    assert a.status is Status.FINISHED and b.status is Status.RUNNING
+    out = sim.sched.schedule(sim.now)
+    assert out.kind is IterationKind.DECODE and out.decode == [b] and not out.admitted
+
+
+def test_schedule_admits_and_plans_the_prefill_passes_once():
+    sched = Scheduler(policy="immediate", costs=costs())
+    slo = Slo(ttft=10.0, tpot=10.0)  # room for all three in one iteration
+    short = [Sequence([1] * 10, sampling=SamplingParams(), slo=slo) for _ in range(2)]
+    long = Sequence([1] * 400, sampling=SamplingParams(), slo=slo)
+    for s in (*short, long):
+        s.arrival = 0.0
+        sched.add(s)
+    out = sched.schedule(0.5)
+    assert out.admitted == [*short, long] and not sched.waiting  # admitted, not yet running
+    assert [len(p) for p in out.prefill] == [2, 1]  # padding 10 to 400 costs more than a pass
+    assert all(s.status is Status.RUNNING and s.admitted == 0.5 for s in out.admitted)
+    assert sched.running == []
+    sched.update(out, IterationResult())
+    assert sched.running == [*short, long]
+
+
+def test_abort_takes_a_request_out_of_either_queue():
+    sim = Sim(policy="immediate")
+    a, b = sim.request(at=0.0, new_tokens=9), sim.request(at=5.0, new_tokens=9)
+    sim.run(until=0.5)
+    sim.sched.add(b)
+    sim.arrivals.clear()
+    assert sim.sched.abort(a) and sim.sched.abort(b) and not sim.sched.abort(b)
+    assert not sim.sched.running and not sim.sched.waiting

@@ -256,7 +256,7 @@ async def test_generate_streams_text_in_several_chunks_before_the_final_stats(re
     )
     assert {"ttft", "tpot_mean", "tokens_per_s", "deferred", "total"} <= set(done["stats"])
     engine = ready_api.app.host.engine
-    text = engine.loaded.tokenizer.decode(done["token_ids"], skip_special_tokens=True)
+    text = engine.core.loaded.tokenizer.decode(done["token_ids"], skip_special_tokens=True)
     assert "".join(e["text"] for e in events[:-1]) == text
 
 
@@ -351,7 +351,9 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_request(
 async def test_metrics_are_one_strict_json_snapshot(ready_api, monkeypatch):
     code, metrics = await ready_api.get("metrics")
     assert code == 200
-    assert {"time", "state", "step", "requests", "inference", "training", "series"} <= set(metrics)
+    assert {"time", "state", "iteration", "requests", "inference", "training", "series"} <= set(
+        metrics
+    )
     engine = ready_api.app.host.engine
     snapshot = engine.metrics_snapshot
     monkeypatch.setattr(

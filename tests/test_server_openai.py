@@ -144,9 +144,11 @@ async def test_a_job_trains_to_the_end_while_requests_are_served_then_its_adapte
     ready_api, client, monkeypatch
 ):
     api = ready_api
-    train_step = Runner.train_step  # a micro-step of at least 20 ms: the job lasts over a second
+    forward_backward = (
+        Runner.forward_backward
+    )  # a micro-step of at least 20 ms: the job lasts over a second
     monkeypatch.setattr(
-        Runner, "train_step", lambda *a, **k: (time.sleep(0.02), train_step(*a, **k))[1]
+        Runner, "forward_backward", lambda *a, **k: (time.sleep(0.02), forward_backward(*a, **k))[1]
     )
     params = {"r": 4, "lora_alpha": 8, "batch_size": 2, "max_length": 64, "max_steps": 30}
     code, job = await api.post("jobs", {"adapter": "herb", "records": RECORDS, "params": params})

@@ -38,9 +38,9 @@ def chat(prompt):
 
 def train_to_end(engine, job_id, max_steps=100_000):
     for _ in range(max_steps):
-        if engine.trainer.current is None and not engine.trainer.queue:
+        if engine.core.trainer.current is None and not engine.core.trainer.queue:
             return engine.job(job_id)
-        engine.step()
+        engine.iterate()
     raise AssertionError("job did not end")
 
 
@@ -73,8 +73,8 @@ def test_stop_and_resume_give_the_same_loss_at_every_step_as_an_uninterrupted_ru
     with Engine(EngineConfig(model="tiny", data_dir=tmp_path / "b"), thread=False) as b:
         job = b.tune("herb", RECORDS, **params)
         while b.job(job["id"])["step"] < 3:
-            b.step()
-        b.step()  # half-way through step 4's effective batch: stop drops that part
+            b.iterate()
+        b.iterate()  # half-way through step 4's effective batch: stop drops that part
         stopped = b.stop_job(job["id"])
         assert stopped["state"] == "stopped" and stopped["step"] == 3
         assert stopped["checkpoint"].endswith("checkpoint-000003")
@@ -91,9 +91,9 @@ def test_saved_adapter_loads_with_plain_peft_in_a_fresh_process_with_the_same_lo
 ):
     job = stepped.tune("herb", RECORDS, max_steps=5, **FAST)
     train_to_end(stepped, job["id"])
-    ids = torch.tensor([stepped.loaded.tokenizer("Color of moonveil?")["input_ids"]])
+    ids = torch.tensor([stepped.core.loaded.tokenizer("Color of moonveil?")["input_ids"]])
     with torch.no_grad():
-        mine = stepped.runner.forward(
+        mine = stepped.core.runner.forward(
             ids, mask=torch.ones_like(ids), position_ids=None, adapters=["herb"]
         ).logits
     out = tmp_path / "logits.pt"
@@ -110,7 +110,7 @@ with torch.no_grad():
     theirs = torch.load(out)
     assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        base = stepped.runner.forward(
+        base = stepped.core.runner.forward(
             ids, mask=torch.ones_like(ids), position_ids=None, adapters=[None]
         ).logits
     assert not torch.allclose(base, theirs, atol=1e-3)
@@ -169,16 +169,16 @@ def test_engine_loss_at_each_step_equals_a_plain_peft_loop(stepped):
 def test_a_request_on_a_training_adapter_is_pinned_to_a_snapshot(stepped, tmp_path):
     job = stepped.tune("herb", RECORDS, max_steps=6, **FAST)
     while stepped.job(job["id"])["step"] < 2:
-        stepped.step()
+        stepped.iterate()
     at_two = stepped.save_adapter("herb", tmp_path / "herb-at-2")["saved_to"]
     stream = stepped.generate(
         chat(RECORDS[0]["prompt"]), adapter="herb", max_new_tokens=12, ignore_eos=True
     )
-    stepped.step()  # prefill: pinned to herb@2
-    assert list(stepped.adapters.snapshots) == ["herb__at2"]
+    stepped.iterate()  # prefill: pinned to herb@2
+    assert stepped.core.adapters.snapshots == ["herb@2"]
     while stream.final is None:
-        stepped.trainer.step()  # training moves on while the request decodes
-        stepped.step()
+        stepped.core.trainer.micro_step()  # training moves on while the request decodes
+        stepped.iterate()
     assert stepped.job(job["id"])["step"] > 2
     loaded = load_model("tiny")
     model = PeftModel.from_pretrained(loaded.model, at_two).eval()
@@ -196,22 +196,24 @@ def test_a_request_on_a_training_adapter_is_pinned_to_a_snapshot(stepped, tmp_pa
     )
     assert stream.final["token_ids"] == ref[0, ids.shape[1] :].tolist()
     train_to_end(stepped, job["id"])
-    assert not stepped.adapters.snapshots  # released once nothing uses them
+    assert not stepped.core.adapters.snapshots  # released once nothing uses them
 
 
 def test_the_cost_probe_runs_a_backward_pass_and_changes_nothing(stepped):
-    model = stepped.runner.model
+    model = stepped.core.runner.model
     before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-    stepped.runner.train_probe(2, 16)
+    stepped.core.runner.train_probe(2, 16)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] and p.grad is None
-    assert stepped.costs.train.samples  # calibrated at load: a training step's cost is known
+    assert (
+        stepped.core.scheduler.costs.train.samples
+    )  # calibrated at load: a training step's cost is known
 
 
 def test_one_job_trains_at_a_time_and_the_next_waits(stepped):
     a = stepped.tune("first", RECORDS, max_steps=2, **FAST)
     b = stepped.tune("second", RECORDS, max_steps=2, **FAST)
-    stepped.step()
+    stepped.iterate()
     assert stepped.job(a["id"])["state"] == "running" and stepped.job(b["id"])["state"] == "queued"
     train_to_end(stepped, b["id"])
     assert stepped.job(a["id"])["state"] == "done" and stepped.job(b["id"])["state"] == "done"
@@ -241,13 +243,15 @@ def test_epochs_set_the_number_of_steps(stepped):
 def test_nan_loss_fails_the_job_and_keeps_the_last_good_checkpoint(stepped, monkeypatch):
     job = stepped.tune("herb", RECORDS, max_steps=10, **dict(FAST, checkpoint_every=2))
     while stepped.job(job["id"])["step"] < 3:
-        stepped.step()
+        stepped.iterate()
     saved_dir = stepped.config.data_dir / "jobs" / job["id"] / "checkpoint-000002"
     good = (saved_dir / "adapter_model.safetensors").read_bytes()
-    real = stepped.runner.train_step
-    monkeypatch.setattr(stepped.runner, "train_step", lambda batch, scale: (float("nan"), 1))
-    stepped.step()
-    monkeypatch.setattr(stepped.runner, "train_step", real)
+    real = stepped.core.runner.forward_backward
+    monkeypatch.setattr(
+        stepped.core.runner, "forward_backward", lambda batch, scale: (float("nan"), 1)
+    )
+    stepped.iterate()
+    monkeypatch.setattr(stepped.core.runner, "forward_backward", real)
     failed = stepped.job(job["id"])
     assert failed["state"] == "failed" and "loss" in failed["error"] and "nan" in failed["error"]
     assert (saved_dir / "adapter_model.safetensors").read_bytes() == good
@@ -265,7 +269,7 @@ def test_nan_loss_fails_the_job_and_keeps_the_last_good_checkpoint(stepped, monk
 
 def test_cancel_drops_an_unsaved_adapter(stepped):
     job = stepped.tune("herb", RECORDS, max_steps=10, **FAST)
-    stepped.step()
+    stepped.iterate()
     assert stepped.cancel_job(job["id"])["state"] == "cancelled"
     assert stepped.list_adapters() == []
     assert stepped.complete("hi", max_new_tokens=2).finish_reason in ("length", "eos")

@@ -11,7 +11,7 @@ from .config import (
     UnknownName,
 )
 from .engine import Engine
-from .sequence import Completion, RequestError, RequestStream
+from .request import Completion, RequestError, RequestStream
 
 __all__ = [
     "Completion",

@@ -1,11 +1,19 @@
-"""The PEFT adapter store: every LoRA adapter lives in the one PeftModel over the shared base."""
+"""The PEFT adapter store: every LoRA adapter lives in the one PeftModel over the shared base.
+
+The store is the only owner of adapter metadata. The engine thread changes it; other threads
+read `names()`, `list()` and `resolve()`, which see one consistent snapshot (every change
+publishes a new dict instead of editing the one readers may hold). Snapshots of an adapter
+under training are named "<name>@<step>": '@' is not allowed in a user's adapter name, so the
+two can never collide.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
-import os
+import logging
 import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,39 +24,84 @@ from safetensors.torch import load_file, save_file
 
 from .config import NameTaken, UnknownName, check, check_adapter_name
 from .runner import Runner
+from .storage import atomic_dir, atomic_write, is_scratch, recover
+
+log = logging.getLogger("fineinfer")
+SNAPSHOT = "@"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: str | None  # the saved PEFT folder, None until saved
+    r: int
+    training: bool
+    step: int | None  # optimizer steps its weights have had (None: unknown, loaded from elsewhere)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class AdapterStore:
     def __init__(self, runner: Runner, root: Path):
         self.runner = runner
         self.root = root  # <data_dir>/adapters: one PEFT folder per saved adapter
-        self.info: dict[str, dict] = {}  # name -> {"name", "path", "r", "training", "step"}
-        self.snapshots: dict[
-            str, int
-        ] = {}  # pinned copy of a training adapter -> requests using it
+        self._info: dict[str, AdapterInfo] = {}  # replaced, never edited: readers hold one
+        self._snapshots: dict[str, int] = {}  # "<name>@<step>" -> requests pinned to it
+
+    # -- reads (any thread) -------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return sorted(self.info)
+        return sorted(self._info)
+
+    def list(self) -> list[dict]:
+        info = self._info
+        return [info[name].to_dict() for name in sorted(info)]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.info
+        return name in self._info
 
-    def get(self, name: str) -> dict:
-        if name not in self.info:
+    def get(self, name: str) -> AdapterInfo:
+        info = self._info.get(name)
+        if info is None:
+            known = ", ".join(self.names()) or "none"
+            raise UnknownName(f"adapter: no adapter named {name!r} (known: {known})")
+        return info
+
+    def resolve(self, name: str | None) -> str | None:
+        """The adapter a request asks for (None, "" and "base" are the base model)."""
+        if name in (None, "", "base"):
+            return None
+        if name not in self._info:
+            known = ", ".join(self.names()) or "none"
             raise UnknownName(
-                f"adapter: no adapter named {name!r} (known: {', '.join(self.names()) or 'none'})"
+                f"adapter: no adapter named {name!r} (known: {known}; use 'base' for the base model)"
             )
-        return self.info[name]
+        return name
 
-    def load(self, name: str, path: str | Path, *, replace: bool = False) -> dict:
+    @property
+    def snapshots(self) -> list[str]:
+        return sorted(self._snapshots)
+
+    # -- changes (engine thread) ----------------------------------------------------------------
+
+    def _set(self, info: AdapterInfo) -> None:
+        self._info = {**self._info, info.name: info}
+
+    def _drop(self, name: str) -> AdapterInfo:
+        info = self._info[name]
+        self._info = {k: v for k, v in self._info.items() if k != name}
+        return info
+
+    def load(self, name: str, path: str | Path, *, replace: bool = False) -> AdapterInfo:
         check_adapter_name(name, "name")
         path = Path(path)
         check(
             (path / "adapter_config.json").is_file(),
             "path",
-            f"{path} is not a PEFT adapter folder (no adapter_config.json)",
+            f"{path.name!r} is not a PEFT adapter folder (no adapter_config.json)",
         )
-        if name in self.info:
+        if name in self._info:
             if not replace:
                 raise NameTaken(f"name: an adapter named {name!r} exists already")
             self.delete(name)
@@ -62,122 +115,138 @@ class AdapterStore:
         model.eval()
         self.runner.model = model
         meta = _read_json(path / "fineinfer.json")
-        self.info[name] = {
-            "name": name,
-            "path": str(path),
-            "r": model.peft_config[name].r,
-            "training": False,
-            "step": meta.get("step"),
-        }
-        return self.info[name]
+        info = AdapterInfo(name, str(path), model.peft_config[name].r, False, meta.get("step"))
+        self._set(info)
+        return info
 
     def load_saved(self) -> list[str]:
         """Load every adapter saved under the data directory (at engine start)."""
         loaded = []
-        for folder in sorted(self.root.glob("*/adapter_config.json")):
-            name = folder.parent.name
-            try:
-                self.load(name, folder.parent)
-                loaded.append(name)
-            except ValueError:
+        for folder in sorted(p for p in self.root.iterdir() if not is_scratch(p)):
+            recover(folder)
+            if not (folder / "adapter_config.json").is_file():
                 continue
+            try:
+                self.load(folder.name, folder)
+                loaded.append(folder.name)
+            except Exception:
+                log.exception("saved adapter %s does not load; skipped", folder)
         return loaded
 
     def delete(self, name: str, *, files: bool = False) -> None:
-        self.get(name)
-        check(
-            not self.info[name]["training"],
-            "name",
-            f"adapter {name!r} is being trained; stop its job first",
-        )
-        self._delete(name)
-        path = self.info.pop(name)["path"]
-        if files and path and Path(path).parent == self.root:
-            shutil.rmtree(path, ignore_errors=True)
+        info = self.get(name)
+        check(not info.training, "name", f"adapter {name!r} is being trained; stop its job first")
+        self._unload(name)
+        self._drop(name)
+        if files and info.path and Path(info.path).parent == self.root:
+            shutil.rmtree(info.path, ignore_errors=True)
 
     def create(self, name: str, config: LoraConfig) -> None:
-        """A new trainable adapter over the shared base (engine thread)."""
+        """A new adapter over the shared base, to be trained."""
         if self.runner.peft:
             self.runner.model.add_adapter(name, config)
         else:
             self.runner.model = get_peft_model(self.runner.model, config, adapter_name=name)
         self.runner.model.eval()
-        self.info[name] = {"name": name, "path": None, "r": config.r, "training": True, "step": 0}
+        self._set(AdapterInfo(name, None, config.r, False, 0))
 
-    def train(self, name: str) -> list[torch.nn.Parameter]:
-        """Make `name` the adapter that plain forwards use and that gets gradients."""
+    def begin_training(self, name: str) -> list[torch.nn.Parameter]:
+        """Make `name` the adapter that plain forwards use and that gets gradients; returns
+        its parameters. Requests that ask for it from now on get snapshots."""
+        info = self.get(name)
         self.runner.model.set_adapter(name)
         params = [p for n, p in self.runner.model.named_parameters() if f".{name}." in n]
         for p in params:
             p.requires_grad_(True)
+        self._set(replace(info, training=True, step=info.step or 0))
         return params
+
+    def trained(self, name: str, step: int) -> None:
+        """`name`'s weights now have `step` optimizer steps (new requests pin a new snapshot)."""
+        self._set(replace(self.get(name), step=step))
+
+    def end_training(self, name: str, step: int, path: Path | None) -> None:
+        self.runner.model.requires_grad_(False)
+        info = self.get(name)
+        self._set(replace(info, training=False, step=step, path=str(path) if path else info.path))
+        self._release_unused()
 
     def save(self, name: str, folder: Path, meta: dict | None = None) -> Path:
         """Write `name` in PEFT's format (adapter_model.safetensors + adapter_config.json),
         atomically: a reader sees the old folder or the new one, never a half-written one."""
+        with atomic_dir(folder) as tmp:
+            self.write(name, tmp, meta)
+        return folder
+
+    def write(self, name: str, folder: Path, meta: dict | None = None) -> None:
+        """The adapter's files into an existing folder (not atomic: see save)."""
         model = self.runner.model
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         state = get_peft_model_state_dict(model, adapter_name=name)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in state.items()},
-            tmp / "adapter_model.safetensors",
+            folder / "adapter_model.safetensors",
         )
         config = copy.deepcopy(model.peft_config[name])
         config.inference_mode = True
-        config.save_pretrained(str(tmp))
-        (tmp / "fineinfer.json").write_text(json.dumps(meta or {}))
-        _replace_dir(tmp, folder)
-        return folder
+        config.save_pretrained(str(folder))
+        atomic_write(folder / "fineinfer.json", json.dumps(meta or {}))
 
-    def restore(self, name: str, folder: Path) -> None:
-        """Load saved LoRA weights into the existing adapter `name` (in place: optimizers keep their tensors)."""
+    def restore(self, name: str, folder: Path, *, step: int | None = None) -> None:
+        """Load saved LoRA weights into the existing adapter `name` (in place: optimizers keep
+        their tensors)."""
+        recover(folder)
         state = load_file(str(folder / "adapter_model.safetensors"), device=str(self.runner.device))
         with torch.no_grad():
             result = set_peft_model_state_dict(self.runner.model, state, adapter_name=name)
-        check(not result.unexpected_keys, "checkpoint", f"{folder} does not match adapter {name!r}")
+        check(not result.unexpected_keys, "checkpoint", f"{folder.name} does not match {name!r}")
+        if step is not None:
+            self._set(replace(self.get(name), step=step))
 
-    def pin(self, name: str) -> str:
-        """The adapter a new request should use: a training adapter's snapshot at its current step."""
-        info = self.info[name]
-        if not info["training"]:
+    # -- snapshots --------------------------------------------------------------------------------
+
+    def pin(self, name: str | None) -> str | None:
+        """The adapter a request admitted now uses: a training adapter's snapshot at its current
+        step (made on first use), else the adapter itself. Undo with unpin()."""
+        if name is None:
+            return None
+        info = self.get(name)
+        if not info.training:
             return name
-        snap = f"{name}__at{info['step']}"
-        if snap not in self.snapshots:
+        snap = f"{name}{SNAPSHOT}{info.step}"
+        if snap not in self._snapshots:
             self._release_unused()
-            config = copy.deepcopy(self.runner.model.peft_config[name])
+            model = self.runner.model
+            config = copy.deepcopy(model.peft_config[name])
             config.inference_mode = True
-            self.runner.model.add_adapter(snap, config)
+            model.add_adapter(snap, config)
             with torch.no_grad():
                 for layer in self._lora_layers():
                     if name in layer.lora_A:
                         for part in (layer.lora_A, layer.lora_B):
                             part[snap].weight.copy_(part[name].weight)
                             part[snap].weight.requires_grad_(False)
-            self.runner.model.set_adapter(name)  # add_adapter must not change which adapter trains
-            self.snapshots[snap] = 0
-        self.snapshots[snap] += 1
+            model.set_adapter(name)  # add_adapter must not change which adapter trains
+            self._snapshots[snap] = 0
+        self._snapshots[snap] += 1
         return snap
 
     def unpin(self, adapter: str | None) -> None:
-        if adapter in self.snapshots:
-            self.snapshots[adapter] -= 1
+        if adapter in self._snapshots:
+            self._snapshots[adapter] -= 1
             self._release_unused()
 
     def _release_unused(self) -> None:
-        for snap, refs in list(self.snapshots.items()):
-            name, _, step = snap.rpartition("__at")
-            current = (
-                name in self.info
-                and self.info[name]["training"]
-                and str(self.info[name]["step"]) == step
-            )
+        """Drop snapshots no request uses, except the newest of an adapter still training
+        (the next request will want it)."""
+        for snap, refs in list(self._snapshots.items()):
+            name, _, step = snap.rpartition(SNAPSHOT)
+            info = self._info.get(name)
+            current = info is not None and info.training and str(info.step) == step
             if refs == 0 and not current:
-                self._delete(snap)
-                del self.snapshots[snap]
+                self._unload(snap)
+                del self._snapshots[snap]
 
-    def _delete(self, adapter: str) -> None:
+    def _unload(self, adapter: str) -> None:
         model = self.runner.model
         model.delete_adapter(adapter)
         if not model.peft_config:  # the last one: back to the plain base model
@@ -187,17 +256,9 @@ class AdapterStore:
         return [m for m in self.runner.model.modules() if isinstance(m, LoraLayer)]
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return value if isinstance(value, dict) else {}

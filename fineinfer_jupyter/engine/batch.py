@@ -1,8 +1,9 @@
-"""The running decode batch: its rows, their left-padded KV cache and attention mask.
+"""The running decode batch's tensors: its rows' left-padded KV cache and attention mask.
 
-Rows join after their own prefill and leave the moment they finish. Caches are
-right-aligned: every row's newest token sits in the last column, shorter rows are
-padded on the left and masked out.
+The executor owns it; the scheduler decides who is in the batch, and the executor keeps these
+rows equal to that list (align). Rows join after their own prefill and leave the moment they
+finish. Caches are right-aligned: every row's newest token sits in the last column, shorter
+rows are padded on the left and masked out.
 """
 
 from __future__ import annotations
@@ -50,9 +51,21 @@ class Batch:
         self.mask = F.pad(self.mask, (0, 1), value=1)
         return self.mask
 
+    def align(self, seqs: list[Sequence]) -> None:
+        """Make the rows exactly `seqs`, in that order (each must have a row already)."""
+        index = {id(s): i for i, s in enumerate(self.seqs)}
+        missing = [s.request_id for s in seqs if id(s) not in index]
+        if missing:
+            raise RuntimeError(f"no KV cache rows for {', '.join(missing)}")
+        self.keep([index[id(s)] for s in seqs])
+
+    def drop(self, seq: Sequence) -> None:
+        self.keep([i for i, s in enumerate(self.seqs) if s is not seq])
+
     def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (finished and cancelled rows leave), then trim all-padding columns."""
-        if len(rows) == len(self.seqs):
+        """Keep only `rows`, in that order (finished and cancelled rows leave), then trim
+        all-padding columns."""
+        if rows == list(range(len(self.seqs))):
             return
         if not rows:
             self.seqs, self.cache, self.mask = [], None, None

@@ -160,7 +160,7 @@ class TrainParams:
     r: int = 16
     lora_alpha: int = 32
     target_modules: str | list[str] = "all-linear"
-    lora_dropout: float = 0.0  # the model stays in eval mode (DESIGN.md): keep 0
+    lora_dropout: float = 0.0  # the model stays in eval mode (docs/design.md): keep 0
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0

@@ -1,10 +1,11 @@
-"""Running estimates of step times, from the steps the engine measured: what the scheduler plans with.
+"""Running estimates of how long work takes, from what the engine measured: what the
+scheduler plans with (docs/design.md, "The cost model").
 
-Each step kind is a line, seconds = fixed + per_unit * units (units: prompt tokens for prefill,
-rows for decode, padded tokens (examples x the longest) for a training micro-step), fitted by
-least squares over recent steps of every size, and corrected near sizes already measured.
-The optimizer step, which only the last micro-step of an effective batch runs, is estimated
-on its own.
+Each kind of work is a line, seconds = fixed + per_unit * units (units: prompt tokens of a
+prefill pass, padded to its longest prompt; rows for a decode; padded tokens (examples x the
+longest) for a training micro-step), fitted by least squares over recent samples of every size,
+and corrected near sizes already measured. The optimizer step, which only the last micro-step
+of an effective batch runs, is estimated on its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import math
 from collections import deque
 
 PER_BUCKET = 16  # recent samples kept per size bucket (sizes within a factor of ~1.4)
+
+
+def prefill_units(seqs) -> int:
+    """Tokens a prefill pass computes: every prompt padded to the longest."""
+    return len(seqs) * max(s.num_prompt_tokens for s in seqs)
 
 
 def _bucket(units: float) -> int:
@@ -63,10 +69,10 @@ class LinearCost:
 
 class CostModel:
     def __init__(self, *, gpu: bool = False):
-        f = 0.02 if gpu else 1.0  # priors: this CPU (DESIGN.md), a GPU ~50x faster
+        f = 0.02 if gpu else 1.0  # priors: this CPU (docs/design.md), a GPU ~50x faster
         self.prefill = LinearCost(0.02 * f, 0.0045 * f)  # per prompt token
         self.decode = LinearCost(0.07 * f, 0.0045 * f)  # per row
-        self.train = LinearCost(0.05 * f, 0.0093 * f)  # per padded token of the micro-batch
+        self.train = LinearCost(0.05 * f, 0.0093 * f)  # per padded token of a micro-step
         self.optimizer = 0.0  # seconds of an optimizer step, added to a batch's last micro-step
         self.margin = 1.15  # plan with estimates padded against noise
 

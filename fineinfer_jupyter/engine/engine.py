@@ -1,13 +1,18 @@
-"""The Engine facade: one thread owns the model; callers talk to it through an inbox and streams."""
+"""The Engine facade: the public API, the inbox and the engine thread.
+
+One thread owns the model (an EngineCore, built in core.py); every public method is safe to
+call from any thread: requests and commands go through the inbox, answers come back through
+each request's stream or a future (docs/design.md, "Threads").
+"""
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -16,39 +21,34 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterStore
+from . import core
 from .config import (
-    BASE,
     EngineConfig,
     EngineNotReady,
     QueueFull,
     SamplingParams,
     Slo,
     TrainParams,
-    UnknownName,
     check,
-    default_slo,
 )
-from .costmodel import CostModel
 from .data import build_dataset
-from .executor import Executor
 from .metrics import Metrics
-from .models import LoadedModel, load_model
-from .runner import Runner
-from .scheduler import Scheduler, Step, StepKind
-from .sequence import Completion, RequestStream, Sequence
-from .training import Trainer
+from .models import load_model
+from .outputs import IterationKind, SchedulerOutput
+from .request import Completion, RequestStream
+from .sequence import Sequence
 
 log = logging.getLogger("fineinfer")
+MAX_FAILURES = 3  # iterations in a row that may fail before the engine reports "error"
 
 
 class Engine:
-    """Owns one base model; serves generate() requests with continuous batching.
+    """Owns one base model; serves generate() requests with continuous batching while
+    training jobs run.
 
-    All model work happens in the engine thread; every public method is safe to call from any
-    thread. `Engine(config)` waits for the model unless `wait=False` (then `state` is
-    "loading" until it is "ready" or "error"). With `thread=False` the model loads in the
-    caller's thread and nothing runs until the caller calls `step()` (tests, benchmarks).
+    `Engine(config)` waits for the model unless `wait=False` (then `state` is "loading" until
+    it is "ready" or "error"). With `thread=False` the model loads in the caller's thread and
+    nothing runs until the caller calls `iterate()` (tests, benchmarks).
     """
 
     def __init__(
@@ -64,23 +64,12 @@ class Engine:
         self.progress = "starting"
         self.error: str | None = None
         self.metrics = Metrics()
-        self.costs = CostModel()
-        self.scheduler = Scheduler(
-            policy=self.config.policy,
-            max_batch_size=self.config.max_batch_size,
-            costs=self.costs,
-            fineinfer_bound=self.config.fineinfer_bound,
-        )
-        self.loaded: LoadedModel | None = None
-        self.slo: Slo | None = None  # default latency targets, set by device at load
+        self.core: core.EngineCore | None = None  # once the model has loaded
         self.model_info: dict | None = None  # name, path, device, dtype, parameters, max_context
-        self.runner: Runner | None = None
-        self.adapters: AdapterStore | None = None
-        self.trainer: Trainer | None = None
-        self.executor: Executor | None = None  # runs the steps, once the model has loaded
-        self._requests: dict[str, Sequence] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._tokenizer_lock = threading.Lock()
+        self._streams: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self._queued = 0  # requests in the inbox, not yet in the scheduler's queue
         self._stopping = False
         self._ready = threading.Event()
         self._thread = None
@@ -101,6 +90,11 @@ class Engine:
         if self.state != "ready":
             raise EngineNotReady(f"model failed to load: {self.error}")
 
+    @property
+    def slo(self) -> Slo | None:
+        """The default latency targets (by device, unless configured)."""
+        return self.core.slo if self.core else None
+
     def generate(
         self,
         prompt: str | list[dict],
@@ -114,59 +108,67 @@ class Engine:
         """Queue a request; returns its stream of {"type": "delta"} events and a final event.
 
         `prompt` is raw text, or a list of chat messages (rendered with the chat template).
-        Bad input raises ValueError naming the field, before anything is queued.
+        `slo` may give only some targets; the rest are the engine's defaults. Bad input raises
+        ValueError naming the field, before anything is queued.
         """
-        self._check_ready()
+        c = self._ready_core()
+        cap = self.config.max_new_tokens_cap
         if sampling is None:
-            sampling_kwargs.setdefault(
-                "max_new_tokens", min(SamplingParams.max_new_tokens, self.config.max_new_tokens_cap)
-            )
+            sampling_kwargs.setdefault("max_new_tokens", min(SamplingParams.max_new_tokens, cap))
             sampling = SamplingParams(**sampling_kwargs)
-        check(
-            sampling.max_new_tokens <= self.config.max_new_tokens_cap,
-            "max_new_tokens",
-            f"must be <= {self.config.max_new_tokens_cap}",
-        )
-        name = self._resolve_adapter(adapter)
-        ids = self._encode(prompt)
-        limit = self.loaded.max_context
+        check(sampling.max_new_tokens <= cap, "max_new_tokens", f"must be <= {cap}")
+        if isinstance(slo, dict):
+            slo = Slo(**{**asdict(c.slo), **{k: v for k, v in slo.items() if v is not None}})
+        name = c.adapters.resolve(adapter)
+        ids = c.tokenizer.encode(prompt)
+        limit = c.loaded.max_context
         check(len(ids) < limit, "prompt", f"is {len(ids)} tokens; the model's context is {limit}")
-        if len(self.scheduler.waiting) >= self.config.max_queue:
-            raise QueueFull(f"queue full: {self.config.max_queue} requests are waiting")
-        if isinstance(slo, dict):  # targets left out (or None) are the engine's defaults
-            slo = Slo(**{**asdict(self.slo), **{k: v for k, v in slo.items() if v is not None}})
-        seq = Sequence(ids, sampling=sampling, slo=slo or self.slo, adapter=name, max_context=limit)
+        seq = Sequence(
+            ids,
+            sampling=sampling,
+            slo=slo or c.slo,
+            adapter=name,
+            tokenizer=c.tokenizer,
+            max_context=limit,
+        )
         seq.stream = RequestStream(seq.request_id, callback)
         seq.stream.cancel = lambda: self.cancel(seq.request_id)
-        self._requests[seq.request_id] = seq
-        self._inbox.put((self.scheduler.add, (seq,), None))
+        with self._lock:
+            if self._queued + len(c.scheduler.waiting) >= self.config.max_queue:
+                raise QueueFull(f"queue full: {self.config.max_queue} requests are waiting")
+            self._queued += 1
+            self._streams[seq.request_id] = seq.stream
+        self._post(self._admit, seq)
         return seq.stream
 
     def complete(self, prompt: str | list[dict], **kwargs) -> Completion:
         """Blocking generate(): the whole answer."""
         stream = self.generate(prompt, **kwargs)
         while self._thread is None and stream.final is None:
-            self.step()  # no engine thread: drive the engine from here
+            self.iterate()  # no engine thread: drive the engine from here
         return stream.result()
 
     def cancel(self, request_id: str) -> bool:
-        seq = self._requests.get(request_id)
-        if seq is None or seq.is_finished:
+        """Stop a request; False if it is unknown or has ended."""
+        stream = self._streams.get(request_id)
+        if stream is None or stream.final is not None:
             return False
-        seq.cancelled = True
-        self._inbox.put((lambda: None, (), None))  # wake the loop
+        self._post(self.core.abort, request_id)
         return True
 
     def load_adapter(self, name: str, path: str | Path, *, replace: bool = False) -> dict:
-        return self._call(self.adapters.load, name, path, replace=replace)
+        c = self._ready_core()
+        return self._call(lambda: c.adapters.load(name, path, replace=replace).to_dict())
 
     def delete_adapter(self, name: str, *, files: bool = True) -> None:
         """Unload an adapter; with `files`, also remove its saved copy under the data directory."""
-        return self._call(self.adapters.delete, name, files=files)
+        c = self._ready_core()
+        return self._call(c.adapters.delete, name, files=files)
 
     def save_adapter(self, name: str, path: str | Path) -> dict:
-        """Write an adapter in PEFT's format to `path` (a folder; loads with PeftModel.from_pretrained)."""
-
+        """Write an adapter in PEFT's format to `path` (a folder; loads with
+        PeftModel.from_pretrained)."""
+        c = self._ready_core()
         target = Path(path)
         check(
             not target.exists()
@@ -175,19 +177,18 @@ class Engine:
                 and (not any(target.iterdir()) or (target / "adapter_config.json").exists())
             ),
             "path",
-            f"{target} exists and is not an adapter folder; refusing to replace it",
+            f"{target.name!r} exists and is not an adapter folder; refusing to replace it",
         )
 
         def save():
-            info = self.adapters.get(name)
-            folder = self.adapters.save(name, target, {"step": info["step"]})
-            return {**info, "saved_to": str(folder)}
+            info = c.adapters.get(name)
+            folder = c.adapters.save(name, target, {"step": info.step})
+            return {**info.to_dict(), "saved_to": str(folder)}
 
         return self._call(save)
 
     def list_adapters(self) -> list[dict]:
-        self._check_ready()
-        return [dict(info) for _, info in sorted(list(self.adapters.info.items()))]
+        return self._ready_core().adapters.list()
 
     def tune(self, adapter: str, data, params: TrainParams | dict | None = None, **kwargs) -> dict:
         """Start (or queue) a LoRA fine-tuning job; returns the job's status dict at once.
@@ -195,37 +196,37 @@ class Engine:
         `data` is a .jsonl/.txt path or a list of records. Bad data or parameters raise
         ValueError naming the problem before anything starts.
         """
-        self._check_ready()
+        c = self._ready_core()
         if not isinstance(params, TrainParams):
             params = TrainParams.from_dict({**(params or {}), **kwargs})
-        with self._tokenizer_lock:
-            tokenizer = copy.deepcopy(
-                self.loaded.tokenizer
-            )  # a data set can take a while: not under the lock
         dataset = build_dataset(
             data,
-            tokenizer,
+            c.tokenizer.copy(),  # a data set can take a while: not under the shared lock
             max_length=params.max_length,
             val_fraction=params.val_fraction,
             seed=params.seed,
         )
-        return self._call(lambda: self.trainer.submit(adapter, dataset, params).to_dict())
+        return self._call(lambda: c.trainer.submit(adapter, dataset, params).to_dict())
 
     def jobs(self) -> list[dict]:
-        self._check_ready()
-        return self._call(lambda: [j.to_dict() for j in self.trainer.jobs.values()])
+        c = self._ready_core()
+        return self._call(lambda: [j.to_dict() for j in c.trainer.jobs.values()])
 
     def job(self, job_id: str) -> dict:
-        return self._call(lambda: self.trainer.get(job_id).to_dict())
+        c = self._ready_core()
+        return self._call(lambda: c.trainer.get(job_id).to_dict())
 
     def stop_job(self, job_id: str) -> dict:
-        return self._call(lambda: self.trainer.stop(job_id).to_dict())
+        c = self._ready_core()
+        return self._call(lambda: c.trainer.stop(job_id).to_dict())
 
     def resume_job(self, job_id: str) -> dict:
-        return self._call(lambda: self.trainer.resume(job_id).to_dict())
+        c = self._ready_core()
+        return self._call(lambda: c.trainer.resume(job_id).to_dict())
 
     def cancel_job(self, job_id: str) -> dict:
-        return self._call(lambda: self.trainer.cancel(job_id).to_dict())
+        c = self._ready_core()
+        return self._call(lambda: c.trainer.cancel(job_id).to_dict())
 
     def wait_job(self, job_id: str, timeout: float | None = None, poll: float = 0.05) -> dict:
         """Block until the job is no longer queued or running."""
@@ -239,33 +240,28 @@ class Engine:
             time.sleep(poll)
 
     def status(self) -> dict:
+        c = self.core
         return {
             "state": self.state,
             "progress": self.progress,
             "error": self.error,
             "model": self.model_info,
             "policy": self.config.policy,
-            "slo": {"ttft": self.slo.ttft, "tpot": self.slo.tpot} if self.slo else None,
-            "adapters": self.adapters.names() if self.adapters else [],
+            "slo": asdict(c.slo) if c else None,
+            "adapters": c.adapters.names() if c else [],
             "requests": {
-                "waiting": len(self.scheduler.waiting),
-                "running": self.scheduler.num_running,
+                "waiting": (len(c.scheduler.waiting) if c else 0) + self._queued,
+                "running": c.scheduler.num_running if c else 0,
             },
         }
 
     def metrics_snapshot(self) -> dict:
         return self.metrics.snapshot(state=self.state)
 
-    def step(self) -> Step:
-        """One iteration: take in what arrived, pick a step, run it."""
+    def iterate(self) -> SchedulerOutput:
+        """One engine iteration: take in what arrived, then schedule, execute, update."""
         self._drain(block=False)
-        self.executor.reap_cancelled()
-        step = self.scheduler.schedule(time.monotonic(), self.trainer)
-        if step.kind is StepKind.IDLE:
-            self.executor.publish_queue()
-        else:
-            self.executor.run(step)
-        return step
+        return self.core.iterate()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         if self._stopping:
@@ -285,60 +281,25 @@ class Engine:
 
     # -- helpers for callers ---------------------------------------------------------------
 
-    def _check_ready(self) -> None:
+    def _ready_core(self) -> core.EngineCore:
         if self.state == "loading":
             raise EngineNotReady(f"model is loading: {self.progress}")
-        if self.state != "ready":
+        if self.state != "ready" or self.core is None:
             raise EngineNotReady(
                 f"engine is {self.state}" + (f": {self.error}" if self.error else "")
             )
+        return self.core
 
-    def _resolve_adapter(self, adapter: str | None) -> str | None:
-        if adapter in (None, "", BASE):
-            return None
-        if adapter not in self.adapters:
-            raise UnknownName(
-                f"adapter: no adapter named {adapter!r} (known: {', '.join(self.adapters.names()) or 'none'}; use 'base' for the base model)"
-            )
-        return adapter
+    def _post(self, fn, *args) -> None:
+        self._inbox.put((fn, args, None))
 
-    def _encode(self, prompt: str | list[dict]) -> list[int]:
-        tok = self.loaded.tokenizer
-        with self._tokenizer_lock:
-            if isinstance(prompt, str):
-                check(prompt != "", "prompt", "must not be empty")
-                return tok(prompt, add_special_tokens=False)["input_ids"]
-            check(
-                isinstance(prompt, list) and len(prompt) > 0,
-                "messages",
-                "must be a non-empty list of {role, content}",
-            )
-            for i, m in enumerate(prompt):
-                check(
-                    isinstance(m, dict)
-                    and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str),
-                    f"messages[{i}]",
-                    "must be {role: str, content: str}",
-                )
-                check(
-                    m["role"] in ("system", "user", "assistant", "tool"),
-                    f"messages[{i}].role",
-                    f"unknown role {m['role']!r}",
-                )
-            check(
-                tok.chat_template is not None,
-                "messages",
-                "this model's tokenizer has no chat template; send a prompt",
-            )
-            ids = tok.apply_chat_template(
-                prompt, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            return list(ids)
+    def _admit(self, seq: Sequence) -> None:  # engine thread
+        with self._lock:
+            self._queued -= 1
+        self.core.add(seq)
 
     def _call(self, fn, *args, **kwargs):
         """Run fn in the engine thread and wait for its result (its exception is raised here)."""
-        self._check_ready()
         if self._stopping:
             raise EngineNotReady("engine is shutting down")
         if self._thread is None:
@@ -375,79 +336,45 @@ class Engine:
             self.progress = message
             log.info(message)
 
-        self.loaded = load_model(
+        loaded = load_model(
             self.config.model,
             device=self.config.device,
             dtype=self.config.dtype,
             cache_dir=self.config.cache_dir,
             progress=progress,
         )
-        m = self.loaded
         self.model_info = {
-            "name": m.name,
-            "path": m.path,
-            "device": str(m.device),
-            "dtype": str(m.dtype).removeprefix("torch."),
-            "parameters": m.parameters,
-            "max_context": m.max_context,
+            "name": loaded.name,
+            "path": loaded.path,
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "parameters": loaded.parameters,
+            "max_context": loaded.max_context,
         }
-        self.runner = Runner(m.model, device=m.device)
-        given = self.config.slo
-        self.slo = (
-            given
-            if isinstance(given, Slo)
-            else Slo(**{**asdict(default_slo(m.device.type)), **(given or {})})
-        )
-        self.scheduler.max_train_step = self.slo.ttft / 2  # an arrival must not wait longer
-        if m.device.type != "cpu":
-            self.costs.__init__(gpu=True)
-        root = Path(self.config.data_dir)
-        (root / "adapters").mkdir(parents=True, exist_ok=True)
-        self.adapters = AdapterStore(self.runner, root / "adapters")
-        self.adapters.load_saved()
-        tok = self.loaded.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.trainer = Trainer(self.runner, self.adapters, root=root / "jobs", pad_id=pad)
-        tok, gen = self.loaded.tokenizer, self.loaded.model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.executor = Executor(
-            runner=self.runner,
-            adapters=self.adapters,
-            trainer=self.trainer,
-            scheduler=self.scheduler,
-            costs=self.costs,
-            metrics=self.metrics,
-            tokenizer=tok,
-            tokenizer_lock=self._tokenizer_lock,
-            eos_ids=self.eos_ids,
-            slo=self.slo,
-            requests=self._requests,
-        )
-        self.executor.calibrate()
+        progress("calibrating")
+        self.core = core.build(self.config, loaded, self.metrics)
         progress("ready")
 
     def _loop(self) -> None:
         failures = 0
         while not self._stopping:
             try:
-                step = self.step()
+                out = self.iterate()
                 failures = 0
             except Exception as e:  # a bug, not a bad request: fail what is in flight, go on
-                log.exception("engine step failed")
+                log.exception("engine iteration failed")
                 failures += 1
-                for seq in self.scheduler.drop(lambda s: True):
-                    self.executor.fail(seq, e)
-                if failures >= 3:
+                self.core.fail_all(e)
+                if failures >= MAX_FAILURES:
                     self.state, self.error = "error", f"engine loop failed: {type(e).__name__}: {e}"
                     return
                 continue
-            if step.kind is StepKind.IDLE:
-                self._drain(block=True, timeout=step.wait)
+            if out.kind is IterationKind.IDLE:
+                self._drain(block=True)  # until something arrives
 
-    def _drain(self, *, block: bool, timeout: float | None = None) -> None:
+    def _drain(self, *, block: bool) -> None:
         try:
-            item = self._inbox.get(block=block, timeout=timeout)
+            item = self._inbox.get(block=block)
         except queue.Empty:
             return
         while True:
@@ -469,20 +396,21 @@ class Engine:
     def _close(self) -> None:
         self.state = "stopped" if self.state == "ready" else self.state
         reason = EngineNotReady(f"engine {self.state}" + (f": {self.error}" if self.error else ""))
-        for seq in list(self._requests.values()):  # (none unless the model had loaded)
-            if not seq.is_finished and self.executor is not None:
-                self.executor.fail(seq, reason)
+        if self.core is not None:
+            self.core.fail_all(reason)
         while True:  # callers waiting on engine-thread calls get an answer too
             try:
-                _, _, future = self._inbox.get_nowait()
+                fn, args, future = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if future is not None:
                 future.set_exception(reason)
-        # nothing may keep the model alive: the trainer and the executor hold the runner too
-        self.runner = self.adapters = self.trainer = self.executor = None
-        if self.loaded is not None:
-            self.loaded.model = None
+            elif fn == self._admit and self.core is not None:
+                self.core.executor.fail(args[0], reason)
+        # nothing may keep the model alive once the engine has stopped
+        if self.core is not None:
+            self.core.loaded.model = None
+            self.core = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,4 +1,6 @@
-"""Counters, per-second series and a ring of recent steps; snapshot() -> a JSON-ready dict."""
+"""Counters, per-second series and a ring of recent iterations; snapshot() -> a JSON-ready dict.
+
+Written by the engine thread, read by any (snapshot takes the lock)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from collections import deque
 import psutil
 
 SERIES_SECONDS = 300
-TIMELINE_STEPS = 200
+TIMELINE_ITERATIONS = 200
 KINDS = ("prefill", "decode", "train", "idle")
 
 
@@ -26,9 +28,9 @@ class Metrics:
         self._lock = threading.Lock()
         self._process = psutil.Process(os.getpid())
         self.start = time.time()
-        self.step_kind = "idle"
-        self.step_started = self.start
-        self.timeline: deque[dict] = deque(maxlen=TIMELINE_STEPS)
+        self.iteration_kind = "idle"
+        self.iteration_started_at = self.start
+        self.timeline: deque[dict] = deque(maxlen=TIMELINE_ITERATIONS)
         self.busy = dict.fromkeys(KINDS, 0.0)
         self.requests = {"finished": 0, "failed": 0, "cancelled": 0}
         self.waiting = self.running = 0
@@ -57,10 +59,12 @@ class Metrics:
             )
         return self._buckets[-1]
 
-    def step_started_now(self, kind: str) -> None:
-        self.step_kind, self.step_started = kind, time.time()
+    def iteration_started(self, kind: str) -> None:
+        self.iteration_kind, self.iteration_started_at = kind, time.time()
 
-    def record_step(self, kind: str, duration: float, *, rows: int = 0, tokens: int = 0) -> None:
+    def record_iteration(
+        self, kind: str, duration: float, *, rows: int = 0, tokens: int = 0
+    ) -> None:
         now = time.time()
         with self._lock:
             self.busy[kind] += duration
@@ -76,7 +80,7 @@ class Metrics:
                 )
             if kind in ("prefill", "decode"):
                 self._bucket(now)["tokens"] += rows  # one new token per row
-            self.step_kind = "idle"
+            self.iteration_kind = "idle"
 
     def record_training(self, *, samples: int, tokens: int, loss: float | None, job: dict) -> None:
         with self._lock:
@@ -99,19 +103,17 @@ class Metrics:
                 b = self._bucket(time.time())
                 b["slack"] = slack if b["slack"] is None else min(b["slack"], slack)
 
-    def record_request(
-        self, stats: dict, *, outcome: str, ttft_target: float, tpot_target: float
-    ) -> None:
+    def record_request(self, stats: dict, *, outcome: str, slo) -> None:
         with self._lock:
             self.requests[outcome] += 1
             if outcome != "finished" or stats.get("ttft") is None:
                 return
             self.ttfts.append(stats["ttft"])
-            self.slo_met["ttft"][0] += stats["ttft"] <= ttft_target
+            self.slo_met["ttft"][0] += stats["ttft"] <= slo.ttft
             self.slo_met["ttft"][1] += 1
             if stats.get("tpot_mean") is not None:  # the target is a pace: the mean per token
                 self.tpots.append(stats["tpot_mean"])
-                self.slo_met["tpot"][0] += stats["tpot_mean"] <= tpot_target
+                self.slo_met["tpot"][0] += stats["tpot_mean"] <= slo.tpot
                 self.slo_met["tpot"][1] += 1
 
     def snapshot(self, *, state: str = "ready") -> dict:
@@ -124,7 +126,7 @@ class Metrics:
             return {
                 "time": now,
                 "state": state,
-                "step": {"kind": self.step_kind, "started": self.step_started},
+                "iteration": {"kind": self.iteration_kind, "started": self.iteration_started_at},
                 "requests": {"waiting": self.waiting, "running": self.running, **self.requests},
                 "slack": {"min": self.slack},
                 "inference": {

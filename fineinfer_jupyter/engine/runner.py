@@ -1,4 +1,5 @@
-"""The only tensor code: prefill, decode, sampling (and, with training, train_step)."""
+"""The only tensor code: prefill, decode, sampling, and a training micro-step's forward and
+backward."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class Runner:
             mask=mask,
             position_ids=positions,
             cache=cache,
-            adapters=[s.adapter for s in seqs],
+            adapters=[s.pinned for s in seqs],
             use_cache=True,
             logits_to_keep=1,
         )
@@ -73,7 +74,7 @@ class Runner:
             mask=mask,
             position_ids=positions,
             cache=batch.cache,
-            adapters=[s.adapter for s in seqs],
+            adapters=[s.pinned for s in seqs],
             use_cache=True,
             logits_to_keep=1,
         )
@@ -120,7 +121,9 @@ class Runner:
                 seq.generator.manual_seed(p.seed)
         return int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
 
-    def train_step(self, batch: dict[str, torch.Tensor], *, scale: float) -> tuple[float, int]:
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], *, scale: float
+    ) -> tuple[float, int]:
         """Forward and backward one micro-batch on the active (training) adapter.
 
         The gradient is d(sum of token losses * scale): with scale = 1 / label tokens of the whole

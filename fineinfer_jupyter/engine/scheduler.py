@@ -1,6 +1,10 @@
-"""Which step runs next: prefill, decode, a training micro-step, or idle. Owns only its queues.
+"""What the next engine iteration runs: prefill, decode, a training micro-step, or nothing.
 
-Policies (DESIGN.md "Scheduling"):
+The scheduler owns the waiting queue, the running batch's membership and the cost model it
+plans with. schedule() decides and admits; update() applies what the executor reports
+(docs/design.md, "One iteration" and "Scheduling").
+
+Policies:
 - immediate: inference preempts training the moment it arrives.
 - exclusive: inference waits until training has ended.
 - fineinfer: the prototype's fixed deferral bound; once served, a batch runs until it drains.
@@ -16,32 +20,14 @@ tokens is planned longer than STALL_TPOTS * tpot.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Protocol
 
-from .batch import Batch
-from .costmodel import CostModel
+from .costmodel import CostModel, prefill_units
+from .outputs import IterationResult, SchedulerOutput
 from .sequence import Sequence, Status
 
 INF = float("inf")
 STALL_TPOTS = 4.0  # the longest planned pause between two tokens, in units of the tpot target
-
-
-class StepKind(Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    TRAIN = "train"
-    IDLE = "idle"
-
-
-@dataclass
-class Step:
-    kind: StepKind
-    seqs: list[Sequence] = field(default_factory=list)  # prefill: newcomers; decode: the batch
-    train_examples: int = 0  # train: examples in the micro-step (0 = the job's micro_batch_size)
-    budget: float = INF  # train: seconds the step may take before inference must run
-    wait: float | None = None  # idle: sleep at most this long (None = until woken)
 
 
 class Training(Protocol):
@@ -61,52 +47,93 @@ class Scheduler:
         policy: str = "immediate",
         max_batch_size: int = 32,
         costs: CostModel | None = None,
-        max_train_step: float = 1.5,
+        max_micro_step: float = 1.5,
         fineinfer_bound: float = 2.0,
         min_train_efficiency: float = 0.9,
     ):
         self.policy = policy
         self.max_batch_size = max_batch_size
         self.costs = costs or CostModel()
-        self.max_train_step = (
-            max_train_step  # seconds: an arrival must not wait longer behind training
-        )
+        self.max_micro_step = max_micro_step  # seconds an arrival may wait behind training
         self.fineinfer_bound = fineinfer_bound
         # a micro-step squeezed between requests must train at least this fraction of the
         # tokens/s of a full one; a smaller step wastes more than serving the requests first
         self.min_train_efficiency = min_train_efficiency
         self.headroom = 0.9  # plan to land within 90% of each latency target
         self.waiting: deque[Sequence] = deque()
-        self.batch = Batch()
+        self.running: list[Sequence] = []  # the decode batch, in row order
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def abort(self, seq: Sequence) -> bool:
+        """Take a request out of the queues (cancelled); False if it was in neither."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+        else:
+            return False
+        seq.status = Status.FINISHED
+        return True
+
+    def abort_all(self) -> list[Sequence]:
+        gone = [*self.waiting, *self.running]
+        self.waiting.clear()
+        self.running = []
+        for seq in gone:
+            seq.status = Status.FINISHED
+        return gone
+
     @property
     def num_running(self) -> int:
-        return len(self.batch)
+        return len(self.running)
 
-    def schedule(self, now: float, training: Training | None = None) -> Step:
-        room = self.max_batch_size - len(self.batch)
+    def schedule(self, now: float, training: Training | None = None) -> SchedulerOutput:
+        """Decide what the next iteration runs; requests chosen for a prefill are admitted
+        (they leave the waiting queue; update() adds them to the batch)."""
+        out = self._plan(now, training)
+        for seq in out.admitted:
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            seq.admitted = now
+            seq.slack_at_admission = seq.ttft_deadline - now
+        return out
+
+    def update(self, out: SchedulerOutput, result: IterationResult) -> list[Sequence]:
+        """Apply what the executor did: the cost model learns the measured times, admitted
+        requests that got their first token join the batch, finished ones leave. Returns the
+        requests that finished in this iteration."""
+        for timing in result.timings:
+            self.costs.observe(*timing)
+        self.running = [s for s in self.running if not s.is_finished]
+        self.running += [s for s in out.admitted if not s.is_finished]
+        ended = [s for s in out.admitted + out.decode if s.is_finished]
+        for seq in ended:
+            seq.status = Status.FINISHED
+        return ended
+
+    def _plan(self, now: float, training: Training | None) -> SchedulerOutput:
+        room = self.max_batch_size - len(self.running)
         newcomers = sorted(self.waiting, key=self.ttft_due)[: max(room, 0)]
-        running = self.batch.seqs
+        running = self.running
         training_active = training is not None and training.active
         if not training_active or self.policy == "immediate":
-            return self._serve(newcomers, running, training_active, now)
+            return self._serve(now, newcomers, running, training if training_active else None)
         if self.policy == "exclusive":
-            return Step(StepKind.TRAIN)
+            return SchedulerOutput(now, train_examples=training.max_examples())
         if self.policy == "fineinfer":
             if running or (newcomers and now - newcomers[0].arrival >= self.fineinfer_bound):
-                return self._serve(newcomers, running, now=now)
-            return Step(StepKind.TRAIN)
+                return self._serve(now, newcomers, running)
+            return SchedulerOutput(now, train_examples=training.max_examples())
         return self._deferred(now, newcomers, running, training)
 
     def _deferred(
         self, now: float, newcomers: list[Sequence], running: list[Sequence], training: Training
-    ) -> Step:
+    ) -> SchedulerOutput:
         prefill_slack = self.prefill_slack(now, newcomers, running)
         decode_room = self.decode_room(now, running)
-        budget = min(prefill_slack, decode_room, self.max_train_step)
+        budget = min(prefill_slack, decode_room, self.max_micro_step)
         tokens = training.next_tokens()  # what is left of the effective batch
         most = training.max_examples()
         k = self._fit(tokens, most, budget)
@@ -115,19 +142,19 @@ class Scheduler:
         elif not newcomers and not running:
             k = self._best(tokens, k) if k else 1  # nothing to protect: never starve training
         elif k:
-            # the best step these requests could ever leave room for (all the way up to the
-            # longest planned pause, or their whole slack): what fits now must be worth it
-            ceiling = min(self.max_train_step, self._ceiling(newcomers, running))
+            # the best micro-step these requests could ever leave room for (all the way up to
+            # the longest planned pause, or their whole slack): what fits now must be worth it
+            ceiling = min(self.max_micro_step, self._ceiling(newcomers, running))
             best = self._best(tokens, self._fit(tokens, most, ceiling))
             k = next((j for j in range(k, 0, -1) if self._worth_it(tokens, j, best)), 0)
         if k:
-            return Step(StepKind.TRAIN, train_examples=k, budget=budget)
+            return SchedulerOutput(now, train_examples=k)
         if newcomers and running:
             c = self.costs
             p = c.margin * c.prefill(newcomers[0].num_prompt_tokens)
             if decode_room < p <= self.room_after_decode(now, running):
-                return Step(StepKind.DECODE, list(running))  # the prefill fits right after a token
-        return self._serve(newcomers, running, now=now)
+                return SchedulerOutput(now, decode=list(running))  # the prefill fits after a token
+        return self._serve(now, newcomers, running)
 
     def _group(
         self, now: float, newcomers: list[Sequence], running: list[Sequence]
@@ -140,7 +167,7 @@ class Scheduler:
         for seq in newcomers[1:]:
             trial = group + [seq]
             passes = [
-                c.margin * c.prefill(self.pass_tokens(p)) for p in self.prefill_passes(trial, now)
+                c.margin * c.prefill(prefill_units(p)) for p in self.prefill_passes(trial, now)
             ]
             decode = c.margin * c.decode(len(running) + len(trial))
             if sum(passes) > room or sum(passes) - passes[0] + decode > self.headroom * min(
@@ -180,11 +207,6 @@ class Scheduler:
                     )
             passes.append([seq])
         return passes
-
-    @staticmethod
-    def pass_tokens(group: list[Sequence]) -> int:
-        """Tokens a pass computes: every prompt padded to the longest."""
-        return len(group) * max(s.num_prompt_tokens for s in group)
 
     def _step_cost(self, tokens: list[int]) -> float:
         """Estimated seconds of one micro-step on these examples (padded to the longest)."""
@@ -245,7 +267,7 @@ class Scheduler:
         c, slack, t = self.costs, INF, now
         rows, room = len(running), self.decode_room(now, running)
         for group in self.prefill_passes(newcomers, now):
-            p = c.margin * c.prefill(self.pass_tokens(group))
+            p = c.margin * c.prefill(prefill_units(group))
             if rows and p > room:  # the rows need a token before this pass
                 d = c.margin * c.decode(rows)
                 t, room = t + d, self.headroom * min(r.slo.tpot for r in running + newcomers) - d
@@ -290,28 +312,22 @@ class Scheduler:
 
     def _serve(
         self,
+        now: float,
         newcomers: list[Sequence],
         running: list[Sequence],
-        training: bool = False,
-        now: float = 0.0,
-    ) -> Step:
+        training: Training | None = None,
+    ) -> SchedulerOutput:
         if newcomers:
-            return Step(StepKind.PREFILL, self._group(now, newcomers, running))
+            group = self._group(now, newcomers, running)
+            return SchedulerOutput(now, prefill=self.prefill_passes(group, now))
         if running:
-            return Step(StepKind.DECODE, list(running))
-        return Step(StepKind.TRAIN) if training else Step(StepKind.IDLE)
+            return SchedulerOutput(now, decode=list(running))
+        if training is not None:
+            return SchedulerOutput(now, train_examples=training.max_examples())
+        return SchedulerOutput(now)
 
-    def admitted(self, seq: Sequence) -> None:
-        self.waiting.remove(seq)
-        seq.status = Status.RUNNING
-
-    def drop(self, predicate) -> list[Sequence]:
-        """Remove waiting and running rows for which predicate(seq) holds; returns them."""
-        gone = [s for s in self.waiting if predicate(s)]
-        for s in gone:
-            self.waiting.remove(s)
-        rows = self.batch.seqs
-        keep = [i for i, s in enumerate(rows) if not predicate(s)]
-        gone += [s for s in rows if predicate(s)]
-        self.batch.keep(keep)
-        return gone
+    def queue_stats(self, now: float) -> dict:
+        """For the metrics: waiting and running requests, and the waiting ones' slack."""
+        waiting = sorted(self.waiting, key=self.ttft_due)
+        slack = self.prefill_slack(now, waiting, self.running) if waiting else None
+        return {"waiting": len(waiting), "running": len(self.running), "slack": slack}

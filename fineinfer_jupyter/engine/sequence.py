@@ -1,77 +1,44 @@
-"""One inference request: its tokens, timings and the stream its caller reads."""
+"""One inference request inside the engine: its tokens, text, timings and stream."""
 
 from __future__ import annotations
 
 import itertools
-import queue
 import time
-from collections.abc import Callable, Iterator
 from enum import Enum, auto
 
 from .config import SamplingParams, Slo
+from .request import RequestStream, Tokenizer
 
 _ids = itertools.count(1)
+MAX_PENDING = 16  # tokens the detokenizer waits for an incomplete character, at most
 
 
-class Status(Enum):
+class Status(Enum):  # the scheduler's: which queue the request is in
     WAITING = auto()
     RUNNING = auto()
     FINISHED = auto()
 
 
-class RequestError(RuntimeError):
-    """A request failed while running; the engine and the other requests go on."""
+class Detokenizer:
+    """Text from a growing list of token ids, a few tokens at a time: each new token decodes
+    only the window since the text last advanced (plus the chunk before it, so that decoders
+    that treat a leading space or a byte sequence by context see the same context). The cost
+    per token stays flat however long the answer gets. Text that ends in an incomplete
+    character waits for the next tokens."""
 
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.prefix = self.read = 0  # ids[prefix:read]: the chunk last emitted
 
-class RequestStream:
-    """What a caller reads: {"type": "delta"} events, then one "done" or "error" event.
-
-    Iterate it from any thread (events are queued), or pass `callback` to receive each event
-    in the engine thread as it happens (the server bridges that to asyncio).
-    """
-
-    def __init__(self, request_id: str, callback: Callable[[dict], None] | None = None):
-        self.id = request_id
-        self.final: dict | None = None
-        self._callback = callback
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.cancel: Callable[[], None] = lambda: None  # set by the engine
-
-    def put(self, event: dict) -> None:
-        if event["type"] != "delta":
-            self.final = event
-        if self._callback is not None:
-            self._callback(event)
-        else:
-            self._queue.put(event)
-
-    def __iter__(self) -> Iterator[dict]:
-        while True:
-            event = self._queue.get()
-            yield event
-            if event["type"] != "delta":
-                return
-
-    def result(self) -> Completion:
-        text = "".join(e["text"] for e in self if e["type"] == "delta")
-        final = self.final or {}
-        if final.get("type") == "error":
-            raise RequestError(final["message"])
-        return Completion(text, final)
-
-
-class Completion:
-    """The blocking result: the whole text plus the final event's fields."""
-
-    def __init__(self, text: str, final: dict):
-        self.text = text
-        self.finish_reason: str = final.get("finish_reason", "")
-        self.usage: dict = final.get("usage", {})
-        self.stats: dict = final.get("stats", {})
-        self.token_ids: list[int] = final.get("token_ids", [])
-
-    def __repr__(self) -> str:
-        return f"Completion({self.text!r}, finish_reason={self.finish_reason!r})"
+    def __call__(self, ids: list[int]) -> str:
+        decode = self.tokenizer.decode
+        before = decode(ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        text = decode(ids[self.prefix :])
+        stuck = len(ids) - self.read > MAX_PENDING
+        if len(text) > len(before) and (not text.endswith("\ufffd") or stuck):
+            self.prefix, self.read = self.read, len(ids)
+            return text[len(before) :]
+        return ""
 
 
 class Sequence:
@@ -83,6 +50,7 @@ class Sequence:
         slo: Slo,
         adapter: str | None = None,
         stream: RequestStream | None = None,
+        tokenizer: Tokenizer | None = None,
         max_context: int = 2048,
     ):
         self.request_id = f"req-{next(_ids)}"
@@ -90,21 +58,21 @@ class Sequence:
         self.output_ids: list[int] = []
         self.sampling = sampling
         self.slo = slo
-        self.adapter = (
-            adapter  # PEFT adapter name (a snapshot while its adapter trains), None = base
-        )
-        self.adapter_label = adapter  # what the caller asked for, for stats
+        self.adapter = adapter  # the adapter asked for (None = base)
+        self.pinned: str | None = None  # what its rows run: a snapshot while `adapter` trains
         self.stream = stream or RequestStream(self.request_id)
+        self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.max_context = max_context
         self.status = Status.WAITING
         self.arrival = time.monotonic()
         self.admitted: float | None = None  # prefill start
         self.slack_at_admission: float | None = None  # seconds left before the TTFT target
         self.token_times: list[float] = []
-        self.finish_reason: str | None = None
-        self.cancelled = False  # set from any thread
+        self.finish_reason: str | None = None  # eos, stop, length, context, cancelled, error
+        self.error: str | None = None
         self.generator = None  # torch.Generator, made by the runner
-        self.text = ""  # decoded output so far
+        self.decoded = ""  # the output's text so far
+        self.text = ""  # what the caller gets: decoded, cut at a stop string
         self.sent = 0  # characters of text already streamed
 
     @property
@@ -125,22 +93,31 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status == Status.FINISHED
+        return self.finish_reason is not None
 
-    def update_text(self, text: str, *, eos: bool) -> str:
-        """Take the decoded text after a new token; set finish_reason when a stop condition
-        holds; return the part of the text that can be streamed now. Holds back the start of a
-        stop string and an incomplete UTF-8 character until they resolve."""
+    def append_token(self, token: int, now: float, *, eos: bool) -> str:
+        """Take one sampled token: returns the text that can be streamed now, and sets
+        finish_reason when a stop condition holds."""
+        self.output_ids.append(token)
+        self.token_times.append(now)
+        delta = self.detokenizer(self.output_ids) if self.detokenizer else ""
+        return self.update_text(delta, eos=eos)
+
+    def update_text(self, delta: str, *, eos: bool) -> str:
+        """Add newly decoded text; set finish_reason when a stop condition holds; return the
+        part of the text that can be streamed now. Holds back the start of a stop string until
+        it resolves."""
         p = self.sampling
         if eos and not p.ignore_eos:
             self.finish_reason = "eos"
-        self.text, hold = text, 0
+        self.decoded += delta
+        self.text, hold = self.decoded, 0
         for stop in p.stop:
-            at = text.find(stop, max(0, self.sent - len(stop)))
+            at = self.decoded.find(stop, max(0, self.sent - len(stop)))
             if at >= 0:
-                self.text, self.finish_reason = text[:at], "stop"
+                self.text, self.finish_reason = self.decoded[:at], "stop"
                 break
-            hold = max(hold, _partial_suffix(text, stop))
+            hold = max(hold, _partial_suffix(self.decoded, stop))
         if self.finish_reason is None:
             if len(self.output_ids) >= p.max_new_tokens:
                 self.finish_reason = "length"
@@ -149,9 +126,9 @@ class Sequence:
         end = len(self.text)
         if not self.finish_reason:
             end = min(end - hold, len(self.text.rstrip("\ufffd")))
-        delta = self.text[self.sent : end] if end > self.sent else ""
+        out = self.text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
-        return delta
+        return out
 
     def stats(self) -> dict:
         first = self.token_times[0] if self.token_times else None
@@ -167,10 +144,12 @@ class Sequence:
             "slack_at_admission": self.slack_at_admission,
             "slo": {"ttft": self.slo.ttft, "tpot": self.slo.tpot},
             "total": end - self.arrival,
-            "adapter": self.adapter_label,
+            "adapter": self.adapter,
         }
 
     def final_event(self) -> dict:
+        if self.finish_reason == "error":
+            return {"type": "error", "id": self.request_id, "message": self.error}
         return {
             "type": "done",
             "id": self.request_id,

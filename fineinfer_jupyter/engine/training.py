@@ -1,15 +1,17 @@
 """LoRA fine-tuning jobs: a queue, one job training at a time, one micro-step per call.
 
-A micro-step is one forward and backward over part of the current effective batch; the
-optimizer steps when the effective batch is complete. Checkpoints (PEFT adapter files plus
-the trainer state) go under <data_dir>/jobs/<id>/; a finished or stopped adapter is also saved
-under <data_dir>/adapters/<name>/ and stays loaded for inference.
+Words (docs/design.md): a micro-step is one forward and backward over part of the current
+effective batch; an (optimizer) step updates the weights once the effective batch is complete,
+and a job's `step` counts those. Checkpoints (PEFT adapter files plus the trainer state) go
+under <data_dir>/jobs/<id>/; a finished or stopped adapter is also saved under
+<data_dir>/adapters/<name>/ and stays loaded for inference.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import random
 import shutil
@@ -23,19 +25,21 @@ import torch
 from peft import LoraConfig
 from transformers import get_cosine_schedule_with_warmup
 
-from .adapters import AdapterStore, _replace_dir
+from .adapters import AdapterStore
 from .config import NameTaken, TrainParams, UnknownName, check, check_adapter_name
 from .data import Dataset, Example, collate
 from .runner import Runner
+from .storage import atomic_dir, atomic_write, recover
 
+log = logging.getLogger("fineinfer")
 KEEP_CHECKPOINTS = 2
 
 
 class MicroStep(NamedTuple):
     examples: int
     tokens: int  # real tokens, for throughput
-    padded: int  # tokens computed: examples x the longest, what the step's time scales with
-    optimizer: float = 0.0  # seconds of it spent in the optimizer step (the batch's last step)
+    padded: int  # tokens computed: examples x the longest, what the micro-step's time scales with
+    optimizer: float = 0.0  # seconds of it spent in the optimizer step (the batch's last one)
 
 
 NO_STEP = MicroStep(0, 0, 0)
@@ -54,13 +58,8 @@ class Job:
     def __init__(
         self, job_id: str, adapter: str, params: TrainParams, dataset: Dataset, folder: Path
     ):
-        self.id, self.adapter, self.params, self.dataset, self.folder = (
-            job_id,
-            adapter,
-            params,
-            dataset,
-            folder,
-        )
+        self.id, self.adapter, self.params = job_id, adapter, params
+        self.dataset, self.folder = dataset, folder
         self.state = JobState.QUEUED
         self.error: str | None = None
         n = len(dataset.train)
@@ -76,7 +75,7 @@ class Job:
         self.batch_tokens = 0  # label tokens of the whole current effective batch
         self.loss_sum = 0.0
         self.tokens_done = self.samples_done = 0
-        self.train_time = 0.0  # seconds spent in this job's micro-steps
+        self.rates = Rates()
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler = None
         self.resume_from: Path | None = None
@@ -109,9 +108,9 @@ class Job:
         return cache[epoch]
 
     def to_dict(self) -> dict:
-        rate = self.train_time or 1e-9
-        samples_per_s = self.samples_done / rate if self.samples_done else None
+        samples_per_s, tokens_per_s = self.rates.per_second()
         remaining = (self.total_steps - self.step) * self.params.batch_size
+        running = self.state is JobState.RUNNING
         return {
             "id": self.id,
             "adapter": self.adapter,
@@ -123,15 +122,47 @@ class Job:
             "loss": self.loss_history[-1][1] if self.loss_history else None,
             "loss_history": [list(p) for p in self.loss_history[-500:]],
             "eval_loss": self.eval_loss,
-            "tokens_per_s": self.tokens_done / rate if self.tokens_done else None,
+            "tokens_per_s": tokens_per_s,
             "samples_per_s": samples_per_s,
-            "eta_s": remaining / samples_per_s if samples_per_s and self.active else None,
+            "eta_s": remaining / samples_per_s if samples_per_s and running else None,
+            "estimating": running and samples_per_s is None,
             "checkpoint": self.checkpoint,
             "examples": len(self.dataset.train),
             "val_examples": len(self.dataset.val),
             "params": self.params.to_dict(),
             "created": self.created,
         }
+
+
+class Rates:
+    """A running job's samples/s and tokens/s, in wall-clock time (training shares the model
+    with inference, so this is what the ETA needs), from optimizer steps measured since the
+    job (re)started; None until the first one has ended."""
+
+    def __init__(self):
+        self.start: float | None = None
+        self.samples = self.tokens = 0  # in optimizer steps ended since start
+        self.seconds = 0.0
+        self._samples = self._tokens = 0  # in the current effective batch so far
+
+    def started(self) -> None:
+        self.__init__()
+        self.start = time.monotonic()
+
+    def micro_step(self, samples: int, tokens: int) -> None:
+        self._samples += samples
+        self._tokens += tokens
+
+    def optimizer_step(self) -> None:
+        self.samples += self._samples
+        self.tokens += self._tokens
+        self._samples = self._tokens = 0
+        self.seconds = time.monotonic() - self.start if self.start is not None else 0.0
+
+    def per_second(self) -> tuple[float | None, float | None]:
+        if not self.samples or self.seconds <= 0:
+            return None, None
+        return self.samples / self.seconds, self.tokens / self.seconds
 
 
 class Trainer:
@@ -188,8 +219,9 @@ class Trainer:
         pending = job.pending or job.batch_indices(job.step)
         return [job.dataset.train[i].num_tokens for i in pending]
 
-    def step(self, max_examples: int | None = None) -> MicroStep:
-        """One micro-step of the current job: what it processed."""
+    def micro_step(self, max_examples: int | None = None) -> MicroStep:
+        """One micro-step of the current job (starting the next queued one if needed): what it
+        processed. A failure fails the job (its last checkpoint stays), never the caller."""
         job = self.current
         if job is None:
             if not self.queue:
@@ -200,7 +232,6 @@ class Trainer:
             except Exception as e:
                 self._fail(job, e)
                 return NO_STEP
-        start = time.perf_counter()
         try:
             if not job.pending:
                 self._begin_batch(job)
@@ -211,7 +242,7 @@ class Trainer:
             )
             take, job.pending = job.pending[:k], job.pending[k:]
             examples = [job.dataset.train[i] for i in take]
-            loss_sum, _ = self.runner.train_step(
+            loss_sum, _ = self.runner.forward_backward(
                 collate(examples, self.pad_id), scale=1.0 / job.batch_tokens
             )
             check(math.isfinite(loss_sum), "loss", f"is {loss_sum} at step {job.step + 1}")
@@ -219,15 +250,14 @@ class Trainer:
             tokens = sum(e.num_tokens for e in examples)
             job.tokens_done += tokens
             job.samples_done += k
+            job.rates.micro_step(k, tokens)
             optimizer = time.perf_counter()
             if not job.pending:
                 self._optimizer_step(job)
             optimizer = time.perf_counter() - optimizer
         except Exception as e:
-            job.train_time += time.perf_counter() - start
             self._fail(job, e)
             return NO_STEP
-        job.train_time += time.perf_counter() - start
         return MicroStep(k, tokens, k * max(e.num_tokens for e in examples), optimizer)
 
     def _start(self, job: Job) -> None:
@@ -245,16 +275,16 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(p.seed)  # LoRA A's initialisation
                 self.adapters.create(job.adapter, config)
-        self.adapters.info[job.adapter]["training"] = True
-        params = self.adapters.train(job.adapter)
+        params = self.adapters.begin_training(job.adapter)
         job.optimizer = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
         job.lr_scheduler = get_cosine_schedule_with_warmup(
             job.optimizer, p.warmup_steps, job.total_steps
         )
         if job.resume_from is not None:
             self._load_checkpoint(job, job.resume_from)
-        self.adapters.info[job.adapter]["step"] = job.step
+        self.adapters.trained(job.adapter, job.step)
         job.pending, job.state = [], JobState.RUNNING
+        job.rates.started()
         self._write_job(job)
 
     def _begin_batch(self, job: Job) -> None:
@@ -271,8 +301,9 @@ class Trainer:
         job.lr_scheduler.step()
         job.optimizer.zero_grad(set_to_none=True)
         job.step += 1
+        job.rates.optimizer_step()
         job.loss_history.append((job.step, job.loss_sum / job.batch_tokens))
-        self.adapters.info[job.adapter]["step"] = job.step
+        self.adapters.trained(job.adapter, job.step)
         last = job.step >= job.total_steps
         if job.dataset.val and (last or (p.eval_every and job.step % p.eval_every == 0)):
             job.eval_loss = self._eval(job)
@@ -342,52 +373,46 @@ class Trainer:
         job.pending = []  # a partial effective batch is dropped; its gradients too
         job.optimizer.zero_grad(set_to_none=True)
         self._save_checkpoint(job)
-        info = self.adapters.info[job.adapter]
         folder = self.adapters.root / job.adapter
-        self.adapters.save(
-            job.adapter,
-            folder,
-            {
-                "step": job.step,
-                "job": job.id,
-                "loss": job.loss_history[-1][1] if job.loss_history else None,
-            },
-        )
-        info.update(path=str(folder), training=False, step=job.step)
-        self.adapters.runner.model.requires_grad_(False)
+        loss = job.loss_history[-1][1] if job.loss_history else None
+        self.adapters.save(job.adapter, folder, {"step": job.step, "job": job.id, "loss": loss})
+        self.adapters.end_training(job.adapter, job.step, folder)
         job.state, job.optimizer, job.lr_scheduler = state, None, None
         self.current = None
-        self.adapters.unpin(None)
-        self.adapters._release_unused()
         self._write_job(job)
 
     def _fail(self, job: Job, error: Exception) -> None:
+        log.error("job %s (%s) failed", job.id, job.adapter, exc_info=error)
         job.error = f"{type(error).__name__}: {error}"
         job.state = JobState.FAILED
-        self._release(job)
+        try:
+            self._release(job)
+        except Exception:
+            log.exception("job %s: could not put adapter %s back", job.id, job.adapter)
         self._write_job(job)
 
     def _release(self, job: Job) -> None:
-        """Put the adapter back to its last good saved weights (or drop it) and free the slot."""
+        """Put the adapter back to its last checkpoint's weights (or drop it) and free the
+        slot."""
         job.pending, job.optimizer, job.lr_scheduler = [], None, None
-        self.current = None
+        if self.current is job:
+            self.current = None
         name = job.adapter
-        if name in self.adapters:
-            self.runner.model.requires_grad_(False)
-            self.adapters.info[name]["training"] = False
-            if job.checkpoint:
-                self.adapters.restore(name, Path(job.checkpoint))
-                self.adapters.info[name]["step"] = int(Path(job.checkpoint).name.split("-")[-1])
-            else:
-                self.adapters.delete(name)
-        self.adapters._release_unused()
+        if name not in self.adapters:
+            return
+        if job.checkpoint:
+            folder = Path(job.checkpoint)
+            step = int(folder.name.split("-")[-1])
+            self.adapters.restore(name, folder, step=step)
+            self.adapters.end_training(name, step, None)
+        else:
+            self.adapters.end_training(name, 0, None)
+            self.adapters.delete(name)
 
     # -- files ------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, job: Job) -> None:
         folder = job.folder / f"checkpoint-{job.step:06d}"
-        meta = {"step": job.step, "job": job.id}
-        self.adapters.save(job.adapter, folder.with_name(folder.name + ".build"), meta)
         state = {
             "step": job.step,
             "optimizer": job.optimizer.state_dict() if job.optimizer else None,
@@ -396,38 +421,31 @@ class Trainer:
             "eval_loss": job.eval_loss,
             "tokens_done": job.tokens_done,
             "samples_done": job.samples_done,
-            "train_time": job.train_time,
             "rng": torch.get_rng_state(),
         }
-        build = folder.with_name(folder.name + ".build")
-        torch.save(state, build / "trainer_state.pt")
-        _replace_dir(build, folder)
+        with atomic_dir(folder) as tmp:
+            self.adapters.write(job.adapter, tmp, {"step": job.step, "job": job.id})
+            torch.save(state, tmp / "trainer_state.pt")
         job.checkpoint = str(folder)
         for old in sorted(job.folder.glob("checkpoint-*"))[:-KEEP_CHECKPOINTS]:
             if old.name[len("checkpoint-") :].isdigit():
                 shutil.rmtree(old, ignore_errors=True)
 
     def _load_checkpoint(self, job: Job, folder: Path) -> None:
-        self.adapters.restore(job.adapter, folder)
+        recover(folder)
         state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        self.adapters.restore(job.adapter, folder, step=state["step"])
         job.step = state["step"]
         if state["optimizer"] is not None:
             job.optimizer.load_state_dict(state["optimizer"])
             job.lr_scheduler.load_state_dict(state["lr_scheduler"])
         job.loss_history = [tuple(p) for p in state["loss_history"]]
         job.eval_loss = state["eval_loss"]
-        job.tokens_done, job.samples_done, job.train_time = (
-            state["tokens_done"],
-            state["samples_done"],
-            state["train_time"],
-        )
+        job.tokens_done, job.samples_done = state["tokens_done"], state["samples_done"]
         torch.set_rng_state(state["rng"])
 
     def _write_job(self, job: Job) -> None:
-        job.folder.mkdir(parents=True, exist_ok=True)
-        tmp = job.folder / "job.json.tmp"
-        tmp.write_text(json.dumps(job.to_dict(), indent=1))
-        tmp.replace(job.folder / "job.json")
+        atomic_write(job.folder / "job.json", json.dumps(job.to_dict(), indent=1))
 
 
 def _label_tokens(example: Example) -> int:

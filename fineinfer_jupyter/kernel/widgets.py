@@ -104,7 +104,9 @@ class JobWidget(_Poller):
             f"loss {_num(job.get('loss'))}",
             f"{_num(job.get('samples_per_s'))} samples/s",
         ]
-        if job["state"] in ACTIVE_STATES:
+        if job.get("estimating"):  # no optimizer step measured yet
+            parts[-1] = "estimating speed and ETA"
+        elif job["state"] in ACTIVE_STATES:
             parts.append(f"ETA {_secs(job.get('eta_s'))}")
         if job.get("eval_loss") is not None:
             parts.append(f"eval loss {_num(job['eval_loss'])}")
@@ -119,7 +121,7 @@ class JobWidget(_Poller):
 
 
 class Dashboard(_Poller):
-    """Engine state, step kind, deferral, throughput, SLOs, offload and memory, polled ~1 s."""
+    """Engine state, what it runs now, deferral, throughput, SLOs, offload and memory, polled ~1 s."""
 
     def __init__(self, client: FineInferClient):
         super().__init__(client)
@@ -138,11 +140,11 @@ class Dashboard(_Poller):
         self.error.value = f"<span style='color:#c00'>{_e(message)}</span>"
 
     def render(self, m: dict) -> None:
-        step, series, train = m.get("step") or {}, m.get("series") or {}, m.get("training") or {}
-        inf, req = m.get("inference") or {}, m.get("requests") or {}
-        since = time.time() - step["started"] if step.get("started") else None
+        now, series = m.get("iteration") or {}, m.get("series") or {}
+        train, inf, req = m.get("training") or {}, m.get("inference") or {}, m.get("requests") or {}
+        since = time.time() - now["started"] if now.get("started") else None
         self.header.value = (
-            f"<b>fineinfer</b> · {_e(m.get('state', '?'))} · step: <b>{_e(step.get('kind', '?'))}</b>"
+            f"<b>fineinfer</b> · {_e(m.get('state', '?'))} · now: <b>{_e(now.get('kind', '?'))}</b>"
             + (f" ({_secs(since)})" if since is not None and since >= 0 else "")
         )
         total = train.get("total_steps") or 0

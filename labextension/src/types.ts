@@ -1,7 +1,7 @@
 // The JSON shapes of docs/api.md, as far as the sidebar reads them.
 
 export type EngineState = 'loading' | 'ready' | 'error';
-export type StepKind = 'decode' | 'prefill' | 'train' | 'idle';
+export type IterationKind = 'decode' | 'prefill' | 'train' | 'idle';
 export type JobState = 'queued' | 'running' | 'stopped' | 'done' | 'failed' | 'cancelled';
 
 export interface IStatus {
@@ -23,7 +23,7 @@ export interface IStatus {
 export interface IMetrics {
   time: number; // server clock, seconds
   state: EngineState;
-  step: { kind: StepKind; started: number };
+  iteration: { kind: IterationKind; started: number }; // what the engine runs now
   requests: { waiting: number; running: number; finished: number; failed: number };
   slack: { min: number | null }; // seconds the most urgent request can still wait
   inference: { tokens_per_s: number };
@@ -55,6 +55,7 @@ export interface IJob {
   loss: number | null;
   samples_per_s: number | null;
   eta_s: number | null;
+  estimating: boolean; // running, no optimizer step measured yet
 }
 
 export interface IAdapter {

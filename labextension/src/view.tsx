@@ -130,8 +130,8 @@ function Activity({ model }: { model: FineInferModel }): JSX.Element {
     <Section title="Now">
       <dl className="fi-Fields">
         <dt>Step</dt>
-        <dd data-testid="fi-step-kind" data-kind={m?.step.kind}>
-          {m?.step.kind ?? '—'}
+        <dd data-testid="fi-step-kind" data-kind={m?.iteration.kind}>
+          {m?.iteration.kind ?? '—'}
         </dd>
         <dt>Requests</dt>
         <dd>
@@ -199,7 +199,9 @@ function Job({ job, model }: { job: IJob; model: FineInferModel }): JSX.Element 
         <span>
           loss <span data-testid="fi-job-loss">{fmtNumber(job.loss, 3)}</span>
         </span>
-        {job.state === 'running' && <span>eta {fmtSeconds(job.eta_s)}</span>}
+        {job.state === 'running' && (
+          <span>{job.estimating ? 'estimating eta' : `eta ${fmtSeconds(job.eta_s)}`}</span>
+        )}
       </div>
       {job.error && (
         <div className="fi-Detail fi-mod-error" data-testid="fi-job-error">

@@ -1,0 +1,110 @@
+"""The engine thread's parts, built once, and one iteration: schedule -> execute -> update.
+
+Only the engine thread calls into an EngineCore (docs/design.md, "Threads").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .adapters import AdapterStore
+from .config import EngineConfig, Slo, default_slo
+from .costmodel import CostModel
+from .executor import Executor, deliver
+from .metrics import Metrics
+from .models import LoadedModel
+from .outputs import SchedulerOutput
+from .request import Tokenizer
+from .runner import Runner
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .training import Trainer
+
+
+class EngineCore:
+    def __init__(
+        self,
+        *,
+        loaded: LoadedModel,
+        slo: Slo,
+        tokenizer: Tokenizer,
+        runner: Runner,
+        adapters: AdapterStore,
+        trainer: Trainer,
+        scheduler: Scheduler,
+        executor: Executor,
+        metrics: Metrics,
+    ):
+        self.loaded, self.slo, self.tokenizer = loaded, slo, tokenizer
+        self.runner, self.adapters, self.trainer = runner, adapters, trainer
+        self.scheduler, self.executor, self.metrics = scheduler, executor, metrics
+        self.requests: dict[str, Sequence] = {}  # live requests, by id
+
+    def add(self, seq: Sequence) -> None:
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and self.scheduler.abort(seq):
+            self.executor.cancel(seq)
+
+    def iterate(self) -> SchedulerOutput:
+        out = self.scheduler.schedule(time.monotonic(), self.trainer)
+        result = self.executor.execute(out)
+        for seq in self.scheduler.update(out, result):
+            self.requests.pop(seq.request_id, None)
+            deliver(seq)
+        self.metrics.record_queue(**self.scheduler.queue_stats(time.monotonic()))
+        return out
+
+    def fail_all(self, error: Exception) -> None:
+        """Fail every request in flight (after an iteration broke); the engine goes on."""
+        for seq in self.scheduler.abort_all():
+            self.requests.pop(seq.request_id, None)
+            self.executor.fail(seq, error)
+
+
+def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> EngineCore:
+    """Every part with its final values, calibrated on this machine."""
+    device = loaded.device
+    given = config.slo
+    slo = (
+        given
+        if isinstance(given, Slo)
+        else Slo(**{**asdict(default_slo(device.type)), **(given or {})})
+    )
+    gen, hf = loaded.model.generation_config, loaded.tokenizer
+    eos = gen.eos_token_id if gen.eos_token_id is not None else hf.eos_token_id
+    tokenizer = Tokenizer(hf, set(eos if isinstance(eos, list) else [eos]) - {None})
+    runner = Runner(loaded.model, device=device)
+    root = Path(config.data_dir)
+    (root / "adapters").mkdir(parents=True, exist_ok=True)
+    adapters = AdapterStore(runner, root / "adapters")
+    adapters.load_saved()
+    trainer = Trainer(runner, adapters, root=root / "jobs", pad_id=tokenizer.pad_id)
+    scheduler = Scheduler(
+        policy=config.policy,
+        max_batch_size=config.max_batch_size,
+        costs=CostModel(gpu=device.type != "cpu"),
+        max_micro_step=slo.ttft / 2,  # an arrival must not wait longer behind one micro-step
+        fineinfer_bound=config.fineinfer_bound,
+    )
+    executor = Executor(
+        runner=runner, adapters=adapters, trainer=trainer, tokenizer=tokenizer, metrics=metrics
+    )
+    for timing in executor.calibrate(slo):
+        scheduler.costs.observe(*timing)
+    return EngineCore(
+        loaded=loaded,
+        slo=slo,
+        tokenizer=tokenizer,
+        runner=runner,
+        adapters=adapters,
+        trainer=trainer,
+        scheduler=scheduler,
+        executor=executor,
+        metrics=metrics,
+    )

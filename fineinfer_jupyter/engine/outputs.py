@@ -1,0 +1,62 @@
+"""The contract between the scheduler and the executor (docs/design.md, "One iteration").
+
+schedule() -> SchedulerOutput -> Executor.execute() -> IterationResult -> Scheduler.update().
+The scheduler decides and owns its queues; the executor runs what it is told, streams, and
+reports what happened; only update() changes the queues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import NamedTuple
+
+from .sequence import Sequence
+
+
+class IterationKind(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    TRAIN = "train"
+    IDLE = "idle"
+
+
+@dataclass
+class SchedulerOutput:
+    """What one engine iteration runs."""
+
+    now: float  # the clock the plan was made at (time.monotonic)
+    prefill: list[list[Sequence]] = field(default_factory=list)  # admitted now, in their passes
+    decode: list[Sequence] = field(default_factory=list)  # the running batch, in row order
+    train_examples: int = 0  # examples in a training micro-step (0: no training)
+
+    @property
+    def admitted(self) -> list[Sequence]:
+        return [s for group in self.prefill for s in group]
+
+    @property
+    def kind(self) -> IterationKind:
+        if self.prefill:
+            return IterationKind.PREFILL
+        if self.decode:
+            return IterationKind.DECODE
+        if self.train_examples:
+            return IterationKind.TRAIN
+        return IterationKind.IDLE
+
+
+class Timing(NamedTuple):
+    kind: str  # a cost model line: prefill, decode, train or optimizer
+    units: float  # prompt tokens of a pass, rows decoded, padded tokens of a micro-step
+    seconds: float
+
+
+@dataclass
+class IterationResult:
+    """What the executor did with a SchedulerOutput."""
+
+    tokens: list[tuple[Sequence, int]] = field(default_factory=list)  # sampled, in stream order
+    finished: list[Sequence] = field(default_factory=list)  # ended here (any finish_reason)
+    timings: list[Timing] = field(default_factory=list)  # measured, for the cost model
+    trained_examples: int = 0  # examples the micro-step really ran (0: none, or it failed)
+    seconds: float = 0.0  # the whole iteration
