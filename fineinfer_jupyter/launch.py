@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -52,7 +53,7 @@ class JupyterProcess:
         self.settings_dir = self.base / "settings"  # JupyterLab's, not the user's own
         self.log = self.base / f"{app}.log"
         self.port = free_port()
-        self.token = os.urandom(16).hex()
+        self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}/"
         self.process: subprocess.Popen | None = None
         self._stopped = False
