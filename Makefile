@@ -46,7 +46,7 @@ test: setup browser lint
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
 
 demo: setup model
-	$(PY) -m fineinfer_jupyter.kernel.demo
+	$(PY) -m fineinfer_jupyter.demo
 
 bench: setup model
 	$(PY) benchmarks/decode.py

@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
-import tempfile
+import time
 from pathlib import Path
 
 import nbformat
 
+from fineinfer_jupyter.launch import CHROMIUM, CHROMIUM_ARGS, JupyterProcess
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "tests"))
-from lab_process import CHROMIUM, CHROMIUM_ARGS, Lab  # noqa: E402
 
 CELLS = [
     "%load_ext fineinfer_jupyter\n%fineinfer tune herb --data data/herbology.jsonl --epochs 2",
@@ -44,10 +43,29 @@ def write_notebook(root: Path) -> str:
 
 
 def quiet_settings(settings: Path) -> None:
-    """No "get notified about Jupyter news?" toast over the picture."""
-    folder = settings / "@jupyterlab" / "apputils-extension"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
+    """No "get notified about Jupyter news?" toast and no "Select Kernel" dialog (it comes up
+    when the kernel specs load after the notebook opens) over the picture."""
+    for plugin, values in [
+        ("apputils-extension/notification", {"fetchNews": "false"}),
+        ("notebook-extension/tracker", {"autoStartDefaultKernel": True}),
+    ]:
+        path = settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+
+
+def wait_for_connected_kernel(lab: JupyterProcess, timeout: float = 120) -> None:
+    """Until the notebook's kernel is idle with the page connected to it: "Run All Cells" sent
+    before then can be lost (the first WebSocket to a new kernel may fail and reconnect)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, kernels = lab.call("GET", "api/kernels")
+        if status == 200 and any(
+            k["execution_state"] == "idle" and k["connections"] > 0 for k in kernels
+        ):
+            return
+        time.sleep(0.25)
+    raise RuntimeError(f"no connected kernel after {timeout:g} s:\n{lab.log_tail()}")
 
 
 def main() -> None:
@@ -59,34 +77,31 @@ def main() -> None:
 
     expect.set_options(timeout=180_000)  # the default model answers while it trains
 
-    with tempfile.TemporaryDirectory(prefix="fineinfer-shot-") as tmp:
-        base = Path(tmp)
-        quiet_settings(base / "settings")
-        lab = Lab.start(base, args.model)
-        try:
-            lab.wait_ready(300)
-            notebook = write_notebook(lab.root)
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1400, "height": 820})
-                page.set_default_timeout(120_000)
-                page.goto(f"{lab.url}lab/tree/{notebook}?token={lab.token}")
-                page.locator(".jp-Notebook .jp-Cell").first.wait_for()
-                page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
-                page.get_by_role("menuitem", name="Run", exact=True).click()
-                page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-                outputs = page.locator(".jp-Notebook .jp-OutputArea-output")
-                expect(outputs.filter(has_text="finish:")).to_have_count(1)
-                page.locator('.jp-SideBar [data-id="fineinfer-sidebar"]').click()
-                panel = page.locator("#fineinfer-sidebar")
-                expect(panel.get_by_test_id("fi-state")).to_have_text("ready")
-                expect(panel.get_by_test_id("fi-job-state").first).to_have_text("running")
-                page.wait_for_timeout(4000)  # a few points on the charts
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(args.out))
-                browser.close()
-        finally:
-            lab.stop()
+    lab = JupyterProcess(app="jupyterlab", model=args.model)  # under a temporary folder
+    quiet_settings(lab.settings_dir)
+    with lab:
+        lab.wait_ready(300)
+        notebook = write_notebook(lab.root_dir)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 820})
+            page.set_default_timeout(120_000)
+            page.goto(f"{lab.url}lab/tree/{notebook}?token={lab.token}")
+            page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
+            wait_for_connected_kernel(lab)
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+            outputs = page.locator(".jp-Notebook .jp-OutputArea-output")
+            expect(outputs.filter(has_text="finish:")).to_have_count(1)
+            page.locator('.jp-SideBar [data-id="fineinfer-sidebar"]').click()
+            panel = page.locator("#fineinfer-sidebar")
+            expect(panel.get_by_test_id("fi-state")).to_have_text("ready")
+            expect(panel.get_by_test_id("fi-job-state").first).to_have_text("running")
+            page.wait_for_timeout(4000)  # a few points on the charts
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(args.out))
+            browser.close()
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
 
 

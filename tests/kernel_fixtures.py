@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 
-from fineinfer_jupyter.kernel.demo import serve
+from fineinfer_jupyter.kernel import FineInferClient
+from fineinfer_jupyter.launch import JupyterProcess
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -38,9 +39,20 @@ def server_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fineinfer_server(server_root, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("fineinfer-data")
-    with serve(server_root, model="tiny", data_dir=data_dir, timeout=120) as server:
+    """A real jupyter_server with the extension on the tiny model, in a subprocess."""
+    base = tmp_path_factory.mktemp("jupyter_server")
+    with JupyterProcess(server_root, model="tiny", base=base) as server:
+        try:
+            server.wait_ready(120)
+        except RuntimeError as e:  # exited, failed to load, or too slow
+            pytest.fail(str(e))
         yield server
+
+
+@pytest.fixture(scope="session")
+def client(fineinfer_server):
+    """The test's own client of that server (not the kernel's)."""
+    return FineInferClient(fineinfer_server.url, fineinfer_server.token)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ import re
 import time
 
 import pytest
-from lab_process import CHROMIUM, CHROMIUM_ARGS, Lab
+
+from fineinfer_jupyter.launch import CHROMIUM, CHROMIUM_ARGS, JupyterProcess
 
 pytestmark = pytest.mark.browser
 
@@ -27,8 +28,9 @@ RECORDS = [
 @pytest.fixture
 def lab(tmp_path_factory, request):
     """A real JupyterLab with the extension on the tiny model, everything under a tmp dir."""
-    lab = Lab.start(tmp_path_factory.mktemp("lab"), "tiny")
+    lab = JupyterProcess(app="jupyterlab", model="tiny", base=tmp_path_factory.mktemp("lab"))
     request.addfinalizer(lab.stop)
+    lab.start()
     try:
         lab.wait_ready(START_TIMEOUT)
     except RuntimeError as e:  # exited, failed to load, or too slow
@@ -60,7 +62,7 @@ def require_chromium() -> str:
 @pytest.mark.timeout(180)
 def test_sidebar_shows_the_model_and_a_running_job_and_stops_it(request, tmp_path):
     chromium = require_chromium()  # a failure, before JupyterLab starts
-    lab: Lab = request.getfixturevalue("lab")
+    lab: JupyterProcess = request.getfixturevalue("lab")
     from playwright.sync_api import expect, sync_playwright
 
     status, job = lab.call(

@@ -40,11 +40,7 @@ def test_status_after_load_ext_shows_the_model(kernel, fineinfer_server):
     assert "model tiny · cpu · float32" in run.stdout and run.stderr == ""
 
 
-def test_tune_returns_at_once_and_its_widget_updates_while_other_cells_run(
-    kernel,
-    fineinfer_server,
-):
-    client = fineinfer_server.client()
+def test_tune_returns_at_once_and_its_widget_updates_while_other_cells_run(kernel, client):
     try:
         run = kernel.run(
             "%fineinfer tune long --data data/herbology.jsonl --max-steps 5000 --batch-size 2"
@@ -76,7 +72,7 @@ def test_tune_returns_at_once_and_its_widget_updates_while_other_cells_run(
             client.cancel(job["id"])
 
 
-def test_generate_streams_the_answer_into_one_updating_display(kernel, fineinfer_server):
+def test_generate_streams_the_answer_into_one_updating_display(kernel, client):
     run = kernel.run("%%generate --max-new-tokens 400 --ttft 10\nWhere grows glimmerroot?")
     (shown,) = run.of("display_data")
     display_id = shown["transient"]["display_id"]
@@ -84,7 +80,7 @@ def test_generate_streams_the_answer_into_one_updating_display(kernel, fineinfer
         c for c in run.of("update_display_data") if c["transient"]["display_id"] == display_id
     ]
     texts = [c["data"]["text/plain"] for c in updates]
-    expected = fineinfer_server.client().complete(messages=CHAT, max_new_tokens=400)
+    expected = client.complete(messages=CHAT, max_new_tokens=400)
     assert texts[-1] == expected["text"] and expected["usage"]["completion_tokens"] > 100
     growing = [t for i, t in enumerate(texts) if i == 0 or t != texts[i - 1]]
     assert len(growing) >= 2, "the answer arrived in one piece"
@@ -92,21 +88,18 @@ def test_generate_streams_the_answer_into_one_updating_display(kernel, fineinfer
     assert FOOTER.fullmatch(run.stdout.strip()).group("adapter") == "base"
 
 
-def test_generate_raw_sends_the_cell_as_a_plain_prompt(kernel, fineinfer_server):
+def test_generate_raw_sends_the_cell_as_a_plain_prompt(kernel, client):
     run = kernel.run("%%generate --raw --max-new-tokens 12 --seed 3 --temperature 0.8\nOnce upon")
     text = run.of("update_display_data")[-1]["data"]["text/plain"]
-    expected = fineinfer_server.client().complete(
-        "Once upon", max_new_tokens=12, seed=3, temperature=0.8
-    )
+    expected = client.complete("Once upon", max_new_tokens=12, seed=3, temperature=0.8)
     assert text == expected["text"]
 
 
-def test_generate_compare_answers_once_per_adapter_side_by_side(kernel, fineinfer_server, trained):
+def test_generate_compare_answers_once_per_adapter_side_by_side(kernel, client, trained):
     run = kernel.run(
         f"%%generate --compare base,{trained} --max-new-tokens 40\nWhere grows glimmerroot?"
     )
     final = run.of("update_display_data")[-1]["data"]
-    client = fineinfer_server.client()
     base = client.complete(messages=CHAT, max_new_tokens=40)["text"]
     tuned = client.complete(messages=CHAT, adapter=trained, max_new_tokens=40)["text"]
     assert base != tuned
@@ -136,8 +129,7 @@ def test_save_load_and_delete_adapters_with_paths_relative_to_the_notebook(
     assert "copy" not in kernel.run("%fineinfer adapters").stdout
 
 
-def test_dashboard_polls_while_other_cells_run_and_stops_when_closed(kernel, fineinfer_server):
-    client = fineinfer_server.client()
+def test_dashboard_polls_while_other_cells_run_and_stops_when_closed(kernel, client):
     job = client.tune("dash", records=SMALL * 8, max_steps=100_000, batch_size=1)
     try:
         run = kernel.run("%fineinfer dashboard")

@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from fineinfer_jupyter.kernel.demo import execute
+from fineinfer_jupyter.demo import execute
 
 pytest_plugins = ["kernel_fixtures"]
 
@@ -66,7 +66,7 @@ def test_demo_notebook_runs_end_to_end(fineinfer_server, server_root, tmp_path):
 
 def test_make_demo_entry_point_writes_the_executed_notebook(tmp_path):
     out = tmp_path / "out" / "demo.executed.ipynb"
-    command = [sys.executable, "-m", "fineinfer_jupyter.kernel.demo", "--model", "tiny"]
+    command = [sys.executable, "-m", "fineinfer_jupyter.demo", "--model", "tiny"]
     command += ["--max-steps", "3", "--out", str(out), "--data-dir", str(tmp_path / "data")]
     command += ["--timeout", "60"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=200, cwd=REPO)
