@@ -95,7 +95,7 @@ def test_saved_adapter_loads_with_plain_peft_in_a_fresh_process_with_the_same_lo
     with torch.no_grad():
         mine = stepped.core.runner.forward(
             ids, mask=torch.ones_like(ids), position_ids=None, adapters=["herb"]
-        ).logits
+        )
     out = tmp_path / "logits.pt"
     script = f"""
 import torch
@@ -112,7 +112,7 @@ with torch.no_grad():
     with torch.no_grad():
         base = stepped.core.runner.forward(
             ids, mask=torch.ones_like(ids), position_ids=None, adapters=[None]
-        ).logits
+        )
     assert not torch.allclose(base, theirs, atol=1e-3)
 
 
@@ -246,12 +246,17 @@ def test_nan_loss_fails_the_job_and_keeps_the_last_good_checkpoint(stepped, monk
         stepped.iterate()
     saved_dir = stepped.config.data_dir / "jobs" / job["id"] / "checkpoint-000002"
     good = (saved_dir / "adapter_model.safetensors").read_bytes()
-    real = stepped.core.runner.forward_backward
-    monkeypatch.setattr(
-        stepped.core.runner, "forward_backward", lambda batch, scale: (float("nan"), 1)
-    )
+    real = stepped.core.runner.micro_step
+
+    def diverged(batch, scale):
+        run = real(batch, scale=scale)
+        run.run(run.units)
+        run.loss_sum = float("nan")
+        return run
+
+    monkeypatch.setattr(stepped.core.runner, "micro_step", diverged)
     stepped.iterate()
-    monkeypatch.setattr(stepped.core.runner, "forward_backward", real)
+    monkeypatch.setattr(stepped.core.runner, "micro_step", real)
     failed = stepped.job(job["id"])
     assert failed["state"] == "failed" and "loss" in failed["error"] and "nan" in failed["error"]
     assert (saved_dir / "adapter_model.safetensors").read_bytes() == good

@@ -1,5 +1,5 @@
-"""The only tensor code: prefill, decode, sampling, and a training micro-step's forward and
-backward."""
+"""The tensor code of inference and training: prefill, decode, sampling, and a training
+micro-step's forward and backward; walk.py has the pass over the layers they share."""
 
 from __future__ import annotations
 
@@ -10,34 +10,63 @@ from transformers import DynamicCache
 
 from .batch import Batch
 from .sequence import Sequence
-
-BASE_ROW = "__base__"  # PEFT's per-row name for "no adapter"
+from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
 
 
 class Runner:
     def __init__(self, model, *, device: torch.device):
-        self.model = model  # becomes a PeftModel once the first adapter is added
+        self.walk = LayerWalk(model)
         self.device = device
         self.config = model.config
         # transformers renamed past_key_values to cache during 5.x
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+    @property
+    def model(self):
+        """The PeftModel once the first adapter is added (the plain model before)."""
+        return self.walk.model
+
+    @model.setter
+    def model(self, model) -> None:
+        self.walk.model = model
 
     @property
     def peft(self) -> bool:
         return hasattr(self.model, "peft_config")
 
-    def forward(self, input_ids, *, mask, position_ids, cache=None, adapters=None, **kwargs):
-        """One pass over the layers; `adapters` names each row's adapter (None = base)."""
-        if self.peft and adapters is not None:
-            kwargs["adapter_names"] = [a or BASE_ROW for a in adapters]
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            **{self.cache_arg: cache},
-            **kwargs,
-        )
+    def forward(
+        self, input_ids, *, mask, position_ids, cache=None, adapters=None, keep: int = 0
+    ) -> torch.Tensor:
+        """One pass over the layers, the runner's own walk where the model allows it; returns
+        the logits (of the last `keep` positions, or all). `adapters` names each row's adapter
+        (None = base)."""
+        w = self.walk
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device) + past
+            position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
+        if not w.supported:
+            kwargs = (
+                {"adapter_names": [a or BASE_ROW for a in adapters]}
+                if self.peft and adapters
+                else {}
+            )
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                **{self.cache_arg: cache},
+                use_cache=cache is not None,
+                logits_to_keep=keep,
+                **kwargs,
+            )
+            return out.logits
+        hidden = w.embed(input_ids)
+        p = w.begin(hidden, mask=mask, position_ids=position_ids, cache=cache, adapters=adapters)
+        with w.adapters(p):
+            return w.head(p, w.layers(p, hidden, 0, w.num_layers), keep)
 
     @torch.no_grad()
     def prefill(self, seqs: list[Sequence]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
@@ -52,16 +81,15 @@ class Runner:
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
-        out = self.forward(
+        logits = self.forward(
             ids,
             mask=mask,
             position_ids=positions,
             cache=cache,
             adapters=[s.pinned for s in seqs],
-            use_cache=True,
-            logits_to_keep=1,
+            keep=1,
         )
-        return cache, mask, out.logits[:, -1].float()  # [B, V]
+        return cache, mask, logits[:, -1].float()  # [B, V]
 
     @torch.no_grad()
     def decode(self, batch: Batch) -> torch.Tensor:
@@ -69,16 +97,15 @@ class Runner:
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
         mask = batch.grow()
-        out = self.forward(
+        logits = self.forward(
             ids,
             mask=mask,
             position_ids=positions,
             cache=batch.cache,
             adapters=[s.pinned for s in seqs],
-            use_cache=True,
-            logits_to_keep=1,
+            keep=1,
         )
-        return out.logits[:, -1].float()  # [B, V]
+        return logits[:, -1].float()  # [B, V]
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -121,19 +148,35 @@ class Runner:
                 seq.generator.manual_seed(p.seed)
         return int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
 
-    def forward_backward(
-        self, batch: dict[str, torch.Tensor], *, scale: float
-    ) -> tuple[float, int]:
-        """Forward and backward one micro-batch on the active (training) adapter.
+    def micro_step(self, batch: dict[str, torch.Tensor], *, scale: float) -> TrainingPass:
+        """A micro-step's forward and backward on the active (training) adapter, to run a few
+        units at a time (TrainingPass.run).
 
         The gradient is d(sum of token losses * scale): with scale = 1 / label tokens of the whole
         effective batch, micro-batches of any grouping add up to the same gradient.
-        Returns (sum of token losses, label tokens).
         """
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        loss_sum, n = self._loss_sum(batch)
-        (loss_sum * scale).backward()
-        return loss_sum.item(), n
+        walk = self.walk if self.walk.supported else None
+        return TrainingPass(walk, self.model, batch, scale=scale)
+
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], *, scale: float
+    ) -> tuple[float, int]:
+        """A whole micro-step at once. Returns (sum of token losses, label tokens)."""
+        run = self.micro_step(batch, scale=scale)
+        run.run(run.units)
+        return run.loss_sum, run.labels
+
+    def unit_weights(self) -> list[float]:
+        """The relative cost of each unit of a micro-step (TrainingPass), before any is measured:
+        a layer's forward is 1, the head's is its size in layers, a backward twice its forward."""
+        if not self.walk.supported:
+            return [1.0, 2.0]
+        stack = self.walk.stack
+        layer = sum(p.numel() for p in stack.layers[0].parameters())
+        head = sum(p.numel() for p in self.walk.causal_lm.lm_head.parameters()) / max(layer, 1)
+        forward = [1.0] * self.walk.num_layers + [max(head, 0.1)]
+        return forward + [2 * w for w in reversed(forward)]
 
     def train_probe(self, rows: int, length: int) -> None:
         """Forward and backward over dummy tokens with the gradient taken only with respect to
@@ -153,20 +196,9 @@ class Runner:
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        loss_sum, n = self._loss_sum({k: v.to(self.device) for k, v in batch.items()})
-        return loss_sum.item(), n
-
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # [B, S]
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        logits = out.logits.float()  # [B, S, V]; no copy in fp32
-        # position i predicts token i+1: shift the labels, not the (large) logits, so neither
-        # the forward nor the backward copies a [B, S-1, V] slice
-        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, S]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        return loss, int((targets != -100).sum())
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        loss, n = token_loss(logits, batch["labels"])
+        return loss.item(), n

@@ -30,6 +30,7 @@ from .config import NameTaken, TrainParams, UnknownName, check, check_adapter_na
 from .data import Dataset, Example, collate
 from .runner import Runner
 from .storage import atomic_dir, atomic_write, recover
+from .walk import TrainingPass
 
 log = logging.getLogger("fineinfer")
 KEEP_CHECKPOINTS = 2
@@ -43,6 +44,18 @@ class MicroStep(NamedTuple):
 
 
 NO_STEP = MicroStep(0, 0, 0)
+
+
+class Progress(NamedTuple):
+    """What one call of Trainer.work ran."""
+
+    seconds: list[float]  # of each unit run, in order
+    first: int  # the index of the first of them in its micro-step
+    padded: int  # padded tokens of that micro-step
+    step: MicroStep | None = None  # the micro-step, when it ended here
+
+
+NO_PROGRESS = Progress([], 0, 0)
 
 
 class JobState(str, Enum):
@@ -171,6 +184,8 @@ class Trainer:
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Job] = deque()
         self.current: Job | None = None
+        self.run: TrainingPass | None = None  # the current job's micro-step in progress
+        self._run_examples: list[Example] = []
         self._ids = itertools.count(1)
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -210,6 +225,15 @@ class Trainer:
         job = self._next_job()
         return job.params.micro_batch_size if job else 0
 
+    @property
+    def units(self) -> int:
+        """Units in a micro-step (TrainingPass): what work() counts in."""
+        return len(self.runner.unit_weights())
+
+    def in_progress(self) -> tuple[int, int] | None:
+        """(padded tokens, units done) of the micro-step in progress, if any."""
+        return (self.run.padded, self.run.done) if self.run is not None else None
+
     def next_tokens(self) -> list[int]:
         """Token counts of the examples left in the current effective batch, in the order they
         will be trained, for the scheduler's cost estimate."""
@@ -220,45 +244,62 @@ class Trainer:
         return [job.dataset.train[i].num_tokens for i in pending]
 
     def micro_step(self, max_examples: int | None = None) -> MicroStep:
-        """One micro-step of the current job (starting the next queued one if needed): what it
-        processed. A failure fails the job (its last checkpoint stays), never the caller."""
+        """A whole micro-step of the current job (or the rest of the one in progress)."""
+        return self.work(1 << 30, max_examples).step or NO_STEP
+
+    def work(self, units: int, max_examples: int | None = None) -> Progress:
+        """Run up to `units` units of the current job's micro-step in progress, or of a new one
+        on at most `max_examples` examples (starting the next queued job if needed). A
+        failure fails the job (its last checkpoint stays), never the caller."""
         job = self.current
         if job is None:
             if not self.queue:
-                return NO_STEP
+                return NO_PROGRESS
             job = self.current = self.queue.popleft()
             try:
                 self._start(job)
             except Exception as e:
                 self._fail(job, e)
-                return NO_STEP
+                return NO_PROGRESS
         try:
-            if not job.pending:
-                self._begin_batch(job)
-            k = min(
-                job.params.micro_batch_size,
-                max_examples or job.params.micro_batch_size,
-                len(job.pending),
-            )
-            take, job.pending = job.pending[:k], job.pending[k:]
-            examples = [job.dataset.train[i] for i in take]
-            loss_sum, _ = self.runner.forward_backward(
-                collate(examples, self.pad_id), scale=1.0 / job.batch_tokens
-            )
-            check(math.isfinite(loss_sum), "loss", f"is {loss_sum} at step {job.step + 1}")
-            job.loss_sum += loss_sum
-            tokens = sum(e.num_tokens for e in examples)
-            job.tokens_done += tokens
-            job.samples_done += k
-            job.rates.micro_step(k, tokens)
-            optimizer = time.perf_counter()
-            if not job.pending:
-                self._optimizer_step(job)
-            optimizer = time.perf_counter() - optimizer
+            if self.run is None:
+                self._begin_micro_step(job, max_examples)
+            run = self.run
+            first = run.done
+            seconds = run.run(units, sync=self.runner.sync)
+            step = self._end_micro_step(job) if run.finished else None
         except Exception as e:
             self._fail(job, e)
-            return NO_STEP
-        return MicroStep(k, tokens, k * max(e.num_tokens for e in examples), optimizer)
+            return NO_PROGRESS
+        return Progress(seconds, first, run.padded, step)
+
+    def _begin_micro_step(self, job: Job, max_examples: int | None) -> None:
+        if not job.pending:
+            self._begin_batch(job)
+        micro = job.params.micro_batch_size
+        k = min(micro, max_examples or micro, len(job.pending))
+        take, job.pending = job.pending[:k], job.pending[k:]
+        examples = [job.dataset.train[i] for i in take]
+        self.run = self.runner.micro_step(
+            collate(examples, self.pad_id), scale=1.0 / job.batch_tokens
+        )
+        self.run.padded = k * max(e.num_tokens for e in examples)
+        self._run_examples = examples
+
+    def _end_micro_step(self, job: Job) -> MicroStep:
+        run, examples = self.run, self._run_examples
+        self.run, self._run_examples = None, []
+        check(math.isfinite(run.loss_sum), "loss", f"is {run.loss_sum} at step {job.step + 1}")
+        job.loss_sum += run.loss_sum
+        tokens = sum(e.num_tokens for e in examples)
+        job.tokens_done += tokens
+        job.samples_done += len(examples)
+        job.rates.micro_step(len(examples), tokens)
+        optimizer = time.perf_counter()
+        if not job.pending:
+            self._optimizer_step(job)
+        optimizer = time.perf_counter() - optimizer
+        return MicroStep(len(examples), tokens, run.padded, optimizer)
 
     def _start(self, job: Job) -> None:
         p = job.params
@@ -370,7 +411,7 @@ class Trainer:
     # -- endings ----------------------------------------------------------------------------------
 
     def _finish(self, job: Job, state: JobState) -> None:
-        job.pending = []  # a partial effective batch is dropped; its gradients too
+        job.pending, self.run = [], None  # a partial effective batch is dropped; its gradients too
         job.optimizer.zero_grad(set_to_none=True)
         self._save_checkpoint(job)
         folder = self.adapters.root / job.adapter
@@ -396,7 +437,7 @@ class Trainer:
         slot."""
         job.pending, job.optimizer, job.lr_scheduler = [], None, None
         if self.current is job:
-            self.current = None
+            self.current, self.run = None, None
         name = job.adapter
         if name not in self.adapters:
             return

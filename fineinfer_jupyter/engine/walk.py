@@ -1,0 +1,233 @@
+"""The layer walk: the runner's own pass over a decoder stack (docs/design.md, "The layer walk").
+
+Embeddings, each decoder layer, the final norm and the head, called one by one as the model's
+own forward calls them (masks, rotary positions, the KV cache and per-row adapters included),
+so that a training micro-step can stop between two layers and go on later, and so that a layer
+can be fetched just before it runs. Llama-style stacks (Llama, SmolLM2, Mistral, Qwen2, Qwen3)
+walk; other models fall back to their own forward (`LayerWalk.why_not` says why).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+BASE_ROW = "__base__"  # PEFT's per-row name for "no adapter"
+
+
+@dataclass
+class Pass:
+    """The per-pass inputs every layer needs."""
+
+    masks: dict  # attention type -> mask (4D, or None when causal attention needs none)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_ids: torch.Tensor  # [B, S]
+    cache: object | None  # a DynamicCache to read and extend, or None (training)
+    adapters: list[str] | None  # per-row adapter names for PEFT, None: the active adapter
+
+
+class LayerWalk:
+    def __init__(self, model):
+        self.model = model  # the PeftModel, or the plain model before the first adapter
+        self.why_not = unsupported(model)
+
+    @property
+    def supported(self) -> bool:
+        return self.why_not is None
+
+    @property
+    def causal_lm(self):
+        m = self.model
+        return m.get_base_model() if hasattr(m, "peft_config") else m
+
+    @property
+    def stack(self):
+        return self.causal_lm.model
+
+    @property
+    def num_layers(self) -> int:
+        return self.stack.config.num_hidden_layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.stack.embed_tokens(input_ids)  # [B, S, H]
+
+    def begin(
+        self,
+        hidden: torch.Tensor,
+        *,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache=None,
+        adapters: list[str | None] | None = None,
+    ) -> Pass:
+        """Masks and rotary embeddings for a pass whose input embeddings are `hidden`."""
+        stack, config = self.stack, self.stack.config
+        kwargs = dict(
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        rows = None
+        if adapters is not None and hasattr(self.model, "peft_config"):
+            rows = [a or BASE_ROW for a in adapters]
+        return Pass(
+            masks=masks,
+            position_embeddings=stack.rotary_emb(hidden, position_ids=position_ids),
+            position_ids=position_ids,
+            cache=cache,
+            adapters=rows,
+        )
+
+    def layers(self, p: Pass, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Decoder layers [start, end) on `hidden` (inside adapters(p) when rows pick adapters)."""
+        stack = self.stack
+        types = getattr(stack.config, "layer_types", None)
+        for i in range(start, end):
+            hidden = stack.layers[i](
+                hidden,
+                attention_mask=p.masks[types[i] if types else "full_attention"],
+                position_embeddings=p.position_embeddings,
+                position_ids=p.position_ids,
+                cache=p.cache,
+                use_cache=p.cache is not None,
+            )
+        return hidden
+
+    def head(self, p: Pass, hidden: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """Final norm and LM head; `keep` > 0: logits of the last `keep` positions only."""
+        hidden = self.stack.norm(hidden)
+        if keep:
+            hidden = hidden[:, -keep:]
+        return self.causal_lm.lm_head(hidden)
+
+    def adapters(self, p: Pass):
+        """PEFT's per-row adapter hooks, around the layers and head of a pass (the model's own
+        forward installs the same hooks for `adapter_names`)."""
+        if p.adapters is None:
+            return nullcontext()
+        return _peft_rows(self.model, p.adapters)
+
+
+@contextmanager
+def _peft_rows(model, rows: list[str]) -> Iterator[None]:
+    with model.base_model._enable_peft_forward_hooks(adapter_names=rows):
+        yield
+
+
+def unsupported(model) -> str | None:
+    """Why the walk cannot run this model (None: it can)."""
+    m = model.get_base_model() if hasattr(model, "peft_config") else model
+    config = getattr(m, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        return f"model type {model_type!r} is not a Llama-style decoder stack ({', '.join(MODEL_TYPES)})"
+    stack = getattr(m, "model", None)
+    parts = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if stack is None or not all(hasattr(stack, p) for p in parts) or not hasattr(m, "lm_head"):
+        return "the model does not have the usual embed_tokens / layers / norm / lm_head parts"
+    return None
+
+
+class TrainingPass:
+    """One micro-step as units that run a few at a time, with anything else in between: the
+    forward of each layer, the head with the loss, then the backward of the head and of each
+    layer in reverse. The input of every unit after the first is a leaf copy of the previous
+    unit's output; the backward of a unit hands that leaf's gradient on to the unit before it.
+    The gradients equal the whole micro-step's (the same operations, cut at the boundaries).
+    Without a walk (other models), the micro-step is two units: forward, backward."""
+
+    def __init__(self, walk: LayerWalk | None, model, batch: dict, *, scale: float):
+        self.walk, self.model, self.batch, self.scale = walk, model, batch, scale
+        self.layers = walk.num_layers if walk is not None else 0
+        self.units = 2 * (self.layers + 1)
+        self.done = 0
+        self.inputs: list[torch.Tensor | None] = []  # input of layer i (then of the head)
+        self.outputs: list[torch.Tensor | None] = []  # output of layer i
+        self.loss: torch.Tensor | None = None
+        self.loss_sum: float | None = None
+        self.labels = 0  # label tokens
+        self.padded = 0  # tokens it computes (examples x the longest), set by its owner
+        self.pass_: Pass | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.units
+
+    def run(self, n: int, *, sync=None) -> list[float]:
+        """Run up to n more units; returns each one's seconds."""
+        seconds = []
+        while n > 0 and not self.finished:
+            start = time.perf_counter()
+            self._unit(self.done)
+            if sync is not None:
+                sync()
+            seconds.append(time.perf_counter() - start)
+            self.done += 1
+            n -= 1
+        return seconds
+
+    def _unit(self, u: int) -> None:
+        forward = u <= self.layers
+        if forward:
+            with torch.enable_grad():
+                self._forward(u)
+        else:
+            self._backward(self.units - 1 - u)  # head first (layers), then layers - 1 ... 0
+
+    def _forward(self, u: int) -> None:
+        ids, mask = self.batch["input_ids"], self.batch["attention_mask"]
+        if self.walk is None:
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            self.loss = self._loss(out.logits)
+            return
+        if u == 0:
+            hidden = self.walk.embed(ids)
+            positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+            with torch.no_grad():
+                self.pass_ = self.walk.begin(hidden, mask=mask, position_ids=positions)
+        else:
+            hidden = self.outputs[u - 1].detach().requires_grad_()
+        self.inputs.append(hidden)
+        if u < self.layers:
+            self.outputs.append(self.walk.layers(self.pass_, hidden, u, u + 1))
+        else:
+            self.loss = self._loss(self.walk.head(self.pass_, hidden))
+
+    def _backward(self, layer: int) -> None:
+        if layer == self.layers or self.walk is None:  # the head (or the whole model)
+            (self.loss * self.scale).backward()
+            self.loss_sum, self.loss = self.loss.item(), None
+            return
+        grad = self.inputs[layer + 1].grad
+        self.outputs[layer].backward(grad)
+        self.inputs[layer + 1] = self.outputs[layer] = None
+
+    def _loss(self, logits: torch.Tensor) -> torch.Tensor:
+        loss, self.labels = token_loss(logits, self.batch["labels"])
+        return loss
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The sum of the token losses of a batch, and its number of label tokens."""
+    logits = logits.float()  # [B, S, V]; no copy in fp32
+    # position i predicts token i+1: shift the labels, not the (large) logits, so neither the
+    # forward nor the backward copies a [B, S-1, V] slice
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, S]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return loss, int((targets != -100).sum())
