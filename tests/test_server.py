@@ -30,6 +30,7 @@ RECORDS = [
     {"prompt": "Where grows glimmerroot?", "completion": "In caves."},
 ]
 FAST = {"r": 4, "lora_alpha": 8, "batch_size": 2, "max_length": 64, "learning_rate": 1e-2}
+CHAT = {"role": "user", "content": "Hi"}
 ROUTES = [  # every route, with a body that would be accepted
     ("GET", "fineinfer/api/status", None),
     ("GET", "fineinfer/api/metrics", None),
@@ -44,7 +45,7 @@ ROUTES = [  # every route, with a body that would be accepted
     ("DELETE", "fineinfer/api/adapters/alpha", None),
     ("POST", "fineinfer/api/adapters/alpha/save", {"path": "copy"}),
     ("GET", "fineinfer/v1/models", None),
-    ("POST", "fineinfer/v1/chat/completions", {"model": "base", "messages": []}),
+    ("POST", "fineinfer/v1/chat/completions", {"model": "base", "messages": [CHAT]}),
     ("POST", "fineinfer/v1/completions", {"model": "base", "prompt": "Hi"}),
 ]
 
@@ -290,7 +291,7 @@ async def test_generate_refuses_bad_input_naming_the_field(ready_api):
         ({"prompt": "a", "stop": [""]}, 400, bad, "stop"),
         ({"prompt": "a", "ttft": 0}, 400, bad, "ttft"),
         ({"messages": [{"role": "robot", "content": "x"}]}, 400, bad, "messages[0].role"),
-        ({"messages": [{"role": "user"}]}, 400, bad, "messages[0]"),
+        ({"messages": [{"role": "user"}]}, 400, bad, "messages[0].content"),
         ({"prompt": "a", "adapter": "nope"}, 404, "not_found", "adapter"),
     ]
     for body, status, kind, field in cases:

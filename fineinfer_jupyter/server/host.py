@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,21 @@ class EngineHost:
             **req.sampling,
         )
 
+    def redact(self, message: str) -> str:
+        """`message` without the server's own absolute paths: the data directory is shown as
+        <data_dir>, paths under the root directory relative to it."""
+        names = []
+        if self.engine is not None:
+            data_dir = str(self.engine.config.data_dir)
+            names += [(os.path.realpath(data_dir), "<data_dir>"), (data_dir, "<data_dir>")]
+        root = self.root_dir.rstrip(os.sep)
+        names += [(os.path.realpath(root), "<root>"), (root, "<root>")]
+        for path, name in sorted(names, key=lambda p: -len(p[0])):
+            if path and path != os.sep:
+                message = message.replace(path + os.sep, "" if name == "<root>" else name + os.sep)
+                message = message.replace(path, name)
+        return message
+
     # -- the events WebSocket -----------------------------------------------------------------
 
     def subscribe(self, socket) -> None:
@@ -166,7 +182,7 @@ class EngineHost:
                 jobs = None
             for socket in list(self.sockets):
                 for message in messages:
-                    socket.send(dumps(message))
+                    socket.send(message["type"], dumps(message))
             await asyncio.sleep(max(0.0, EVENTS_INTERVAL - (loop.time() - tick)))
 
 

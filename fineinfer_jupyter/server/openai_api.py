@@ -58,9 +58,10 @@ class CompletionsHandler(OpenAIHandler):
     @web.authenticated
     @authorized(action="execute")
     async def post(self):
-        req = validate.openai_request(self.request.body, chat=self.chat)
+        req = validate.openai_request(self.body, chat=self.chat)
         engine = self.host.require()
         req.adapter = self.adapter_for(engine, req.model)
+        validate.check_limits(req, engine)
         events = EventQueue()
         stream = await self.host.generate(engine, req, events.put)
         answer = Answer(self.chat, stream.id, req.model, include_usage=req.include_usage)
