@@ -32,6 +32,7 @@ RECORDS = [
 FAST = {"r": 4, "lora_alpha": 8, "batch_size": 2, "max_length": 64, "learning_rate": 1e-2}
 CHAT = {"role": "user", "content": "Hi"}
 ROUTES = [  # every route, with a body that would be accepted
+    ("GET", "fineinfer/api/openapi.json", None),
     ("GET", "fineinfer/api/status", None),
     ("GET", "fineinfer/api/metrics", None),
     ("POST", "fineinfer/api/generate", {"prompt": "Hi", "max_new_tokens": 2}),
@@ -127,7 +128,7 @@ async def test_status_reports_loading_with_progress_and_model_routes_answer_503(
     assert (status["state"], status["error"], status["model"]) == ("loading", None, None)
     assert status["version"] == "0.1.0"
     loading = error("model_loading", "model is loading: test gate")
-    for method, path, body in ROUTES[2:]:  # all but status and metrics
+    for method, path, body in ROUTES[3:]:  # all but openapi.json, status and metrics
         code, answer = await api.call(method, path, body)
         if path.startswith("fineinfer/v1"):
             loading["error"].update(param=None, code="model_loading")
@@ -215,6 +216,7 @@ async def test_routes_are_authorized_with_their_resource_and_action(
     socket.close()
     r = "fineinfer_jupyter:"
     assert recording_authorizer.asked == [
+        ("read", r + "status"),
         ("read", r + "status"),
         ("read", r + "metrics"),
         ("execute", r + "generate"),

@@ -11,7 +11,7 @@ import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePath
 
 from .errors import ApiError, field_of, shown
@@ -31,7 +31,7 @@ ADAPTER_FILES = {  # what PEFT and the engine write into an adapter folder
 
 KINDS = {
     "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or _integral(v),
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
     "array": lambda v: isinstance(v, list),
@@ -61,6 +61,22 @@ UNSUPPORTED = (
     "best_of",
 )
 OPENAI_EXTRAS = {"top_k": "integer", "repetition_penalty": "number", "ignore_eos": "boolean"}
+OPENAI_FIELDS = (  # what openai_request reads (besides "messages" or "prompt"); others are ignored
+    "model",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "ttft",
+    "tpot",
+    *OPENAI_EXTRAS,
+    *UNSUPPORTED,
+)
 
 
 def bad(field_name: str | None, message: str) -> ApiError:
@@ -96,6 +112,8 @@ class Body:
             raise bad(name, f"must be {' or '.join(_article(k) for k in kinds)}")
         if "number" in kinds and not _finite(value):
             raise bad(name, "must be a finite number")
+        if "integer" in kinds and _integral(value):
+            return int(value)  # JSON has one number type: 2.0 is the integer 2
         return value
 
     def only(self, *names: str) -> None:
@@ -106,6 +124,10 @@ class Body:
 
 def _article(kind: str) -> str:
     return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _integral(value) -> bool:
+    return isinstance(value, float) and value.is_integer()
 
 
 def _finite(value) -> bool:
@@ -197,13 +219,12 @@ def openai_request(raw: bytes, *, chat: bool) -> GenerateRequest:
     sampling = _sampling(body, {"temperature": "number", "top_p": "number", "seed": "integer"})
     sampling.update(_sampling(body, OPENAI_EXTRAS))
     sampling.setdefault("temperature", 1.0)  # OpenAI's default
-    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins
+    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins
         max_tokens = body.get(name, "integer")
         if max_tokens is not None:
             if max_tokens < 1:
                 raise bad(name, "must be an integer >= 1")
             sampling["max_new_tokens"] = max_tokens
-            break
     options = body.get("stream_options", "object", default={})
     if not isinstance(options.get("include_usage", False), bool):
         raise bad("stream_options.include_usage", "must be a boolean")
@@ -290,6 +311,8 @@ def train_params(params: dict, max_context: int, config):
     from ..engine import TrainParams
     from ..engine.config import check_train
 
+    ints = {f.name for f in fields(TrainParams) if "int" in str(f.type) and f.name != "lora_alpha"}
+    params = {k: int(v) if k in ints and _integral(v) else v for k, v in params.items()}
     try:
         train = TrainParams.from_dict(params)
         check_train(config, train, max_context)
