@@ -4,6 +4,7 @@ nothing answers 5xx, and the engine keeps answering. Real jupyter_server, tiny m
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 from conftest import make_adapter
@@ -111,6 +112,21 @@ def hostile_cases(root: str) -> list[tuple[str, str, object, int, dict]]:
          invalid("adapter", "'model' is a reserved name")),
         ("POST", jobs, {"adapter": "herb__at3", "records": RECORDS}, 400,
          invalid("adapter", f"'herb__at3' {NAME_RULE}")),
+        # what is echoed is cut short; a chat of more messages than the context has tokens
+        ("POST", chat, {"model": "m" * 100_000, "messages": CHAT}, 404,
+         error("not_found", f"model: no model named '{'m' * 75}...' (known: base, tiny)", "model",
+               openai=True)),
+        ("POST", g, {"prompt": "a", "k" * 100_000: 1}, 400,
+         invalid("k" * 64, f"unknown field; known: {', '.join(sorted(validate.GENERATE_FIELDS))}")),
+        ("GET", "fineinfer/api/jobs/" + "j" * 5000, None, 404,
+         error("not_found", f"job: no job '{'j' * 75}...'", "job")),
+        ("POST", g, {"prompt": "a", "adapter": "a" * 5000}, 400,
+         invalid("adapter", f"'{'a' * 75}...' {NAME_RULE}")),
+        ("POST", jobs, {"adapter": "herb", "records": RECORDS, "params": {f"p{i}": 1 for i in range(500)}},
+         400, invalid("params", "unknown parameter(s) 'p0', 'p1', 'p10', ...; known: " + ", ".join(
+             sorted(f.name for f in fields(TrainParams))))),
+        ("POST", g, {"messages": CHAT * 1025}, 400,
+         invalid("messages", "are 1025; at most 1024 fit in the model's context")),
         # paths too long, not encodable, looping
         ("POST", jobs, {"adapter": "herb", "data": long_path}, 400, invalid("data", too_long)),
         ("POST", jobs, {"adapter": "herb", "data": "a/" * 3000}, 400, invalid("data", too_long)),

@@ -180,5 +180,8 @@ async def test_cookie_logins_need_the_xsrf_token_for_anything_but_reading(ready_
     right = {"Cookie": f"{login}; _xsrf=abc", "X-XSRFToken": "abc"}
     code, events = await call("POST", "api/generate", body, **right)
     assert code == 200
+    evil = {**right, "Origin": "http://evil.example"}  # another site's page, cookies and all
+    code, answer = await call("POST", "api/generate", body, **evil)
+    assert (code, answer["error"]["type"]) == (404, "not_found")
     token_only = {"Authorization": f"token {api.token}"}
     assert (await call("POST", "api/generate", body, **token_only))[0] == 200

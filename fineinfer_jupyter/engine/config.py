@@ -201,11 +201,17 @@ def prompt_chars(config: EngineConfig, max_context: int) -> int:
 
 def check_prompt(config: EngineConfig, prompt: str | list[dict], max_context: int) -> None:
     """Refuse a prompt far too long for the model before tokenizing it (a tokenizer takes time
-    in proportion, under a lock decode steps need). Text, or chat messages' contents."""
+    in proportion, under a lock decode steps need). Text, or chat messages' contents; every
+    message takes at least a token, so a chat has at most max_context of them."""
     if isinstance(prompt, str):
         n, where = len(prompt), "prompt"
     else:
         n, where = sum(len(m.get("content") or "") for m in prompt), "messages"
+        check(
+            len(prompt) <= max_context,
+            where,
+            f"are {len(prompt)}; at most {max_context} fit in the model's context",
+        )
     limit = prompt_chars(config, max_context)
     check(n <= limit, where, f"is {n} characters; at most {limit} are accepted")
 
@@ -359,10 +365,11 @@ class TrainParams:
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
+        listed = ", ".join(shown(u, 40) for u in unknown[:3]) + (", ..." if unknown[3:] else "")
         check(
             not unknown,
             "params",
-            f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+            f"unknown parameter(s) {listed}; known: {', '.join(sorted(known))}",
         )
         return cls(**d)
 

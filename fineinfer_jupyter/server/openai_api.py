@@ -14,7 +14,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from . import validate
-from .errors import ApiError, dumps, error_body
+from .errors import ApiError, dumps, error_body, shown
 from .handlers import FineInferHandler
 from .host import EventQueue
 
@@ -36,7 +36,7 @@ class OpenAIHandler(FineInferHandler):
         if model in adapters:
             return model
         known = ", ".join(["base", base, *adapters])
-        raise ApiError(404, f"model: no model named {model!r} (known: {known})", "model")
+        raise ApiError(404, f"model: no model named {shown(model)} (known: {known})", "model")
 
 
 class ModelsHandler(OpenAIHandler):

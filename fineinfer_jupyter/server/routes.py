@@ -14,7 +14,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web, websocket
 
 from . import validate
-from .errors import ApiError, dumps
+from .errors import ApiError, dumps, shown
 from .handlers import FineInferHandler
 from .host import EventQueue
 
@@ -97,7 +97,7 @@ class JobHandler(FineInferHandler):
     @authorized
     async def get(self, job_id: str):
         engine = self.host.require()
-        self.reply(await self.host.run(engine.job, job_id))
+        self.reply(await self.host.run(engine.job, validate.job_id(job_id)))
 
 
 class JobActionHandler(FineInferHandler):
@@ -115,8 +115,8 @@ class JobActionHandler(FineInferHandler):
             "cancel": engine.cancel_job,
         }
         if action not in methods:
-            raise ApiError(404, f"no job action {action!r}; use stop, resume or cancel")
-        self.reply(await self.host.run(methods[action], job_id, conflict=True))
+            raise ApiError(404, f"no job action {shown(action)}; use stop, resume or cancel")
+        self.reply(await self.host.run(methods[action], validate.job_id(job_id), conflict=True))
 
 
 class AdaptersHandler(FineInferHandler):

@@ -1,6 +1,6 @@
 """The one place that parses request JSON and paths; every failure is a 400 naming the field.
 
-Shapes are checked here; ranges (temperature in [0, 100], ...) are the engine's config
+Shapes are checked here; ranges (temperature 0 or in [0.01, 100], ...) are the engine's config
 dataclasses' job, whose "field: message" errors the handlers map to 400s as well.
 """
 
@@ -20,6 +20,7 @@ MAX_DEPTH = 32  # levels of JSON nesting a request body may have
 SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry lone ones; nothing can encode them
 PATH_MAX, NAME_MAX = 4095, 255  # bytes in a path, in one of its parts (Linux)
 ROLES = ("system", "user", "assistant", "tool")
+JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DATA_SUFFIXES = (".jsonl", ".txt")
 ADAPTER_FILES = {  # what PEFT and the engine write into an adapter folder
     "adapter_config.json",
@@ -119,7 +120,7 @@ class Body:
     def only(self, *names: str) -> None:
         unknown = sorted(set(self.data) - set(names))
         if unknown:
-            raise bad(unknown[0], f"unknown field; known: {', '.join(sorted(names))}")
+            raise bad(unknown[0][:64], f"unknown field; known: {', '.join(sorted(names))}")
 
 
 def _article(kind: str) -> str:
@@ -180,11 +181,16 @@ def generate_request(raw: bytes) -> GenerateRequest:
         raise bad("prompt", "send either prompt (text) or messages (a chat), not both")
     return GenerateRequest(
         prompt=prompt if prompt is not None else _messages(messages, openai=False),
-        adapter=body.get("adapter", "string"),
+        adapter=_adapter(body.get("adapter", "string")),
         sampling=_sampling(body, SAMPLING),
         ttft=body.get("ttft", "number"),
         tpot=body.get("tpot", "number"),
     )
+
+
+def _adapter(name: str | None) -> str | None:
+    """None or "base" for the base model, else a name an adapter could have."""
+    return name if name in (None, "", "base") else adapter_name(name, "adapter")
 
 
 def _sampling(body: Body, kinds: dict) -> dict:
@@ -323,6 +329,13 @@ def train_params(params: dict, max_context: int, config):
         if name is None or name == "params":
             raise ApiError(400, message if name else f"params: {message}", "params") from None
         raise ApiError(400, f"params.{message}", f"params.{name}") from None
+
+
+def job_id(value: str) -> str:
+    """A job id from a URL: what the engine names jobs ("job-12"), or a 404 quoting it briefly."""
+    if not JOB_ID.fullmatch(value):
+        raise ApiError(404, f"job: no job {shown(value)}", "job")
+    return value
 
 
 def adapter_name(name: str, field_name: str = "name") -> str:
