@@ -4,7 +4,9 @@ nothing answers 5xx, and the engine keeps answering. Real jupyter_server, tiny m
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import fields
+from types import SimpleNamespace
 
 import pytest
 from conftest import make_adapter
@@ -17,6 +19,7 @@ from fineinfer_jupyter.engine.config import (
 )
 from fineinfer_jupyter.server import validate
 from fineinfer_jupyter.server.errors import ApiError
+from fineinfer_jupyter.server.host import EngineHost
 
 pytest_plugins = ["pytest_jupyter.jupyter_server", "server_fixtures"]
 pytestmark = pytest.mark.timeout(180)
@@ -407,3 +410,17 @@ def test_sampling_and_latency_edges():
     for value in (1e6 + 1, 10**400, float("inf"), 0):
         with pytest.raises(ValueError, match="^ttft: must be > 0 and <= 1e"):
             Slo(ttft=value)
+
+
+def test_redact_shows_root_paths_relative_and_the_data_directory_by_name():
+    host = EngineHost({"policy": "deferred"}, root_dir="/home/u", log=logging.getLogger())
+    host.engine = SimpleNamespace(config=SimpleNamespace(data_dir="/home/u/.local/fineinfer"))
+    try:
+        for message, shown in [
+            ("/home/u/notes/x.jsonl: cannot read", "notes/x.jsonl: cannot read"),
+            ("/home/u/.local/fineinfer/jobs/job-1 is full", "<data_dir>/jobs/job-1 is full"),
+            ("'/home/u' and /home/user2/x", "'<root>' and /home/user2/x"),
+        ]:
+            assert host.redact(message) == shown
+    finally:
+        host.pool.shutdown()

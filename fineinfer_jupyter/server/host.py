@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -137,14 +138,17 @@ class EngineHost:
         <data_dir>, paths under the root directory relative to it."""
         names = []
         if self.engine is not None:
-            data_dir = str(self.engine.config.data_dir)
+            data_dir = os.path.abspath(self.engine.config.data_dir)
             names += [(os.path.realpath(data_dir), "<data_dir>"), (data_dir, "<data_dir>")]
-        root = self.root_dir.rstrip(os.sep)
+        root = os.path.abspath(self.root_dir)
         names += [(os.path.realpath(root), "<root>"), (root, "<root>")]
         for path, name in sorted(names, key=lambda p: -len(p[0])):
-            if path and path != os.sep:
-                message = message.replace(path + os.sep, "" if name == "<root>" else name + os.sep)
-                message = message.replace(path, name)
+            path = path.rstrip(os.sep)
+            if not path:  # a root of "/" stays as it is
+                continue
+            inside = "" if name == "<root>" else name + os.sep
+            pattern = re.escape(path) + r"(/|(?![\w.-]))"  # the whole path, not a prefix of a name
+            message = re.sub(pattern, partial(_shown_path, inside, name), message)
         return message
 
     # -- the events WebSocket -----------------------------------------------------------------
@@ -184,6 +188,10 @@ class EngineHost:
                 for message in messages:
                     socket.send(message["type"], dumps(message))
             await asyncio.sleep(max(0.0, EVENTS_INTERVAL - (loop.time() - tick)))
+
+
+def _shown_path(inside: str, name: str, match: re.Match) -> str:
+    return inside if match.group(1) else name
 
 
 class EventQueue:
