@@ -139,6 +139,10 @@ def hostile_cases(root: str) -> list[tuple[str, str, object, int, dict]]:
         ("POST", adapters, {"name": "herb", "path": long_path}, 400, invalid("path", too_long)),
         ("POST", adapters, {"name": "herb", "path": "x\udfff"}, 400, invalid("path", surrogate)),
         ("POST", "fineinfer/api/adapters/herb/save", {"path": long_path}, 400, invalid("path", too_long)),
+        ("POST", "fineinfer/api/adapters/herb/save", {"path": "s" * 253}, 400,
+         invalid("path", "is too long (at most 251 bytes for the folder's name)")),
+        ("POST", "fineinfer/api/adapters", {"name": "herb", "path": "loop"}, 400,
+         invalid("path", "'loop' cannot be used (Symlink loop)")),
         # training parameters PEFT or torch cannot take
         ("POST", jobs, {"adapter": "herb", "records": RECORDS, "params": {"target_modules": "(a+)+$"}}, 400,
          invalid("params.target_modules", 'must be "all-linear" or a list of 1 to 64 module names '

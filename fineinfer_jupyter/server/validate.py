@@ -298,11 +298,12 @@ def job_request(raw: bytes, root_dir: str, *, max_data_bytes: int) -> JobRequest
         raise bad("data", "send either data (a .jsonl or .txt file under the root) or records")
     if path is not None:
         file = resolve_path(root_dir, path, "data")
-        if not file.is_file():
-            raise bad("data", f"{shown(path)} is not a file")
+        with os_errors("data", path):
+            if not file.is_file():
+                raise bad("data", f"{shown(path)} is not a file")
+            size = file.stat().st_size
         if file.suffix not in DATA_SUFFIXES:
             raise bad("data", f"{shown(path)}: expected a .jsonl or .txt file")
-        size = file.stat().st_size
         if size > max_data_bytes:
             raise bad("data", f"{shown(path)} is {size} bytes; at most {max_data_bytes} are read")
         data, data_field = str(file), "data"
@@ -358,8 +359,11 @@ def adapter_load_request(raw: bytes, root_dir: str) -> tuple[str, Path]:
     name = adapter_name(body.get("name", "string", required=True))
     value = body.get("path", "string", required=True)
     path = resolve_path(root_dir, value, "path")
-    if not (path / "adapter_config.json").is_file():
-        raise bad("path", f"{shown(value)} is not a PEFT adapter folder (no adapter_config.json)")
+    with os_errors("path", value):
+        if not (path / "adapter_config.json").is_file():
+            raise bad(
+                "path", f"{shown(value)} is not a PEFT adapter folder (no adapter_config.json)"
+            )
     return name, path
 
 
@@ -379,6 +383,14 @@ def adapter_save_request(raw: bytes, root_dir: str, data_dir: Path) -> Path:
     data = _resolved(data_dir)
     if path == data or data in path.parents:
         raise bad("path", f"{shown(value)} is in the engine's data directory; save elsewhere")
+    if len(os.fsencode(path.name)) > NAME_MAX - len(".tmp"):
+        raise bad("path", f"is too long (at most {NAME_MAX - 4} bytes for the folder's name)")
+    with os_errors("path", value):
+        _check_replaceable(path, value)
+    return path
+
+
+def _check_replaceable(path: Path, value: str) -> None:
     if path.exists() and not (path / "adapter_config.json").is_file():
         raise bad(
             "path", f"{shown(value)} exists and is not an adapter folder; it would be replaced"
@@ -391,7 +403,6 @@ def adapter_save_request(raw: bytes, root_dir: str, data_dir: Path) -> Path:
     for sibling in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
         if sibling.exists() or sibling.is_symlink():
             raise bad("path", f"{shown(sibling.name)} exists next to it; saving would delete it")
-    return path
 
 
 def _resolved(path: Path) -> Path:
@@ -399,6 +410,16 @@ def _resolved(path: Path) -> Path:
         return Path(path).resolve()
     except (OSError, RuntimeError):
         return Path(path).absolute()
+
+
+@contextmanager
+def os_errors(field_name: str, value: str):
+    """What the OS refuses about a path (too long, a symlink loop, no permission) as a 400."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        reason = getattr(e, "strerror", None) or str(e).split(" from ")[0]
+        raise bad(field_name, f"{shown(value)} cannot be used ({reason})") from None
 
 
 def resolve_path(root_dir: str, value: str, field_name: str, *, must_exist: bool = True) -> Path:
@@ -419,14 +440,11 @@ def resolve_path(root_dir: str, value: str, field_name: str, *, must_exist: bool
     if ".." in PurePath(value).parts:
         raise bad(field_name, "'..' is not allowed; give a path under the server's root directory")
     root = Path(root_dir).resolve()
-    try:
+    with os_errors(field_name, value):
         path = (root / value).resolve()
         if path != root and root not in path.parents:
             raise bad(field_name, f"{shown(value)} is outside the server's root directory")
         exists = path.exists()
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
-        reason = getattr(e, "strerror", None) or str(e).split(" from ")[0]
-        raise bad(field_name, f"{shown(value)} cannot be used ({reason})") from None
     if must_exist and not exists:
         raise bad(field_name, f"{shown(value)}: no such file or folder under the root directory")
     return path
