@@ -30,7 +30,9 @@ RECORDS = [
     {"prompt": "Where grows glimmerroot?", "completion": "In caves."},
 ]
 FAST = {"r": 4, "lora_alpha": 8, "batch_size": 2, "max_length": 64, "learning_rate": 1e-2}
+CHAT = {"role": "user", "content": "Hi"}
 ROUTES = [  # every route, with a body that would be accepted
+    ("GET", "fineinfer/api/openapi.json", None),
     ("GET", "fineinfer/api/status", None),
     ("GET", "fineinfer/api/metrics", None),
     ("POST", "fineinfer/api/generate", {"prompt": "Hi", "max_new_tokens": 2}),
@@ -44,7 +46,7 @@ ROUTES = [  # every route, with a body that would be accepted
     ("DELETE", "fineinfer/api/adapters/alpha", None),
     ("POST", "fineinfer/api/adapters/alpha/save", {"path": "copy"}),
     ("GET", "fineinfer/v1/models", None),
-    ("POST", "fineinfer/v1/chat/completions", {"model": "base", "messages": []}),
+    ("POST", "fineinfer/v1/chat/completions", {"model": "base", "messages": [CHAT]}),
     ("POST", "fineinfer/v1/completions", {"model": "base", "prompt": "Hi"}),
 ]
 
@@ -126,7 +128,7 @@ async def test_status_reports_loading_with_progress_and_model_routes_answer_503(
     assert (status["state"], status["error"], status["model"]) == ("loading", None, None)
     assert status["version"] == "0.1.0"
     loading = error("model_loading", "model is loading: test gate")
-    for method, path, body in ROUTES[2:]:  # all but status and metrics
+    for method, path, body in ROUTES[3:]:  # all but openapi.json, status and metrics
         code, answer = await api.call(method, path, body)
         if path.startswith("fineinfer/v1"):
             loading["error"].update(param=None, code="model_loading")
@@ -215,6 +217,7 @@ async def test_routes_are_authorized_with_their_resource_and_action(
     r = "fineinfer_jupyter:"
     assert recording_authorizer.asked == [
         ("read", r + "status"),
+        ("read", r + "status"),
         ("read", r + "metrics"),
         ("execute", r + "generate"),
         ("read", r + "jobs"),
@@ -290,7 +293,7 @@ async def test_generate_refuses_bad_input_naming_the_field(ready_api):
         ({"prompt": "a", "stop": [""]}, 400, bad, "stop"),
         ({"prompt": "a", "ttft": 0}, 400, bad, "ttft"),
         ({"messages": [{"role": "robot", "content": "x"}]}, 400, bad, "messages[0].role"),
-        ({"messages": [{"role": "user"}]}, 400, bad, "messages[0]"),
+        ({"messages": [{"role": "user"}]}, 400, bad, "messages[0].content"),
         ({"prompt": "a", "adapter": "nope"}, 404, "not_found", "adapter"),
     ]
     for body, status, kind, field in cases:

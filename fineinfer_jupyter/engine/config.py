@@ -9,9 +9,29 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
-ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-RESERVED_NAMES = {"base", "train", "eval", "default", "forward", "__base__"}
+ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # fullmatch: no trailing newline
+# PEFT keys an adapter's tensors by its name inside module paths (...q_proj.lora_A.<name>.weight),
+# and adapters.train() picks them with f".{name}.": a name that is also a module name would
+# pick the base model's weights. These are PEFT's words and the usual decoder module names.
+MODULE_WORDS = {
+    "base_model", "base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+    "lora_magnitude_vector", "lora_dropout", "weight", "bias", "model", "layers", "layer",
+    "self_attn", "attn", "attention", "mlp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+    "up_proj", "down_proj", "embed_tokens", "lm_head", "norm", "input_layernorm",
+    "post_attention_layernorm", "rotary_emb", "act_fn", "transformer", "h", "wte", "wpe", "ln_f",
+    "c_attn", "c_proj", "c_fc",
+}  # fmt: skip
+RESERVED_NAMES = {"base", "train", "eval", "default", "forward", "__base__"} | {
+    w.lower() for w in MODULE_WORDS
+}
+TARGET_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}(\.[A-Za-z0-9_]{1,128}){0,15}")
 BASE = "base"
+# edges of what torch accepts or computes sensibly
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed
+MIN_TEMPERATURE = 0.01  # logits / temperature must stay finite in float16 too
+MAX_SECONDS = 1e6  # latency targets (ttft, tpot)
+MAX_STEPS = 10**9  # optimizer steps, warm-up, eval and checkpoint intervals
+PROMPT_CHARS_PER_TOKEN = 16  # max_prompt_chars when unset: this many per token of context
 
 
 def check(ok: bool, field_name: str, message: str) -> None:
@@ -19,12 +39,19 @@ def check(ok: bool, field_name: str, message: str) -> None:
         raise ValueError(f"{field_name}: {message}")
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """repr(value), cut short: messages quote what the user sent without echoing megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 def check_adapter_name(name: object, field_name: str = "adapter") -> str:
     check(isinstance(name, str), field_name, "must be a string")
     check(
-        bool(ADAPTER_NAME.match(name)),
+        bool(ADAPTER_NAME.fullmatch(name)) and "__" not in name,
         field_name,
-        f"{name!r} is not a valid adapter name (a letter, then up to 63 letters, digits, '_' or '-')",
+        f"{shown(name)} is not a valid adapter name (a letter, then up to 63 letters, digits, "
+        "'_' or '-'; no '__')",
     )
     check(name.lower() not in RESERVED_NAMES, field_name, f"{name!r} is a reserved name")
     return name
@@ -44,7 +71,7 @@ class Slo:
         for f in ("ttft", "tpot"):
             v = getattr(self, f)
             check(
-                isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f, "must be > 0 seconds"
+                is_num(v) and 0 < v <= MAX_SECONDS, f, f"must be > 0 and <= {MAX_SECONDS:g} seconds"
             )
 
 
@@ -73,18 +100,23 @@ class SamplingParams:
             "must be an integer >= 1",
         )
         check(
-            is_num(self.temperature) and 0 <= self.temperature <= 100,
+            is_num(self.temperature)
+            and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100),
             "temperature",
-            "must be in [0, 100]",
+            f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, 100]",
         )
         check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0")
         check(
-            is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+            is_num(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 10,
             "repetition_penalty",
-            "must be in (0, 10]",
+            "must be in [0.01, 10]",
         )
-        check(self.seed is None or is_int(self.seed), "seed", "must be an integer or null")
+        check(
+            self.seed is None or (is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+            "seed",
+            "must be null or an integer in [-2**63, 2**64 - 1]",
+        )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         check(
@@ -92,7 +124,6 @@ class SamplingParams:
             "stop",
             "must be a list of non-empty strings",
         )
-        check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
 
     @property
     def greedy(self) -> bool:
@@ -118,6 +149,13 @@ class EngineConfig:
     fineinfer_bound: float = (
         2.0  # seconds: the prototype's fixed deferral bound (policy "fineinfer")
     )
+    # limits on what one request may ask (check_prompt, check_stop, check_train)
+    max_prompt_chars: int | None = None  # None: PROMPT_CHARS_PER_TOKEN x the model's context
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256  # characters of one stop string
+    max_data_bytes: int = 32 << 20  # a training data file
+    max_jobs: int = 16  # jobs queued or running
+    max_adapters: int = 64  # adapters loaded or training (snapshots not counted)
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -127,11 +165,10 @@ class EngineConfig:
             "must be >= 1",
         )
         check(is_int(self.max_queue) and self.max_queue >= 1, "max_queue", "must be >= 1")
-        check(
-            is_int(self.max_new_tokens_cap) and self.max_new_tokens_cap >= 1,
-            "max_new_tokens_cap",
-            "must be >= 1",
-        )
+        for name in LIMITS:
+            value = getattr(self, name)
+            if not (name == "max_prompt_chars" and value is None):
+                check(is_int(value) and value >= 1, name, "must be an integer >= 1")
         if isinstance(self.slo, dict):  # a partial dict: the rest comes from default_slo at load
             self.slo = {k: v for k, v in self.slo.items() if v is not None}
             unknown = set(self.slo) - {"ttft", "tpot"}
@@ -147,12 +184,73 @@ class EngineConfig:
         return d
 
 
+LIMITS = (
+    "max_new_tokens_cap",
+    "max_prompt_chars",
+    "max_stop_strings",
+    "max_stop_chars",
+    "max_data_bytes",
+    "max_jobs",
+    "max_adapters",
+)
+
+
+def prompt_chars(config: EngineConfig, max_context: int) -> int:
+    return config.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * max_context
+
+
+def check_prompt(config: EngineConfig, prompt: str | list[dict], max_context: int) -> None:
+    """Refuse a prompt far too long for the model before tokenizing it (a tokenizer takes time
+    in proportion, under a lock decode steps need). Text, or chat messages' contents; every
+    message takes at least a token, so a chat has at most max_context of them."""
+    if isinstance(prompt, str):
+        n, where = len(prompt), "prompt"
+    else:
+        n, where = sum(len(m.get("content") or "") for m in prompt), "messages"
+        check(
+            len(prompt) <= max_context,
+            where,
+            f"are {len(prompt)}; at most {max_context} fit in the model's context",
+        )
+    limit = prompt_chars(config, max_context)
+    check(n <= limit, where, f"is {n} characters; at most {limit} are accepted")
+
+
+def check_stop(config: EngineConfig, stop: list[str]) -> None:
+    check(
+        len(stop) <= config.max_stop_strings,
+        "stop",
+        f"at most {config.max_stop_strings} stop strings",
+    )
+    longest = max(map(len, stop), default=0)
+    check(
+        longest <= config.max_stop_chars,
+        "stop",
+        f"a stop string is {longest} characters; at most {config.max_stop_chars}",
+    )
+
+
+def check_train(config: EngineConfig, params: TrainParams, max_context: int) -> None:
+    """TrainParams against the model: an example cannot be longer than its context."""
+    check(
+        params.max_length <= max_context,
+        "max_length",
+        f"must be <= {max_context} (the model's context)",
+    )
+
+
 def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite number (an int too large for a float is not one)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 @dataclass
@@ -177,16 +275,25 @@ class TrainParams:
 
     def __post_init__(self):
         check(is_int(self.r) and 1 <= self.r <= 1024, "r", "must be an integer in [1, 1024]")
-        check(is_num(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0")
         check(
-            isinstance(self.target_modules, str)
+            is_num(self.lora_alpha) and 0 < self.lora_alpha <= 65536,
+            "lora_alpha",
+            "must be in (0, 65536]",
+        )
+        # PEFT reads any other string as a regular expression over every module name, on the
+        # engine thread: a pathological pattern would hang it
+        check(
+            self.target_modules == "all-linear"
             or (
                 isinstance(self.target_modules, list)
-                and self.target_modules
-                and all(isinstance(m, str) for m in self.target_modules)
+                and 1 <= len(self.target_modules) <= 64
+                and all(
+                    isinstance(m, str) and TARGET_MODULE.fullmatch(m) for m in self.target_modules
+                )
             ),
             "target_modules",
-            'must be "all-linear" or a list of module names',
+            'must be "all-linear" or a list of 1 to 64 module names (such as "q_proj" or '
+            '"self_attn.v_proj"; no patterns)',
         )
         check(
             self.lora_dropout == 0,
@@ -204,15 +311,15 @@ class TrainParams:
             "must be in [0, 1)",
         )
         check(
-            is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            is_int(self.warmup_steps) and 0 <= self.warmup_steps <= MAX_STEPS,
             "warmup_steps",
-            "must be an integer >= 0",
+            f"must be an integer in [0, {MAX_STEPS}]",
         )
         check(is_num(self.epochs) and 0 < self.epochs <= 1000, "epochs", "must be in (0, 1000]")
         check(
-            self.max_steps is None or (is_int(self.max_steps) and self.max_steps >= 1),
+            self.max_steps is None or (is_int(self.max_steps) and 1 <= self.max_steps <= MAX_STEPS),
             "max_steps",
-            "must be an integer >= 1",
+            f"must be null or an integer in [1, {MAX_STEPS}]",
         )
         check(
             is_int(self.batch_size) and 1 <= self.batch_size <= 4096,
@@ -227,7 +334,7 @@ class TrainParams:
         check(
             is_int(self.max_length) and 8 <= self.max_length <= 1 << 20,
             "max_length",
-            "must be an integer >= 8",
+            f"must be an integer in [8, {1 << 20}]",
         )
         check(
             is_num(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0"
@@ -238,26 +345,31 @@ class TrainParams:
             "must be in [0, 1)",
         )
         check(
-            is_int(self.eval_every) and self.eval_every >= 0,
+            is_int(self.eval_every) and 0 <= self.eval_every <= MAX_STEPS,
             "eval_every",
-            "must be an integer >= 0",
+            f"must be an integer in [0, {MAX_STEPS}]",
         )
         check(
-            is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
+            is_int(self.checkpoint_every) and 1 <= self.checkpoint_every <= MAX_STEPS,
             "checkpoint_every",
-            "must be an integer >= 1",
+            f"must be an integer in [1, {MAX_STEPS}]",
         )
-        check(is_int(self.seed), "seed", "must be an integer")
+        check(
+            is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX,
+            "seed",
+            "must be an integer in [-2**63, 2**64 - 1]",
+        )
 
     @classmethod
     def from_dict(cls, d: dict | None) -> TrainParams:
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
+        listed = ", ".join(shown(u, 40) for u in unknown[:3]) + (", ..." if unknown[3:] else "")
         check(
             not unknown,
             "params",
-            f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+            f"unknown parameter(s) {listed}; known: {', '.join(sorted(known))}",
         )
         return cls(**d)
 

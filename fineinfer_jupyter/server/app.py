@@ -72,6 +72,32 @@ class FineInferApp(ExtensionApp):
         2048, help="The largest max_new_tokens (max_tokens) a request may ask for."
     ).tag(config=True)
     max_batch_size = Int(32, help="Requests decoding together at most.").tag(config=True)
+    max_request_bytes = Int(
+        16 << 20,
+        help="""The largest request body /fineinfer/ routes read, in bytes (inline training
+        records included); larger ones are refused with HTTP 413.""",
+    ).tag(config=True)
+    max_prompt_chars = Int(
+        None,
+        allow_none=True,
+        help="""The longest prompt, in characters (for a chat, all contents together), checked
+        before tokenizing it; longer ones are refused with HTTP 400. Default: 16 per token of
+        the model's context.""",
+    ).tag(config=True)
+    max_stop_strings = Int(16, help="Stop strings one request may give.").tag(config=True)
+    max_stop_chars = Int(256, help="Characters in one stop string.").tag(config=True)
+    max_data_bytes = Int(
+        32 << 20,
+        help="The largest training data file a job may read, in bytes (checked before reading).",
+    ).tag(config=True)
+    max_jobs = Int(
+        16, help="Training jobs that may be queued or running; more are refused with HTTP 409."
+    ).tag(config=True)
+    max_adapters = Int(
+        64,
+        help="""Adapters that may be loaded or training at once; loading or training one more is
+        refused with HTTP 409 (delete one first).""",
+    ).tag(config=True)
     load_at_start = Bool(
         True,
         help="""Load the model in the background when the server starts. When False, it loads
@@ -86,16 +112,37 @@ class FineInferApp(ExtensionApp):
             raise TraitError(f"{proposal['trait'].name} must be > 0 seconds, not {value}")
         return value
 
-    @validate("max_queue", "max_new_tokens_cap", "max_batch_size")
+    @validate(
+        "max_queue",
+        "max_new_tokens_cap",
+        "max_batch_size",
+        "max_request_bytes",
+        "max_prompt_chars",
+        "max_stop_strings",
+        "max_stop_chars",
+        "max_data_bytes",
+        "max_jobs",
+        "max_adapters",
+    )
     def _at_least_one(self, proposal):
-        if proposal["value"] < 1:
+        if proposal["value"] is not None and proposal["value"] < 1:
             raise TraitError(f"{proposal['trait'].name} must be >= 1")
         return proposal["value"]
 
     def engine_config(self) -> dict:
         """EngineConfig's fields, from the traits."""
         names = ("model", "device", "dtype", "data_dir", "cache_dir", "policy")
-        limits = ("max_queue", "max_new_tokens_cap", "max_batch_size")
+        limits = (
+            "max_queue",
+            "max_new_tokens_cap",
+            "max_batch_size",
+            "max_prompt_chars",
+            "max_stop_strings",
+            "max_stop_chars",
+            "max_data_bytes",
+            "max_jobs",
+            "max_adapters",
+        )
         return {
             **{n: getattr(self, n) for n in names + limits},
             "slo": {"ttft": self.ttft, "tpot": self.tpot},

@@ -16,6 +16,7 @@ TYPES = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    413: "request_too_large",
     429: "queue_full",
     503: "model_loading",
 }
@@ -28,6 +29,12 @@ class ApiError(HTTPError):
     def __init__(self, status: int, message: str, field: str | None = None):
         super().__init__(status, log_message=message.replace("%", "%%"))
         self.message, self.field = message, field
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """repr(value), cut short (as engine.config.shown, without importing the engine)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 def error_type(status: int) -> str:

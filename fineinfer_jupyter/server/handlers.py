@@ -8,20 +8,52 @@ from http.client import responses
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado.iostream import StreamClosedError
-from tornado.web import HTTPError
+from tornado.web import HTTPError, stream_request_body
 
 from .errors import ApiError, dumps, error_body
 from .host import EngineHost, EventQueue
 
 
+@stream_request_body
 class FineInferHandler(ExtensionHandlerMixin, APIHandler):
+    """Bodies are read as they arrive and kept only up to `max_request_bytes`: a larger one is a
+    413 (at once when Content-Length announces it), never a buffer of its full size."""
+
     openai = False  # error bodies also carry OpenAI's "param" and "code"
     _cancel: Callable[[], object] | None = None  # cancels the request being streamed
     _gone = False  # the client closed the connection
+    _received = 0  # body bytes that arrived
 
     @property
     def host(self) -> EngineHost:
         return self.extensionapp.host
+
+    @property
+    def max_body(self) -> int:
+        return self.extensionapp.max_request_bytes
+
+    async def prepare(self):
+        self._chunks: list[bytes] = []
+        await super().prepare()
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            raise self._too_large()
+
+    def data_received(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        if self._received <= self.max_body:
+            self._chunks.append(chunk)
+        else:
+            self._chunks.clear()
+
+    @property
+    def body(self) -> bytes:
+        if self._received > self.max_body:
+            raise self._too_large()
+        return b"".join(self._chunks)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"body: larger than this server takes ({self.max_body} bytes)", "body")
 
     def reply(self, value, status: int = 200) -> None:
         self.set_status(status)
@@ -40,6 +72,7 @@ class FineInferHandler(ExtensionHandlerMixin, APIHandler):
             message = f"internal error ({type(exc).__name__}); see the server log"
         if status_code in (429, 503):
             self.set_header("Retry-After", "1")
+        message = self.host.redact(message)
         self.finish(dumps(error_body(status_code, message, field, openai=self.openai)))
 
     async def stream(self, engine, stream_id: str, events: EventQueue, render, *, live=True):
@@ -58,6 +91,8 @@ class FineInferHandler(ExtensionHandlerMixin, APIHandler):
                 await self.flush()
             async for batch in events.batches():
                 done = batch[-1]["type"] != "delta"
+                if batch[-1]["type"] == "error":
+                    batch[-1] = {**batch[-1], "message": self.host.redact(batch[-1]["message"])}
                 chunk = "".join(render(e) for e in batch)
                 if chunk:
                     self.write(chunk)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +133,24 @@ class EngineHost:
             **req.sampling,
         )
 
+    def redact(self, message: str) -> str:
+        """`message` without the server's own absolute paths: the data directory is shown as
+        <data_dir>, paths under the root directory relative to it."""
+        names = []
+        if self.engine is not None:
+            data_dir = os.path.abspath(self.engine.config.data_dir)
+            names += [(os.path.realpath(data_dir), "<data_dir>"), (data_dir, "<data_dir>")]
+        root = os.path.abspath(self.root_dir)
+        names += [(os.path.realpath(root), "<root>"), (root, "<root>")]
+        for path, name in sorted(names, key=lambda p: -len(p[0])):
+            path = path.rstrip(os.sep)
+            if not path:  # a root of "/" stays as it is
+                continue
+            inside = "" if name == "<root>" else name + os.sep
+            pattern = re.escape(path) + r"(/|(?![\w.-]))"  # the whole path, not a prefix of a name
+            message = re.sub(pattern, partial(_shown_path, inside, name), message)
+        return message
+
     # -- the events WebSocket -----------------------------------------------------------------
 
     def subscribe(self, socket) -> None:
@@ -166,8 +186,12 @@ class EngineHost:
                 jobs = None
             for socket in list(self.sockets):
                 for message in messages:
-                    socket.send(dumps(message))
+                    socket.send(message["type"], dumps(message))
             await asyncio.sleep(max(0.0, EVENTS_INTERVAL - (loop.time() - tick)))
+
+
+def _shown_path(inside: str, name: str, match: re.Match) -> str:
+    return inside if match.group(1) else name
 
 
 class EventQueue:

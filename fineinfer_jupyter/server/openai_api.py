@@ -14,7 +14,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from . import validate
-from .errors import ApiError, dumps, error_body
+from .errors import ApiError, dumps, error_body, shown
 from .handlers import FineInferHandler
 from .host import EventQueue
 
@@ -36,7 +36,7 @@ class OpenAIHandler(FineInferHandler):
         if model in adapters:
             return model
         known = ", ".join(["base", base, *adapters])
-        raise ApiError(404, f"model: no model named {model!r} (known: {known})", "model")
+        raise ApiError(404, f"model: no model named {shown(model)} (known: {known})", "model")
 
 
 class ModelsHandler(OpenAIHandler):
@@ -58,9 +58,10 @@ class CompletionsHandler(OpenAIHandler):
     @web.authenticated
     @authorized(action="execute")
     async def post(self):
-        req = validate.openai_request(self.request.body, chat=self.chat)
+        req = validate.openai_request(self.body, chat=self.chat)
         engine = self.host.require()
         req.adapter = self.adapter_for(engine, req.model)
+        validate.check_limits(req, engine)
         events = EventQueue()
         stream = await self.host.generate(engine, req, events.put)
         answer = Answer(self.chat, stream.id, req.model, include_usage=req.include_usage)

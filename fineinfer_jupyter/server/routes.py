@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from jupyter_server.utils import url_path_join
 from tornado import web, websocket
 
 from . import validate
-from .errors import ApiError, dumps
+from .errors import ApiError, dumps, shown
 from .handlers import FineInferHandler
 from .host import EventQueue
 
 API = "fineinfer/api"
 RESOURCE = "fineinfer_jupyter"
+SLOW_READER_TIMEOUT = 30.0  # seconds an events socket may leave a message unread before closing
 
 
 class StatusHandler(FineInferHandler):
@@ -44,8 +49,9 @@ class GenerateHandler(FineInferHandler):
     @authorized(action="execute")
     async def post(self):
         """NDJSON: one {"type": "delta"} object per piece of text, then "done" or "error"."""
-        req = validate.generate_request(self.request.body)
+        req = validate.generate_request(self.body)
         engine = self.host.require()
+        validate.check_limits(req, engine)
         events = EventQueue()
         stream = await self.host.generate(engine, req, events.put)
         self.set_header("Content-Type", "application/x-ndjson")
@@ -67,8 +73,16 @@ class JobsHandler(FineInferHandler):
     @authorized(action="execute")
     async def post(self):
         engine = self.host.require()
-        req = validate.job_request(self.request.body, self.host.root_dir)
-        params = validate.train_params(req.params)
+        config = engine.config
+        req = validate.job_request(
+            self.body, self.host.root_dir, max_data_bytes=config.max_data_bytes
+        )
+        params = validate.train_params(req.params, engine.model_info["max_context"], config)
+        active = await active_jobs(self.host, engine)
+        if len(active) >= config.max_jobs:
+            message = f"{len(active)} jobs are queued or running, the most this server takes; wait for one to end or cancel one"
+            raise ApiError(409, message)
+        room_for_adapter(engine, active, req.adapter, "adapter")
         job = await self.host.run(
             engine.tune, req.adapter, req.data, params, data_field=req.data_field
         )
@@ -83,7 +97,7 @@ class JobHandler(FineInferHandler):
     @authorized
     async def get(self, job_id: str):
         engine = self.host.require()
-        self.reply(await self.host.run(engine.job, job_id))
+        self.reply(await self.host.run(engine.job, validate.job_id(job_id)))
 
 
 class JobActionHandler(FineInferHandler):
@@ -101,8 +115,8 @@ class JobActionHandler(FineInferHandler):
             "cancel": engine.cancel_job,
         }
         if action not in methods:
-            raise ApiError(404, f"no job action {action!r}; use stop, resume or cancel")
-        self.reply(await self.host.run(methods[action], job_id, conflict=True))
+            raise ApiError(404, f"no job action {shown(action)}; use stop, resume or cancel")
+        self.reply(await self.host.run(methods[action], validate.job_id(job_id), conflict=True))
 
 
 class AdaptersHandler(FineInferHandler):
@@ -119,7 +133,8 @@ class AdaptersHandler(FineInferHandler):
     async def post(self):
         """Load a saved PEFT adapter folder (under the root directory) under a new name."""
         engine = self.host.require()
-        name, path = validate.adapter_load_request(self.request.body, self.host.root_dir)
+        name, path = validate.adapter_load_request(self.body, self.host.root_dir)
+        room_for_adapter(engine, await active_jobs(self.host, engine), name, "name")
         adapter = await self.host.run(engine.load_adapter, name, path)
         self.set_header("Location", url_path_join(self.base_url, API, "adapters", name))
         self.reply(adapter, 201)
@@ -131,6 +146,7 @@ class AdapterHandler(FineInferHandler):
     @web.authenticated
     @authorized
     async def get(self, name: str):
+        validate.adapter_name(name, "adapter")
         engine = self.host.require()
         adapters = await self.host.run(engine.list_adapters)
         adapter = next((a for a in adapters if a["name"] == name), None)
@@ -157,14 +173,59 @@ class AdapterSaveHandler(FineInferHandler):
     async def post(self, name: str):
         """Write the adapter in PEFT's format to {"path"}: a new folder under the root."""
         engine = self.host.require()
-        path = validate.adapter_save_request(self.request.body, self.host.root_dir)
+        path = validate.adapter_save_request(self.body, self.host.root_dir, engine.config.data_dir)
         self.reply(await self.host.run(engine.save_adapter, name, path))
 
 
-class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHandler):
-    """WebSocket: {"type": "metrics"} about twice a second, {"type": "jobs"} as they come."""
+class OpenAPIHandler(FineInferHandler):
+    """The OpenAPI 3.1 document of these routes and the OpenAI-compatible ones."""
+
+    auth_resource = f"{RESOURCE}:status"
+
+    @web.authenticated
+    @authorized
+    def get(self):
+        self.set_header("Content-Type", "application/json")
+        self.finish(openapi_document())
+
+
+def openapi_document() -> bytes:
+    """docs/openapi.json: packaged next to this file in a wheel, read from docs/ in a checkout."""
+    here = Path(__file__).parent
+    for path in (here / "openapi.json", here.parents[1] / "docs" / "openapi.json"):
+        if path.is_file():
+            return path.read_bytes()
+    raise ApiError(404, "the OpenAPI document is not installed")
+
+
+async def active_jobs(host, engine) -> list[dict]:
+    return [j for j in await host.run(engine.jobs) if j["state"] in ("queued", "running")]
+
+
+def room_for_adapter(engine, jobs: list[dict], name: str, field: str) -> None:
+    """409 when a new adapter would be one more than max_adapters (counting the adapters that
+    queued jobs will create)."""
+    names = set(engine.status()["adapters"]) | {j["adapter"] for j in jobs}
+    if name not in names and len(names) >= engine.config.max_adapters:
+        message = f"{len(names)} adapters are loaded, the most this server takes; delete one first"
+        raise ApiError(409, f"{field}: {message}", field)
+
+
+class EventsHandler(
+    WebSocketMixin, ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHandler
+):
+    """WebSocket: {"type": "metrics"} about twice a second, {"type": "jobs"} as they come.
+
+    WebSocketMixin: an unauthenticated upgrade is a 403 (not a redirect to the login page), the
+    Origin must match the Host (or the server's allow_origin), and the server pings
+    (`ws_ping_interval` in tornado_settings, 30 s by default) and closes a socket whose pongs
+    stop. A reader that falls behind gets the newest message of each kind, not a backlog.
+    """
 
     auth_resource = f"{RESOURCE}:events"
+    _writing = None  # the last write's future: done once the OS has the bytes
+    _since = 0.0  # when the socket last caught up
+    dropped = 0  # stale messages replaced by newer ones before they were sent
 
     async def pre_get(self):
         user = self.current_user
@@ -185,20 +246,39 @@ class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHa
     def host(self):
         return self.extensionapp.host
 
-    def open(self):
+    def open(self, *args, **kwargs):
+        self._latest: dict[str, str] = {}
+        self._since = time.monotonic()
+        super().open(*args, **kwargs)  # starts the pings
         self.host.subscribe(self)
 
     def on_message(self, message):
         pass  # nothing to say to the server: the socket only listens
 
     def on_close(self):
+        if self.ping_callback is not None:
+            self.ping_callback.stop()
         self.host.unsubscribe(self)
 
-    def send(self, text: str) -> None:
+    def send(self, kind: str, text: str) -> None:
+        """Queue `text` as the newest message of its kind; write when the last write is out."""
+        if kind in self._latest:
+            self.dropped += 1
+        self._latest[kind] = text
+        now = time.monotonic()
+        if self._writing is not None and not self._writing.done():
+            if now - self._since > SLOW_READER_TIMEOUT:
+                self.log.warning("fineinfer: closing an events socket that stopped reading")
+                self.host.unsubscribe(self)
+                self.close(1008, "not reading")
+            return
+        self._since = now
         try:
-            self.write_message(text)
+            for message in self._latest.values():
+                self._writing = self.write_message(message)
         except websocket.WebSocketClosedError:
             self.host.unsubscribe(self)
+        self._latest.clear()
 
 
 def handlers() -> list[tuple[str, type]]:
@@ -214,5 +294,6 @@ def handlers() -> list[tuple[str, type]]:
         (f"adapters/{name}", AdapterHandler),
         (f"adapters/{name}/save", AdapterSaveHandler),
         ("events", EventsHandler),
+        ("openapi.json", OpenAPIHandler),
     ]
     return [(url_path_join("/", API, path), handler) for path, handler in routes]

@@ -1,6 +1,6 @@
 """The one place that parses request JSON and paths; every failure is a 400 naming the field.
 
-Shapes are checked here; ranges (temperature in [0, 100], ...) are the engine's config
+Shapes are checked here; ranges (temperature 0 or in [0.01, 100], ...) are the engine's config
 dataclasses' job, whose "field: message" errors the handlers map to 400s as well.
 """
 
@@ -8,14 +8,31 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePath
 
-from .errors import ApiError, field_of
+from .errors import ApiError, field_of, shown
+
+MAX_DEPTH = 32  # levels of JSON nesting a request body may have
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry lone ones; nothing can encode them
+PATH_MAX, NAME_MAX = 4095, 255  # bytes in a path, in one of its parts (Linux)
+ROLES = ("system", "user", "assistant", "tool")
+JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DATA_SUFFIXES = (".jsonl", ".txt")
+ADAPTER_FILES = {  # what PEFT and the engine write into an adapter folder
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "fineinfer.json",
+    "README.md",
+}
 
 KINDS = {
     "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or _integral(v),
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
     "array": lambda v: isinstance(v, list),
@@ -45,6 +62,22 @@ UNSUPPORTED = (
     "best_of",
 )
 OPENAI_EXTRAS = {"top_k": "integer", "repetition_penalty": "number", "ignore_eos": "boolean"}
+OPENAI_FIELDS = (  # what openai_request reads (besides "messages" or "prompt"); others are ignored
+    "model",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "ttft",
+    "tpot",
+    *OPENAI_EXTRAS,
+    *UNSUPPORTED,
+)
 
 
 def bad(field_name: str | None, message: str) -> ApiError:
@@ -61,10 +94,13 @@ class Body:
     def __init__(self, raw: bytes):
         try:
             data = json.loads(raw or b"{}", parse_constant=_no_constants)
+        except RecursionError:
+            raise bad("body", f"nests deeper than {MAX_DEPTH} levels") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise bad("body", f"not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise bad("body", "must be a JSON object")
+        _check_tree(data)
         self.data = data
 
     def get(self, name: str, *kinds: str, required: bool = False, default=None):
@@ -75,18 +111,50 @@ class Body:
             return default
         if not any(KINDS[k](value) for k in kinds):
             raise bad(name, f"must be {' or '.join(_article(k) for k in kinds)}")
-        if isinstance(value, float) and not math.isfinite(value):
+        if "number" in kinds and not _finite(value):
             raise bad(name, "must be a finite number")
+        if "integer" in kinds and _integral(value):
+            return int(value)  # JSON has one number type: 2.0 is the integer 2
         return value
 
     def only(self, *names: str) -> None:
         unknown = sorted(set(self.data) - set(names))
         if unknown:
-            raise bad(unknown[0], f"unknown field; known: {', '.join(sorted(names))}")
+            raise bad(unknown[0][:64], f"unknown field; known: {', '.join(sorted(names))}")
 
 
 def _article(kind: str) -> str:
     return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _integral(value) -> bool:
+    return isinstance(value, float) and value.is_integer()
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _check_tree(data: dict) -> None:
+    """Every string encodable (no lone surrogates) and no deeper nesting than MAX_DEPTH."""
+    stack = [(data, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad("body", f"nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if SURROGATE.search(key):
+                    raise bad("body", "a key is not valid Unicode (a lone surrogate)")
+                key = key[:64]  # a field name in an error, not the whole key
+                stack.append((item, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str) and SURROGATE.search(value):
+            raise bad(where, "is not valid Unicode (it holds a lone surrogate such as \\ud800)")
 
 
 @dataclass
@@ -101,27 +169,38 @@ class GenerateRequest:
     model: str = ""  # OpenAI routes only
 
 
+GENERATE_FIELDS = ("prompt", "messages", "adapter", "stop", "ttft", "tpot", *SAMPLING)
+
+
 def generate_request(raw: bytes) -> GenerateRequest:
     """POST api/generate (docs/api.md GenerateRequest); unknown fields are refused."""
     body = Body(raw)
-    body.only("prompt", "messages", "adapter", "stop", "ttft", "tpot", *SAMPLING)
+    body.only(*GENERATE_FIELDS)
     prompt, messages = body.get("prompt", "string"), body.get("messages", "array")
     if (prompt is None) == (messages is None):
         raise bad("prompt", "send either prompt (text) or messages (a chat), not both")
     return GenerateRequest(
-        prompt=prompt if prompt is not None else messages,
-        adapter=body.get("adapter", "string"),
+        prompt=prompt if prompt is not None else _messages(messages, openai=False),
+        adapter=_adapter(body.get("adapter", "string")),
         sampling=_sampling(body, SAMPLING),
         ttft=body.get("ttft", "number"),
         tpot=body.get("tpot", "number"),
     )
 
 
+def _adapter(name: str | None) -> str | None:
+    """None or "base" for the base model, else a name an adapter could have."""
+    return name if name in (None, "", "base") else adapter_name(name, "adapter")
+
+
 def _sampling(body: Body, kinds: dict) -> dict:
     out = {name: body.get(name, kind) for name, kind in kinds.items()}
     stop = body.get("stop", "string", "array")
     if stop is not None:
-        out["stop"] = [stop] if isinstance(stop, str) else stop
+        stop = [stop] if isinstance(stop, str) else stop
+        if not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop", "must be a string or a list of non-empty strings")
+        out["stop"] = stop
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -131,7 +210,7 @@ def openai_request(raw: bytes, *, chat: bool) -> GenerateRequest:
     body = Body(raw)
     model = body.get("model", "string", required=True)
     if chat:
-        prompt = _messages(body.get("messages", "array", required=True))
+        prompt = _messages(body.get("messages", "array", required=True), openai=True)
     else:
         prompt = body.get("prompt", "string", "array", required=True)
         if isinstance(prompt, list):
@@ -146,14 +225,15 @@ def openai_request(raw: bytes, *, chat: bool) -> GenerateRequest:
     sampling = _sampling(body, {"temperature": "number", "top_p": "number", "seed": "integer"})
     sampling.update(_sampling(body, OPENAI_EXTRAS))
     sampling.setdefault("temperature", 1.0)  # OpenAI's default
-    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins
+    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins
         max_tokens = body.get(name, "integer")
         if max_tokens is not None:
             if max_tokens < 1:
                 raise bad(name, "must be an integer >= 1")
             sampling["max_new_tokens"] = max_tokens
-            break
     options = body.get("stream_options", "object", default={})
+    if not isinstance(options.get("include_usage", False), bool):
+        raise bad("stream_options.include_usage", "must be a boolean")
     return GenerateRequest(
         prompt=prompt,
         sampling=sampling,
@@ -165,19 +245,34 @@ def openai_request(raw: bytes, *, chat: bool) -> GenerateRequest:
     )
 
 
-def _messages(messages: list) -> list[dict]:
-    """OpenAI chat messages -> the engine's {role, content} (text parts joined)."""
+def _messages(messages: list, *, openai: bool) -> list[dict]:
+    """Chat messages -> the engine's [{role, content}]. OpenAI's also take "developer" (as
+    "system"), null content and lists of text parts (joined); other keys are ignored."""
+    if not messages:
+        raise bad("messages", "must be a non-empty list of {role, content}")
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(where, "must be an object with role and content")
-        content = m.get("content") or ""
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise bad(f"{where}.content", "only text parts are supported")
-            content = "".join(str(p.get("text", "")) for p in content)
-        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        role, content = m.get("role"), m.get("content")
+        if openai and role == "developer":
+            role = "system"
+        if not isinstance(role, str):
+            raise bad(f"{where}.role", f"must be one of {', '.join(ROLES)}")
+        if role not in ROLES:
+            raise bad(f"{where}.role", f"unknown role {shown(role)}; use {', '.join(ROLES)}")
+        if openai and content is None:
+            content = ""
+        if openai and isinstance(content, list):
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text"):
+                    raise bad(f"{where}.content", "only text parts are supported")
+                if not isinstance(part.get("text"), str):
+                    raise bad(f"{where}.content[{j}].text", "must be a string")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise bad(f"{where}.content", "must be a string")
         out.append({"role": role, "content": content})
     return out
 
@@ -190,36 +285,58 @@ class JobRequest:
     params: dict
 
 
-def job_request(raw: bytes, root_dir: str) -> JobRequest:
+JOB_FIELDS = ("adapter", "data", "records", "params")
+
+
+def job_request(raw: bytes, root_dir: str, *, max_data_bytes: int) -> JobRequest:
     """POST api/jobs: {"adapter", "data": path} or {"adapter", "records"}, optional "params"."""
     body = Body(raw)
-    body.only("adapter", "data", "records", "params")
-    adapter = body.get("adapter", "string", required=True)
+    body.only(*JOB_FIELDS)
+    adapter = adapter_name(body.get("adapter", "string", required=True), "adapter")
     path, records = body.get("data", "string"), body.get("records", "array")
     if (path is None) == (records is None):
         raise bad("data", "send either data (a .jsonl or .txt file under the root) or records")
     if path is not None:
         file = resolve_path(root_dir, path, "data")
-        if not file.is_file():
-            raise bad("data", f"{path!r} is not a file")
+        with os_errors("data", path):
+            if not file.is_file():
+                raise bad("data", f"{shown(path)} is not a file")
+            size = file.stat().st_size
+        if file.suffix not in DATA_SUFFIXES:
+            raise bad("data", f"{shown(path)}: expected a .jsonl or .txt file")
+        if size > max_data_bytes:
+            raise bad("data", f"{shown(path)} is {size} bytes; at most {max_data_bytes} are read")
         data, data_field = str(file), "data"
     else:
         data, data_field = records, "records"
     return JobRequest(adapter, data, data_field, body.get("params", "object", default={}))
 
 
-def train_params(params: dict):
-    """TrainParams from a job's "params"; a bad one is reported as params.<name>."""
+def train_params(params: dict, max_context: int, config):
+    """TrainParams from a job's "params", within the model's limits (EngineConfig); a bad one
+    is reported as params.<name>."""
     from ..engine import TrainParams
+    from ..engine.config import check_train
 
+    ints = {f.name for f in fields(TrainParams) if "int" in str(f.type) and f.name != "lora_alpha"}
+    params = {k: int(v) if k in ints and _integral(v) else v for k, v in params.items()}
     try:
-        return TrainParams.from_dict(params)
+        train = TrainParams.from_dict(params)
+        check_train(config, train, max_context)
+        return train
     except (TypeError, ValueError) as e:
         message = str(e)
         name = field_of(message)
         if name is None or name == "params":
             raise ApiError(400, message if name else f"params: {message}", "params") from None
         raise ApiError(400, f"params.{message}", f"params.{name}") from None
+
+
+def job_id(value: str) -> str:
+    """A job id from a URL: what the engine names jobs ("job-12"), or a 404 quoting it briefly."""
+    if not JOB_ID.fullmatch(value):
+        raise ApiError(404, f"job: no job {shown(value)}", "job")
+    return value
 
 
 def adapter_name(name: str, field_name: str = "name") -> str:
@@ -231,46 +348,122 @@ def adapter_name(name: str, field_name: str = "name") -> str:
         raise ApiError(400, str(e), field_name) from None
 
 
+ADAPTER_LOAD_FIELDS = ("name", "path")
+ADAPTER_SAVE_FIELDS = ("path",)
+
+
 def adapter_load_request(raw: bytes, root_dir: str) -> tuple[str, Path]:
     """POST api/adapters: {"name", "path"} (a PEFT adapter folder under the root)."""
     body = Body(raw)
-    body.only("name", "path")
-    name = body.get("name", "string", required=True)
-    path = resolve_path(root_dir, body.get("path", "string", required=True), "path")
-    if not (path / "adapter_config.json").is_file():
-        raise bad(
-            "path", f"{body.data['path']!r} is not a PEFT adapter folder (no adapter_config.json)"
-        )
+    body.only(*ADAPTER_LOAD_FIELDS)
+    name = adapter_name(body.get("name", "string", required=True))
+    value = body.get("path", "string", required=True)
+    path = resolve_path(root_dir, value, "path")
+    with os_errors("path", value):
+        if not (path / "adapter_config.json").is_file():
+            raise bad(
+                "path", f"{shown(value)} is not a PEFT adapter folder (no adapter_config.json)"
+            )
     return name, path
 
 
-def adapter_save_request(raw: bytes, root_dir: str) -> Path:
-    """POST api/adapters/<name>/save: {"path"}: a new folder, or an adapter folder to replace."""
+def adapter_save_request(raw: bytes, root_dir: str, data_dir: Path) -> Path:
+    """POST api/adapters/<name>/save: {"path"}: a new folder, or an adapter folder to replace.
+
+    Saving writes <path>.tmp and moves an old copy to <path>.old: neither may be someone
+    else's; a folder to replace may hold nothing but an adapter's files; and the engine's data
+    directory is the engine's own.
+    """
     body = Body(raw)
-    body.only("path")
+    body.only(*ADAPTER_SAVE_FIELDS)
     value = body.get("path", "string", required=True)
     path = resolve_path(root_dir, value, "path", must_exist=False)
     if path == Path(root_dir).resolve():
         raise bad("path", "give a folder below the root directory, not the root itself")
-    if path.exists() and not (path / "adapter_config.json").is_file():
-        raise bad("path", f"{value!r} exists and is not an adapter folder; it would be replaced")
+    data = _resolved(data_dir)
+    if path == data or data in path.parents:
+        raise bad("path", f"{shown(value)} is in the engine's data directory; save elsewhere")
+    if len(os.fsencode(path.name)) > NAME_MAX - len(".tmp"):
+        raise bad("path", f"is too long (at most {NAME_MAX - 4} bytes for the folder's name)")
+    with os_errors("path", value):
+        _check_replaceable(path, value)
     return path
+
+
+def _check_replaceable(path: Path, value: str) -> None:
+    if path.exists() and not (path / "adapter_config.json").is_file():
+        raise bad(
+            "path", f"{shown(value)} exists and is not an adapter folder; it would be replaced"
+        )
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in ADAPTER_FILES)
+        if others:
+            listed = ", ".join(shown(n, 40) for n in others[:3])
+            raise bad("path", f"{shown(value)} holds other files ({listed}); they would be deleted")
+    for sibling in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
+        if sibling.exists() or sibling.is_symlink():
+            raise bad("path", f"{shown(sibling.name)} exists next to it; saving would delete it")
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(path).absolute()
+
+
+@contextmanager
+def os_errors(field_name: str, value: str):
+    """What the OS refuses about a path (too long, a symlink loop, no permission) as a 400."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        reason = getattr(e, "strerror", None) or str(e).split(" from ")[0]
+        raise bad(field_name, f"{shown(value)} cannot be used ({reason})") from None
 
 
 def resolve_path(root_dir: str, value: str, field_name: str, *, must_exist: bool = True) -> Path:
     """`value` (relative to the root, or absolute inside it) as a real path under the root.
 
     '..' is refused outright; symlinks are resolved before the check, so a link that points
-    outside the root is refused too.
+    outside the root is refused too. Paths the OS cannot take (too long, not encodable, a
+    symlink loop) are a 400 as well.
     """
     if not value or "\0" in value:
         raise bad(field_name, "must be a path under the server's root directory")
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeError:
+        raise bad(field_name, "is not a valid path (not encodable)") from None
+    if len(encoded) > PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise bad(field_name, f"is too long (at most {PATH_MAX} bytes, {NAME_MAX} per name)")
     if ".." in PurePath(value).parts:
         raise bad(field_name, "'..' is not allowed; give a path under the server's root directory")
     root = Path(root_dir).resolve()
-    path = (root / value).resolve()
-    if path != root and root not in path.parents:
-        raise bad(field_name, f"{value!r} is outside the server's root directory")
-    if must_exist and not path.exists():
-        raise bad(field_name, f"{value!r}: no such file or folder under the root directory")
+    with os_errors(field_name, value):
+        path = (root / value).resolve()
+        if path != root and root not in path.parents:
+            raise bad(field_name, f"{shown(value)} is outside the server's root directory")
+        exists = path.exists()
+    if must_exist and not exists:
+        raise bad(field_name, f"{shown(value)}: no such file or folder under the root directory")
     return path
+
+
+@contextmanager
+def field_errors(prefix: str = ""):
+    """The engine's config checks ("field: message" ValueErrors) as 400s naming the field."""
+    try:
+        yield
+    except ValueError as e:
+        message = f"{prefix}{e}"
+        raise ApiError(400, message, field_of(message)) from None
+
+
+def check_limits(req: GenerateRequest, engine) -> None:
+    """The engine's per-request limits, before anything is tokenized (EngineConfig)."""
+    from ..engine.config import check_prompt, check_stop
+
+    with field_errors():
+        check_prompt(engine.config, req.prompt, engine.model_info["max_context"])
+        check_stop(engine.config, req.sampling.get("stop", []))
