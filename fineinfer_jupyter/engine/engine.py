@@ -6,8 +6,10 @@ import copy
 import gc
 import logging
 import queue
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import export
 from .adapters import AdapterStore
 from .config import (
     BASE,
@@ -33,7 +36,7 @@ from .costmodel import CostModel
 from .data import build_dataset
 from .executor import Executor
 from .metrics import Metrics
-from .models import LoadedModel, load_model
+from .models import LoadedModel, default_gguf, load_model
 from .runner import Runner
 from .scheduler import Scheduler, Step, StepKind
 from .sequence import Completion, RequestStream, Sequence
@@ -282,6 +285,42 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+    def export_adapter(self, name: str, to: str, path: str | Path | None = None) -> dict:
+        """Export an adapter's current weights for another runtime (engine/export.py).
+
+        `to="gguf"`: a llama.cpp LoRA .gguf (`path`: a .gguf file or a folder), plus an Ollama
+        Modelfile when the base model has a .gguf. `to="vllm"`: the PEFT folder `path`, checked
+        against vLLM's LoRA loader. By default under <data_dir>/exports/<name>/. Returns
+        {"format", "path", "files", "commands", ...}; what cannot be exported is a ValueError.
+        """
+        check(to in export.FORMATS, "to", f"must be one of {', '.join(export.FORMATS)}")
+        exports = Path(self.config.data_dir) / "exports"
+        out = Path(path) if path is not None else exports / name
+        if to == "gguf" and out.suffix != ".gguf":
+            check(not out.is_file(), "path", f"{out} is a file; give a folder or a .gguf name")
+            out = out / f"{name}.gguf"
+        if to == "vllm" and path is None:
+            out = out / "vllm"
+        scratch = exports / f".{name}-{uuid.uuid4().hex[:8]}"
+
+        def save():
+            self.adapters.get(name)
+            return self.adapters.save(name, scratch)
+
+        folder = self._call(save)
+        spec = str(self.config.model)
+        base = export.Base(
+            self.loaded.model.config.to_dict(),
+            type(self.loaded.model).__name__,
+            self.loaded.name,
+            self.loaded.path,
+            str(default_gguf()) if spec == "default" else spec if spec.endswith(".gguf") else None,
+        )
+        try:
+            return {"adapter": name, **export.export(folder, to, base, out, name=name)}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     # -- helpers for callers ---------------------------------------------------------------
 

@@ -161,6 +161,20 @@ class AdapterSaveHandler(FineInferHandler):
         self.reply(await self.host.run(engine.save_adapter, name, path))
 
 
+class AdapterExportHandler(FineInferHandler):
+    auth_resource = f"{RESOURCE}:adapters"
+
+    @web.authenticated
+    @authorized
+    async def post(self, name: str):
+        """Export for llama.cpp and Ollama ({"to": "gguf"}) or vLLM ({"to": "vllm"}), to
+        {"path"} under the root or, without one, under the data directory."""
+        engine = self.host.require()
+        validate.adapter_name(name)
+        to, path = validate.adapter_export_request(self.request.body, self.host.root_dir)
+        self.reply(await self.host.run(engine.export_adapter, name, to, path))
+
+
 class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHandler):
     """WebSocket: {"type": "metrics"} about twice a second, {"type": "jobs"} as they come."""
 
@@ -213,6 +227,7 @@ def handlers() -> list[tuple[str, type]]:
         ("adapters", AdaptersHandler),
         (f"adapters/{name}", AdapterHandler),
         (f"adapters/{name}/save", AdapterSaveHandler),
+        (f"adapters/{name}/export", AdapterExportHandler),
         ("events", EventsHandler),
     ]
     return [(url_path_join("/", API, path), handler) for path, handler in routes]
