@@ -132,7 +132,12 @@ def main() -> None:
             job = engine.tune(
                 "herb", str(DATA), max_steps=args.steps, batch_size=4, learning_rate=3e-3
             )
-            job = engine.wait_job(job["id"])
+            while job["state"] in ("queued", "running"):
+                time.sleep(10)
+                job = engine.job(job["id"])
+                print(
+                    f"step {job['step']}/{job['total_steps']} loss {job['loss']}", file=sys.stderr
+                )
             print(f"trained herb: {job['step']} steps, loss {job['loss']:.3f}", file=sys.stderr)
         print(f"adapter ready in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         exported = engine.export_adapter("herb", "gguf", work / "herb.gguf")
