@@ -196,6 +196,13 @@ def test_modules_llama_cpp_does_not_name_are_refused(tmp_path):
         "target_modules: llama.cpp has no tensor for 'model.layers.0.mlp.adapter_proj' "
         "in a LlamaForCausalLM"
     )
+    half = peft_folder(tmp_path / "half", target_modules=["q_proj"])
+    state = load_file(str(half / "adapter_model.safetensors"))
+    del state["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
+    save_file(state, str(half / "adapter_model.safetensors"))
+    with pytest.raises(ValueError) as refused:
+        export.write_gguf(half, tiny_base(), tmp_path / "x.gguf", name="x")
+    assert str(refused.value) == "adapter: model.layers.1.self_attn.q_proj has no lora_B weight"
     tied = tiny_base()
     tied.config["tie_word_embeddings"] = True
     folder = peft_folder(tmp_path / "head", target_modules=["lm_head"])

@@ -310,12 +310,15 @@ class Engine:
 
         folder = self._call(save)
         spec = str(self.config.model)
+        gguf = (
+            default_gguf() if spec == "default" else Path(spec) if spec.endswith(".gguf") else None
+        )
         base = export.Base(
             self.loaded.model.config.to_dict(),
             type(self.loaded.model).__name__,
             self.loaded.name,
             self.loaded.path,
-            str(default_gguf()) if spec == "default" else spec if spec.endswith(".gguf") else None,
+            str(gguf.expanduser().resolve()) if gguf else None,
         )
         try:
             return {"adapter": name, **export.export(folder, to, base, out, name=name)}

@@ -120,7 +120,8 @@ def read(folder: str | Path) -> Lora:
     check(bool(halves), "adapter", f"{weights} holds no LoRA weights")
     pairs = {}
     for module, ab in sorted(halves.items(), key=lambda kv: _natural(kv[0])):
-        check(set(ab) == {"A", "B"}, "adapter", f"{module} lacks lora_{'AB'[len(ab) % 2]}")
+        lacking = sorted({"A", "B"} - set(ab))
+        check(not lacking, "adapter", f"{module} has no lora_{''.join(lacking)} weight")
         pairs[module] = (ab["A"], ab["B"])
     return Lora(config, pairs)
 
