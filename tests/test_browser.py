@@ -12,6 +12,7 @@ import re
 import time
 
 import pytest
+from conftest import make_adapter
 
 from fineinfer_jupyter.launch import CHROMIUM, CHROMIUM_ARGS, JupyterProcess
 
@@ -118,6 +119,29 @@ def test_sidebar_shows_the_model_and_a_running_job_and_stops_it(request, tmp_pat
                 expect(adapter.get_by_text("training", exact=True)).to_have_count(0)
                 status, answer = lab.call("GET", f"fineinfer/api/jobs/{job_id}")
                 assert (status, answer["state"]) == (200, "stopped"), (status, answer)
+
+                adapter.get_by_test_id("fi-adapter-export").click()
+                adapter.get_by_test_id("fi-export-gguf").click()
+                result = adapter.get_by_test_id("fi-export-result")
+                gguf = lab.root.parent / "fineinfer" / "exports" / "herb" / "herb.gguf"
+                expect(result.get_by_test_id("fi-export-path")).to_have_text(str(gguf))
+                expect(result.get_by_test_id("fi-export-commands")).to_have_text(
+                    f"llama-cli -m BASE.gguf --lora {gguf}  # BASE.gguf: the base model"
+                )
+                assert gguf.read_bytes()[:4] == b"GGUF"
+
+                make_adapter(lab.root / "wide", seed=1, r=600)  # vLLM takes ranks up to 512
+                status, _ = lab.call(
+                    "POST", "fineinfer/api/adapters", {"name": "wide", "path": "wide"}
+                )
+                assert status == 201
+                wide = panel.get_by_test_id("fi-adapter-wide")
+                wide.get_by_test_id("fi-adapter-export").click()
+                wide.get_by_test_id("fi-export-vllm").click()
+                expect(wide.get_by_test_id("fi-export-error")).to_have_text(
+                    "r: vLLM takes ranks up to 512; this adapter has r=600"
+                )
+                expect(result).to_be_visible()  # the other row keeps its result
             finally:
                 shot = tmp_path / "sidebar.png"
                 page.screenshot(path=str(shot))

@@ -192,6 +192,8 @@ LOADING = error(503, "model is loading: converting default model (step 2/3)", "m
         ("tune herb --data d --epochs x", None, "tune: argument --epochs: invalid float value"),
         ("tune herb --records nothing", None, "tune: --records: no variable named 'nothing'"),
         ("stop", None, "stop: the following arguments are required: NAME_OR_ID"),
+        ("export", None, "export: the following arguments are required: name"),
+        ("export herb a.gguf b.gguf", None, "unrecognized arguments: b.gguf"),
         ("status 'unclosed", None, "cannot parse the arguments: No closing quotation"),
     ],
 )

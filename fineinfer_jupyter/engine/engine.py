@@ -10,8 +10,10 @@ from __future__ import annotations
 import gc
 import logging
 import queue
+import shutil
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import core
+from . import core, export
 from .config import (
     EngineConfig,
     EngineNotReady,
@@ -33,7 +35,7 @@ from .config import (
 )
 from .data import build_dataset
 from .metrics import Metrics
-from .models import load_model
+from .models import default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
 from .request import Completion, RequestStream
 from .sequence import Sequence
@@ -278,6 +280,47 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+    def export_adapter(self, name: str, to: str, path: str | Path | None = None) -> dict:
+        """Export an adapter's current weights for another runtime (engine/export.py).
+
+        `to="gguf"`: a llama.cpp LoRA .gguf (`path`: a .gguf file or a folder), plus an Ollama
+        Modelfile when the base model has a .gguf. `to="vllm"`: the PEFT folder `path`, checked
+        against vLLM's LoRA loader. By default under <data_dir>/exports/<name>/. Returns
+        {"format", "path", "files", "commands", ...}; what cannot be exported is a ValueError.
+        """
+        check(to in export.FORMATS, "to", f"must be one of {', '.join(export.FORMATS)}")
+        exports = Path(self.config.data_dir) / "exports"
+        out = Path(path) if path is not None else exports / name
+        if to == "gguf" and out.suffix != ".gguf":
+            check(not out.is_file(), "path", f"{out} is a file; give a folder or a .gguf name")
+            out = out / f"{name}.gguf"
+        if to == "vllm" and path is None:
+            out = out / "vllm"
+        scratch = exports / f".{name}-{uuid.uuid4().hex[:8]}"
+        c = self._ready_core()
+
+        def save():
+            c.adapters.get(name)
+            return c.adapters.save(name, scratch)
+
+        folder = self._call(save)
+        spec = str(self.config.model)
+        gguf = (
+            default_gguf() if spec == "default" else Path(spec) if spec.endswith(".gguf") else None
+        )
+        model = c.runner.walk.causal_lm
+        base = export.Base(
+            model.config.to_dict(),
+            type(model).__name__,
+            c.loaded.name,
+            c.loaded.path,
+            str(gguf.expanduser().resolve()) if gguf else None,
+        )
+        try:
+            return {"adapter": name, **export.export(folder, to, base, out, name=name)}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     # -- helpers for callers ---------------------------------------------------------------
 

@@ -22,6 +22,9 @@ HELP = """\
 %fineinfer load NAME PATH              load a saved PEFT adapter folder
 %fineinfer save NAME PATH              write an adapter to a new folder (PEFT format)
 %fineinfer delete NAME                 unload an adapter and delete its saved files
+%fineinfer export NAME [--to gguf|vllm] [PATH]
+                                       for llama.cpp / Ollama (a LoRA .gguf) or vLLM (checked);
+                                       prints the commands that use it
 %fineinfer dashboard                   live engine dashboard
 %fineinfer connect URL [--token T]     use another server (found on its own otherwise)
 %fineinfer help
@@ -102,6 +105,10 @@ def _line_parser() -> tuple[_Parser, dict]:
         p.add_argument("name")
         p.add_argument("path")
     sub.add_parser("delete", prog="%fineinfer delete").add_argument("name")
+    export = sub.add_parser("export", prog="%fineinfer export")
+    export.add_argument("name")
+    export.add_argument("path", nargs="?")
+    export.add_argument("--to", choices=("gguf", "vllm"), default="gguf")
     connect = sub.add_parser("connect", prog="%fineinfer connect")
     connect.add_argument("url")
     connect.add_argument("--token", default="")
@@ -130,6 +137,9 @@ def parse_line(line: str) -> argparse.Namespace:
         raise FineInferError("missing command (try %fineinfer help)")
     if words[0] not in COMMANDS:
         raise FineInferError(f"unknown command {words[0]!r} (try %fineinfer help)")
+    if words[0] == "export":  # its PATH may come after --to
+        namespace = argparse.Namespace(command="export")
+        return COMMANDS["export"].parse_intermixed_args(words[1:], namespace)
     return LINE_PARSER.parse_args(words)
 
 

@@ -167,6 +167,13 @@ class FineInferClient:
         """Write adapter `name` in PEFT's format to the folder `path` (under the server root)."""
         return self._json("POST", f"adapters/{_quote(name)}/save", {"path": _absolute(path)})
 
+    def export_adapter(self, name: str, to: str = "gguf", path: str | Path | None = None) -> dict:
+        """Export adapter `name` for llama.cpp / Ollama (`to="gguf"`) or vLLM (`to="vllm"`), to
+        `path` (under the server root) or the server's data directory; the result has "path",
+        "files" and the "commands" that use it."""
+        body = {"to": to} if path is None else {"to": to, "path": _absolute(path)}
+        return self._json("POST", f"adapters/{_quote(name)}/export", body)
+
     def delete_adapter(self, name: str) -> None:
         self._json("DELETE", f"adapters/{_quote(name)}")
 

@@ -15,7 +15,7 @@ from IPython.display import display
 
 from .args import HELP, HelpShown, parse_generate, parse_line, train_params
 from .client import ACTIVE_STATES, FineInferClient, FineInferError
-from .render import compare_bundle, footer, job_line, status_lines, table
+from .render import compare_bundle, export_lines, footer, job_line, status_lines, table
 
 UPDATE_EVERY = 0.05  # seconds between display updates while an answer streams
 
@@ -135,6 +135,9 @@ class FineInferMagics(Magics):
     def _save(self, args) -> None:
         saved = self.client.save_adapter(args.name, args.path)
         print(f"saved adapter {args.name!r} to {saved.get('saved_to', args.path)}")
+
+    def _export(self, args) -> None:
+        print("\n".join(export_lines(self.client.export_adapter(args.name, args.to, args.path))))
 
     def _delete(self, args) -> None:
         self.client.delete_adapter(args.name)

@@ -42,6 +42,17 @@ def job_line(job: dict) -> str:
     return line
 
 
+def export_lines(result: dict) -> list[str]:
+    """What an export wrote, and the commands that use it."""
+    if result["format"] == "gguf":
+        lines = [f"exported {result['adapter']!r} as a llama.cpp LoRA adapter:"]
+        lines += [f"  {f}" for f in result["files"]]
+    else:
+        lines = [f"{result['adapter']!r} passes vLLM's LoRA checks; its PEFT folder:"]
+        lines.append(f"  {result['path']}")
+    return [*lines, "use it:", *(f"  {c}" for c in result["commands"])]
+
+
 def footer(done: dict | None, adapter: str | None) -> str:
     """One line under an answer: tokens, TTFT, tokens/s, deferral, finish reason."""
     name = adapter or "base"

@@ -177,6 +177,20 @@ class AdapterSaveHandler(FineInferHandler):
         self.reply(await self.host.run(engine.save_adapter, name, path))
 
 
+class AdapterExportHandler(FineInferHandler):
+    auth_resource = f"{RESOURCE}:adapters"
+
+    @web.authenticated
+    @authorized
+    async def post(self, name: str):
+        """Export for llama.cpp and Ollama ({"to": "gguf"}) or vLLM ({"to": "vllm"}), to
+        {"path"} under the root or, without one, under the data directory."""
+        engine = self.host.require()
+        validate.adapter_name(name)
+        to, path = validate.adapter_export_request(self.body, self.host.root_dir)
+        self.reply(await self.host.run(engine.export_adapter, name, to, path))
+
+
 class OpenAPIHandler(FineInferHandler):
     """The OpenAPI 3.1 document of these routes and the OpenAI-compatible ones."""
 
@@ -293,6 +307,7 @@ def handlers() -> list[tuple[str, type]]:
         ("adapters", AdaptersHandler),
         (f"adapters/{name}", AdapterHandler),
         (f"adapters/{name}/save", AdapterSaveHandler),
+        (f"adapters/{name}/export", AdapterExportHandler),
         ("events", EventsHandler),
         ("openapi.json", OpenAPIHandler),
     ]

@@ -422,6 +422,30 @@ def os_errors(field_name: str, value: str):
         raise bad(field_name, f"{shown(value)} cannot be used ({reason})") from None
 
 
+def adapter_export_request(raw: bytes, root_dir: str) -> tuple[str, Path | None]:
+    """POST api/adapters/<name>/export: {"to": "gguf" | "vllm", "path"?} (a path under the root:
+    a .gguf file or a folder for "gguf", a new folder or an adapter folder for "vllm")."""
+    body = Body(raw)
+    body.only("to", "path")
+    to = body.get("to", "string", required=True)
+    if to not in ("gguf", "vllm"):
+        raise bad("to", "must be 'gguf' (llama.cpp, Ollama, LM Studio) or 'vllm'")
+    value = body.get("path", "string")
+    if value is None:
+        return to, None
+    path = resolve_path(root_dir, value, "path", must_exist=False)
+    if to == "gguf" and path.is_file() and path.suffix != ".gguf":
+        raise bad("path", f"{shown(value)} exists and is not a .gguf file; it would be replaced")
+    if to == "vllm":
+        if path == Path(root_dir).resolve():
+            raise bad("path", "give a folder below the root directory, not the root itself")
+        if path.exists() and not (path / "adapter_config.json").is_file():
+            raise bad(
+                "path", f"{shown(value)} exists and is not an adapter folder; it would be replaced"
+            )
+    return to, path
+
+
 def resolve_path(root_dir: str, value: str, field_name: str, *, must_exist: bool = True) -> Path:
     """`value` (relative to the root, or absolute inside it) as a real path under the root.
 

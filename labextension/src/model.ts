@@ -5,7 +5,16 @@ import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { API_PATH, requestAPI } from './request';
-import { EventMessage, IAdapter, IJob, IMetrics, ISeries, IStatus } from './types';
+import {
+  EventMessage,
+  ExportFormat,
+  IAdapter,
+  IExport,
+  IJob,
+  IMetrics,
+  ISeries,
+  IStatus
+} from './types';
 
 const POLL_MS = 2000;
 const HISTORY_S = 300;
@@ -13,6 +22,14 @@ const MAX_SOCKET_DELAY_MS = 30000;
 
 /** How the model currently hears from the server. */
 export type Connection = 'connecting' | 'live' | 'polling' | 'unreachable';
+
+/** An adapter's last export: under way, done (with its result) or refused (with the message). */
+export interface IExportState {
+  to: ExportFormat;
+  busy: boolean;
+  result?: IExport;
+  error?: string;
+}
 
 /** The charted quantities: keys of `ISeries` besides `t`. */
 export type SeriesKey = Exclude<keyof ISeries, 't'>;
@@ -34,6 +51,7 @@ export class FineInferModel implements IDisposable {
   jobs: IJob[] = [];
   adapters: IAdapter[] = [];
   history: ISeries = emptySeries(); // the last five minutes, server clock
+  exports: { [adapter: string]: IExportState } = {};
 
   constructor(settings: ServerConnection.ISettings = ServerConnection.makeSettings()) {
     this._settings = settings;
@@ -69,6 +87,21 @@ export class FineInferModel implements IDisposable {
 
   resumeJob(id: string): Promise<void> {
     return this._jobAction(id, 'resume');
+  }
+
+  /** Export an adapter for llama.cpp / Ollama (`gguf`) or vLLM (`vllm`), under the data directory. */
+  async exportAdapter(name: string, to: ExportFormat): Promise<void> {
+    this.exports[name] = { to, busy: true };
+    this._changed.emit();
+    const path = `adapters/${encodeURIComponent(name)}/export`;
+    try {
+      const init = { method: 'POST', body: JSON.stringify({ to }) };
+      const result = await requestAPI<IExport>(path, init, this._settings);
+      this.exports[name] = { to, busy: false, result };
+    } catch (error) {
+      this.exports[name] = { to, busy: false, error: (error as Error).message };
+    }
+    this._changed.emit();
   }
 
   dispose(): void {

@@ -66,6 +66,17 @@ export interface IAdapter {
   r: number | null;
 }
 
+export type ExportFormat = 'gguf' | 'vllm';
+
+/** POST adapters/<name>/export: what was written and the shell lines that use it. */
+export interface IExport {
+  adapter: string;
+  format: ExportFormat;
+  path: string;
+  files: string[];
+  commands: string[];
+}
+
 /** One WebSocket message of `fineinfer/api/events`. */
 export type EventMessage =
   | { type: 'metrics'; data: IMetrics }

@@ -5,7 +5,7 @@ import * as React from 'react';
 import { Chart } from './chart';
 import { fmtBytes, fmtCount, fmtNumber, fmtSeconds } from './format';
 import { FineInferModel, SeriesKey } from './model';
-import { IJob } from './types';
+import { ExportFormat, IAdapter, IJob } from './types';
 
 const CHARTS: { key: SeriesKey; title: string; format: (v: number) => string; zero?: boolean }[] = [
   { key: 'inference_tokens_per_s', title: 'Inference tokens/s', format: v => fmtNumber(v) },
@@ -236,19 +236,76 @@ function Adapters({ model }: { model: FineInferModel }): JSX.Element {
       {model.adapters.length === 0 && <div className="fi-Empty">No adapters loaded.</div>}
       <ul className="fi-Adapters" data-testid="fi-adapters">
         {model.adapters.map(a => (
-          <li key={a.name} className="fi-Adapter" data-testid={`fi-adapter-${a.name}`}>
-            <span className="fi-Adapter-name" title={a.name}>
-              {a.name}
-            </span>
-            <span className="fi-Adapter-info">
-              {a.r !== null && `r=${a.r}`}
-              {a.step !== null && ` · step ${a.step}`}
-            </span>
-            {a.training && <span className="fi-Badge fi-mod-running">training</span>}
-          </li>
+          <Adapter key={a.name} adapter={a} model={model} />
         ))}
       </ul>
     </Section>
+  );
+}
+
+const EXPORTS: { to: ExportFormat; label: string; title: string }[] = [
+  { to: 'gguf', label: 'llama.cpp / Ollama', title: 'a LoRA .gguf (llama.cpp, Ollama, LM Studio)' },
+  { to: 'vllm', label: 'vLLM', title: "a PEFT folder, checked against vLLM's LoRA loader" }
+];
+
+function Adapter({ adapter, model }: { adapter: IAdapter; model: FineInferModel }): JSX.Element {
+  const [choosing, setChoosing] = React.useState(false);
+  const done = model.exports[adapter.name];
+  const exportTo = (to: ExportFormat) => {
+    setChoosing(false);
+    void model.exportAdapter(adapter.name, to);
+  };
+  return (
+    <li className="fi-Adapter" data-testid={`fi-adapter-${adapter.name}`}>
+      <div className="fi-Adapter-head">
+        <span className="fi-Adapter-name" title={adapter.name}>
+          {adapter.name}
+        </span>
+        <span className="fi-Adapter-info">
+          {adapter.r !== null && `r=${adapter.r}`}
+          {adapter.step !== null && ` · step ${adapter.step}`}
+        </span>
+        {adapter.training && <span className="fi-Badge fi-mod-running">training</span>}
+        <button
+          className="fi-Button"
+          data-testid="fi-adapter-export"
+          aria-expanded={choosing}
+          disabled={done?.busy}
+          onClick={() => setChoosing(!choosing)}
+        >
+          Export
+        </button>
+      </div>
+      {choosing && (
+        <div className="fi-Export-choices">
+          {EXPORTS.map(e => (
+            <button
+              key={e.to}
+              className="fi-Button"
+              data-testid={`fi-export-${e.to}`}
+              title={e.title}
+              onClick={() => exportTo(e.to)}
+            >
+              {e.label}
+            </button>
+          ))}
+        </div>
+      )}
+      {done?.busy && <div className="fi-Detail">Exporting…</div>}
+      {done?.error && (
+        <div className="fi-Detail fi-mod-error" data-testid="fi-export-error">
+          {done.error}
+        </div>
+      )}
+      {done?.result && (
+        <div className="fi-Detail fi-Export" data-testid="fi-export-result" data-format={done.to}>
+          <div data-testid="fi-export-path">{done.result.path}</div>
+          <pre className="fi-Export-commands" data-testid="fi-export-commands">
+            {done.result.commands.join('\n')}
+          </pre>
+        </div>
+      )}
+    </li>
   );
 }
 
