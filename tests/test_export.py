@@ -399,8 +399,7 @@ async def test_export_route_writes_under_the_root_or_the_data_directory(ready_ap
     assert (jp_root_dir / "notes.txt").read_text() == "mine"
 
 
-def test_export_magic_prints_the_files_and_the_commands(kernel, fineinfer_server, server_root):
-    client = fineinfer_server.client()
+def test_export_magic_prints_the_files_and_the_commands(kernel, client, server_root):
     job = client.tune("exp", records=[{"prompt": "a?", "completion": "b."}] * 2, max_steps=1)
     client.wait(job["id"], timeout=60)
     run = kernel.run("%fineinfer export exp out/exp.gguf")

@@ -199,7 +199,7 @@ async def test_each_limit_is_a_clear_4xx_and_prompts_are_refused_before_tokenizi
     engine = api.app.host.engine
     assert (engine.config.max_jobs, engine.config.max_prompt_chars) == (1, 40)
     tokenized = []
-    tokenizer = engine.loaded.tokenizer
+    tokenizer = engine.core.loaded.tokenizer
     monkeypatch.setattr(tokenizer, "__call__", lambda *a, **k: tokenized.append(a) or None)
     monkeypatch.setattr(
         tokenizer, "apply_chat_template", lambda *a, **k: tokenized.append(a) or None
@@ -248,7 +248,7 @@ async def test_each_limit_is_a_clear_4xx_and_prompts_are_refused_before_tokenizi
     (jp_root_dir / "notes.csv").write_text("a,b\n")
     assert await api.post("jobs", {"adapter": "herb", "data": "big.jsonl"}) == (
         400,
-        invalid("data", "'big.jsonl' is 413 bytes; at most 300 are read"),
+        error(BAD, "big.jsonl: 413 bytes; at most 300 are read", "data"),
     )
     assert await api.post("jobs", {"adapter": "herb", "data": "notes.csv"}) == (
         400,
@@ -258,7 +258,7 @@ async def test_each_limit_is_a_clear_4xx_and_prompts_are_refused_before_tokenizi
     make_adapter(jp_root_dir / "alpha", seed=1)
     for name in ("a1", "a2"):
         assert (await api.post("adapters", {"name": name, "path": "alpha"}))[0] == 201
-    full = "2 adapters are loaded, the most this server takes; delete one first"
+    full = "2 adapters are loaded, the most this engine takes; delete one first"
     assert await api.post("adapters", {"name": "a3", "path": "alpha"}) == (
         409,
         error("conflict", f"name: {full}", "name"),
@@ -275,7 +275,7 @@ async def test_each_limit_is_a_clear_4xx_and_prompts_are_refused_before_tokenizi
         409,
         error(
             "conflict",
-            "1 jobs are queued or running, the most this server takes; "
+            "1 jobs are queued or running, the most this engine takes; "
             "wait for one to end or cancel one",
         ),
     )

@@ -68,6 +68,7 @@ def test_request_schemas_list_the_fields_the_validators_accept():
     assert props("JobRequest") == set(validate.JOB_FIELDS)
     assert props("AdapterLoadRequest") == set(validate.ADAPTER_LOAD_FIELDS)
     assert props("AdapterSaveRequest") == set(validate.ADAPTER_SAVE_FIELDS)
+    assert props("AdapterExportRequest") == set(validate.ADAPTER_EXPORT_FIELDS)
     assert props("TrainParams") == {f.name for f in fields(TrainParams)}
     assert props("ChatCompletionRequest") == set(validate.OPENAI_FIELDS) | {"messages"}
     assert props("CompletionRequest") == set(validate.OPENAI_FIELDS) | {"prompt"}
@@ -199,6 +200,8 @@ async def test_the_server_answers_as_documented(
     await call("GET", "fineinfer/api/adapters/alpha", expect=200, schema="Adapter", template=one)
     await call("POST", "fineinfer/api/adapters/alpha/save", {"path": "copy"}, expect=200,
                schema="Adapter", template=one + "/save")  # fmt: skip
+    await call("POST", "fineinfer/api/adapters/alpha/export", {"to": "vllm", "path": "v"},
+               expect=200, schema="Export", template=one + "/export")  # fmt: skip
     await call("DELETE", "fineinfer/api/adapters/alpha", expect=204, template=one)
     socket = await jp_ws_fetch("fineinfer", "api", "events")
     check("EventsMessage", json.loads(await asyncio.wait_for(socket.read_message(), 10)))

@@ -3,6 +3,7 @@
 from .config import (
     EngineConfig,
     EngineNotReady,
+    LimitReached,
     NameTaken,
     QueueFull,
     SamplingParams,
@@ -18,6 +19,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineNotReady",
+    "LimitReached",
     "NameTaken",
     "QueueFull",
     "RequestError",

@@ -155,7 +155,12 @@ class AdapterStore:
         its parameters. Requests that ask for it from now on get snapshots."""
         info = self.get(name)
         self.runner.model.set_adapter(name)
-        params = [p for n, p in self.runner.model.named_parameters() if f".{name}." in n]
+        params = [
+            part[name].weight
+            for layer in self._lora_layers()
+            for part in (layer.lora_A, layer.lora_B)
+            if name in part
+        ]
         for p in params:
             p.requires_grad_(True)
         self._set(replace(info, training=True, step=info.step or 0))

@@ -385,6 +385,10 @@ class NameTaken(ValueError):
     """An adapter name already in use (HTTP 409)."""
 
 
+class LimitReached(ValueError):
+    """As many jobs or adapters as the engine takes (max_jobs, max_adapters; HTTP 409)."""
+
+
 class QueueFull(RuntimeError):
     """Too many waiting requests (HTTP 429)."""
 

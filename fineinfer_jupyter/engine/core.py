@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .adapters import AdapterStore
-from .config import EngineConfig, Slo, default_slo
+from .config import EngineConfig, LimitReached, Slo, default_slo
 from .costmodel import CostModel
 from .executor import Executor, deliver
 from .metrics import Metrics
@@ -59,6 +59,25 @@ class EngineCore:
             deliver(seq)
         self.metrics.record_queue(**self.scheduler.queue_stats(time.monotonic()))
         return out
+
+    def room_for(
+        self, adapter: str, *, max_adapters: int, max_jobs: int | None = None, field="adapter"
+    ) -> None:
+        """Refuse one adapter (and, with max_jobs, one job) more than the engine takes:
+        adapters count those loaded and those queued jobs will create; jobs count those queued
+        or running."""
+        active = [j for j in self.trainer.jobs.values() if j.active]
+        if max_jobs is not None and len(active) >= max_jobs:
+            raise LimitReached(
+                f"{len(active)} jobs are queued or running, the most this engine takes; "
+                "wait for one to end or cancel one"
+            )
+        names = set(self.adapters.names()) | {j.adapter for j in active}
+        if adapter not in names and len(names) >= max_adapters:
+            raise LimitReached(
+                f"{field}: {len(names)} adapters are loaded, the most this engine takes; "
+                "delete one first"
+            )
 
     def fail_all(self, error: Exception) -> None:
         """Fail every request in flight (after an iteration broke); the engine goes on."""

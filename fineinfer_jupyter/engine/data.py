@@ -40,7 +40,7 @@ class Dataset:
         return sum(e.num_tokens for e in self.train)
 
 
-def load_records(source) -> list[dict]:
+def load_records(source, *, max_bytes: int | None = None) -> list[dict]:
     if isinstance(source, (list, tuple)):
         for i, r in enumerate(source, 1):
             if not isinstance(r, dict):
@@ -54,6 +54,9 @@ def load_records(source) -> list[dict]:
     if path.suffix not in (".jsonl", ".txt"):
         raise DataError(f"{path}: unknown file type {path.suffix!r} (expected .jsonl or .txt)")
     try:
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise DataError(f"{path}: {size} bytes; at most {max_bytes} are read")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
@@ -184,14 +187,20 @@ def text_of(record: dict, key: str) -> str:
 
 
 def build_dataset(
-    source, tokenizer, *, max_length: int = 512, val_fraction: float = 0.0, seed: int = 0
+    source,
+    tokenizer,
+    *,
+    max_length: int = 512,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    max_bytes: int | None = None,
 ) -> Dataset:
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_length < 2:
         raise DataError(f"max_length must be >= 2, got {max_length}")
     name = source_name(source)
-    records = load_records(source)
+    records = load_records(source, max_bytes=max_bytes)
     if not records:
         raise DataError(f"no records in {name}")
     examples = []

@@ -32,12 +32,15 @@ from .config import (
     Slo,
     TrainParams,
     check,
+    check_prompt,
+    check_stop,
+    check_train,
 )
 from .data import build_dataset
 from .metrics import Metrics
 from .models import default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
-from .request import Completion, RequestStream
+from .request import Completion, RequestStream, check_messages
 from .sequence import Sequence
 
 log = logging.getLogger("fineinfer")
@@ -121,9 +124,13 @@ class Engine:
         check(sampling.max_new_tokens <= cap, "max_new_tokens", f"must be <= {cap}")
         if isinstance(slo, dict):
             slo = Slo(**{**asdict(c.slo), **{k: v for k, v in slo.items() if v is not None}})
+        check_stop(self.config, sampling.stop)
         name = c.adapters.resolve(adapter)
-        ids = c.tokenizer.encode(prompt)
         limit = c.loaded.max_context
+        if not isinstance(prompt, str):
+            check_messages(prompt)
+        check_prompt(self.config, prompt, limit)  # before tokenizing: that takes time
+        ids = c.tokenizer.encode(prompt)
         check(len(ids) < limit, "prompt", f"is {len(ids)} tokens; the model's context is {limit}")
         seq = Sequence(
             ids,
@@ -160,7 +167,12 @@ class Engine:
 
     def load_adapter(self, name: str, path: str | Path, *, replace: bool = False) -> dict:
         c = self._ready_core()
-        return self._call(lambda: c.adapters.load(name, path, replace=replace).to_dict())
+
+        def load():
+            c.room_for(name, max_adapters=self.config.max_adapters, field="name")
+            return c.adapters.load(name, path, replace=replace).to_dict()
+
+        return self._call(load)
 
     def delete_adapter(self, name: str, *, files: bool = True) -> None:
         """Unload an adapter; with `files`, also remove its saved copy under the data directory."""
@@ -201,14 +213,23 @@ class Engine:
         c = self._ready_core()
         if not isinstance(params, TrainParams):
             params = TrainParams.from_dict({**(params or {}), **kwargs})
+        check_train(self.config, params, c.loaded.max_context)
+        config = self.config
+        self._call(c.room_for, adapter, max_adapters=config.max_adapters, max_jobs=config.max_jobs)
         dataset = build_dataset(
             data,
             c.tokenizer.copy(),  # a data set can take a while: not under the shared lock
             max_length=params.max_length,
             val_fraction=params.val_fraction,
             seed=params.seed,
+            max_bytes=config.max_data_bytes,
         )
-        return self._call(lambda: c.trainer.submit(adapter, dataset, params).to_dict())
+
+        def submit():  # checked again: another job may have come in meanwhile
+            c.room_for(adapter, max_adapters=config.max_adapters, max_jobs=config.max_jobs)
+            return c.trainer.submit(adapter, dataset, params).to_dict()
+
+        return self._call(submit)
 
     def jobs(self) -> list[dict]:
         c = self._ready_core()

@@ -62,7 +62,7 @@ def from_exception(
     `conflict`: a plain ValueError means the target is in the wrong state (a job that is not
     running, an adapter under training) rather than bad input, so answer 409, not 400.
     """
-    from ..engine import EngineNotReady, NameTaken, QueueFull, UnknownName
+    from ..engine import EngineNotReady, LimitReached, NameTaken, QueueFull, UnknownName
     from ..engine.data import DataError
 
     if isinstance(exc, ApiError):
@@ -70,7 +70,7 @@ def from_exception(
     message = str(exc)
     if isinstance(exc, UnknownName):
         return ApiError(404, message, field_of(message))
-    if isinstance(exc, NameTaken):
+    if isinstance(exc, (NameTaken, LimitReached)):
         return ApiError(409, message, field_of(message))
     if isinstance(exc, QueueFull):
         return ApiError(429, message)

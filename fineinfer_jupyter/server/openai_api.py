@@ -61,7 +61,6 @@ class CompletionsHandler(OpenAIHandler):
         req = validate.openai_request(self.body, chat=self.chat)
         engine = self.host.require()
         req.adapter = self.adapter_for(engine, req.model)
-        validate.check_limits(req, engine)
         events = EventQueue()
         stream = await self.host.generate(engine, req, events.put)
         answer = Answer(self.chat, stream.id, req.model, include_usage=req.include_usage)

@@ -51,7 +51,6 @@ class GenerateHandler(FineInferHandler):
         """NDJSON: one {"type": "delta"} object per piece of text, then "done" or "error"."""
         req = validate.generate_request(self.body)
         engine = self.host.require()
-        validate.check_limits(req, engine)
         events = EventQueue()
         stream = await self.host.generate(engine, req, events.put)
         self.set_header("Content-Type", "application/x-ndjson")
@@ -73,19 +72,12 @@ class JobsHandler(FineInferHandler):
     @authorized(action="execute")
     async def post(self):
         engine = self.host.require()
-        config = engine.config
-        req = validate.job_request(
-            self.body, self.host.root_dir, max_data_bytes=config.max_data_bytes
-        )
-        params = validate.train_params(req.params, engine.model_info["max_context"], config)
-        active = await active_jobs(self.host, engine)
-        if len(active) >= config.max_jobs:
-            message = f"{len(active)} jobs are queued or running, the most this server takes; wait for one to end or cancel one"
-            raise ApiError(409, message)
-        room_for_adapter(engine, active, req.adapter, "adapter")
-        job = await self.host.run(
-            engine.tune, req.adapter, req.data, params, data_field=req.data_field
-        )
+        req = validate.job_request(self.body, self.host.root_dir)
+        params = validate.train_params(req.params)
+        with validate.params_errors():
+            job = await self.host.run(
+                engine.tune, req.adapter, req.data, params, data_field=req.data_field
+            )
         self.set_header("Location", url_path_join(self.base_url, API, "jobs", job["id"]))
         self.reply(job, 201)
 
@@ -134,7 +126,6 @@ class AdaptersHandler(FineInferHandler):
         """Load a saved PEFT adapter folder (under the root directory) under a new name."""
         engine = self.host.require()
         name, path = validate.adapter_load_request(self.body, self.host.root_dir)
-        room_for_adapter(engine, await active_jobs(self.host, engine), name, "name")
         adapter = await self.host.run(engine.load_adapter, name, path)
         self.set_header("Location", url_path_join(self.base_url, API, "adapters", name))
         self.reply(adapter, 201)
@@ -210,19 +201,6 @@ def openapi_document() -> bytes:
         if path.is_file():
             return path.read_bytes()
     raise ApiError(404, "the OpenAPI document is not installed")
-
-
-async def active_jobs(host, engine) -> list[dict]:
-    return [j for j in await host.run(engine.jobs) if j["state"] in ("queued", "running")]
-
-
-def room_for_adapter(engine, jobs: list[dict], name: str, field: str) -> None:
-    """409 when a new adapter would be one more than max_adapters (counting the adapters that
-    queued jobs will create)."""
-    names = set(engine.status()["adapters"]) | {j["adapter"] for j in jobs}
-    if name not in names and len(names) >= engine.config.max_adapters:
-        message = f"{len(names)} adapters are loaded, the most this server takes; delete one first"
-        raise ApiError(409, f"{field}: {message}", field)
 
 
 class EventsHandler(

@@ -288,7 +288,7 @@ class JobRequest:
 JOB_FIELDS = ("adapter", "data", "records", "params")
 
 
-def job_request(raw: bytes, root_dir: str, *, max_data_bytes: int) -> JobRequest:
+def job_request(raw: bytes, root_dir: str) -> JobRequest:
     """POST api/jobs: {"adapter", "data": path} or {"adapter", "records"}, optional "params"."""
     body = Body(raw)
     body.only(*JOB_FIELDS)
@@ -301,35 +301,43 @@ def job_request(raw: bytes, root_dir: str, *, max_data_bytes: int) -> JobRequest
         with os_errors("data", path):
             if not file.is_file():
                 raise bad("data", f"{shown(path)} is not a file")
-            size = file.stat().st_size
         if file.suffix not in DATA_SUFFIXES:
             raise bad("data", f"{shown(path)}: expected a .jsonl or .txt file")
-        if size > max_data_bytes:
-            raise bad("data", f"{shown(path)} is {size} bytes; at most {max_data_bytes} are read")
         data, data_field = str(file), "data"
     else:
         data, data_field = records, "records"
     return JobRequest(adapter, data, data_field, body.get("params", "object", default={}))
 
 
-def train_params(params: dict, max_context: int, config):
-    """TrainParams from a job's "params", within the model's limits (EngineConfig); a bad one
-    is reported as params.<name>."""
+def train_params(params: dict):
+    """TrainParams from a job's "params" (JSON's 5.0 taken as 5 where an integer is due); a
+    bad one is reported as params.<name>."""
     from ..engine import TrainParams
-    from ..engine.config import check_train
 
     ints = {f.name for f in fields(TrainParams) if "int" in str(f.type) and f.name != "lora_alpha"}
     params = {k: int(v) if k in ints and _integral(v) else v for k, v in params.items()}
     try:
-        train = TrainParams.from_dict(params)
-        check_train(config, train, max_context)
-        return train
+        return TrainParams.from_dict(params)
     except (TypeError, ValueError) as e:
         message = str(e)
         name = field_of(message)
         if name is None or name == "params":
             raise ApiError(400, message if name else f"params: {message}", "params") from None
         raise ApiError(400, f"params.{message}", f"params.{name}") from None
+
+
+@contextmanager
+def params_errors():
+    """The engine's errors about a training parameter, as params.<name> (how the request
+    names it); any other error as it is."""
+    from ..engine import TrainParams
+
+    try:
+        yield
+    except ApiError as e:
+        if e.field in {f.name for f in fields(TrainParams)}:
+            raise ApiError(e.status_code, f"params.{e.message}", f"params.{e.field}") from None
+        raise
 
 
 def job_id(value: str) -> str:
@@ -350,6 +358,7 @@ def adapter_name(name: str, field_name: str = "name") -> str:
 
 ADAPTER_LOAD_FIELDS = ("name", "path")
 ADAPTER_SAVE_FIELDS = ("path",)
+ADAPTER_EXPORT_FIELDS = ("to", "path")
 
 
 def adapter_load_request(raw: bytes, root_dir: str) -> tuple[str, Path]:
@@ -426,7 +435,7 @@ def adapter_export_request(raw: bytes, root_dir: str) -> tuple[str, Path | None]
     """POST api/adapters/<name>/export: {"to": "gguf" | "vllm", "path"?} (a path under the root:
     a .gguf file or a folder for "gguf", a new folder or an adapter folder for "vllm")."""
     body = Body(raw)
-    body.only("to", "path")
+    body.only(*ADAPTER_EXPORT_FIELDS)
     to = body.get("to", "string", required=True)
     if to not in ("gguf", "vllm"):
         raise bad("to", "must be 'gguf' (llama.cpp, Ollama, LM Studio) or 'vllm'")
@@ -482,12 +491,3 @@ def field_errors(prefix: str = ""):
     except ValueError as e:
         message = f"{prefix}{e}"
         raise ApiError(400, message, field_of(message)) from None
-
-
-def check_limits(req: GenerateRequest, engine) -> None:
-    """The engine's per-request limits, before anything is tokenized (EngineConfig)."""
-    from ..engine.config import check_prompt, check_stop
-
-    with field_errors():
-        check_prompt(engine.config, req.prompt, engine.model_info["max_context"])
-        check_stop(engine.config, req.sampling.get("stop", []))
