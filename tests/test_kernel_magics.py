@@ -49,7 +49,15 @@ def test_tune_returns_at_once_and_its_widget_updates_while_other_cells_run(kerne
         assert job["state"] in ("queued", "running") and job["step"] < 5000
         assert re.match(r"job-\d+: training 'long' on 306 examples, 5000 steps", run.stdout)
         assert len(widget_views(run)) == 1
-        later = kernel.run("import time; time.sleep(2)")  # another cell: the widget keeps moving
+        later = kernel.run(  # another cell, until the job moved on twice: the widget moves too
+            "import time\n"
+            "from fineinfer_jupyter.kernel import FineInferClient\n"
+            "c, start = FineInferClient(), time.time()\n"
+            "first = c.find_job('long')['step']\n"
+            "while c.find_job('long')['step'] < first + 2 and time.time() - start < 60:\n"
+            "    time.sleep(0.2)\n"
+            "time.sleep(1.0)  # the widget polls every 0.5 s"
+        )
         steps = [v for v in later.widget_updates("value") if isinstance(v, (int, float))]
         assert len(steps) >= 2 and steps == sorted(steps) and steps[-1] > steps[0]
         stopped = kernel.run("%fineinfer stop long").stdout

@@ -24,24 +24,41 @@ def costs() -> CostModel:
 
 
 class FakeTraining:
-    """A job of equal-length examples: effective batches of `batch`, micro-steps of <= micro."""
+    """A job of equal-length examples: effective batches of `batch`, micro-steps of <= micro,
+    each micro-step `units` units that may run a few at a time."""
 
-    def __init__(self, tokens_per_example=40, micro=4, batch=None):
-        self.active, self.tokens, self.micro = True, tokens_per_example, micro
-        self.batch = self.left = batch or micro
-        self.steps: list[int] = []
+    def __init__(self, tokens_per_example=40, micro=4, batch=None, units=1):
+        self.active, self.tokens, self.micro, self.units = True, tokens_per_example, micro, units
+        self.batch = self.left = batch or micro  # examples of the batch not started yet
+        self.run: list[int] | None = None  # [examples, units done] of the micro-step under way
+        self.steps: list[int] = []  # examples of each micro-step that ended
 
     def next_tokens(self):
-        return [self.tokens] * self.left
-
-    def take(self, k: int) -> int:
-        k = min(k, self.micro, self.left)
-        self.left = self.left - k or self.batch
-        self.steps.append(k)
-        return k
+        return [self.tokens] * (self.left or self.batch)
 
     def max_examples(self):
         return self.micro
+
+    def in_progress(self):
+        if self.run is None:
+            return None
+        k, done = self.run
+        return k * self.tokens, done, self.left == 0
+
+    def work(self, units: int, examples: int) -> tuple[int, list[int]]:
+        """(examples of the micro-step, the units run)."""
+        if self.run is None:
+            k = min(examples or self.micro, self.micro, self.left)
+            self.left -= k
+            self.run = [k, 0]
+        k, done = self.run
+        ran = list(range(done, min(done + units, self.units)))
+        self.run[1] += len(ran)
+        if self.run[1] == self.units:
+            self.steps.append(k)
+            self.run = None
+            self.left = self.left or self.batch
+        return k, ran
 
 
 class Sim:
@@ -52,6 +69,7 @@ class Sim:
         self.sched = Scheduler(policy=policy, costs=costs(), **kw)
         self.slo, self.training, self.now = slo or Slo(ttft=1.0, tpot=0.3), training, 0.0
         self.log: list[tuple[float, str, int]] = []  # (start, kind, rows or examples)
+        self.trained: list[tuple[float, float]] = []  # (start, tokens' worth of units run)
         self.arrivals: list[tuple[float, Sequence]] = []
 
     def request(self, at: float, prompt_tokens=50, new_tokens=5) -> Sequence:
@@ -83,11 +101,14 @@ class Sim:
             self.now += c.decode(len(out.decode))
             for s in out.decode:
                 self.token(s, result)
-        elif out.train_examples:
-            k = self.training.take(out.train_examples)
+        elif out.train_units:
+            k, ran = self.training.work(out.train_units, out.train_examples)
             self.log.append((self.now, "train", k))
-            self.now += c.train(k * self.training.tokens)
-            result.trained_examples = k
+            self.trained.append(
+                (self.now, k * self.training.tokens * len(ran) / self.training.units)
+            )
+            for u in ran:
+                self.now += c.unit(k * self.training.tokens, u)
         else:
             self.now = max(self.now + 1e-3, min((a for a, _ in self.arrivals), default=1e9))
         return result
@@ -200,7 +221,7 @@ def test_the_micro_batch_shrinks_under_tight_targets_and_grows_back(fixed):
     # tokens there is room for one example at most. With a fixed cost per step that one is
     # less efficient than a full step, but it is the best these targets allow: not starved
     training = FakeTraining(tokens_per_example=40, micro=4)
-    sim = Sim(training=training, slo=Slo(ttft=1.0, tpot=0.12), max_micro_step=1.0)
+    sim = Sim(training=training, slo=Slo(ttft=1.0, tpot=0.12), max_segment=1.0)
     sim.sched.costs.train = LinearCost(fixed, TRAIN_PER_TOKEN)
     seq = sim.request(at=0.0, new_tokens=40)
     sim.run(until=12.0)
@@ -212,10 +233,10 @@ def test_the_micro_batch_shrinks_under_tight_targets_and_grows_back(fixed):
 
 
 @pytest.mark.parametrize("floor", [0.9, 0.0])
-def test_a_micro_step_too_small_to_train_efficiently_is_not_squeezed_between_tokens(floor):
+def test_a_micro_step_keeps_its_most_efficient_size_and_waits_for_room_between_tokens(floor):
     # a fixed 0.2 s per micro-step: one example trains at 100 tokens/s, two at 133, three at
-    # 150, four at 160. Right after the first token only one example fits, after the second
-    # three would (150/160 > 0.9), but they would leave one example to train alone later
+    # 150, four at 160. Right after the first token only one example would fit; the scheduler
+    # waits until the tokens ahead of pace leave room for four, whatever the efficiency floor
     training = FakeTraining(tokens_per_example=40, micro=4)
     sim = Sim(training=training, slo=Slo(ttft=2.0, tpot=0.6), min_train_efficiency=floor)
     sim.sched.costs.train = LinearCost(0.2, TRAIN_PER_TOKEN)
@@ -225,10 +246,7 @@ def test_a_micro_step_too_small_to_train_efficiently_is_not_squeezed_between_tok
     during = [
         n for t, k, n in sim.log if k == "train" and seq.token_times[0] < t < seq.token_times[-1]
     ]
-    if floor:  # full steps only, once the tokens ahead of pace leave room for them
-        assert during and set(during) == {4}
-    else:  # one-example steps squeezed in too
-        assert 1 in during
+    assert during and set(during) == {4}
     assert [n for t, k, n in sim.log if k == "train"][-1] == 4
 
 
@@ -291,7 +309,7 @@ def test_cost_model_follows_measured_sizes_that_are_off_its_line():
         cost.observe(u, 0.1 + u * 0.01)
     for _ in range(3):
         cost.observe(200, 0.1 + 200 * 0.012)
-    assert cost(200) == pytest.approx(0.1 + 200 * 0.012, rel=0.01)
+    assert cost(200) == pytest.approx(0.1 + 200 * 0.012, rel=0.02)
     assert cost(40) == pytest.approx(0.1 + 40 * 0.01, rel=0.05)
 
 
@@ -303,7 +321,7 @@ def test_the_most_efficient_micro_step_is_preferred_over_the_largest():
         for k, seconds in ((1, 0.25), (2, 0.4), (3, 0.75), (4, 1.2)):
             sched.costs.train.observe(k * 40, seconds)
     out = sched.schedule(0.0, FakeTraining(tokens_per_example=40, micro=4, batch=8))
-    assert out.kind is IterationKind.TRAIN and out.train_examples == 2
+    assert out.kind is IterationKind.TRAIN and out.train_examples == 2 and out.train_units == 1
 
 
 def test_update_joins_admitted_requests_and_takes_finished_ones_out():
@@ -342,3 +360,76 @@ def test_abort_takes_a_request_out_of_either_queue():
     sim.arrivals.clear()
     assert sim.sched.abort(a) and sim.sched.abort(b) and not sim.sched.abort(b)
     assert not sim.sched.running and not sim.sched.waiting
+
+
+def segmented(units=10, segment=0.2, **kw) -> Sim:
+    """Micro-steps of four 40-token examples (0.8 s) in `units` equal units."""
+    sim = Sim(training=FakeTraining(tokens_per_example=40, micro=4, units=units), **kw)
+    sim.sched.max_segment = segment
+    sim.sched.costs.set_units([1.0] * units)
+    return sim
+
+
+@pytest.mark.parametrize("at", [0.05, 0.33, 0.61])
+def test_a_request_arriving_mid_micro_step_waits_at_most_one_segment(at):
+    sim = segmented(policy="immediate")
+    seq = sim.request(at=at, new_tokens=2)
+    sim.run(until=3.0)
+    start = next(t for t, k, _ in sim.log if k == "prefill")
+    assert [k for t, k, _ in sim.log if t < start] == ["train"] * (1 + int(at / 0.16))
+    assert 0 < start - seq.arrival <= 0.2  # one segment: two of the 0.08 s units
+    assert sim.training.run is not None or sim.training.steps  # the micro-step went on after
+
+
+def test_a_micro_step_longer_than_the_gaps_between_tokens_runs_in_segments_at_full_size():
+    # tpot 0.12: a token banks ~0.03 s, no pause may exceed 0.48 s; a whole 0.8 s micro-step
+    # never fits between two tokens, but its 0.08 s units do
+    sim = segmented(slo=Slo(ttft=1.0, tpot=0.12))
+    seq = sim.request(at=0.0, new_tokens=40)
+    sim.run(until=12.0)
+    assert len(seq.token_times) == 40 and on_pace(seq)
+    first, last = seq.token_times[0], seq.token_times[-1]
+    trained = [t for t, k, _ in sim.log if k == "train" and first < t < last]
+    assert len(trained) > 10  # training went on between the tokens
+    assert set(sim.training.steps) == {4}  # and every micro-step kept its full size
+
+
+def test_an_atomic_micro_step_shrinks_to_fit_between_tokens_where_a_segmented_one_does_not():
+    steps, trained = {}, {}
+    for units in (1, 10):  # a fixed 0.05 s per micro-step: small ones train less per second
+        sim = segmented(units=units, slo=Slo(ttft=1.0, tpot=0.12))
+        sim.sched.costs.train = LinearCost(0.05, TRAIN_PER_TOKEN)
+        seq = sim.request(at=0.0, new_tokens=40)
+        sim.run(until=8.0)
+        assert len(seq.token_times) == 40 and on_pace(seq)
+        first, last = seq.token_times[0], seq.token_times[-1]
+        steps[units] = sim.training.steps
+        trained[units] = sum(n for t, n in sim.trained if first < t < last)
+    assert min(steps[1]) == 1 and set(steps[10]) == {4}
+    assert trained[10] > 1.1 * trained[1]  # more trained between the same tokens
+
+
+def test_the_cost_model_follows_a_slowdown_within_a_few_measurements():
+    cost = LinearCost(0.0, 0.01)
+    for u in (20, 40, 80) * 5:
+        cost.observe(u, u * 0.01)
+    assert cost(40) == pytest.approx(0.4, rel=0.01)
+    for _ in range(2):  # the machine got busy: everything takes twice as long
+        cost.observe(40, 0.8)
+    assert cost(40) == pytest.approx(0.8, rel=0.1) and cost(80) == pytest.approx(1.6, rel=0.15)
+    cost.observe(40, 2.4)  # one outlier does not move it
+    assert cost(40) == pytest.approx(0.8, rel=0.15)
+    for _ in range(2):  # quiet again
+        cost.observe(40, 0.4)
+    assert cost(40) == pytest.approx(0.4, rel=0.15)
+
+
+def test_unit_shares_are_learned_from_measured_micro_steps():
+    c = CostModel()
+    c.set_units([1.0, 1.0, 2.0, 2.0])
+    c.train = LinearCost(0.0, 0.01)
+    for _ in range(12):  # really: the second unit takes half the time
+        c.observe_units(100, 0, [0.2, 0.4])
+        c.observe_units(100, 2, [0.2, 0.2])
+    assert c.shares == pytest.approx([0.2, 0.4, 0.2, 0.2], abs=0.01)
+    assert c.unit(100, 1) == pytest.approx(0.4, rel=0.05)  # the line learned the whole too

@@ -304,7 +304,7 @@ def test_cancel_drops_an_unsaved_adapter(stepped):
         ),
         ("herb", RECORDS, {"r": 0}, ValueError, "r:"),
         ("herb", RECORDS, {"lora_dropout": 0.1}, ValueError, "lora_dropout:"),
-        ("herb", RECORDS, {"nonsense": 1}, ValueError, "params: unknown parameter(s) nonsense"),
+        ("herb", RECORDS, {"nonsense": 1}, ValueError, "params: unknown parameter(s) 'nonsense'"),
     ],
 )
 def test_bad_jobs_are_refused_before_they_start(stepped, adapter, data, params, error, message):

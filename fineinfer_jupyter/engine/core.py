@@ -108,9 +108,10 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         policy=config.policy,
         max_batch_size=config.max_batch_size,
         costs=CostModel(gpu=device.type != "cpu"),
-        max_micro_step=slo.ttft / 2,  # an arrival must not wait longer behind one micro-step
+        max_segment=slo.ttft / 10,  # an arrival waits at most this long behind training
         fineinfer_bound=config.fineinfer_bound,
     )
+    scheduler.costs.set_units(runner.unit_weights())
     executor = Executor(
         runner=runner, adapters=adapters, trainer=trainer, tokenizer=tokenizer, metrics=metrics
     )

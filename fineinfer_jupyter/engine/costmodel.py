@@ -6,14 +6,24 @@ prefill pass, padded to its longest prompt; rows for a decode; padded tokens (ex
 longest) for a training micro-step), fitted by least squares over recent samples of every size,
 and corrected near sizes already measured. The optimizer step, which only the last micro-step
 of an effective batch runs, is estimated on its own.
+
+The machine's speed changes when other programs use it: each line also keeps a factor, the
+median of how far the last three measurements were off the line, so that estimates follow a
+slowdown (or its end) within two or three measurements; the line learns from measurements
+divided by the factor (the machine's shape of costs, apart from its speed of the moment).
+A training micro-step runs in units (walk.TrainingPass); each unit's share of the micro-step's
+time is learned from the units measured.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 
 PER_BUCKET = 16  # recent samples kept per size bucket (sizes within a factor of ~1.4)
+RECENT = 3  # measurements the speed factor is the median of
+SHARE_WEIGHT = 0.3  # how much one measured micro-step moves the units' shares
 
 
 def prefill_units(seqs) -> int:
@@ -32,6 +42,8 @@ class LinearCost:
         # down when recent steps all have about the same size (a narrow range of sizes alone
         # cannot tell the fixed cost from the per-unit one)
         self.buckets: dict[int, deque[tuple[float, float]]] = {}
+        self.ratios: deque[float] = deque(maxlen=RECENT)  # measured / estimated, lately
+        self.factor = 1.0  # the machine's speed now against the line: median of ratios
 
     @property
     def samples(self) -> list[tuple[float, float]]:
@@ -41,13 +53,28 @@ class LinearCost:
         return self.fixed + self.per_unit * units
 
     def __call__(self, units: float) -> float:
-        """The line, corrected by how far the steps measured at about this size were off it
-        (step times are not quite linear: large steps can be slower per unit on a CPU)."""
+        return self.base(units) * self.factor
+
+    def base(self, units: float) -> float:
+        """The line, corrected by how far the work measured at about this size was off it
+        (times are not quite linear: large steps can be slower per unit on a CPU)."""
         near = self.buckets.get(_bucket(units), ())
-        off = sum(y - self.line(x) for x, y in near) / len(near) if len(near) >= 2 else 0.0
+        off = statistics.median(y - self.line(x) for x, y in near) if len(near) >= 2 else 0.0
         return max(0.0, self.line(units) + off)
 
+    def follow(self, seconds: float, estimate: float) -> None:
+        """A measurement against its estimate (without the factor): the factor follows, once
+        the line rests on measurements rather than on its prior."""
+        if estimate > 0 and seconds > 0 and len(self.samples) >= RECENT:
+            self.ratios.append(seconds / estimate)
+            self.factor = statistics.median(self.ratios)
+
     def observe(self, units: float, seconds: float) -> None:
+        """The factor follows; the line learns the measurement at the speed it now assumes."""
+        self.follow(seconds, self.base(units))
+        self._fit(units, seconds / self.factor)
+
+    def _fit(self, units: float, seconds: float) -> None:
         bucket = self.buckets.setdefault(_bucket(units), deque(maxlen=PER_BUCKET))
         bucket.append((float(units), seconds))
         samples = self.samples
@@ -75,6 +102,42 @@ class CostModel:
         self.train = LinearCost(0.05 * f, 0.0093 * f)  # per padded token of a micro-step
         self.optimizer = 0.0  # seconds of an optimizer step, added to a batch's last micro-step
         self.margin = 1.15  # plan with estimates padded against noise
+        self.shares = [1.0]  # each unit's share of a micro-step's time (set_units)
+        self._units: list[float] = []  # seconds of the units of the micro-step being measured
+        self._padded = 0
+
+    def set_units(self, weights: list[float]) -> None:
+        """A micro-step's units and their relative costs, before any is measured."""
+        total = sum(weights)
+        self.shares = [w / total for w in weights]
+
+    def unit(self, padded: int, u: int) -> float:
+        """Estimated seconds of unit u of a micro-step of `padded` tokens."""
+        return self.train(padded) * self.shares[u]
+
+    def observe_units(self, padded: int, first: int, seconds: list[float]) -> None:
+        """Units first, first + 1, ... of a micro-step ran in `seconds`: the train line's factor
+        follows at once; once the micro-step's every unit is in, the line learns its total and
+        the shares move towards what was measured."""
+        if not seconds:
+            return
+        share = sum(self.shares[first : first + len(seconds)])
+        self.train.follow(sum(seconds), self.train.base(padded) * share)
+        if first == 0:
+            self._units, self._padded = [], padded
+        if first != len(self._units) or padded != self._padded:
+            self._units = []  # not the micro-step being measured: start over with the next
+            return
+        self._units += seconds
+        if len(self._units) == len(self.shares):
+            total = sum(self._units)
+            self.train._fit(padded, total / self.train.factor)
+            measured = [t / total for t in self._units]
+            self.shares = [
+                (1 - SHARE_WEIGHT) * old + SHARE_WEIGHT * new
+                for old, new in zip(self.shares, measured, strict=True)
+            ]
+            self._units = []
 
     def observe(self, kind: str, units: float, seconds: float) -> None:
         if kind == "optimizer":  # a running mean that follows changes
@@ -91,7 +154,7 @@ class CostModel:
     def snapshot(self) -> dict:
         return {
             **{
-                k: {"fixed": c.fixed, "per_unit": c.per_unit}
+                k: {"fixed": c.fixed, "per_unit": c.per_unit, "factor": c.factor}
                 for k, c in (
                     ("prefill", self.prefill),
                     ("decode", self.decode),

@@ -272,6 +272,9 @@ class Engine:
             "policy": self.config.policy,
             "slo": asdict(c.slo) if c else None,
             "adapters": c.adapters.names() if c else [],
+            "layer_walk": (
+                {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
+            ),
             "requests": {
                 "waiting": (len(c.scheduler.waiting) if c else 0) + self._queued,
                 "running": c.scheduler.num_running if c else 0,

@@ -75,8 +75,8 @@ class Executor:
         elif out.decode:
             self._decode(out.decode, result)
             rows = tokens = len(out.decode)
-        elif out.train_examples:
-            rows, tokens = self._micro_step(out.train_examples, result)
+        elif out.train_units:
+            rows, tokens = self._train(out.train_units, out.train_examples, result)
         result.seconds = time.perf_counter() - start
         self.metrics.record_iteration(kind, result.seconds, rows=rows, tokens=tokens)
         return result
@@ -129,15 +129,18 @@ class Executor:
         self.batch.keep([i for i, s in enumerate(seqs) if not s.is_finished])
         result.timings.append(Timing("decode", len(seqs), time.perf_counter() - start))
 
-    def _micro_step(self, examples: int, result: IterationResult) -> tuple[int, int]:
-        start = time.perf_counter()
-        step = self.trainer.micro_step(examples)
-        if step.examples:
-            seconds = time.perf_counter() - start - step.optimizer
-            result.timings.append(Timing("train", step.padded, seconds))
-            if step.optimizer:
-                result.timings.append(Timing("optimizer", 1, step.optimizer))
+    def _train(self, units: int, examples: int, result: IterationResult) -> tuple[int, int]:
+        """Units of the micro-step under way, or of a new one on `examples` examples."""
+        progress = self.trainer.work(units, examples or None)
+        result.unit_seconds, result.first_unit = progress.seconds, progress.first
+        result.padded = progress.padded
+        step = progress.step
+        if step is None:
+            self._publish_training(0, 0)
+            return 0, 0
         result.trained_examples = step.examples
+        if step.optimizer:
+            result.timings.append(Timing("optimizer", 1, step.optimizer))
         self._publish_training(step.examples, step.tokens)
         return step.examples, step.tokens
 

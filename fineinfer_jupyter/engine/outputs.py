@@ -28,7 +28,8 @@ class SchedulerOutput:
     now: float  # the clock the plan was made at (time.monotonic)
     prefill: list[list[Sequence]] = field(default_factory=list)  # admitted now, in their passes
     decode: list[Sequence] = field(default_factory=list)  # the running batch, in row order
-    train_examples: int = 0  # examples in a training micro-step (0: no training)
+    train_units: int = 0  # units of the training micro-step to run now (0: no training)
+    train_examples: int = 0  # examples of a new micro-step (0: the one under way goes on)
 
     @property
     def admitted(self) -> list[Sequence]:
@@ -40,7 +41,7 @@ class SchedulerOutput:
             return IterationKind.PREFILL
         if self.decode:
             return IterationKind.DECODE
-        if self.train_examples:
+        if self.train_units:
             return IterationKind.TRAIN
         return IterationKind.IDLE
 
@@ -58,5 +59,8 @@ class IterationResult:
     tokens: list[tuple[Sequence, int]] = field(default_factory=list)  # sampled, in stream order
     finished: list[Sequence] = field(default_factory=list)  # ended here (any finish_reason)
     timings: list[Timing] = field(default_factory=list)  # measured, for the cost model
-    trained_examples: int = 0  # examples the micro-step really ran (0: none, or it failed)
+    unit_seconds: list[float] = field(default_factory=list)  # of each training unit run
+    first_unit: int = 0  # the index of the first of them in its micro-step
+    padded: int = 0  # padded tokens of that micro-step
+    trained_examples: int = 0  # examples of a micro-step that ended here (0: none, or failed)
     seconds: float = 0.0  # the whole iteration

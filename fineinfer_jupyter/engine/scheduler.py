@@ -9,7 +9,12 @@ Policies:
 - exclusive: inference waits until training has ended.
 - fineinfer: the prototype's fixed deferral bound; once served, a batch runs until it drains.
 - deferred: training runs while every waiting request's time-to-first-token slack and every
-  running row's time-per-token room survive the step, with the micro-batch sized to fit.
+  running row's time-per-token room survive it.
+
+A training micro-step runs in units (a layer's forward or backward, the head), as many per
+iteration as fit: it pauses between two units whenever inference is due, so its size can stay
+the most efficient one, and an arrival waits at most one segment (max_segment seconds, or one
+unit if a unit is longer).
 
 The time-per-output-token target is a pace: a request's n-th token after its first is due
 n * tpot after the first one, so a reader going at 1/tpot tokens a second never waits. Tokens
@@ -20,6 +25,7 @@ tokens is planned longer than STALL_TPOTS * tpot.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Protocol
 
 from .costmodel import CostModel, prefill_units
@@ -34,10 +40,23 @@ class Training(Protocol):
     active: bool
 
     def next_tokens(self) -> list[int]:
-        """Token counts of the examples left in the job's current effective batch, in order."""
+        """Token counts of the examples the next micro-steps of the current effective batch
+        train on, in order."""
 
     def max_examples(self) -> int:
         """The job's micro_batch_size: the largest micro-step it allows."""
+
+    def in_progress(self) -> tuple[int, int, bool] | None:
+        """A micro-step under way: (padded tokens, units done, whether it ends its effective
+        batch, so that the optimizer step follows its last unit)."""
+
+
+@dataclass
+class MicroStepPlan:
+    examples: int  # of a new micro-step (0: the one under way goes on)
+    padded: int  # tokens it computes: examples x the longest
+    done: int  # units already run
+    last: bool  # it ends the effective batch: the optimizer steps after its last unit
 
 
 class Scheduler:
@@ -47,14 +66,14 @@ class Scheduler:
         policy: str = "immediate",
         max_batch_size: int = 32,
         costs: CostModel | None = None,
-        max_micro_step: float = 1.5,
+        max_segment: float = 0.3,
         fineinfer_bound: float = 2.0,
         min_train_efficiency: float = 0.9,
     ):
         self.policy = policy
         self.max_batch_size = max_batch_size
         self.costs = costs or CostModel()
-        self.max_micro_step = max_micro_step  # seconds an arrival may wait behind training
+        self.max_segment = max_segment  # seconds of training an arrival may wait behind
         self.fineinfer_bound = fineinfer_bound
         # a micro-step squeezed between requests must train at least this fraction of the
         # tokens/s of a full one; a smaller step wastes more than serving the requests first
@@ -106,6 +125,7 @@ class Scheduler:
         requests that finished in this iteration."""
         for timing in result.timings:
             self.costs.observe(*timing)
+        self.costs.observe_units(result.padded, result.first_unit, result.unit_seconds)
         self.running = [s for s in self.running if not s.is_finished]
         self.running += [s for s in out.admitted if not s.is_finished]
         ended = [s for s in out.admitted + out.decode if s.is_finished]
@@ -121,40 +141,72 @@ class Scheduler:
         if not training_active or self.policy == "immediate":
             return self._serve(now, newcomers, running, training if training_active else None)
         if self.policy == "exclusive":
-            return SchedulerOutput(now, train_examples=training.max_examples())
-        if self.policy == "fineinfer":
+            return self._train(now, self._micro_step(training), INF)
+        if self.policy == "fineinfer":  # the prototype's whole micro-steps
             if running or (newcomers and now - newcomers[0].arrival >= self.fineinfer_bound):
                 return self._serve(now, newcomers, running)
-            return SchedulerOutput(now, train_examples=training.max_examples())
+            return self._train(now, self._micro_step(training), INF)
         return self._deferred(now, newcomers, running, training)
 
     def _deferred(
         self, now: float, newcomers: list[Sequence], running: list[Sequence], training: Training
     ) -> SchedulerOutput:
+        micro = self._micro_step(training, self._ceiling(newcomers, running))
         prefill_slack = self.prefill_slack(now, newcomers, running)
         decode_room = self.decode_room(now, running)
-        budget = min(prefill_slack, decode_room, self.max_micro_step)
-        tokens = training.next_tokens()  # what is left of the effective batch
-        most = training.max_examples()
-        k = self._fit(tokens, most, budget)
+        n = self._units_within(micro, min(prefill_slack, decode_room), self.max_segment)
         if len(self.waiting) > len(newcomers):
-            k = 0  # the batch is full and requests wait for a row: finish the running ones first
+            n = 0  # the batch is full and requests wait for a row: finish the running ones first
         elif not newcomers and not running:
-            k = self._best(tokens, k) if k else 1  # nothing to protect: never starve training
-        elif k:
-            # the best micro-step these requests could ever leave room for (all the way up to
-            # the longest planned pause, or their whole slack): what fits now must be worth it
-            ceiling = min(self.max_micro_step, self._ceiling(newcomers, running))
-            best = self._best(tokens, self._fit(tokens, most, ceiling))
-            k = next((j for j in range(k, 0, -1) if self._worth_it(tokens, j, best)), 0)
-        if k:
-            return SchedulerOutput(now, train_examples=k)
+            n = max(n, 1)  # nothing to protect: never starve training
+        if n:
+            return SchedulerOutput(now, train_examples=micro.examples, train_units=n)
         if newcomers and running:
             c = self.costs
             p = c.margin * c.prefill(newcomers[0].num_prompt_tokens)
             if decode_room < p <= self.room_after_decode(now, running):
                 return SchedulerOutput(now, decode=list(running))  # the prefill fits after a token
         return self._serve(now, newcomers, running)
+
+    def _train(self, now: float, micro: MicroStepPlan, segment: float) -> SchedulerOutput:
+        """As many units as fit in a segment of `segment` seconds, one at least."""
+        n = max(self._units_within(micro, INF, segment), 1)
+        return SchedulerOutput(now, train_examples=micro.examples, train_units=n)
+
+    def _micro_step(self, training: Training, ceiling: float = INF) -> MicroStepPlan:
+        """The micro-step under way, or the next one: the size that trains the most tokens a
+        second among those whose longest unit fits in `ceiling` (the most room the requests
+        in the engine can ever leave between their tokens), and whose rest of the effective
+        batch still splits into efficient micro-steps."""
+        state = training.in_progress()
+        if state is not None:
+            padded, done, last = state
+            return MicroStepPlan(0, padded, done, last)
+        tokens = training.next_tokens()
+        most = min(training.max_examples(), len(tokens))
+        fits = [k for k in range(1, most + 1) if self._longest_unit(tokens[:k]) <= ceiling]
+        best = self._best(tokens, max(fits, default=1))
+        k = next((j for j in range(best, 0, -1) if self._worth_it(tokens, j, best)), best)
+        return MicroStepPlan(k, k * max(tokens[:k]), 0, k == len(tokens))
+
+    def _longest_unit(self, tokens: list[int]) -> float:
+        c = self.costs
+        return c.margin * c.train(len(tokens) * max(tokens)) * max(c.shares)
+
+    def _units_within(self, micro: MicroStepPlan, budget: float, segment: float) -> int:
+        """How many of the micro-step's next units fit in `budget` seconds (with the optimizer
+        step after the last unit of an effective batch) and in one segment: a unit longer
+        than a segment runs alone."""
+        c, n, total = self.costs, 0, 0.0
+        last = len(c.shares) - 1
+        for u in range(micro.done, last + 1):
+            total += c.margin * (
+                c.unit(micro.padded, u) + (c.optimizer if u == last and micro.last else 0.0)
+            )
+            if total > budget or (n and total > segment):
+                break
+            n += 1
+        return n
 
     def _group(
         self, now: float, newcomers: list[Sequence], running: list[Sequence]
@@ -212,16 +264,6 @@ class Scheduler:
         """Estimated seconds of one micro-step on these examples (padded to the longest)."""
         return self.costs.train(len(tokens) * max(tokens)) if tokens else 0.0
 
-    def _fit(self, tokens: list[int], most: int, budget: float) -> int:
-        """The largest micro-step of at most `most` of these examples (what is left of the
-        effective batch) whose estimated time fits the budget; the step that ends the batch
-        also runs the optimizer step."""
-        for k in range(min(most, len(tokens)), 0, -1):
-            last = self.costs.optimizer if k == len(tokens) else 0.0
-            if self.costs.margin * (self._step_cost(tokens[:k]) + last) <= budget:
-                return k
-        return 0
-
     def _best(self, tokens: list[int], most: int) -> int:
         """The micro-step of at most `most` examples that trains the most tokens a second."""
         return max(range(1, max(most, 1) + 1), key=lambda k: (self._rate(tokens[:k]), k))
@@ -247,10 +289,12 @@ class Scheduler:
         return self._rate(tokens[k : k + size]) >= floor
 
     def _ceiling(self, newcomers: list[Sequence], running: list[Sequence]) -> float:
-        """The most room for a training step that these requests can leave between their
-        tokens: the longest planned pause (or, for a waiting request, its whole first-token
-        slack) less the step that must follow it."""
+        """The most room for training that these requests can leave between their tokens: the
+        longest planned pause (or, for a waiting request, its whole first-token slack) less
+        the step that must follow it."""
         c, seqs = self.costs, running + newcomers
+        if not seqs:
+            return INF
         d = c.margin * c.decode(len(seqs))
         room = min(self.headroom * STALL_TPOTS * s.slo.tpot - d for s in seqs)
         for s in newcomers:
@@ -322,8 +366,8 @@ class Scheduler:
             return SchedulerOutput(now, prefill=self.prefill_passes(group, now))
         if running:
             return SchedulerOutput(now, decode=list(running))
-        if training is not None:
-            return SchedulerOutput(now, train_examples=training.max_examples())
+        if training is not None:  # (immediate) an arrival waits at most one segment
+            return self._train(now, self._micro_step(training), self.max_segment)
         return SchedulerOutput(now)
 
     def queue_stats(self, now: float) -> dict:

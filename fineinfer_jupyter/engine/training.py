@@ -225,14 +225,12 @@ class Trainer:
         job = self._next_job()
         return job.params.micro_batch_size if job else 0
 
-    @property
-    def units(self) -> int:
-        """Units in a micro-step (TrainingPass): what work() counts in."""
-        return len(self.runner.unit_weights())
-
-    def in_progress(self) -> tuple[int, int] | None:
-        """(padded tokens, units done) of the micro-step in progress, if any."""
-        return (self.run.padded, self.run.done) if self.run is not None else None
+    def in_progress(self) -> tuple[int, int, bool] | None:
+        """(padded tokens, units done, whether it ends the effective batch) of the micro-step
+        under way, if any."""
+        if self.run is None:
+            return None
+        return self.run.padded, self.run.done, not self.current.pending
 
     def next_tokens(self) -> list[int]:
         """Token counts of the examples left in the current effective batch, in the order they
