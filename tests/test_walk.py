@@ -27,8 +27,7 @@ def two_adapters():
 def walk_logits(walk, ids, mask, positions, cache, rows):
     hidden = walk.embed(ids)
     p = walk.begin(hidden, mask=mask, position_ids=positions, cache=cache, adapters=rows)
-    with walk.adapters(p):
-        return walk.head(p, walk.layers(p, hidden, 0, walk.num_layers))
+    return walk.head(p, walk.layers(p, hidden, 0, walk.num_layers))
 
 
 @torch.no_grad()

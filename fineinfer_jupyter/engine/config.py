@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
+OFFLOAD_MODES = ("none", "cpu", "disk")
 ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # fullmatch: no trailing newline
 # PEFT keys an adapter's tensors by its name inside module paths (...q_proj.lora_A.<name>.weight),
 # and adapters.train() picks them with f".{name}.": a name that is also a module name would
@@ -157,6 +158,11 @@ class EngineConfig:
     max_data_bytes: int = 32 << 20  # a training data file
     max_jobs: int = 16  # jobs queued or running
     max_adapters: int = 64  # adapters loaded or training (snapshots not counted)
+    # layer offload (offload.py): where the decoder layers over the budget live
+    offload: str = "none"  # "none", "cpu" (host memory) or "disk" (safetensors files)
+    memory_budget: int | None = None  # bytes of decoder layers kept resident (None: none)
+    heterogeneous: bool = True  # one fetched layer serves inference and training together
+    offload_cold: bool = False  # drop offloaded files from the page cache before each read
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -166,6 +172,14 @@ class EngineConfig:
             "must be >= 1",
         )
         check(is_int(self.max_queue) and self.max_queue >= 1, "max_queue", "must be >= 1")
+        check(
+            self.offload in OFFLOAD_MODES, "offload", f"must be one of {', '.join(OFFLOAD_MODES)}"
+        )
+        check(
+            self.memory_budget is None or (is_int(self.memory_budget) and self.memory_budget >= 0),
+            "memory_budget",
+            "must be a number of bytes >= 0",
+        )
         for name in LIMITS:
             value = getattr(self, name)
             if not (name == "max_prompt_chars" and value is None):

@@ -10,11 +10,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .adapters import AdapterStore
-from .config import EngineConfig, LimitReached, Slo, default_slo
+from .config import EngineConfig, LimitReached, Slo, check, default_slo
 from .costmodel import CostModel
 from .executor import Executor, deliver
 from .metrics import Metrics
-from .models import LoadedModel
+from .models import LoadedModel, default_cache_dir, slug
+from .offload import LayerOffload
 from .outputs import SchedulerOutput
 from .request import Tokenizer
 from .runner import Runner
@@ -86,6 +87,25 @@ class EngineCore:
             self.executor.fail(seq, error)
 
 
+def offload_layers(config: EngineConfig, loaded: LoadedModel, runner: Runner) -> LayerOffload:
+    """The decoder layers over the memory budget, moved off the device (before any adapter)."""
+    walk = runner.walk
+    check(
+        walk.supported,
+        "offload",
+        f"needs the layer walk, which this model cannot use: {walk.why_not}",
+    )
+    cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    return LayerOffload(
+        walk.stack.layers,
+        mode=config.offload,
+        budget=config.memory_budget or 0,
+        device=loaded.device,
+        folder=cache / "offload" / slug(f"{loaded.name}-{loaded.parameters}"),
+        cold=config.offload_cold,
+    )
+
+
 def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> EngineCore:
     """Every part with its final values, calibrated on this machine."""
     device = loaded.device
@@ -99,6 +119,8 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
     eos = gen.eos_token_id if gen.eos_token_id is not None else hf.eos_token_id
     tokenizer = Tokenizer(hf, set(eos if isinstance(eos, list) else [eos]) - {None})
     runner = Runner(loaded.model, device=device)
+    if config.offload != "none":
+        runner.walk.offload = offload_layers(config, loaded, runner)
     root = Path(config.data_dir)
     (root / "adapters").mkdir(parents=True, exist_ok=True)
     adapters = AdapterStore(runner, root / "adapters")
@@ -112,6 +134,11 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         fineinfer_bound=config.fineinfer_bound,
     )
     scheduler.costs.set_units(runner.unit_weights())
+    if runner.walk.offload is not None:
+        off = runner.walk.offload
+        metrics.offload = off.describe()
+        scheduler.costs.set_offload(off.offloaded, off.layer_bytes, runner.walk.num_layers)
+        scheduler.heterogeneous = config.heterogeneous
     executor = Executor(
         runner=runner, adapters=adapters, trainer=trainer, tokenizer=tokenizer, metrics=metrics
     )

@@ -105,15 +105,37 @@ class CostModel:
         self.shares = [1.0]  # each unit's share of a micro-step's time (set_units)
         self._units: list[float] = []  # seconds of the units of the micro-step being measured
         self._padded = 0
+        # layer offload: fetching a layer's weights (per byte), which layers are off the device
+        self.fetch = LinearCost(0.0005 * f, 2e-10 * f)
+        self.offloaded: frozenset[int] = frozenset()
+        self.layer_bytes = 0
+        self.num_layers = 0
 
     def set_units(self, weights: list[float]) -> None:
         """A micro-step's units and their relative costs, before any is measured."""
         total = sum(weights)
         self.shares = [w / total for w in weights]
 
-    def unit(self, padded: int, u: int) -> float:
-        """Estimated seconds of unit u of a micro-step of `padded` tokens."""
-        return self.train(padded) * self.shares[u]
+    def set_offload(self, layers: list[int], layer_bytes: int, num_layers: int) -> None:
+        self.offloaded, self.layer_bytes = frozenset(layers), layer_bytes
+        self.num_layers = num_layers
+
+    def unit_layer(self, u: int) -> int | None:
+        """The decoder layer unit u runs (a micro-step's units: each layer's forward, the head,
+        the head's backward, each layer's backward in reverse), None for the head's."""
+        n = self.num_layers
+        if u < n:
+            return u
+        back = len(self.shares) - 1 - u
+        return back if back < n else None
+
+    def unit(self, padded: int, u: int, *, shared: bool = False) -> float:
+        """Estimated seconds of unit u of a micro-step of `padded` tokens: its compute, and the
+        fetch of its layer if that is offloaded and no inference pass shares the fetch."""
+        seconds = self.train(padded) * self.shares[u]
+        if not shared and self.unit_layer(u) in self.offloaded:
+            seconds += self.fetch(self.layer_bytes)
+        return seconds
 
     def observe_units(self, padded: int, first: int, seconds: list[float]) -> None:
         """Units first, first + 1, ... of a micro-step ran in `seconds`: the train line's factor
@@ -159,6 +181,7 @@ class CostModel:
                     ("prefill", self.prefill),
                     ("decode", self.decode),
                     ("train", self.train),
+                    ("fetch", self.fetch),
                 )
             },
             "optimizer": self.optimizer,

@@ -272,6 +272,7 @@ class Engine:
             "policy": self.config.policy,
             "slo": asdict(c.slo) if c else None,
             "adapters": c.adapters.names() if c else [],
+            "offload": (c.runner.walk.offload.describe() if c and c.runner.walk.offload else None),
             "layer_walk": (
                 {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
             ),

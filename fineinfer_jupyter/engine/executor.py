@@ -60,28 +60,55 @@ class Executor:
             timings.append(Timing("decode", 1, time.perf_counter() - start))
         for rows, length in ((1, 16), (1, 32), (2, 64)):  # a micro-step's fixed and per-token cost
             start = time.perf_counter()
+            fetching = self._fetch_seconds()
             self.runner.train_probe(rows, length)
-            timings.append(Timing("train", rows * length, time.perf_counter() - start))
+            seconds = time.perf_counter() - start - (self._fetch_seconds() - fetching)
+            timings.append(Timing("train", rows * length, seconds))
+        off = self.runner.walk.offload
+        if off is not None:  # what fetching a layer costs, too
+            timings += [Timing("fetch", f.bytes, f.seconds) for f in off.take()]
+            off.take_shared()
         return timings
+
+    def _fetch_seconds(self) -> float:
+        off = self.runner.walk.offload
+        return off.fetch_seconds if off is not None else 0.0
 
     def execute(self, out: SchedulerOutput) -> IterationResult:
         kind = out.kind.value
         self.metrics.iteration_started(kind)
         result, start = IterationResult(), time.perf_counter()
         rows = tokens = 0
+        shared = None  # training units riding along this inference pass (heterogeneous)
+        if out.train_units and (out.prefill or out.decode):
+            shared = RideAlong(self.trainer, self.runner, out.train_units, out.train_examples)
         if out.prefill:
-            self._prefill(out.prefill, result)
+            self._prefill(out.prefill, result, shared)
             rows, tokens = len(out.admitted), sum(s.num_prompt_tokens for s in out.admitted)
         elif out.decode:
-            self._decode(out.decode, result)
+            self._decode(out.decode, result, shared)
             rows = tokens = len(out.decode)
         elif out.train_units:
             rows, tokens = self._train(out.train_units, out.train_examples, result)
+        if shared is not None:
+            result.unit_seconds, result.first_unit = shared.seconds, shared.first
+            result.padded = shared.padded
+        self._count_fetches(result)
         result.seconds = time.perf_counter() - start
-        self.metrics.record_iteration(kind, result.seconds, rows=rows, tokens=tokens)
+        train = sum(shared.seconds) if shared is not None else 0.0
+        self.metrics.record_iteration(kind, result.seconds, rows=rows, tokens=tokens, train=train)
         return result
 
-    def _prefill(self, passes: list[list[Sequence]], result: IterationResult) -> None:
+    def _count_fetches(self, result: IterationResult) -> None:
+        off = self.runner.walk.offload
+        if off is None:
+            return
+        fetches = off.take()
+        for f in fetches:
+            result.timings.append(Timing("fetch", f.bytes, f.seconds))
+        self.metrics.record_offload(fetches, shared=off.take_shared())
+
+    def _prefill(self, passes: list[list[Sequence]], result: IterationResult, shared=None) -> None:
         for seq in (s for group in passes for s in group):
             try:
                 seq.pinned = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
@@ -91,17 +118,17 @@ class Executor:
             group = [s for s in group if not s.is_finished]
             if not group:
                 continue
-            start = time.perf_counter()
+            start, also = time.perf_counter(), shared
+            shared = None  # (riding along the first pass only)
             try:
-                cache, mask, logits = self.runner.prefill(group)
+                cache, mask, logits = self.runner.prefill(group, also)
                 tokens = self.runner.sample(logits, group)
             except Exception as e:  # this pass failed: its rows fail, the rest go on
                 for seq in group:
                     self._fail(seq, e, result)
                 continue
-            result.timings.append(
-                Timing("prefill", prefill_units(group), time.perf_counter() - start)
-            )
+            seconds = time.perf_counter() - start - (sum(also.seconds) if also else 0.0)
+            result.timings.append(Timing("prefill", prefill_units(group), seconds))
             now = time.monotonic()
             for seq, token in zip(group, tokens, strict=True):
                 self._emit(seq, token, now, result)
@@ -112,11 +139,11 @@ class Executor:
                     mask = mask[keep]
                 self.batch.join([group[i] for i in keep], cache, mask)
 
-    def _decode(self, seqs: list[Sequence], result: IterationResult) -> None:
+    def _decode(self, seqs: list[Sequence], result: IterationResult, shared=None) -> None:
         start = time.perf_counter()
         self.batch.align(seqs)
         try:
-            logits = self.runner.decode(self.batch)
+            logits = self.runner.decode(self.batch, shared)
             tokens = self.runner.sample(logits, seqs)
         except Exception as e:  # the whole pass failed: every row in it fails, the engine goes on
             for seq in seqs:
@@ -127,7 +154,8 @@ class Executor:
         for seq, token in zip(seqs, tokens, strict=True):
             self._emit(seq, token, now, result)
         self.batch.keep([i for i, s in enumerate(seqs) if not s.is_finished])
-        result.timings.append(Timing("decode", len(seqs), time.perf_counter() - start))
+        seconds = time.perf_counter() - start - (sum(shared.seconds) if shared else 0.0)
+        result.timings.append(Timing("decode", len(seqs), seconds))
 
     def _train(self, units: int, examples: int, result: IterationResult) -> tuple[int, int]:
         """Units of the micro-step under way, or of a new one on `examples` examples."""
@@ -210,3 +238,26 @@ def deliver(seq: Sequence) -> None:
         seq.stream.put(seq.final_event())
     except Exception:
         log.exception("stream consumer failed for %s", seq.request_id)
+
+
+class RideAlong:
+    """Training units that run inside an inference pass (heterogeneous batching): when the pass
+    reaches the layer whose forward is the micro-step's next unit, that unit runs too, while
+    the layer is fetched. Called by the layer walk with each layer's index."""
+
+    def __init__(self, trainer: Trainer, runner: Runner, units: int, examples: int):
+        self.trainer, self.left = trainer, units
+        self.seconds: list[float] = []
+        progress = trainer.work(0, examples or None)  # the micro-step under way, or a new one
+        self.first, self.padded = progress.first, progress.padded
+        self.offload = runner.walk.offload
+
+    def __call__(self, layer: int) -> None:
+        run = self.trainer.run
+        if not self.left or run is None or run.next_layer != layer:
+            return
+        progress = self.trainer.work(1)
+        self.seconds += progress.seconds
+        self.left -= 1
+        if self.offload is not None:
+            self.offload.shared_use(layer)

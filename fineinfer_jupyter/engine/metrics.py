@@ -39,7 +39,10 @@ class Metrics:
         self.tpots: deque[float] = deque(maxlen=1000)
         self.slo_met = {"ttft": [0, 0], "tpot": [0, 0]}  # [met, total]
         self.training: dict = {"job": None, "loss": None, "step": None, "total_steps": None}
-        self.offload_bytes = 0
+        self.offload: dict | None = None  # offload.LayerOffload.describe(), None: no offload
+        self.offload_bytes = self.offload_fetches = self.offload_shared = 0
+        self.offload_by_source: dict[str, int] = {}
+        self.offload_by_kind: dict[str, int] = {}
         self.device_bytes = 0
         self._buckets: deque[dict] = deque(maxlen=SERIES_SECONDS)
 
@@ -63,11 +66,13 @@ class Metrics:
         self.iteration_kind, self.iteration_started_at = kind, time.time()
 
     def record_iteration(
-        self, kind: str, duration: float, *, rows: int = 0, tokens: int = 0
+        self, kind: str, duration: float, *, rows: int = 0, tokens: int = 0, train: float = 0.0
     ) -> None:
+        """`train`: seconds of it spent on training units that rode along an inference pass."""
         now = time.time()
         with self._lock:
-            self.busy[kind] += duration
+            self.busy[kind] += duration - train
+            self.busy["train"] += train
             if kind != "idle":
                 self.timeline.append(
                     {
@@ -76,6 +81,7 @@ class Metrics:
                         "duration": duration,
                         "rows": rows,
                         "tokens": tokens,
+                        "train": train,  # seconds of training units riding along
                     }
                 )
             if kind in ("prefill", "decode"):
@@ -91,10 +97,18 @@ class Metrics:
                 b["loss"] = loss
             self.training = job
 
-    def record_offload(self, nbytes: int) -> None:
+    def record_offload(self, fetches, *, shared: int = 0) -> None:
+        """Layer fetches (offload.Fetch) of one iteration, and the bytes a training unit did
+        not fetch because an inference pass had."""
         with self._lock:
-            self.offload_bytes += nbytes
-            self._bucket(time.time())["offload"] += nbytes
+            bucket = self._bucket(time.time())
+            for f in fetches:
+                self.offload_bytes += f.bytes
+                bucket["offload"] += f.bytes
+                self.offload_by_source[f.source] = self.offload_by_source.get(f.source, 0) + f.bytes
+                self.offload_by_kind[f.kind] = self.offload_by_kind.get(f.kind, 0) + f.bytes
+                self.offload_fetches += 1
+            self.offload_shared += shared
 
     def record_queue(self, *, waiting: int, running: int, slack: float | None) -> None:
         self.waiting, self.running, self.slack = waiting, running, slack
@@ -143,8 +157,14 @@ class Metrics:
                     "tokens_per_s": sum(b["train_tokens"] for b in recent) / span,
                 },
                 "offload": {
+                    "enabled": self.offload is not None,
+                    **(self.offload or {"mode": "none"}),
                     "bytes_per_s": sum(b["offload"] for b in recent) / span,
                     "bytes_total": self.offload_bytes,
+                    "fetches": self.offload_fetches,
+                    "by_source": dict(self.offload_by_source),
+                    "by_kind": dict(self.offload_by_kind),
+                    "shared_bytes": self.offload_shared,
                 },
                 "memory": {
                     "rss_bytes": self._process.memory_info().rss,

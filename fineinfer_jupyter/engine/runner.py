@@ -37,11 +37,20 @@ class Runner:
         return hasattr(self.model, "peft_config")
 
     def forward(
-        self, input_ids, *, mask, position_ids, cache=None, adapters=None, keep: int = 0
+        self,
+        input_ids,
+        *,
+        mask,
+        position_ids,
+        cache=None,
+        adapters=None,
+        keep: int = 0,
+        kind: str = "decode",
+        also=None,
     ) -> torch.Tensor:
         """One pass over the layers, the runner's own walk where the model allows it; returns
         the logits (of the last `keep` positions, or all). `adapters` names each row's adapter
-        (None = base)."""
+        (None = base); `also(i)` runs while layer i is there (LayerWalk.layers)."""
         w = self.walk
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
@@ -65,11 +74,13 @@ class Runner:
             return out.logits
         hidden = w.embed(input_ids)
         p = w.begin(hidden, mask=mask, position_ids=position_ids, cache=cache, adapters=adapters)
-        with w.adapters(p):
-            return w.head(p, w.layers(p, hidden, 0, w.num_layers), keep)
+        hidden = w.layers(p, hidden, 0, w.num_layers, kind=kind, also=also)
+        return w.head(p, hidden, keep)
 
     @torch.no_grad()
-    def prefill(self, seqs: list[Sequence]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    def prefill(
+        self, seqs: list[Sequence], also=None
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """One pass over the prompts of `seqs`, left-padded to the longest."""
         width = max(s.num_prompt_tokens for s in seqs)
         ids = torch.tensor(
@@ -88,11 +99,13 @@ class Runner:
             cache=cache,
             adapters=[s.pinned for s in seqs],
             keep=1,
+            kind="prefill",
+            also=also,
         )
         return cache, mask, logits[:, -1].float()  # [B, V]
 
     @torch.no_grad()
-    def decode(self, batch: Batch) -> torch.Tensor:
+    def decode(self, batch: Batch, also=None) -> torch.Tensor:
         seqs = batch.seqs
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
@@ -104,6 +117,7 @@ class Runner:
             cache=batch.cache,
             adapters=[s.pinned for s in seqs],
             keep=1,
+            also=also,
         )
         return logits[:, -1].float()  # [B, V]
 
@@ -183,9 +197,14 @@ class Runner:
         the input embeddings: the work of a LoRA micro-step of rows x length tokens less the
         adapter's own small share. For calibrating the cost model; changes no weights."""
         ids = torch.zeros((rows, length), dtype=torch.long, device=self.device)  # [B, S]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         flags = [p.requires_grad for p in self.model.parameters()]
         self.model.requires_grad_(False)
         try:
+            if self.walk.supported:
+                run = TrainingPass(self.walk, self.model, batch, scale=1.0, probe=True)
+                run.run(run.units)
+                return
             with torch.enable_grad():
                 embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_()
                 logits = self.model(inputs_embeds=embeds, use_cache=False).logits.float()
@@ -197,8 +216,8 @@ class Runner:
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
+        logits = self.forward(
+            batch["input_ids"], mask=batch["attention_mask"], position_ids=None, kind="train"
+        )
         loss, n = token_loss(logits, batch["labels"])
         return loss.item(), n

@@ -79,6 +79,7 @@ class Scheduler:
         # tokens/s of a full one; a smaller step wastes more than serving the requests first
         self.min_train_efficiency = min_train_efficiency
         self.headroom = 0.9  # plan to land within 90% of each latency target
+        self.heterogeneous = False  # with offload: forward units ride along inference passes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # the decode batch, in row order
 
@@ -159,14 +160,30 @@ class Scheduler:
             n = 0  # the batch is full and requests wait for a row: finish the running ones first
         elif not newcomers and not running:
             n = max(n, 1)  # nothing to protect: never starve training
+        elif running and self._rides_along(micro):
+            n = 0  # with offload, a layer's forward shares the fetch of the rows' next decode
         if n:
             return SchedulerOutput(now, train_examples=micro.examples, train_units=n)
+        out = None
         if newcomers and running:
             c = self.costs
             p = c.margin * c.prefill(newcomers[0].num_prompt_tokens)
             if decode_room < p <= self.room_after_decode(now, running):
-                return SchedulerOutput(now, decode=list(running))  # the prefill fits after a token
-        return self._serve(now, newcomers, running)
+                out = SchedulerOutput(now, decode=list(running))  # the prefill fits after a token
+        out = out or self._serve(now, newcomers, running)
+        if self._rides_along(micro) and (out.prefill or out.decode):
+            # heterogeneous batching: the layers this pass fetches serve training too, for as
+            # many of the micro-step's forward units as the requests' slack allows
+            room = min(prefill_slack, decode_room)
+            out.train_units = self._units_within(micro, room, self.max_segment, shared=True)
+            out.train_examples = micro.examples if out.train_units else 0
+        return out
+
+    def _rides_along(self, micro: MicroStepPlan) -> bool:
+        """Offloaded layers, heterogeneous batching on, and the micro-step's next unit is a
+        layer's forward: it should run inside an inference pass, not pay a fetch of its own."""
+        c = self.costs
+        return self.heterogeneous and bool(c.offloaded) and c.unit_layer(micro.done) == micro.done
 
     def _train(self, now: float, micro: MicroStepPlan, segment: float) -> SchedulerOutput:
         """As many units as fit in a segment of `segment` seconds, one at least."""
@@ -193,15 +210,21 @@ class Scheduler:
         c = self.costs
         return c.margin * c.train(len(tokens) * max(tokens)) * max(c.shares)
 
-    def _units_within(self, micro: MicroStepPlan, budget: float, segment: float) -> int:
+    def _units_within(
+        self, micro: MicroStepPlan, budget: float, segment: float, *, shared: bool = False
+    ) -> int:
         """How many of the micro-step's next units fit in `budget` seconds (with the optimizer
         step after the last unit of an effective batch) and in one segment: a unit longer
-        than a segment runs alone."""
+        than a segment runs alone. `shared`: only layers' forwards, riding along an inference
+        pass that fetches their layers anyway."""
         c, n, total = self.costs, 0, 0.0
         last = len(c.shares) - 1
         for u in range(micro.done, last + 1):
+            if shared and c.unit_layer(u) != u:
+                break
             total += c.margin * (
-                c.unit(micro.padded, u) + (c.optimizer if u == last and micro.last else 0.0)
+                c.unit(micro.padded, u, shared=shared)
+                + (c.optimizer if u == last and micro.last else 0.0)
             )
             if total > budget or (n and total > segment):
                 break

@@ -3,18 +3,20 @@
 Embeddings, each decoder layer, the final norm and the head, called one by one as the model's
 own forward calls them (masks, rotary positions, the KV cache and per-row adapters included),
 so that a training micro-step can stop between two layers and go on later, and so that a layer
-can be fetched just before it runs. Llama-style stacks (Llama, SmolLM2, Mistral, Qwen2, Qwen3)
-walk; other models fall back to their own forward (`LayerWalk.why_not` says why).
+can be fetched just before it runs (offload.py) and serve an inference pass and a training
+micro-step while it is there. Llama-style stacks (Llama, SmolLM2, Mistral, Qwen2, Qwen3) walk;
+other models fall back to their own forward (`LayerWalk.why_not` says why).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -36,6 +38,7 @@ class LayerWalk:
     def __init__(self, model):
         self.model = model  # the PeftModel, or the plain model before the first adapter
         self.why_not = unsupported(model)
+        self.offload = None  # a LayerOffload when base layers live off the device
 
     @property
     def supported(self) -> bool:
@@ -89,19 +92,36 @@ class LayerWalk:
             adapters=rows,
         )
 
-    def layers(self, p: Pass, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Decoder layers [start, end) on `hidden` (inside adapters(p) when rows pick adapters)."""
-        stack = self.stack
+    def layers(
+        self,
+        p: Pass,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        *,
+        kind: str = "train",
+        also: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Decoder layers [start, end) on `hidden`, each fetched first if it is offloaded (for
+        `kind` of work) and the next one prefetched; `also(i)` runs while layer i is still
+        there (a training unit sharing the fetch)."""
+        stack, off = self.stack, self.offload
         types = getattr(stack.config, "layer_types", None)
         for i in range(start, end):
-            hidden = stack.layers[i](
-                hidden,
-                attention_mask=p.masks[types[i] if types else "full_attention"],
-                position_embeddings=p.position_embeddings,
-                position_ids=p.position_ids,
-                cache=p.cache,
-                use_cache=p.cache is not None,
-            )
+            if off is not None:
+                off.prefetch(i + 1)
+            with self.resident(i, kind):
+                with self.rows(p, stack.layers[i]):
+                    hidden = stack.layers[i](
+                        hidden,
+                        attention_mask=p.masks[types[i] if types else "full_attention"],
+                        position_embeddings=p.position_embeddings,
+                        position_ids=p.position_ids,
+                        cache=p.cache,
+                        use_cache=p.cache is not None,
+                    )
+                if also is not None:
+                    also(i)
         return hidden
 
     def head(self, p: Pass, hidden: torch.Tensor, keep: int = 0) -> torch.Tensor:
@@ -109,20 +129,34 @@ class LayerWalk:
         hidden = self.stack.norm(hidden)
         if keep:
             hidden = hidden[:, -keep:]
-        return self.causal_lm.lm_head(hidden)
+        lm_head = self.causal_lm.lm_head
+        with self.rows(p, lm_head):
+            return lm_head(hidden)
 
-    def adapters(self, p: Pass):
-        """PEFT's per-row adapter hooks, around the layers and head of a pass (the model's own
-        forward installs the same hooks for `adapter_names`)."""
+    def resident(self, i: int, kind: str):
+        """Layer i's weights on the device for the block."""
+        return nullcontext() if self.offload is None else self.offload.resident(i, kind)
+
+    def rows(self, p: Pass, module: torch.nn.Module):
+        """Each row's adapter for the LoRA layers inside `module` (as the model's own forward
+        does for `adapter_names`), only while it runs: a training unit that shares the layer
+        in between uses the adapter it trains."""
         if p.adapters is None:
             return nullcontext()
-        return _peft_rows(self.model, p.adapters)
+        return _adapter_rows([m for m in module.modules() if isinstance(m, LoraLayer)], p.adapters)
 
 
 @contextmanager
-def _peft_rows(model, rows: list[str]) -> Iterator[None]:
-    with model.base_model._enable_peft_forward_hooks(adapter_names=rows):
+def _adapter_rows(layers: list[torch.nn.Module], rows: list[str]) -> Iterator[None]:
+    def pre_hook(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": rows}
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in layers]
+    try:
         yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def unsupported(model) -> str | None:
@@ -147,8 +181,11 @@ class TrainingPass:
     The gradients equal the whole micro-step's (the same operations, cut at the boundaries).
     Without a walk (other models), the micro-step is two units: forward, backward."""
 
-    def __init__(self, walk: LayerWalk | None, model, batch: dict, *, scale: float):
+    def __init__(
+        self, walk: LayerWalk | None, model, batch: dict, *, scale: float, probe: bool = False
+    ):
         self.walk, self.model, self.batch, self.scale = walk, model, batch, scale
+        self.probe = probe  # calibration: the gradient w.r.t. the input embeddings only
         self.layers = walk.num_layers if walk is not None else 0
         self.units = 2 * (self.layers + 1)
         self.done = 0
@@ -164,15 +201,24 @@ class TrainingPass:
     def finished(self) -> bool:
         return self.done == self.units
 
+    @property
+    def next_layer(self) -> int | None:
+        """The layer whose forward the next unit runs (None: the head or a backward unit)."""
+        return self.done if self.walk is not None and self.done < self.layers else None
+
     def run(self, n: int, *, sync=None) -> list[float]:
-        """Run up to n more units; returns each one's seconds."""
+        """Run up to n more units; returns each one's seconds of compute (fetching an
+        offloaded layer's weights is counted apart, by the offload)."""
+        off = self.walk.offload if self.walk is not None else None
         seconds = []
         while n > 0 and not self.finished:
             start = time.perf_counter()
+            fetching = off.fetch_seconds if off is not None else 0.0
             self._unit(self.done)
             if sync is not None:
                 sync()
-            seconds.append(time.perf_counter() - start)
+            fetched = off.fetch_seconds - fetching if off is not None else 0.0
+            seconds.append(time.perf_counter() - start - fetched)
             self.done += 1
             n -= 1
         return seconds
@@ -193,6 +239,8 @@ class TrainingPass:
             return
         if u == 0:
             hidden = self.walk.embed(ids)
+            if self.probe:
+                hidden = hidden.detach().requires_grad_()
             positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
             with torch.no_grad():
                 self.pass_ = self.walk.begin(hidden, mask=mask, position_ids=positions)
@@ -200,7 +248,9 @@ class TrainingPass:
             hidden = self.outputs[u - 1].detach().requires_grad_()
         self.inputs.append(hidden)
         if u < self.layers:
-            self.outputs.append(self.walk.layers(self.pass_, hidden, u, u + 1))
+            off = self.walk.offload
+            with off.saved_tensors() if off is not None else nullcontext():
+                self.outputs.append(self.walk.layers(self.pass_, hidden, u, u + 1))
         else:
             self.loss = self._loss(self.walk.head(self.pass_, hidden))
 
@@ -210,7 +260,8 @@ class TrainingPass:
             self.loss_sum, self.loss = self.loss.item(), None
             return
         grad = self.inputs[layer + 1].grad
-        self.outputs[layer].backward(grad)
+        with self.walk.resident(layer, "train"):  # fetched again, if it is offloaded
+            self.outputs[layer].backward(grad)
         self.inputs[layer + 1] = self.outputs[layer] = None
 
     def _loss(self, logits: torch.Tensor) -> torch.Tensor:
