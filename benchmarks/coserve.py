@@ -46,10 +46,20 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run(
-    model: str, policy: str, requests, duration: float, train: bool, slo: Slo, params: TrainParams
+    model: str,
+    policy: str,
+    requests,
+    duration: float,
+    train: bool,
+    slo: Slo,
+    params: TrainParams,
+    **config,
 ) -> dict:
-    """One window of `duration` seconds replaying `requests` (arrival seconds from 0)."""
-    engine = Engine(EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy=policy, slo=slo))
+    """One window of `duration` seconds replaying `requests` (arrival seconds from 0);
+    `config`: more EngineConfig fields (offload, ...)."""
+    engine = Engine(
+        EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy=policy, slo=slo, **config)
+    )
     engine.metrics.timeline = deque(maxlen=100_000)  # every step of the window, for the plot
     job = None
     if train:

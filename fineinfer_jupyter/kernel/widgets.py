@@ -179,11 +179,7 @@ class Dashboard(_Poller):
                 series.get("train_samples_per_s"),
             ),
             ("loss", _num(train.get("loss")), series.get("loss")),
-            (
-                "offload",
-                f"{_bytes(offload.get('bytes_per_s'))}/s",
-                series.get("offload_bytes_per_s"),
-            ),
+            _offload_row(offload, series.get("offload_bytes_per_s")),
             (
                 "memory",
                 f"{_bytes(memory.get('rss_bytes'))} RAM · {_bytes(memory.get('device_bytes'))} device",
@@ -198,6 +194,18 @@ class Dashboard(_Poller):
         )
         self.body.value = f"<table style='font-size:12px'>{cells}</table>"
         self.error.value = ""
+
+
+def _offload_row(offload: dict, points) -> tuple:
+    if not offload.get("enabled"):
+        return ("offload", "none: every layer on the device", None)
+    where = {"cpu": "host memory", "disk": "disk"}.get(offload.get("mode"), offload.get("mode"))
+    value = (
+        f"{_bytes(offload.get('bytes_per_s'))}/s from {_e(where)} · "
+        f"{offload.get('layers', 0)} layers · {_bytes(offload.get('bytes_total'))} fetched, "
+        f"{_bytes(offload.get('shared_bytes'))} shared"
+    )
+    return ("offload", value, points)
 
 
 def sparkline(values, *, width: int = 120, height: int = 20) -> str:

@@ -98,12 +98,38 @@ class FineInferApp(ExtensionApp):
         help="""Adapters that may be loaded or training at once; loading or training one more is
         refused with HTTP 409 (delete one first).""",
     ).tag(config=True)
+    offload = Enum(
+        ("none", "cpu", "disk"),
+        default_value="none",
+        help="""Layer offload, for a model larger than the memory the engine may use: the
+        decoder layers over `memory_budget` live in host memory ("cpu") or in safetensors files
+        under the cache directory ("disk") and are fetched layer by layer as they run; LoRA
+        weights and the optimizer never move.""",
+    ).tag(config=True)
+    memory_budget = Int(
+        None,
+        allow_none=True,
+        help="""Bytes of decoder layers kept on the device when `offload` is on (the first
+        layers that fit; the rest stream). Default: none (every layer streams).""",
+    ).tag(config=True)
+    heterogeneous = Bool(
+        True,
+        help="""With offload: a layer fetched for an inference pass also runs the training
+        micro-step's forward through it, so it is fetched once for both.""",
+    ).tag(config=True)
     load_at_start = Bool(
         True,
         help="""Load the model in the background when the server starts. When False, it loads
         on the first authenticated request to any /fineinfer/ route (status included); until
         it is ready, routes that need the model answer 503.""",
     ).tag(config=True)
+
+    @validate("memory_budget")
+    def _bytes(self, proposal):
+        value = proposal["value"]
+        if value is not None and value < 0:
+            raise TraitError(f"memory_budget must be >= 0 bytes, not {value}")
+        return value
 
     @validate("ttft", "tpot")
     def _positive_seconds(self, proposal):
@@ -132,6 +158,7 @@ class FineInferApp(ExtensionApp):
     def engine_config(self) -> dict:
         """EngineConfig's fields, from the traits."""
         names = ("model", "device", "dtype", "data_dir", "cache_dir", "policy")
+        names += ("offload", "memory_budget", "heterogeneous")
         limits = (
             "max_queue",
             "max_new_tokens_cap",

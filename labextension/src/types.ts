@@ -20,6 +20,16 @@ export interface IStatus {
   version: string;
 }
 
+/** Layer offload: decoder layers over the memory budget fetched as they run. */
+export interface IOffload {
+  enabled: boolean;
+  mode: 'none' | 'cpu' | 'disk';
+  layers?: number; // offloaded decoder layers
+  bytes_per_s: number;
+  bytes_total: number;
+  shared_bytes?: number; // not fetched for training: an inference pass had the layer
+}
+
 export interface IMetrics {
   time: number; // server clock, seconds
   state: EngineState;
@@ -32,7 +42,7 @@ export interface IMetrics {
     samples_per_s: number;
     loss: number | null;
   } | null;
-  offload: { bytes_per_s: number; bytes_total: number };
+  offload: IOffload;
   series?: ISeries; // one point per second over the last five minutes
 }
 

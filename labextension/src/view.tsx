@@ -15,6 +15,12 @@ const CHARTS: { key: SeriesKey; title: string; format: (v: number) => string; ze
   { key: 'offload_bytes_per_s', title: 'Offload', format: v => `${fmtBytes(v)}/s` }
 ];
 
+function offloadTitle(model: FineInferModel): string {
+  const o = model.metrics?.offload;
+  const where = o?.mode === 'disk' ? 'disk' : 'host memory';
+  return `Offload from ${where} (${o?.layers ?? 0} layers; ${fmtBytes(o?.shared_bytes ?? 0)} shared)`;
+}
+
 /** The left sidebar panel: draws the model and nothing else. */
 export class FineInferPanel extends ReactWidget {
   constructor(private readonly _model: FineInferModel) {
@@ -53,18 +59,24 @@ function Dashboard({ model }: { model: FineInferModel }): JSX.Element {
       {up && <Activity model={model} />}
       {up && (
         <Section title="Last 5 minutes">
-          {CHARTS.map(c => (
-            <Chart
-              key={c.key}
-              testid={`fi-chart-${c.key}`}
-              title={c.title}
-              t={model.history.t}
-              values={model.history[c.key]}
-              windowS={300}
-              format={c.format}
-              zero={c.zero}
-            />
-          ))}
+          {CHARTS.map(c =>
+            c.key === 'offload_bytes_per_s' && !model.metrics?.offload?.enabled ? (
+              <div key={c.key} className="fi-Detail" data-testid="fi-offload-off">
+                Offload: none, every layer on the device
+              </div>
+            ) : (
+              <Chart
+                key={c.key}
+                testid={`fi-chart-${c.key}`}
+                title={c.key === 'offload_bytes_per_s' ? offloadTitle(model) : c.title}
+                t={model.history.t}
+                values={model.history[c.key]}
+                windowS={300}
+                format={c.format}
+                zero={c.zero}
+              />
+            )
+          )}
         </Section>
       )}
       {up && <Jobs model={model} />}
