@@ -2,6 +2,8 @@
 whose %%generate cell answered while the herb adapter trains.
 
     .venv/bin/python docs/screenshot.py [--model default] [--out docs/images/sidebar.png]
+    .venv/bin/python docs/screenshot.py --offload disk --memory-budget 212860416 \
+        --out docs/images/sidebar-offload.png   # half the default model's layers on disk
 
 A real JupyterLab (the default model, everything under a temporary folder), Debian's
 Chromium driven by playwright, the notebook run through the Run menu as a user would.
@@ -72,12 +74,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", type=Path, default=HERE / "images" / "sidebar.png")
+    parser.add_argument("--offload", choices=("none", "cpu", "disk"), default="none")
+    parser.add_argument("--memory-budget", type=int, help="bytes of layers kept resident")
     args = parser.parse_args()
+    options = [f"--FineInferApp.offload={args.offload}"]
+    if args.memory_budget is not None:
+        options.append(f"--FineInferApp.memory_budget={args.memory_budget}")
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=180_000)  # the default model answers while it trains
 
-    lab = JupyterProcess(app="jupyterlab", model=args.model)  # under a temporary folder
+    lab = JupyterProcess(app="jupyterlab", model=args.model, options=options)  # a temp folder
     quiet_settings(lab.settings_dir)
     with lab:
         lab.wait_ready(300)
@@ -99,6 +106,8 @@ def main() -> None:
             expect(panel.get_by_test_id("fi-state")).to_have_text("ready")
             expect(panel.get_by_test_id("fi-job-state").first).to_have_text("running")
             page.wait_for_timeout(4000)  # a few points on the charts
+            if args.offload != "none":  # the traffic chart in view
+                panel.get_by_test_id("fi-chart-offload_bytes_per_s").scroll_into_view_if_needed()
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out))
             browser.close()

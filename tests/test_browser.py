@@ -96,6 +96,9 @@ def test_sidebar_shows_the_model_and_a_running_job_and_stops_it(request, tmp_pat
 
                 expect(panel.get_by_test_id("fi-model-name")).to_have_text("tiny")
                 expect(panel.get_by_test_id("fi-state")).to_have_text("ready")
+                expect(panel.get_by_test_id("fi-offload-off")).to_have_text(
+                    "Offload: none, every layer on the device"
+                )
 
                 card = panel.get_by_test_id(f"fi-job-{job_id}")
                 state = card.get_by_test_id("fi-job-state")
@@ -123,14 +126,14 @@ def test_sidebar_shows_the_model_and_a_running_job_and_stops_it(request, tmp_pat
                 adapter.get_by_test_id("fi-adapter-export").click()
                 adapter.get_by_test_id("fi-export-gguf").click()
                 result = adapter.get_by_test_id("fi-export-result")
-                gguf = lab.root.parent / "fineinfer" / "exports" / "herb" / "herb.gguf"
+                gguf = lab.data_dir / "exports" / "herb" / "herb.gguf"
                 expect(result.get_by_test_id("fi-export-path")).to_have_text(str(gguf))
                 expect(result.get_by_test_id("fi-export-commands")).to_have_text(
                     f"llama-cli -m BASE.gguf --lora {gguf}  # BASE.gguf: the base model"
                 )
                 assert gguf.read_bytes()[:4] == b"GGUF"
 
-                make_adapter(lab.root / "wide", seed=1, r=600)  # vLLM takes ranks up to 512
+                make_adapter(lab.root_dir / "wide", seed=1, r=600)  # vLLM takes ranks up to 512
                 status, _ = lab.call(
                     "POST", "fineinfer/api/adapters", {"name": "wide", "path": "wide"}
                 )

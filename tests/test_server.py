@@ -333,7 +333,7 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_request(
     ready_api, monkeypatch, jp_http_port, jp_base_url, token
 ):
     decode = Runner.decode
-    monkeypatch.setattr(Runner, "decode", lambda self, b: (time.sleep(0.02), decode(self, b))[1])
+    monkeypatch.setattr(Runner, "decode", lambda self, *a: (time.sleep(0.02), decode(self, *a))[1])
     body = json.dumps({"prompt": "Hi", "max_new_tokens": 1000, "ignore_eos": True}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", jp_http_port)
     writer.write(
@@ -593,7 +593,7 @@ async def test_adapters_load_save_list_and_delete_with_exact_errors(
 
 
 async def test_a_request_that_fails_in_the_engine_ends_with_an_error(ready_api, monkeypatch):
-    def boom(self, batch):
+    def boom(self, batch, also=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Runner, "decode", boom)
