@@ -52,6 +52,7 @@ bench: setup model
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/coserve.py
+	$(PY) benchmarks/offload.py
 
 clean:
 	rm -rf $(VENV) fineinfer_jupyter/labextension labextension/node_modules labextension/lib labextension/tsconfig.tsbuildinfo
