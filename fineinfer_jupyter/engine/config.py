@@ -118,6 +118,7 @@ class EngineConfig:
     fineinfer_bound: float = (
         2.0  # seconds: the prototype's fixed deferral bound (policy "fineinfer")
     )
+    threads: int | None = None  # torch's intra-op threads; None: by the usable cores (threads.py)
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -127,6 +128,11 @@ class EngineConfig:
             "must be >= 1",
         )
         check(is_int(self.max_queue) and self.max_queue >= 1, "max_queue", "must be >= 1")
+        check(
+            self.threads is None or (is_int(self.threads) and 1 <= self.threads <= 1024),
+            "threads",
+            "must be an integer in [1, 1024] or None (by the usable cores)",
+        )
         check(
             is_int(self.max_new_tokens_cap) and self.max_new_tokens_cap >= 1,
             "max_new_tokens_cap",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import core
+from . import core, threads
 from .config import (
     EngineConfig,
     EngineNotReady,
@@ -248,6 +248,7 @@ class Engine:
             "model": self.model_info,
             "policy": self.config.policy,
             "slo": asdict(c.slo) if c else None,
+            "threads": threads.current() if c else None,
             "adapters": c.adapters.names() if c else [],
             "requests": {
                 "waiting": (len(c.scheduler.waiting) if c else 0) + self._queued,

@@ -72,6 +72,14 @@ class FineInferApp(ExtensionApp):
         2048, help="The largest max_new_tokens (max_tokens) a request may ask for."
     ).tag(config=True)
     max_batch_size = Int(32, help="Requests decoding together at most.").tag(config=True)
+    threads = Int(
+        None,
+        allow_none=True,
+        help="""torch's intra-op threads for the engine. Default: the physical cores this
+        process may use. OpenMP threads spin only briefly before they sleep (GOMP_SPINCOUNT=1000
+        unless you set a policy), so other programs slow the engine only in proportion to the
+        cores they take.""",
+    ).tag(config=True)
     load_at_start = Bool(
         True,
         help="""Load the model in the background when the server starts. When False, it loads
@@ -86,16 +94,16 @@ class FineInferApp(ExtensionApp):
             raise TraitError(f"{proposal['trait'].name} must be > 0 seconds, not {value}")
         return value
 
-    @validate("max_queue", "max_new_tokens_cap", "max_batch_size")
+    @validate("max_queue", "max_new_tokens_cap", "max_batch_size", "threads")
     def _at_least_one(self, proposal):
-        if proposal["value"] < 1:
+        if proposal["value"] is not None and proposal["value"] < 1:
             raise TraitError(f"{proposal['trait'].name} must be >= 1")
         return proposal["value"]
 
     def engine_config(self) -> dict:
         """EngineConfig's fields, from the traits."""
         names = ("model", "device", "dtype", "data_dir", "cache_dir", "policy")
-        limits = ("max_queue", "max_new_tokens_cap", "max_batch_size")
+        limits = ("max_queue", "max_new_tokens_cap", "max_batch_size", "threads")
         return {
             **{n: getattr(self, n) for n in names + limits},
             "slo": {"ttft": self.ttft, "tpot": self.tpot},
