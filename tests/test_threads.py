@@ -157,3 +157,10 @@ def test_the_server_hook_sets_the_policy_without_importing_torch():
         [sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=60
     )
     assert done.stdout.split() == ["1000", "False"], done.stderr
+
+
+def test_a_process_started_by_one_that_chose_inherits_the_choice(tmp_path):
+    report, spin = child(tmp_path, GOMP_SPINCOUNT="1000", KMP_BLOCKTIME="0")
+    assert spin == 1000
+    assert report["status"]["wait_policy"] == "short spin, then sleep"
+    assert report["status"]["note"].startswith("GOMP_SPINCOUNT=1000 and KMP_BLOCKTIME=0 inherited")

@@ -5,11 +5,11 @@ the machine").
 A parallel region ends when its slowest thread does. torch's OpenMP threads spin while they
 wait (libgomp: 300,000 turns): when another program holds one of the cores, a region waits
 for a thread the OS has descheduled while its partner spins on the other core, and a LoRA
-micro-step takes 10-80x longer. Sleeping at once costs ~2x on a quiet machine (a futex wake
-per region); a short spin (GOMP_SPINCOUNT=1000) costs nothing measurable there and behaves
-like sleeping under load (docs/benchmarks.md, "Threads"). OpenMP reads this once, when its
-runtime starts with `import torch`, so `set_wait_policy()` runs before that: from the engine
-package's first lines and the server extension's load hook. No torch import here.
+micro-step takes 10-80x longer. Sleeping at once costs ~2x on a quiet machine (a wake-up per
+region); a short spin (GOMP_SPINCOUNT=1000) costs nothing measurable there and behaves like
+sleeping under load (docs/benchmarks.md, "Sharing the cores"). OpenMP reads this once, when
+its runtime starts with `import torch`, so `set_wait_policy()` runs before that: from the
+engine package's first lines and the server extension's load hook. No torch import here.
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ def set_wait_policy() -> dict:
     global _waiting
     if _waiting is None:
         own = {k: os.environ[k] for k in WAITING if k in os.environ}
-        if own:
+        if own == WAIT:  # a process that set it started this one (a kernel, a terminal)
+            _waiting = {
+                "policy": "short spin, then sleep",
+                "note": "GOMP_SPINCOUNT=1000 and KMP_BLOCKTIME=0 inherited from the process "
+                "that started this one",
+            }
+        elif own:
             policy = ", ".join(f"{k}={v}" for k, v in own.items())
             _waiting = {"policy": policy, "note": f"kept your {policy}"}
         elif "torch" in sys.modules:
