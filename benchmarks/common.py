@@ -1,8 +1,11 @@
-"""Shared bits of the benchmark scripts: prompts, tables, plots, output folder."""
+"""Shared bits of the benchmark scripts: prompts, tables, plots, output folder, busy neighbours."""
 
 from __future__ import annotations
 
+import atexit
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 OUT = Path(__file__).parent / "out"
@@ -84,3 +87,36 @@ def save_bar_plot(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+class Neighbours:
+    """`n` busy processes (a pure-Python spin each, one core's worth) that compete with the
+    benchmark for the cores, as a compile, an indexer or a browser tab would. Each stops by
+    itself after `seconds`; `stop()` (or leaving the `with`, or Ctrl-C) kills them sooner."""
+
+    def __init__(self, n: int, seconds: float = 600.0):
+        self.n, self.seconds = n, seconds
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> Neighbours:
+        code = SPIN.format(seconds=self.seconds)
+        self.procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.n)]
+        atexit.register(self.stop)
+        return self
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        self.procs = []
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> Neighbours:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

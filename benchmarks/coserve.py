@@ -6,15 +6,19 @@ exclusive), plus training alone and inference alone. Prints a table and saves a 
 
 The default load (a request every second on average, 16-64 new tokens each) keeps this 2-core
 CPU busy ~70% of the time with inference alone: busy, not saturated. `--gap 2.5` is a light
-load (~28%).
+load (~28%). `--background N` runs N busy processes (a pure-Python spin each) during every
+window, from before the engine is built until the window's requests are done: the machine as
+it is when a compile, an indexer or a browser tab runs beside the notebook.
 
     python benchmarks/coserve.py [--model default] [--duration 40] [--rounds 3] [--gap 1.0]
+                                 [--background 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -22,7 +26,7 @@ from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OUT, STYLES, TOPICS, table  # noqa: E402
+from common import OUT, STYLES, TOPICS, Neighbours, table  # noqa: E402
 
 from fineinfer_jupyter.engine import Engine, EngineConfig, Slo, TrainParams  # noqa: E402
 
@@ -53,13 +57,23 @@ def run(
     train: bool,
     slo: Slo,
     params: TrainParams,
+    background: int = 0,
     **config,
 ) -> dict:
-    """One window of `duration` seconds replaying `requests` (arrival seconds from 0);
+    """One window of `duration` seconds replaying `requests` (arrival seconds from 0), with
+    `background` busy processes from the engine's start until the window's requests are done;
     `config`: more EngineConfig fields (offload, ...)."""
-    engine = Engine(
-        EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy=policy, slo=slo, **config)
-    )
+    with Neighbours(background, seconds=duration + 600):
+        engine = Engine(
+            EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy=policy, slo=slo, **config)
+        )
+        try:
+            return window(engine, requests, duration, train, params)
+        finally:
+            engine.shutdown()  # also on Ctrl-C: no engine thread left running torch at exit
+
+
+def window(engine: Engine, requests, duration: float, train: bool, params: TrainParams) -> dict:
     engine.metrics.timeline = deque(maxlen=100_000)  # every step of the window, for the plot
     job = None
     if train:
@@ -87,7 +101,6 @@ def run(
     if job:
         engine.stop_job(job.id)  # what is still queued (all of exclusive's) drains without training
     results = [s.result() for s in streams]
-    engine.shutdown()
     return {
         "samples": samples,
         "train_tokens": train_tokens,
@@ -167,7 +180,11 @@ def main() -> None:
     ap.add_argument("--ttft", type=float, default=3.0)
     ap.add_argument("--tpot", type=float, default=0.5)
     ap.add_argument("--policies", default="deferred,fineinfer,immediate,exclusive")
+    ap.add_argument(
+        "--background", type=int, default=0, help="busy processes competing for the cores"
+    )
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the background processes die too
     slo = Slo(ttft=args.ttft, tpot=args.tpot)
     params = TrainParams(
         r=16,
@@ -181,7 +198,7 @@ def main() -> None:
     slices = [trace(args.duration, args.gap, seed=r) for r in range(args.rounds)]
     n = sum(map(len, slices))
     print(
-        f"model {args.model}: {n} requests in {args.rounds} windows of {args.duration:.0f} s (mean gap {args.gap} s), targets TTFT {slo.ttft} s / TPOT {slo.tpot} s",
+        f"model {args.model}: {n} requests in {args.rounds} windows of {args.duration:.0f} s (mean gap {args.gap} s), targets TTFT {slo.ttft} s / TPOT {slo.tpot} s, {args.background} busy background process(es) during every window",
         flush=True,
     )
     plan = [
@@ -192,8 +209,9 @@ def main() -> None:
     windows: dict[str, list[dict]] = {name: [] for name, *_ in plan}
     for r in range(args.rounds):  # round-robin: machine noise hits every run alike
         for name, policy, serve, train in plan:
+            requests = slices[r] if serve else []
             w = run(
-                args.model, policy, slices[r] if serve else [], args.duration, train, slo, params
+                args.model, policy, requests, args.duration, train, slo, params, args.background
             )
             windows[name].append(w)
             print(
@@ -242,7 +260,7 @@ def main() -> None:
             + latency
             + [r["inference_share"]]
         )
-    print()
+    print(f"\n{args.background} busy background process(es) ran during every window\n")
     print(table(headers, rows))
     if "deferred" in runs and "immediate" in runs:
         d, i = runs["deferred"], runs["immediate"]

@@ -7,7 +7,10 @@ __version__ = "0.1.0"
 
 
 def _jupyter_server_extension_points():
+    from .engine.threads import set_wait_policy
     from .server.app import FineInferApp
+
+    set_wait_policy()  # as early as the server lets us, before anything imports torch
 
     return [{"module": "fineinfer_jupyter", "app": FineInferApp}]
 

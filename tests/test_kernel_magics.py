@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from fineinfer_jupyter.engine import threads
+
 pytest_plugins = ["kernel_fixtures"]
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,6 +40,14 @@ def test_status_after_load_ext_shows_the_model(kernel, fineinfer_server):
     run = kernel.run("%fineinfer status")
     assert f"at {fineinfer_server.url}: ready" in run.stdout
     assert "model tiny · cpu · float32" in run.stdout and run.stderr == ""
+    # the server is a fresh process with this one's environment: a short spin unless we chose
+    own = ", ".join(f"{k}={os.environ[k]}" for k in threads.WAITING if k in os.environ)
+    n, source = threads.env_threads(), "environment"
+    n, source = (n, source) if n else (threads.usable_cores(), "default")
+    assert (
+        f"threads {n} ({source}) · OpenMP waiting: {own or 'short spin, then sleep'}\n"
+        in run.stdout
+    )
 
 
 def test_tune_returns_at_once_and_its_widget_updates_while_other_cells_run(kernel, client):

@@ -10,14 +10,17 @@ import time
 import warnings
 
 import pytest
+import torch
 from conftest import make_adapter
 from jupyter_server.auth import Authorizer
 from jupyter_server.utils import JupyterServerAuthWarning
 from tornado.httpclient import HTTPClientError
 from tornado.web import RequestHandler
+from traitlets import TraitError
 
 from fineinfer_jupyter.engine import config as engine_config
 from fineinfer_jupyter.engine import engine as engine_module
+from fineinfer_jupyter.engine import threads
 from fineinfer_jupyter.engine.runner import Runner
 from fineinfer_jupyter.server import app as server_app
 from fineinfer_jupyter.server import openai_api, routes
@@ -65,11 +68,14 @@ def test_traits_agree_with_the_engine_and_all_have_help():
     traits = server_app.FineInferApp.class_traits(config=True)
     own = {n for n, t in traits.items() if t.this_class is server_app.FineInferApp}
     assert {"model", "device", "dtype", "data_dir", "policy", "ttft", "tpot", "max_queue"} <= own
-    assert {"max_new_tokens_cap", "load_at_start"} <= own
+    assert {"max_new_tokens_cap", "load_at_start", "threads"} <= own
     assert all(traits[n].help for n in own)
     assert set(server_app.FineInferApp(policy="exclusive").engine_config()) <= {
         f for f in engine_config.EngineConfig.__dataclass_fields__
     }
+    assert server_app.FineInferApp(threads=3).engine_config()["threads"] == 3
+    with pytest.raises(TraitError, match="threads must be >= 1"):
+        server_app.FineInferApp(threads=0)
 
 
 def test_every_handler_is_authenticated_when_unauthenticated_access_is_off(
@@ -99,6 +105,29 @@ async def test_traits_configure_the_engine_and_kernels_learn_url_and_token(
     assert (engine.slo.ttft, engine.slo.tpot) == (2.0, 0.25)
     assert os.environ["FINEINFER_SERVER_URL"] == f"http://127.0.0.1:{jp_http_port}{jp_base_url}"
     assert os.environ["FINEINFER_TOKEN"] == token
+
+
+@pytest.fixture
+def keep_torch_threads():
+    before = torch.get_num_threads()  # a new thread's default: the server's engine sets it
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "traits, intra_op, source",
+    [({"threads": 1}, 1, "setting"), ({}, threads.usable_cores(), "default")],
+)
+async def test_status_shows_the_thread_choice(keep_torch_threads, ready_api, intra_op, source):
+    code, status = await ready_api.get("status")
+    waiting = threads.set_wait_policy()
+    assert code == 200
+    assert status["threads"] == {
+        "intra_op": intra_op,
+        "source": source,
+        "wait_policy": waiting["policy"],
+        "note": waiting["note"],
+    }
 
 
 async def test_stop_extension_shuts_the_engine_down(ready_api):

@@ -1,6 +1,14 @@
-"""The engine: one base model, LoRA training and inference interleaved. Never imports Jupyter."""
+"""The engine: one base model, LoRA training and inference interleaved. Never imports Jupyter.
 
-from .config import (
+Importing the package does not import torch: `Engine` loads it on first use, after
+threads.set_wait_policy() has set how OpenMP threads wait (read once, when torch starts).
+"""
+
+from .threads import set_wait_policy
+
+set_wait_policy()
+
+from .config import (  # noqa: E402
     EngineConfig,
     EngineNotReady,
     LimitReached,
@@ -11,8 +19,7 @@ from .config import (
     TrainParams,
     UnknownName,
 )
-from .engine import Engine
-from .request import Completion, RequestError, RequestStream
+from .request import Completion, RequestError, RequestStream  # noqa: E402
 
 __all__ = [
     "Completion",
@@ -29,3 +36,12 @@ __all__ = [
     "TrainParams",
     "UnknownName",
 ]
+
+
+def __getattr__(name: str):
+    if name == "Engine":
+        from .engine import Engine
+
+        globals()["Engine"] = Engine
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

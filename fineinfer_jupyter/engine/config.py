@@ -163,6 +163,7 @@ class EngineConfig:
     memory_budget: int | None = None  # bytes of decoder layers kept resident (None: none)
     heterogeneous: bool = True  # one fetched layer serves inference and training together
     offload_cold: bool = False  # drop offloaded files from the page cache before each read
+    threads: int | None = None  # torch's intra-op threads; None: by the usable cores (threads.py)
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -174,6 +175,11 @@ class EngineConfig:
         check(is_int(self.max_queue) and self.max_queue >= 1, "max_queue", "must be >= 1")
         check(
             self.offload in OFFLOAD_MODES, "offload", f"must be one of {', '.join(OFFLOAD_MODES)}"
+        )
+        check(
+            self.threads is None or (is_int(self.threads) and 1 <= self.threads <= 1024),
+            "threads",
+            "must be an integer in [1, 1024] or None (by the usable cores)",
         )
         check(
             self.memory_budget is None or (is_int(self.memory_budget) and self.memory_budget >= 0),

@@ -21,6 +21,7 @@ from .request import Tokenizer
 from .runner import Runner
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .threads import configure_threads
 from .training import Trainer
 
 
@@ -108,6 +109,7 @@ def offload_layers(config: EngineConfig, loaded: LoadedModel, runner: Runner) ->
 
 def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> EngineCore:
     """Every part with its final values, calibrated on this machine."""
+    configure_threads(config.threads)  # before calibration: step times depend on it
     device = loaded.device
     given = config.slo
     slo = (

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import core, export
+from . import core, export, threads
 from .config import (
     EngineConfig,
     EngineNotReady,
@@ -271,6 +271,7 @@ class Engine:
             "model": self.model_info,
             "policy": self.config.policy,
             "slo": asdict(c.slo) if c else None,
+            "threads": threads.current() if c else None,
             "adapters": c.adapters.names() if c else [],
             "offload": (c.runner.walk.offload.describe() if c and c.runner.walk.offload else None),
             "layer_walk": (

@@ -19,6 +19,12 @@ def status_lines(status: dict, url: str) -> list[str]:
             f"model {model.get('name')} · {model.get('device')} · {model.get('dtype')}{size}"
             f" · policy {status.get('policy')}"
         )
+    threads = status.get("threads")
+    if threads:
+        lines.append(
+            f"threads {threads['intra_op']} ({threads['source']})"
+            f" · OpenMP waiting: {threads['wait_policy']}"
+        )
     lines.append(f"adapters: {', '.join(status.get('adapters') or []) or 'none'}")
     return lines
 

@@ -117,6 +117,14 @@ class FineInferApp(ExtensionApp):
         help="""With offload: a layer fetched for an inference pass also runs the training
         micro-step's forward through it, so it is fetched once for both.""",
     ).tag(config=True)
+    threads = Int(
+        None,
+        allow_none=True,
+        help="""torch's intra-op threads for the engine. Default: the physical cores this
+        process may use. OpenMP threads spin only briefly before they sleep (GOMP_SPINCOUNT=1000
+        unless you set a policy), so other programs slow the engine only in proportion to the
+        cores they take.""",
+    ).tag(config=True)
     load_at_start = Bool(
         True,
         help="""Load the model in the background when the server starts. When False, it loads
@@ -149,6 +157,7 @@ class FineInferApp(ExtensionApp):
         "max_data_bytes",
         "max_jobs",
         "max_adapters",
+        "threads",
     )
     def _at_least_one(self, proposal):
         if proposal["value"] is not None and proposal["value"] < 1:
@@ -169,6 +178,7 @@ class FineInferApp(ExtensionApp):
             "max_data_bytes",
             "max_jobs",
             "max_adapters",
+            "threads",
         )
         return {
             **{n: getattr(self, n) for n in names + limits},

@@ -93,6 +93,8 @@ class EngineHost:
                 "error": self.error,
                 "model": None,
                 "policy": self.config["policy"],
+                "slo": None,
+                "threads": None,
                 "adapters": [],
                 "requests": {"waiting": 0, "running": 0},
             }

@@ -1,0 +1,166 @@
+"""Threads that share the machine: the intra-op thread count and OpenMP's waiting policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fineinfer_jupyter.engine import threads
+from fineinfer_jupyter.engine.config import EngineConfig
+from fineinfer_jupyter.engine.engine import Engine
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads(monkeypatch):
+    """torch's thread count is per process: put it back for the other tests."""
+    for name in threads.THREADS:
+        monkeypatch.delenv(name, raising=False)
+    before, chosen = torch.get_num_threads(), threads._chosen
+    yield
+    torch.set_num_threads(before)
+    threads._chosen = chosen
+
+
+def test_the_setting_wins_then_the_environment_then_the_usable_cores(monkeypatch):
+    waiting = threads.set_wait_policy()
+    assert threads.configure_threads(1) == {
+        "intra_op": 1,
+        "source": "setting",
+        "wait_policy": waiting["policy"],
+        "note": waiting["note"],
+    }
+    assert torch.get_num_threads() == 1
+    cores = threads.usable_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    choice = threads.configure_threads(None)
+    assert (choice["intra_op"], choice["source"]) == (cores, "default")
+    assert torch.get_num_threads() == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.configure_threads(None)["intra_op"] == 3
+    assert (torch.get_num_threads(), threads.current()["source"]) == (3, "environment")
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # what torch ignores, we ignore
+    assert threads.configure_threads(None)["source"] == "default"
+
+
+def test_usable_cores_follow_the_affinity_and_the_cgroup_quota(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert threads.usable_cores() == 1
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")
+    assert threads.cgroup_quota(cpu_max) == 2
+    cpu_max.write_text("max 100000\n")
+    assert threads.cgroup_quota(cpu_max) is None
+    assert threads.cgroup_quota(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, 2000])
+def test_a_bad_threads_setting_is_refused(bad):
+    with pytest.raises(ValueError, match=r"^threads: must be an integer in \[1, 1024\]"):
+        EngineConfig(model="tiny", threads=bad)
+
+
+def test_the_engine_uses_its_setting_and_status_shows_it(tmp_path):
+    engine = Engine(EngineConfig(model="tiny", data_dir=tmp_path, threads=1), thread=False)
+    try:
+        status = engine.status()["threads"]
+        assert (status["intra_op"], status["source"]) == (1, "setting")
+        assert torch.get_num_threads() == 1
+        assert status["wait_policy"] == threads.set_wait_policy()["policy"]
+    finally:
+        engine.shutdown()
+
+
+CHILD = """
+import json, os, sys
+{first}
+from fineinfer_jupyter.engine import Engine, EngineConfig
+import torch
+engine = Engine(EngineConfig(model="tiny", data_dir=sys.argv[1]), thread=False)
+print(json.dumps({{
+    "env": {{k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+            if k in os.environ}},
+    "torch_threads": torch.get_num_threads(),
+    "status": engine.status()["threads"],
+    "cores": __import__("fineinfer_jupyter.engine.threads").engine.threads.usable_cores(),
+}}))
+engine.shutdown()
+"""
+
+
+def child(tmp_path, *, first: str = "", **env) -> tuple[dict, str]:
+    """A fresh Python that builds a tiny engine; its report, and how long OpenMP's threads
+    spin before they sleep, as the runtime itself says when it starts (OMP_DISPLAY_ENV)."""
+    clean = {k: v for k, v in os.environ.items() if k not in threads.WAITING + threads.THREADS}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD.format(first=first), str(tmp_path)],
+        env={**clean, "OMP_DISPLAY_ENV": "VERBOSE", **env},
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr
+    spin = re.search(r"GOMP_SPINCOUNT = '(\d+)'", done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1]), spin and int(spin.group(1))
+
+
+def test_a_fresh_process_gets_a_short_spin_before_torch_starts(tmp_path):
+    report, spin = child(tmp_path)
+    assert report["env"] == {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
+    assert spin == 1000  # the runtime took it
+    assert report["torch_threads"] == report["cores"]
+    assert report["status"] == {
+        "intra_op": report["cores"],
+        "source": "default",
+        "wait_policy": "short spin, then sleep",
+        "note": "GOMP_SPINCOUNT=1000 and KMP_BLOCKTIME=0 set before torch started "
+        "(processes started from here inherit them)",
+    }
+
+
+def test_the_users_own_wait_policy_and_thread_count_are_kept(tmp_path):
+    report, spin = child(tmp_path, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1")
+    assert report["env"] == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert spin == 30_000_000_000  # libgomp's "spin for ever"
+    assert report["torch_threads"] == 1
+    assert report["status"] == {
+        "intra_op": 1,
+        "source": "environment",
+        "wait_policy": "OMP_WAIT_POLICY=ACTIVE",
+        "note": "kept your OMP_WAIT_POLICY=ACTIVE",
+    }
+
+
+def test_torch_imported_first_is_reported_and_nothing_is_set(tmp_path):
+    report, spin = child(tmp_path, first="import torch")
+    assert report["env"] == {}
+    assert spin == 300_000  # libgomp's default
+    assert report["status"]["wait_policy"] == "OpenMP default (long spin)"
+    assert report["status"]["note"].startswith("torch was imported before fineinfer_jupyter")
+
+
+def test_the_server_hook_sets_the_policy_without_importing_torch():
+    code = (
+        "import os, sys, fineinfer_jupyter\n"
+        "fineinfer_jupyter._jupyter_server_extension_points()\n"
+        "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in threads.WAITING}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split() == ["1000", "False"], done.stderr
+
+
+def test_a_process_started_by_one_that_chose_inherits_the_choice(tmp_path):
+    report, spin = child(tmp_path, GOMP_SPINCOUNT="1000", KMP_BLOCKTIME="0")
+    assert spin == 1000
+    assert report["status"]["wait_policy"] == "short spin, then sleep"
+    assert report["status"]["note"].startswith("GOMP_SPINCOUNT=1000 and KMP_BLOCKTIME=0 inherited")
