@@ -178,10 +178,15 @@ def main() -> None:
     )
     ap.add_argument("--gap", type=float, default=1.0, help="mean seconds between arrivals")
     ap.add_argument("--ttft", type=float, default=3.0)
-    ap.add_argument("--tpot", type=float, default=0.5)
+    ap.add_argument("--tpot", type=float, default=0.2)
     ap.add_argument("--policies", default="deferred,fineinfer,immediate,exclusive")
     ap.add_argument(
         "--background", type=int, default=0, help="busy processes competing for the cores"
+    )
+    ap.add_argument(
+        "--quiet-too",
+        action="store_true",
+        help="with --background: also every run without them, interleaved, for side-by-side ratios",
     )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the background processes die too
@@ -206,13 +211,16 @@ def main() -> None:
         ("inference alone", "immediate", True, False),
     ]
     plan += [(p, p, True, True) for p in args.policies.split(",")]
+    plan = [(*entry, args.background) for entry in plan]
+    if args.background and args.quiet_too:
+        plan += [
+            (f"{name} (quiet)", policy, serve, train, 0) for name, policy, serve, train, _ in plan
+        ]
     windows: dict[str, list[dict]] = {name: [] for name, *_ in plan}
     for r in range(args.rounds):  # round-robin: machine noise hits every run alike
-        for name, policy, serve, train in plan:
+        for name, policy, serve, train, background in plan:
             requests = slices[r] if serve else []
-            w = run(
-                args.model, policy, requests, args.duration, train, slo, params, args.background
-            )
+            w = run(args.model, policy, requests, args.duration, train, slo, params, background)
             windows[name].append(w)
             print(
                 f"  round {r + 1} {name}: {w['train_tokens'] / args.duration:.0f} train tokens/s, {len(w['results'])} requests",
@@ -260,8 +268,25 @@ def main() -> None:
             + latency
             + [r["inference_share"]]
         )
-    print(f"\n{args.background} busy background process(es) ran during every window\n")
+    if args.background and args.quiet_too:
+        print(
+            f"\n{args.background} busy background process(es) ran during the windows of every run but those marked (quiet)\n"
+        )
+    else:
+        print(f"\n{args.background} busy background process(es) ran during every window\n")
     print(table(headers, rows))
+    for name in runs:
+        quiet = runs.get(f"{name} (quiet)")
+        if quiet and quiet["train_tokens_per_s"]:
+            busy = runs[name]
+            print(
+                f"{name}: with {args.background} busy process(es) {busy['train_tokens_per_s'] / quiet['train_tokens_per_s']:.0%} of its quiet training throughput"
+                + (
+                    f", SLO met {busy['slo']:.0%} (quiet {quiet['slo']:.0%})"
+                    if name != "training alone"
+                    else ""
+                )
+            )
     if "deferred" in runs and "immediate" in runs:
         d, i = runs["deferred"], runs["immediate"]
         bound = alone["train_tokens_per_s"] * (1 - d["inference_share"])
