@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from fineinfer_jupyter.engine.runner import Runner
+from fineinfer_jupyter.engine.walk import TrainingPass
 
 pytest_plugins = ["pytest_jupyter.jupyter_server", "server_fixtures"]
 pytestmark = pytest.mark.timeout(180)
@@ -144,12 +144,8 @@ async def test_a_job_trains_to_the_end_while_requests_are_served_then_its_adapte
     ready_api, client, monkeypatch
 ):
     api = ready_api
-    forward_backward = (
-        Runner.forward_backward
-    )  # a micro-step of at least 20 ms: the job lasts over a second
-    monkeypatch.setattr(
-        Runner, "forward_backward", lambda *a, **k: (time.sleep(0.02), forward_backward(*a, **k))[1]
-    )
+    unit = TrainingPass._unit  # a micro-step of at least 24 ms: the job lasts over a second
+    monkeypatch.setattr(TrainingPass, "_unit", lambda *a: (time.sleep(0.004), unit(*a))[1])
     params = {"r": 4, "lora_alpha": 8, "batch_size": 2, "max_length": 64, "max_steps": 30}
     code, job = await api.post("jobs", {"adapter": "herb", "records": RECORDS, "params": params})
     assert code == 201
