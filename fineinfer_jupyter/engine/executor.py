@@ -17,6 +17,7 @@ from .batch import Batch
 from .config import SamplingParams, Slo
 from .costmodel import prefill_units
 from .metrics import Metrics
+from .oom import decode_fitting, free_memory, halves, is_oom, too_big
 from .outputs import IterationResult, SchedulerOutput, Timing
 from .request import Tokenizer
 from .runner import Runner
@@ -87,8 +88,9 @@ class Executor:
                 seq.pinned = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
             except Exception as e:
                 self._fail(seq, e, result)
-        for group in passes:
-            group = [s for s in group if not s.is_finished]
+        todo = list(passes)
+        while todo:
+            group = [s for s in todo.pop(0) if not s.is_finished]
             if not group:
                 continue
             start = time.perf_counter()
@@ -96,8 +98,12 @@ class Executor:
                 cache, mask, logits = self.runner.prefill(group)
                 tokens = self.runner.sample(logits, group)
             except Exception as e:  # this pass failed: its rows fail, the rest go on
+                if is_oom(e) and len(group) > 1:  # (or fewer rows at a time fit: oom.py)
+                    free_memory()
+                    todo[:0] = halves(group)
+                    continue
                 for seq in group:
-                    self._fail(seq, e, result)
+                    self._fail(seq, too_big(seq, e) if is_oom(e) else e, result)
                 continue
             result.timings.append(
                 Timing("prefill", prefill_units(group), time.perf_counter() - start)
@@ -115,12 +121,15 @@ class Executor:
     def _decode(self, seqs: list[Sequence], result: IterationResult) -> None:
         start = time.perf_counter()
         self.batch.align(seqs)
-        try:
-            logits = self.runner.decode(self.batch)
+        try:  # out of memory: the longest rows leave until the rest fit (oom.py)
+            logits, seqs = decode_fitting(
+                self.runner, self.batch, seqs, lambda s, e: self._fail(s, e, result)
+            )
             tokens = self.runner.sample(logits, seqs)
         except Exception as e:  # the whole pass failed: every row in it fails, the engine goes on
             for seq in seqs:
-                self._fail(seq, e, result)
+                if not seq.is_finished:
+                    self._fail(seq, too_big(seq, e) if is_oom(e) else e, result)
             self.batch.keep([])
             return
         now = time.monotonic()
