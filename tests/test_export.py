@@ -320,7 +320,9 @@ def test_engine_exports_current_weights_under_the_data_directory(engine, data_di
     _, tensors = read_gguf(out)
     a, _ = peft_pairs(adapter_dirs["alpha"])["1.mlp.up_proj"]
     assert np.array_equal(tensors["blk.1.ffn_up.weight.lora_a"].data, a.numpy())
-    assert sorted(p.name for p in (engine.home / "exports").iterdir()) == ["alpha"]  # no scratch left
+    assert sorted(p.name for p in (engine.home / "exports").iterdir()) == [
+        "alpha"
+    ]  # no scratch left
 
     vllm = engine.export_adapter("alpha", "vllm")
     assert vllm["path"] == str(engine.home / "exports" / "alpha" / "vllm")

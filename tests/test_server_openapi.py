@@ -214,6 +214,9 @@ async def test_the_server_answers_as_documented(
                "max_tokens": 3}, expect=200, schema="TextCompletion")  # fmt: skip
     await call("POST", "fineinfer/v1/completions", {"model": "nope", "prompt": "Hi"}, expect=404,
                schema="OpenAIError")  # fmt: skip
+    restarted = await call("POST", "fineinfer/api/engine/restart", expect=200, schema="Status")
+    assert restarted["restarts"] == 1 and restarted["state"] == "loading"
+    assert (await api.ready())["adapters"] == []  # alpha was deleted; nothing else was saved
 
     assert {(p, m) for p, m in called} == {
         (p, m) for p, ops in DOC["paths"].items() for m in ops

@@ -260,9 +260,7 @@ def test_nan_loss_fails_the_job_and_keeps_the_last_good_checkpoint(stepped, monk
     failed = stepped.job(job["id"])
     assert failed["state"] == "failed" and "loss" in failed["error"] and "nan" in failed["error"]
     assert (saved_dir / "adapter_model.safetensors").read_bytes() == good
-    assert not (
-        stepped.home / "adapters" / "herb"
-    ).exists()  # never saved by a failed job
+    assert not (stepped.home / "adapters" / "herb").exists()  # never saved by a failed job
     assert stepped.list_adapters()[0]["step"] == 2  # usable, at its last good weights
     assert stepped.complete(chat("hi"), adapter="herb", max_new_tokens=3).finish_reason in (
         "length",

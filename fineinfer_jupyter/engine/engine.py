@@ -27,6 +27,7 @@ from . import core, export
 from .config import (
     EngineConfig,
     EngineNotReady,
+    NameTaken,
     QueueFull,
     SamplingParams,
     Slo,
@@ -173,6 +174,9 @@ class Engine:
 
         def load():
             c.room_for(name, max_adapters=self.config.max_adapters, field="name")
+            job = next((j for j in c.trainer.jobs.values() if j.active and j.adapter == name), None)
+            if job is not None:
+                raise NameTaken(f"name: {job.id} is to train an adapter named {name!r}")
             return c.adapters.load(name, path, replace=replace).to_dict()
 
         return self._call(load)
@@ -348,6 +352,7 @@ class Engine:
         if self._thread.is_alive():
             log.warning("the engine thread did not stop within %g s; left behind", timeout)
             self._given_up = True
+            self.state, self.error = "error", f"the engine thread did not stop within {timeout:g} s"
             self._fail_inbox(EngineNotReady("engine is shutting down"))
             return False
         return True
@@ -409,6 +414,8 @@ class Engine:
     # -- helpers for callers ---------------------------------------------------------------
 
     def _ready_core(self) -> core.EngineCore:
+        if self._stopping:
+            raise EngineNotReady("engine is shutting down")
         if self.state == "loading":
             raise EngineNotReady(f"model is loading: {self.progress}")
         if self.state != "ready" or self.core is None:
@@ -419,7 +426,7 @@ class Engine:
 
     def _post(self, fn, *args) -> None:
         self._inbox.put((fn, args, None))
-        if self._closed:  # the thread ended meanwhile: nothing will take it out
+        if self._closed or self._given_up:  # nothing will take it out
             self._fail_inbox(EngineNotReady(f"engine {self.state}"))
 
     def _admit(self, seq: Sequence) -> None:  # engine thread
@@ -489,6 +496,7 @@ class Engine:
         }
         progress("calibrating")
         self.core = core.build(self.config, loaded, self.metrics)
+        self.model_info["data_dir"] = str(self.core.home)
         progress("ready")
 
     def _loop(self) -> None:

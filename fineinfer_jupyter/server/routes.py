@@ -182,6 +182,17 @@ class AdapterExportHandler(FineInferHandler):
         self.reply(await self.host.run(engine.export_adapter, name, to, path))
 
 
+class EngineRestartHandler(FineInferHandler):
+    auth_resource = f"{RESOURCE}:engine"
+
+    @web.authenticated
+    @authorized(action="execute")
+    async def post(self):
+        """Shut the engine down and load the model again, without restarting the server (after
+        it failed). Running jobs are interrupted (resumable); requests in flight get an error."""
+        self.reply(await self.host.restart())
+
+
 class OpenAPIHandler(FineInferHandler):
     """The OpenAPI 3.1 document of these routes and the OpenAI-compatible ones."""
 
@@ -287,6 +298,7 @@ def handlers() -> list[tuple[str, type]]:
         (f"adapters/{name}/save", AdapterSaveHandler),
         (f"adapters/{name}/export", AdapterExportHandler),
         ("events", EventsHandler),
+        ("engine/restart", EngineRestartHandler),
         ("openapi.json", OpenAPIHandler),
     ]
     return [(url_path_join("/", API, path), handler) for path, handler in routes]
