@@ -41,7 +41,7 @@ def check_lora_folder(path: Path, shapes: dict[str, tuple[int, int]]) -> dict:
     check(
         kind == "LORA",
         "path",
-        f"{where} is a {kind} adapter; only LoRA adapters are served (every adapter shares its "
+        f"{where}: {kind} adapters are not served, only LoRA ones (every adapter shares its "
         "passes with the others)",
     )
     refused = {

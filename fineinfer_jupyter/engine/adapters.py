@@ -127,16 +127,17 @@ class AdapterStore:
         if replace and name in self._info:
             self.delete(name)
         self.check_free(name)
+        wrapped = self.runner.peft
         try:
             model = self.runner.model
-            if self.runner.peft:
+            if wrapped:
                 model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             else:
                 model = PeftModel.from_pretrained(
                     model, str(path), adapter_name=name, is_trainable=False
                 )
         except Exception:
-            self._forget(name)
+            self._forget(name, wrapped)
             raise
         model.eval()
         self.runner.model = model
@@ -169,10 +170,10 @@ class AdapterStore:
                 log.exception("saved adapter %s does not load; skipped", folder)
         return loaded
 
-    def _forget(self, name: str) -> None:
+    def _forget(self, name: str, wrapped: bool) -> None:
         """Undo whatever a load that failed half-way added to the model."""
         model = self.runner.model
-        if self.runner.peft:
+        if wrapped:
             if name in model.peft_config:
                 self._unload(name)
             return
@@ -180,6 +181,7 @@ class AdapterStore:
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, LoraLayer):
                     setattr(parent, child_name, child.get_base_layer())
+        model.__dict__.pop("peft_config", None)  # and marks the model as a PEFT one
 
     def delete(self, name: str, *, files: bool = False) -> None:
         """Unload `name`; requests that use it now finish with it first (it is unloaded when

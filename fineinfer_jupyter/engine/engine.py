@@ -353,7 +353,11 @@ class Engine:
             log.warning("the engine thread did not stop within %g s; left behind", timeout)
             self._given_up = True
             self.state, self.error = "error", f"the engine thread did not stop within {timeout:g} s"
-            self._fail_inbox(EngineNotReady("engine is shutting down"))
+            reason = EngineNotReady(f"engine is shutting down: {self.error}")
+            self._fail_inbox(reason)
+            for stream in list(self._streams.values()):  # the stuck thread will not answer them
+                if stream.final is None:
+                    stream.put({"type": "error", "id": stream.id, "message": str(reason)})
             return False
         return True
 
