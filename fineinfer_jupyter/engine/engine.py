@@ -70,6 +70,7 @@ class Engine:
         self.state = "loading"
         self.progress = "starting"
         self.error: str | None = None
+        self.was_ready = False  # the model loaded (a later "error" is the engine's, not the load's)
         self.metrics = Metrics()
         self.core: core.EngineCore | None = None  # once the model has loaded
         self.model_info: dict | None = None  # name, path, device, dtype, parameters, max_context
@@ -470,7 +471,7 @@ class Engine:
     def _start(self) -> bool:
         try:
             self._load()
-            self.state = "ready"
+            self.state, self.was_ready = "ready", True
         except Exception as e:  # reported through status(); the server keeps running
             log.exception("model failed to load")
             self.state, self.error = "error", f"{type(e).__name__}: {e}"

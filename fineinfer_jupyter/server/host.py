@@ -140,6 +140,12 @@ class EngineHost:
             return engine
         if engine is None and not self.error:
             raise ApiError(503, "model is loading: starting the engine")
+        if engine is not None and engine.state == "error" and engine.was_ready:
+            raise ApiError(
+                503,
+                f"engine failed: {engine.error} (POST fineinfer/api/engine/restart starts it "
+                "again)",
+            )
         if engine is None or engine.state == "error":
             raise ApiError(503, f"model failed to load: {self.error or engine.error}")
         if engine.state == "loading":
