@@ -14,7 +14,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web, websocket
 
 from . import validate
-from .errors import ApiError, dumps, shown
+from .errors import ApiError, dumps, error_body, shown
 from .handlers import FineInferHandler
 from .host import EventQueue
 
@@ -241,6 +241,12 @@ class EventsHandler(
     @ws_authenticated
     async def get(self, *args, **kwargs):
         await self.pre_get()
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            self.set_status(400)  # (tornado's own answer is plain text)
+            self.set_header("Content-Type", "application/json")
+            message = "events is a WebSocket: connect with an Upgrade: websocket request"
+            self.finish(dumps(error_body(400, message)))
+            return
         res = super().get(*args, **kwargs)
         if res is not None:
             await res
