@@ -38,7 +38,6 @@ from .config import (
     check_train,
 )
 from .data import build_dataset, fingerprint, unchanged
-from .executor import deliver
 from .metrics import Metrics
 from .models import default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
@@ -575,4 +574,7 @@ class Engine:
                     self._queued -= 1
                 seq = args[0]
                 seq.finish_reason, seq.error = "error", f"{type(reason).__name__}: {reason}"
-                deliver(seq)
+                try:
+                    seq.stream.put(seq.final_event())
+                except Exception:
+                    log.exception("stream consumer failed for %s", seq.request_id)
