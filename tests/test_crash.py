@@ -67,6 +67,7 @@ def test_sigterm_while_a_job_trains_stops_the_server_in_seconds_and_keeps_its_pr
         job = start_job(first, **PARAMS, max_steps=100_000, checkpoint_every=1000)
         seen = until(first, f"fineinfer/api/jobs/{job['id']}", lambda j: j["step"] >= 3)["step"]
         seconds = terminate(first)
+        print(f"sigterm while training: exit after {seconds:.2f} s")
         assert seconds < 5, first.log_tail()
     finally:
         first.stop()
@@ -123,6 +124,7 @@ def test_sigterm_stops_the_server_in_seconds_even_when_the_engine_thread_is_stuc
         with pytest.raises(OSError):  # (a timeout) a call that needs the engine thread hangs
             process.call("GET", "fineinfer/api/jobs", timeout=3)
         seconds = terminate(process)
+        print(f"sigterm with the engine thread stuck: exit after {seconds:.2f} s")
         assert seconds < 6, process.log_tail()
         assert "the engine thread did not stop within 3 s" in process.log.read_text()
     finally:

@@ -17,8 +17,8 @@ from test_training import FAST, RECORDS, train_to_end
 
 from fineinfer_jupyter.engine.config import EngineConfig, NameTaken
 from fineinfer_jupyter.engine.engine import Engine
+from fineinfer_jupyter.engine.job import latest_checkpoint
 from fineinfer_jupyter.engine.models import data_slug, load_model
-from fineinfer_jupyter.engine.training import latest_checkpoint
 
 
 def home_of(data_dir):
