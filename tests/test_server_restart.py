@@ -60,7 +60,7 @@ async def test_a_restart_waits_a_few_seconds_for_a_stuck_engine_thread_then_says
     await asyncio.sleep(0.5)  # its request woke the engine thread, which is stuck from here
     code, answer = await api.post("engine/restart")
     assert code == 409 and answer["error"]["message"] == (
-        "the engine thread did not stop within 3 s (it is inside a long operation); try again, "
+        "the engine thread did not stop within 2 s (it is inside a long operation); try again, "
         "or restart the server"
     )
     events = await asyncio.wait_for(pending, 5)  # its request was answered, not left hanging

@@ -23,7 +23,7 @@ from .. import __version__
 from .errors import ApiError, dumps, engine_errors
 
 EVENTS_INTERVAL = 0.5  # seconds between two pushes on the events WebSocket
-SHUTDOWN_TIMEOUT = 3.0  # seconds the engine thread gets to stop (at SIGTERM, on restart)
+SHUTDOWN_TIMEOUT = 2.0  # seconds the engine thread gets to stop (at SIGTERM, on restart)
 
 
 class EngineHost:
@@ -77,9 +77,11 @@ class EngineHost:
         if self._creating is not None:
             await asyncio.gather(self._creating, return_exceptions=True)
         if self.engine is not None:
+            start = time.monotonic()
             await asyncio.get_running_loop().run_in_executor(
                 None, self.engine.shutdown, SHUTDOWN_TIMEOUT
             )
+            self.log.info("fineinfer: engine stopped in %.1f s", time.monotonic() - start)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def restart(self) -> dict:
