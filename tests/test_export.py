@@ -304,7 +304,8 @@ def test_what_vllm_refuses_is_refused_in_one_line(tmp_path, config, message):
 def test_engine_exports_current_weights_under_the_data_directory(engine, data_dir, adapter_dirs):
     engine.load_adapter("alpha", adapter_dirs["alpha"])
     result = engine.export_adapter("alpha", "gguf")
-    out = data_dir / "exports" / "alpha" / "alpha.gguf"
+    out = engine.home / "exports" / "alpha" / "alpha.gguf"
+    assert engine.home.parent == data_dir and engine.home.name.startswith("tiny-")
     assert result == {
         "adapter": "alpha",
         "format": "gguf",
@@ -319,10 +320,12 @@ def test_engine_exports_current_weights_under_the_data_directory(engine, data_di
     _, tensors = read_gguf(out)
     a, _ = peft_pairs(adapter_dirs["alpha"])["1.mlp.up_proj"]
     assert np.array_equal(tensors["blk.1.ffn_up.weight.lora_a"].data, a.numpy())
-    assert sorted(p.name for p in (data_dir / "exports").iterdir()) == ["alpha"]  # no scratch left
+    assert sorted(p.name for p in (engine.home / "exports").iterdir()) == [
+        "alpha"
+    ]  # no scratch left
 
     vllm = engine.export_adapter("alpha", "vllm")
-    assert vllm["path"] == str(data_dir / "exports" / "alpha" / "vllm")
+    assert vllm["path"] == str(engine.home / "exports" / "alpha" / "vllm")
     assert load_file(f"{vllm['path']}/adapter_model.safetensors").keys() == peft_pairs_keys(
         adapter_dirs["alpha"]
     )
@@ -366,8 +369,8 @@ async def test_export_route_writes_under_the_root_or_the_data_directory(ready_ap
     assert (code, result["path"], result["files"]) == (200, str(out), [str(out)])
     assert read_gguf(out)[0]["adapter.lora.alpha"] == 8.0
     code, result = await api.post("adapters/alpha/export", {"to": "vllm"})
-    data = api.app.host.config["data_dir"]
-    assert (code, result["path"]) == (200, f"{data}/exports/alpha/vllm")
+    home = api.app.host.engine.home
+    assert (code, result["path"]) == (200, f"{home}/exports/alpha/vllm")
     assert result["max_lora_rank"] == 16 and result["commands"][0].startswith("vllm serve tiny ")
 
     def refused(field, message, status=400):

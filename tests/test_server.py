@@ -560,6 +560,7 @@ async def test_adapters_load_save_list_and_delete_with_exact_errors(
             "r": 4,
             "training": False,
             "step": None,
+            "job": None,
         },
     )
     assert await api.get("adapters") == (200, {"adapters": [alpha]})

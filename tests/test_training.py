@@ -61,7 +61,7 @@ def test_training_lowers_loss_and_the_adapter_reproduces_a_completion(stepped):
     assert texts[0] == RECORDS[0]["completion"]
     assert texts[2] == RECORDS[1]["completion"]
     assert texts[1] != RECORDS[0]["completion"] and texts[3] != RECORDS[1]["completion"]
-    saved = stepped.config.data_dir / "adapters" / "herb"
+    saved = stepped.home / "adapters" / "herb"
     assert (saved / "adapter_model.safetensors").stat().st_size > 0
     assert json.loads((saved / "adapter_config.json").read_text())["r"] == 8
 
@@ -78,7 +78,7 @@ def test_stop_and_resume_give_the_same_loss_at_every_step_as_an_uninterrupted_ru
         stopped = b.stop_job(job["id"])
         assert stopped["state"] == "stopped" and stopped["step"] == 3
         assert stopped["checkpoint"].endswith("checkpoint-000003")
-        assert (b.config.data_dir / "adapters" / "herb" / "adapter_model.safetensors").exists()
+        assert (b.home / "adapters" / "herb" / "adapter_model.safetensors").exists()
         b.resume_job(job["id"])
         resumed = train_to_end(b, job["id"])["loss_history"]
     assert [s for s, _ in resumed] == list(range(1, 8))
@@ -102,7 +102,7 @@ import torch
 from peft import PeftModel
 from fineinfer_jupyter.engine.models import load_model
 base = load_model("tiny").model
-model = PeftModel.from_pretrained(base, {str(stepped.config.data_dir / "adapters" / "herb")!r}).eval()
+model = PeftModel.from_pretrained(base, {str(stepped.home / "adapters" / "herb")!r}).eval()
 with torch.no_grad():
     torch.save(model(input_ids=torch.tensor({ids.tolist()})).logits, {str(out)!r})
 """
@@ -231,7 +231,7 @@ def test_job_reports_progress_eval_loss_and_rates(stepped):
     assert job["eval_loss"] is not None and math.isfinite(job["eval_loss"])
     assert job["tokens_per_s"] > 0 and job["samples_per_s"] > 0
     assert job["epoch"] == pytest.approx(4 * 4 / 9, rel=1e-3)
-    on_disk = json.loads((stepped.config.data_dir / "jobs" / job["id"] / "job.json").read_text())
+    on_disk = json.loads((stepped.home / "jobs" / job["id"] / "job.json").read_text())
     assert on_disk["state"] == "done" and on_disk["step"] == 4
 
 
@@ -244,7 +244,7 @@ def test_nan_loss_fails_the_job_and_keeps_the_last_good_checkpoint(stepped, monk
     job = stepped.tune("herb", RECORDS, max_steps=10, **dict(FAST, checkpoint_every=2))
     while stepped.job(job["id"])["step"] < 3:
         stepped.iterate()
-    saved_dir = stepped.config.data_dir / "jobs" / job["id"] / "checkpoint-000002"
+    saved_dir = stepped.home / "jobs" / job["id"] / "checkpoint-000002"
     good = (saved_dir / "adapter_model.safetensors").read_bytes()
     real = stepped.core.runner.micro_step
 
@@ -260,9 +260,7 @@ def test_nan_loss_fails_the_job_and_keeps_the_last_good_checkpoint(stepped, monk
     failed = stepped.job(job["id"])
     assert failed["state"] == "failed" and "loss" in failed["error"] and "nan" in failed["error"]
     assert (saved_dir / "adapter_model.safetensors").read_bytes() == good
-    assert not (
-        stepped.config.data_dir / "adapters" / "herb"
-    ).exists()  # never saved by a failed job
+    assert not (stepped.home / "adapters" / "herb").exists()  # never saved by a failed job
     assert stepped.list_adapters()[0]["step"] == 2  # usable, at its last good weights
     assert stepped.complete(chat("hi"), adapter="herb", max_new_tokens=3).finish_reason in (
         "length",

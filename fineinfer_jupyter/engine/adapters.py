@@ -22,6 +22,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .adapter_check import check_lora_folder, layer_shapes
 from .config import NameTaken, UnknownName, check, check_adapter_name
 from .runner import Runner
 from .storage import atomic_dir, atomic_write, is_scratch, recover
@@ -37,6 +38,7 @@ class AdapterInfo:
     r: int
     training: bool
     step: int | None  # optimizer steps its weights have had (None: unknown, loaded from elsewhere)
+    job: str | None = None  # the job that trained it (None: loaded from elsewhere)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +50,8 @@ class AdapterStore:
         self.root = root  # <data_dir>/adapters: one PEFT folder per saved adapter
         self._info: dict[str, AdapterInfo] = {}  # replaced, never edited: readers hold one
         self._snapshots: dict[str, int] = {}  # "<name>@<step>" -> requests pinned to it
+        self._pins: dict[str, int] = {}  # adapter -> requests using it (not under training)
+        self._leaving: set[str] = set()  # deleted, unloaded when its last request ends
 
     # -- reads (any thread) -------------------------------------------------------------------
 
@@ -59,7 +63,17 @@ class AdapterStore:
         return [info[name].to_dict() for name in sorted(info)]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._info
+        return name in self._info or name in self._leaving
+
+    def check_free(self, name: str, field: str = "name") -> None:
+        """NameTaken unless `name` can be given to a new adapter now."""
+        if name in self._info:
+            raise NameTaken(f"{field}: an adapter named {name!r} exists already")
+        if name in self._leaving:
+            raise NameTaken(
+                f"{field}: {name!r} was deleted but {self._pins.get(name, 0)} running requests "
+                "still use it; try again when they end"
+            )
 
     def get(self, name: str) -> AdapterInfo:
         info = self._info.get(name)
@@ -79,6 +93,16 @@ class AdapterStore:
             )
         return name
 
+    def owner(self, name: str) -> str | None:
+        """Who holds `name` now: None (nobody), the id of the job that trained it, or what it
+        is when no job did."""
+        if name in self._leaving:
+            return "a deleted adapter that running requests still use"
+        info = self._info.get(name)
+        if info is None:
+            return None
+        return info.job or "an adapter loaded from a folder"
+
     @property
     def snapshots(self) -> list[str]:
         return sorted(self._snapshots)
@@ -93,62 +117,94 @@ class AdapterStore:
         self._info = {k: v for k, v in self._info.items() if k != name}
         return info
 
-    def load(self, name: str, path: str | Path, *, replace: bool = False) -> AdapterInfo:
+    def load(
+        self, name: str, path: str | Path, *, replace: bool = False, job: str | None = None
+    ) -> AdapterInfo:
+        """Load a saved LoRA adapter folder under `name` (checked first: adapter_check.py)."""
         check_adapter_name(name, "name")
         path = Path(path)
-        check(
-            (path / "adapter_config.json").is_file(),
-            "path",
-            f"{path.name!r} is not a PEFT adapter folder (no adapter_config.json)",
-        )
-        if name in self._info:
-            if not replace:
-                raise NameTaken(f"name: an adapter named {name!r} exists already")
+        config = check_lora_folder(path, layer_shapes(self.runner.walk.causal_lm))
+        if replace and name in self._info:
             self.delete(name)
-        model = self.runner.model
-        if self.runner.peft:
-            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        else:
-            model = PeftModel.from_pretrained(
-                model, str(path), adapter_name=name, is_trainable=False
-            )
+        self.check_free(name)
+        wrapped = self.runner.peft
+        try:
+            model = self.runner.model
+            if wrapped:
+                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            else:
+                model = PeftModel.from_pretrained(
+                    model, str(path), adapter_name=name, is_trainable=False
+                )
+        except Exception:
+            self._forget(name, wrapped)
+            raise
         model.eval()
         self.runner.model = model
         meta = _read_json(path / "fineinfer.json")
-        info = AdapterInfo(name, str(path), model.peft_config[name].r, False, meta.get("step"))
+        step, owner = meta.get("step"), meta.get("job")
+        info = AdapterInfo(
+            name,
+            str(path),
+            config["r"] if isinstance(config.get("r"), int) else model.peft_config[name].r,
+            False,
+            step if isinstance(step, int) else None,
+            (owner if isinstance(owner, str) else None) or job,
+        )
         self._set(info)
         return info
 
     def load_saved(self) -> list[str]:
-        """Load every adapter saved under the data directory (at engine start)."""
+        """Load every adapter saved under the data directory (at engine start). A folder that
+        does not load is skipped (and logged); it never stops the others or the engine."""
         loaded = []
+        self.root.mkdir(parents=True, exist_ok=True)
         for folder in sorted(p for p in self.root.iterdir() if not is_scratch(p)):
-            recover(folder)
-            if not (folder / "adapter_config.json").is_file():
-                continue
             try:
+                recover(folder)
+                if not folder.is_dir() or not (folder / "adapter_config.json").is_file():
+                    continue
                 self.load(folder.name, folder)
                 loaded.append(folder.name)
             except Exception:
                 log.exception("saved adapter %s does not load; skipped", folder)
         return loaded
 
+    def _forget(self, name: str, wrapped: bool) -> None:
+        """Undo whatever a load that failed half-way added to the model."""
+        model = self.runner.model
+        if wrapped:
+            if name in model.peft_config:
+                self._unload(name)
+            return
+        for parent in list(model.modules()):  # PeftModel.from_pretrained wraps layers in place
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, LoraLayer):
+                    setattr(parent, child_name, child.get_base_layer())
+        model.__dict__.pop("peft_config", None)  # and marks the model as a PEFT one
+
     def delete(self, name: str, *, files: bool = False) -> None:
+        """Unload `name`; requests that use it now finish with it first (it is unloaded when
+        the last one ends), new ones no longer find it."""
         info = self.get(name)
         check(not info.training, "name", f"adapter {name!r} is being trained; stop its job first")
-        self._unload(name)
         self._drop(name)
+        if self._pins.get(name):
+            self._leaving.add(name)
+        else:
+            self._unload(name)
         if files and info.path and Path(info.path).parent == self.root:
             shutil.rmtree(info.path, ignore_errors=True)
 
-    def create(self, name: str, config: LoraConfig) -> None:
+    def create(self, name: str, config: LoraConfig, *, job: str | None = None) -> None:
         """A new adapter over the shared base, to be trained."""
+        self.check_free(name, "adapter")
         if self.runner.peft:
             self.runner.model.add_adapter(name, config)
         else:
             self.runner.model = get_peft_model(self.runner.model, config, adapter_name=name)
         self.runner.model.eval()
-        self._set(AdapterInfo(name, None, config.r, False, 0))
+        self._set(AdapterInfo(name, None, config.r, False, 0, job))
 
     def begin_training(self, name: str) -> list[torch.nn.Parameter]:
         """Make `name` the adapter that plain forwards use and that gets gradients; returns
@@ -216,6 +272,7 @@ class AdapterStore:
             return None
         info = self.get(name)
         if not info.training:
+            self._pins[name] = self._pins.get(name, 0) + 1
             return name
         snap = f"{name}{SNAPSHOT}{info.step}"
         if snap not in self._snapshots:
@@ -239,6 +296,13 @@ class AdapterStore:
         if adapter in self._snapshots:
             self._snapshots[adapter] -= 1
             self._release_unused()
+        elif adapter in self._pins:
+            self._pins[adapter] -= 1
+            if not self._pins[adapter]:
+                del self._pins[adapter]
+                if adapter in self._leaving:
+                    self._leaving.discard(adapter)
+                    self._unload(adapter)
 
     def _release_unused(self) -> None:
         """Drop snapshots no request uses, except the newest of an adapter still training

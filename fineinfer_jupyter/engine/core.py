@@ -5,6 +5,7 @@ Only the engine thread calls into an EngineCore (docs/design.md, "Threads").
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +15,7 @@ from .config import EngineConfig, LimitReached, Slo, check, default_slo
 from .costmodel import CostModel
 from .executor import Executor, deliver
 from .metrics import Metrics
-from .models import LoadedModel, default_cache_dir, slug
+from .models import LoadedModel, data_slug, default_cache_dir, slug
 from .offload import LayerOffload
 from .outputs import SchedulerOutput
 from .request import Tokenizer
@@ -23,6 +24,8 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .threads import configure_threads
 from .training import Trainer
+
+log = logging.getLogger("fineinfer")
 
 
 class EngineCore:
@@ -38,7 +41,9 @@ class EngineCore:
         scheduler: Scheduler,
         executor: Executor,
         metrics: Metrics,
+        home: Path,
     ):
+        self.home = home  # <data_dir>/<model slug>: this base model's adapters, jobs, exports
         self.loaded, self.slo, self.tokenizer = loaded, slo, tokenizer
         self.runner, self.adapters, self.trainer = runner, adapters, trainer
         self.scheduler, self.executor, self.metrics = scheduler, executor, metrics
@@ -121,13 +126,13 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
     eos = gen.eos_token_id if gen.eos_token_id is not None else hf.eos_token_id
     tokenizer = Tokenizer(hf, set(eos if isinstance(eos, list) else [eos]) - {None})
     runner = Runner(loaded.model, device=device)
+    home = model_home(Path(config.data_dir), loaded)  # (from the weights' shapes: first)
     if config.offload != "none":
         runner.walk.offload = offload_layers(config, loaded, runner)
-    root = Path(config.data_dir)
-    (root / "adapters").mkdir(parents=True, exist_ok=True)
-    adapters = AdapterStore(runner, root / "adapters")
+    adapters = AdapterStore(runner, home / "adapters")
     adapters.load_saved()
-    trainer = Trainer(runner, adapters, root=root / "jobs", pad_id=tokenizer.pad_id)
+    trainer = Trainer(runner, adapters, root=home / "jobs", pad_id=tokenizer.pad_id)
+    trainer.load()
     scheduler = Scheduler(
         policy=config.policy,
         max_batch_size=config.max_batch_size,
@@ -156,4 +161,23 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         scheduler=scheduler,
         executor=executor,
         metrics=metrics,
+        home=home,
     )
+
+
+def model_home(data_dir: Path, loaded: LoadedModel) -> Path:
+    """<data_dir>/<model slug>/ (docs/design.md, "The data directory"). What an older version
+    left directly in <data_dir> is not read: the log says where it is and how to move it."""
+    home = data_dir / data_slug(loaded)
+    home.mkdir(parents=True, exist_ok=True)
+    old = [data_dir / n for n in ("adapters", "jobs") if (data_dir / n).is_dir()]
+    if old:
+        log.warning(
+            "%s holds adapters or jobs of an older fineinfer (one folder for every base model); "
+            "they are not read. Those trained on %s can be moved: mv %s %s/",
+            data_dir,
+            loaded.name,
+            " ".join(str(p) for p in old),
+            home,
+        )
+    return home

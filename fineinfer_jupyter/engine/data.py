@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -221,6 +222,31 @@ def build_dataset(
     if val_fraction > 0 and len(examples) >= 2:
         n_val = min(max(1, round(len(examples) * val_fraction)), len(examples) - 1)
     return Dataset(examples[n_val:], examples[:n_val], len(records), len(records) - len(examples))
+
+
+def fingerprint(path) -> dict:
+    """What says a data file is the one a job trained on: its path, size, mtime and hash."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return {
+        "path": str(path),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+
+
+def unchanged(source: dict) -> bool:
+    """The file of `fingerprint` is still there with the same content."""
+    try:
+        st = Path(source["path"]).stat()
+        if st.st_size != source["size"]:
+            return False
+        if st.st_mtime_ns == source["mtime_ns"]:
+            return True
+        return fingerprint(source["path"])["sha256"] == source["sha256"]
+    except (OSError, KeyError, TypeError):
+        return False
 
 
 def source_name(source) -> str:

@@ -27,6 +27,7 @@ from . import core, export, threads
 from .config import (
     EngineConfig,
     EngineNotReady,
+    NameTaken,
     QueueFull,
     SamplingParams,
     Slo,
@@ -36,7 +37,7 @@ from .config import (
     check_stop,
     check_train,
 )
-from .data import build_dataset
+from .data import build_dataset, fingerprint, unchanged
 from .metrics import Metrics
 from .models import default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
@@ -68,6 +69,7 @@ class Engine:
         self.state = "loading"
         self.progress = "starting"
         self.error: str | None = None
+        self.was_ready = False  # the model loaded (a later "error" is the engine's, not the load's)
         self.metrics = Metrics()
         self.core: core.EngineCore | None = None  # once the model has loaded
         self.model_info: dict | None = None  # name, path, device, dtype, parameters, max_context
@@ -76,6 +78,8 @@ class Engine:
         self._lock = threading.Lock()
         self._queued = 0  # requests in the inbox, not yet in the scheduler's queue
         self._stopping = False
+        self._closed = False  # the engine thread has ended: nothing in the inbox runs any more
+        self._given_up = False  # shutdown stopped waiting for a thread stuck in an operation
         self._ready = threading.Event()
         self._thread = None
         if not thread:
@@ -170,6 +174,9 @@ class Engine:
 
         def load():
             c.room_for(name, max_adapters=self.config.max_adapters, field="name")
+            job = next((j for j in c.trainer.jobs.values() if j.active and j.adapter == name), None)
+            if job is not None:
+                raise NameTaken(f"name: {job.id} is to train an adapter named {name!r}")
             return c.adapters.load(name, path, replace=replace).to_dict()
 
         return self._call(load)
@@ -216,20 +223,29 @@ class Engine:
         check_train(self.config, params, c.loaded.max_context)
         config = self.config
         self._call(c.room_for, adapter, max_adapters=config.max_adapters, max_jobs=config.max_jobs)
-        dataset = build_dataset(
-            data,
-            c.tokenizer.copy(),  # a data set can take a while: not under the shared lock
-            max_length=params.max_length,
-            val_fraction=params.val_fraction,
-            seed=params.seed,
-            max_bytes=config.max_data_bytes,
-        )
+        dataset = self._dataset(data, params)
+        # what a restart needs to build the data set again: the file (noticed if it changes),
+        # or the records themselves, kept with the job
+        file = isinstance(data, (str, Path))
+        source = fingerprint(data) if file else None
+        records = None if file else list(data)
 
         def submit():  # checked again: another job may have come in meanwhile
             c.room_for(adapter, max_adapters=config.max_adapters, max_jobs=config.max_jobs)
-            return c.trainer.submit(adapter, dataset, params).to_dict()
+            job = c.trainer.submit(adapter, dataset, params, source=source, records=records)
+            return job.to_dict()
 
         return self._call(submit)
+
+    def _dataset(self, data, params: TrainParams):
+        return build_dataset(
+            data,
+            self.core.tokenizer.copy(),  # a data set can take a while: not under the shared lock
+            max_length=params.max_length,
+            val_fraction=params.val_fraction,
+            seed=params.seed,
+            max_bytes=self.config.max_data_bytes,
+        )
 
     def jobs(self) -> list[dict]:
         c = self._ready_core()
@@ -244,8 +260,31 @@ class Engine:
         return self._call(lambda: c.trainer.stop(job_id).to_dict())
 
     def resume_job(self, job_id: str) -> dict:
+        """Resume a stopped, failed or interrupted job from its last checkpoint. A job from
+        before a restart reads its data again: the same file, unchanged, or its kept records."""
         c = self._ready_core()
-        return self._call(lambda: c.trainer.resume(job_id).to_dict())
+        job = self._call(c.trainer.get, job_id)
+        dataset = None
+        if job.dataset is None:
+            source = job.source or {}
+            if "records" in source:
+                data = job.folder / source["records"]
+            else:
+                check("path" in source, "job", f"{job_id} does not say where its data is")
+                check(
+                    unchanged(source),
+                    "data",
+                    f"{source['path']} changed since {job_id} started (or is gone); "
+                    "it would not train the same examples: start a new job on it",
+                )
+                data = source["path"]
+            dataset = self._dataset(data, job.params)
+            check(
+                len(dataset.train) == job.examples,
+                "data",
+                f"gives {len(dataset.train)} examples now, {job.examples} when {job_id} started",
+            )
+        return self._call(lambda: c.trainer.resume(job_id, dataset).to_dict())
 
     def cancel_job(self, job_id: str) -> dict:
         c = self._ready_core()
@@ -262,8 +301,15 @@ class Engine:
                 raise TimeoutError(f"job {job_id} still {job['state']}")
             time.sleep(poll)
 
+    @property
+    def home(self) -> Path | None:
+        """<data_dir>/<model slug>: this base model's adapters, jobs and exports."""
+        return self.core.home if self.core else None
+
     def status(self) -> dict:
         c = self.core
+        if self.state == "ready" and self._thread is not None and not self._thread.is_alive():
+            self.state, self.error = "error", self.error or "the engine thread has ended"
         return {
             "state": self.state,
             "progress": self.progress,
@@ -291,15 +337,38 @@ class Engine:
         self._drain(block=False)
         return self.core.iterate()
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        if self._stopping:
-            return
-        self._stopping = True
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Stop the engine thread: the running job checkpoints (interrupted: it resumes at the
+        next start), requests in flight get an error. Returns within `timeout` seconds even if
+        the thread is stuck in a long operation (then False; the thread is a daemon, and callers
+        waiting on it get EngineNotReady)."""
+        if not self._stopping:
+            self._stopping = True
+            if self._thread is None:
+                self._close()
+                return True
+            self._inbox.put((lambda: None, (), None))
         if self._thread is None:
-            self._close()
-            return
-        self._inbox.put((lambda: None, (), None))
+            return True
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the engine thread did not stop within %g s; left behind", timeout)
+            self._given_up = True
+            self.state, self.error = "error", f"the engine thread did not stop within {timeout:g} s"
+            reason = EngineNotReady(f"engine is shutting down: {self.error}")
+            self._fail_inbox(reason)
+            for stream in list(self._streams.values()):  # the stuck thread will not answer them
+                if stream.final is None:
+                    stream.put({"type": "error", "id": stream.id, "message": str(reason)})
+            return False
+        return True
+
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs (or, without a thread, the engine is not shut down)."""
+        if self._thread is None:
+            return not self._closed
+        return self._thread.is_alive()
 
     def __enter__(self) -> Engine:
         return self
@@ -316,7 +385,8 @@ class Engine:
         {"format", "path", "files", "commands", ...}; what cannot be exported is a ValueError.
         """
         check(to in export.FORMATS, "to", f"must be one of {', '.join(export.FORMATS)}")
-        exports = Path(self.config.data_dir) / "exports"
+        c = self._ready_core()
+        exports = c.home / "exports"
         out = Path(path) if path is not None else exports / name
         if to == "gguf" and out.suffix != ".gguf":
             check(not out.is_file(), "path", f"{out} is a file; give a folder or a .gguf name")
@@ -324,7 +394,6 @@ class Engine:
         if to == "vllm" and path is None:
             out = out / "vllm"
         scratch = exports / f".{name}-{uuid.uuid4().hex[:8]}"
-        c = self._ready_core()
 
         def save():
             c.adapters.get(name)
@@ -351,6 +420,8 @@ class Engine:
     # -- helpers for callers ---------------------------------------------------------------
 
     def _ready_core(self) -> core.EngineCore:
+        if self._stopping:
+            raise EngineNotReady("engine is shutting down")
         if self.state == "loading":
             raise EngineNotReady(f"model is loading: {self.progress}")
         if self.state != "ready" or self.core is None:
@@ -361,6 +432,8 @@ class Engine:
 
     def _post(self, fn, *args) -> None:
         self._inbox.put((fn, args, None))
+        if self._closed or self._given_up:  # nothing will take it out
+            self._fail_inbox(EngineNotReady(f"engine {self.state}"))
 
     def _admit(self, seq: Sequence) -> None:  # engine thread
         with self._lock:
@@ -375,24 +448,31 @@ class Engine:
             return fn(*args, **kwargs)
         future: Future = Future()
         self._inbox.put((lambda: fn(*args, **kwargs), (), future))
+        if self._closed:
+            self._fail_inbox(EngineNotReady(f"engine {self.state}"))
         while True:
             try:
-                return future.result(timeout=1.0)
+                return future.result(timeout=0.5)
             except FutureTimeout:
-                if not self._thread.is_alive():
+                if not self._thread.is_alive() or self._given_up:
                     raise EngineNotReady(f"engine {self.state}") from None
 
     # -- the engine thread -------------------------------------------------------------------
 
     def _main(self) -> None:
-        if self._start():
-            self._loop()
-        self._close()
+        try:
+            if self._start():
+                self._loop()
+        except BaseException as e:  # a bug in the loop itself: reported, never silent
+            log.exception("the engine thread failed")
+            self.state, self.error = "error", f"engine thread failed: {type(e).__name__}: {e}"
+        finally:
+            self._close()
 
     def _start(self) -> bool:
         try:
             self._load()
-            self.state = "ready"
+            self.state, self.was_ready = "ready", True
         except Exception as e:  # reported through status(); the server keeps running
             log.exception("model failed to load")
             self.state, self.error = "error", f"{type(e).__name__}: {e}"
@@ -422,6 +502,7 @@ class Engine:
         }
         progress("calibrating")
         self.core = core.build(self.config, loaded, self.metrics)
+        self.model_info["data_dir"] = str(self.core.home)
         progress("ready")
 
     def _loop(self) -> None:
@@ -466,16 +547,13 @@ class Engine:
         self.state = "stopped" if self.state == "ready" else self.state
         reason = EngineNotReady(f"engine {self.state}" + (f": {self.error}" if self.error else ""))
         if self.core is not None:
+            try:  # the running job keeps what it learned up to its last optimizer step
+                self.core.trainer.interrupt()
+            except Exception:
+                log.exception("could not checkpoint the running job at shutdown")
             self.core.fail_all(reason)
-        while True:  # callers waiting on engine-thread calls get an answer too
-            try:
-                fn, args, future = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if future is not None:
-                future.set_exception(reason)
-            elif fn == self._admit and self.core is not None:
-                self.core.executor.fail(args[0], reason)
+        self._closed = True
+        self._fail_inbox(reason)  # callers waiting on engine-thread calls get an answer too
         # nothing may keep the model alive once the engine has stopped
         if self.core is not None:
             self.core.loaded.model = None
@@ -483,3 +561,22 @@ class Engine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _fail_inbox(self, reason: Exception) -> None:
+        """Answer everything still in the inbox with `reason` (any thread)."""
+        while True:
+            try:
+                fn, args, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None:
+                future.set_exception(reason)
+            elif fn == self._admit:
+                with self._lock:
+                    self._queued -= 1
+                seq = args[0]
+                seq.finish_reason, seq.error = "error", f"{type(reason).__name__}: {reason}"
+                try:
+                    seq.stream.put(seq.final_event())
+                except Exception:
+                    log.exception("stream consumer failed for %s", seq.request_id)

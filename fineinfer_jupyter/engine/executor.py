@@ -17,6 +17,7 @@ from .batch import Batch
 from .config import SamplingParams, Slo
 from .costmodel import prefill_units
 from .metrics import Metrics
+from .oom import decode_fitting, free_memory, halves, is_oom, too_big
 from .outputs import IterationResult, SchedulerOutput, Timing
 from .request import Tokenizer
 from .runner import Runner
@@ -114,8 +115,9 @@ class Executor:
                 seq.pinned = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
             except Exception as e:
                 self._fail(seq, e, result)
-        for group in passes:
-            group = [s for s in group if not s.is_finished]
+        todo = list(passes)
+        while todo:
+            group = [s for s in todo.pop(0) if not s.is_finished]
             if not group:
                 continue
             start, also = time.perf_counter(), shared
@@ -124,8 +126,12 @@ class Executor:
                 cache, mask, logits = self.runner.prefill(group, also)
                 tokens = self.runner.sample(logits, group)
             except Exception as e:  # this pass failed: its rows fail, the rest go on
+                if is_oom(e) and len(group) > 1:  # (or fewer rows at a time fit: oom.py)
+                    free_memory()
+                    todo[:0] = halves(group)
+                    continue
                 for seq in group:
-                    self._fail(seq, e, result)
+                    self._fail(seq, too_big(seq, e) if is_oom(e) else e, result)
                 continue
             seconds = time.perf_counter() - start - (sum(also.seconds) if also else 0.0)
             result.timings.append(Timing("prefill", prefill_units(group), seconds))
@@ -142,12 +148,15 @@ class Executor:
     def _decode(self, seqs: list[Sequence], result: IterationResult, shared=None) -> None:
         start = time.perf_counter()
         self.batch.align(seqs)
-        try:
-            logits = self.runner.decode(self.batch, shared)
+        try:  # out of memory: the longest rows leave until the rest fit (oom.py)
+            logits, seqs = decode_fitting(
+                self.runner, self.batch, seqs, lambda s, e: self._fail(s, e, result), shared
+            )
             tokens = self.runner.sample(logits, seqs)
         except Exception as e:  # the whole pass failed: every row in it fails, the engine goes on
             for seq in seqs:
-                self._fail(seq, e, result)
+                if not seq.is_finished:
+                    self._fail(seq, too_big(seq, e) if is_oom(e) else e, result)
             self.batch.keep([])
             return
         now = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import os
 import re
@@ -270,6 +271,15 @@ def alive(pid: int) -> bool:
     except OSError:
         pass
     return True
+
+
+def data_slug(loaded: LoadedModel) -> str:
+    """The base model's folder in the data directory: its name and a short hash of its
+    parameters' names and shapes, so that adapters and jobs of one base model never meet
+    another's (the same model in another dtype or folder shares them)."""
+    shapes = sorted((n, tuple(p.shape)) for n, p in loaded.model.named_parameters())
+    digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
+    return f"{slug(loaded.name)}-{digest}"
 
 
 def slug(text: str) -> str:

@@ -118,6 +118,12 @@ def recover(target: Path) -> None:
         fsync_dir(target.parent)
 
 
+def recover_all(folder: Path) -> None:
+    """recover() every target in `folder` that a crash left set aside mid-swap."""
+    for aside in Path(folder).glob(".*.old-*-*"):
+        recover(aside.parent / aside.name[1:].rsplit(".old-", 1)[0])
+
+
 def sweep(target: Path) -> None:
     """Remove the temporary siblings of `target` that writers which died left behind."""
     recover(target)

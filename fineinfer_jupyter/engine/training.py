@@ -3,8 +3,10 @@
 Words (docs/design.md): a micro-step is one forward and backward over part of the current
 effective batch; an (optimizer) step updates the weights once the effective batch is complete,
 and a job's `step` counts those. Checkpoints (PEFT adapter files plus the trainer state) go
-under <data_dir>/jobs/<id>/; a finished or stopped adapter is also saved under
-<data_dir>/adapters/<name>/ and stays loaded for inference.
+under <model folder>/jobs/<id>/; a finished or stopped adapter is also saved under
+<model folder>/adapters/<name>/ and stays loaded for inference. Every job's record (job.py) is
+read back at start: a job that was queued or running when the process ended is "interrupted"
+and resumes from its last checkpoint (docs/design.md).
 """
 
 from __future__ import annotations
@@ -13,11 +15,9 @@ import itertools
 import json
 import logging
 import math
-import random
 import shutil
 import time
 from collections import deque
-from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,8 +28,18 @@ from transformers import get_cosine_schedule_with_warmup
 from .adapters import AdapterStore
 from .config import NameTaken, TrainParams, UnknownName, check, check_adapter_name
 from .data import Dataset, Example, collate
+from .job import (
+    RECORDS,
+    RESUMABLE,
+    Job,
+    JobState,
+    checkpoint_step,
+    latest_checkpoint,
+    write_record,
+)
+from .oom import free_memory, is_oom
 from .runner import Runner
-from .storage import atomic_dir, atomic_write, recover
+from .storage import atomic_dir, atomic_write, is_scratch, recover
 from .walk import TrainingPass
 
 log = logging.getLogger("fineinfer")
@@ -58,126 +68,6 @@ class Progress(NamedTuple):
 NO_PROGRESS = Progress([], 0, 0)
 
 
-class JobState(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    STOPPED = "stopped"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class Job:
-    def __init__(
-        self, job_id: str, adapter: str, params: TrainParams, dataset: Dataset, folder: Path
-    ):
-        self.id, self.adapter, self.params = job_id, adapter, params
-        self.dataset, self.folder = dataset, folder
-        self.state = JobState.QUEUED
-        self.error: str | None = None
-        n = len(dataset.train)
-        self.steps_per_epoch = math.ceil(n / params.batch_size)
-        self.total_steps = params.max_steps or max(
-            1, math.ceil(params.epochs * self.steps_per_epoch)
-        )
-        self.step = 0  # optimizer steps done
-        self.loss_history: list[tuple[int, float]] = []
-        self.eval_loss: float | None = None
-        self.checkpoint: str | None = None
-        self.pending: list[int] = []  # examples of the current effective batch still to run
-        self.batch_tokens = 0  # label tokens of the whole current effective batch
-        self.loss_sum = 0.0
-        self.tokens_done = self.samples_done = 0
-        self.rates = Rates()
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.lr_scheduler = None
-        self.resume_from: Path | None = None
-        self.created = time.time()
-
-    @property
-    def epoch(self) -> float:
-        return self.step * self.params.batch_size / max(1, len(self.dataset.train))
-
-    @property
-    def active(self) -> bool:
-        return self.state in (JobState.QUEUED, JobState.RUNNING)
-
-    def batch_indices(self, step: int) -> list[int]:
-        """Examples of optimizer step `step`: consecutive slices of seeded per-epoch shuffles."""
-        n, bs = len(self.dataset.train), self.params.batch_size
-        out = []
-        for p in range(step * bs, step * bs + bs):
-            epoch, i = divmod(p, n)
-            out.append(self._permutation(epoch)[i])
-        return out
-
-    def _permutation(self, epoch: int) -> list[int]:
-        cache = self.__dict__.setdefault("_perms", {})
-        if epoch not in cache:
-            order = list(range(len(self.dataset.train)))
-            random.Random(self.params.seed * 100_003 + epoch).shuffle(order)
-            cache.clear()
-            cache[epoch] = order
-        return cache[epoch]
-
-    def to_dict(self) -> dict:
-        samples_per_s, tokens_per_s = self.rates.per_second()
-        remaining = (self.total_steps - self.step) * self.params.batch_size
-        running = self.state is JobState.RUNNING
-        return {
-            "id": self.id,
-            "adapter": self.adapter,
-            "state": self.state.value,
-            "error": self.error,
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "epoch": round(self.epoch, 4),
-            "loss": self.loss_history[-1][1] if self.loss_history else None,
-            "loss_history": [list(p) for p in self.loss_history[-500:]],
-            "eval_loss": self.eval_loss,
-            "tokens_per_s": tokens_per_s,
-            "samples_per_s": samples_per_s,
-            "eta_s": remaining / samples_per_s if samples_per_s and running else None,
-            "estimating": running and samples_per_s is None,
-            "checkpoint": self.checkpoint,
-            "examples": len(self.dataset.train),
-            "val_examples": len(self.dataset.val),
-            "params": self.params.to_dict(),
-            "created": self.created,
-        }
-
-
-class Rates:
-    """A running job's samples/s and tokens/s, in wall-clock time (training shares the model
-    with inference, so this is what the ETA needs), from optimizer steps measured since the
-    job (re)started; None until the first one has ended."""
-
-    def __init__(self):
-        self.start: float | None = None
-        self.samples = self.tokens = 0  # in optimizer steps ended since start
-        self.seconds = 0.0
-        self._samples = self._tokens = 0  # in the current effective batch so far
-
-    def started(self) -> None:
-        self.__init__()
-        self.start = time.monotonic()
-
-    def micro_step(self, samples: int, tokens: int) -> None:
-        self._samples += samples
-        self._tokens += tokens
-
-    def optimizer_step(self) -> None:
-        self.samples += self._samples
-        self.tokens += self._tokens
-        self._samples = self._tokens = 0
-        self.seconds = time.monotonic() - self.start if self.start is not None else 0.0
-
-    def per_second(self) -> tuple[float | None, float | None]:
-        if not self.samples or self.seconds <= 0:
-            return None, None
-        return self.samples / self.seconds, self.tokens / self.seconds
-
-
 class Trainer:
     def __init__(self, runner: Runner, adapters: AdapterStore, *, root: Path, pad_id: int):
         self.runner, self.adapters, self.root, self.pad_id = runner, adapters, root, pad_id
@@ -198,7 +88,17 @@ class Trainer:
             raise UnknownName(f"job: no job {job_id!r}")
         return self.jobs[job_id]
 
-    def submit(self, adapter: str, dataset: Dataset, params: TrainParams) -> Job:
+    def submit(
+        self,
+        adapter: str,
+        dataset: Dataset,
+        params: TrainParams,
+        *,
+        source: dict | None = None,
+        records: list[dict] | None = None,
+    ) -> Job:
+        """Queue a job. `source` says where its data file is (data.fingerprint); inline
+        `records` are kept with the job instead, so that it can resume after a restart."""
         check_adapter_name(adapter)
         if adapter in self.adapters or any(
             j.adapter == adapter and j.active for j in self.jobs.values()
@@ -207,10 +107,45 @@ class Trainer:
                 f"adapter: {adapter!r} exists already; pick another name or delete it first"
             )
         job_id = self._new_id()
-        job = Job(job_id, adapter, params, dataset, self.root / job_id)
+        job = Job(job_id, adapter, params, dataset, self.root / job_id, source=source)
+        if records is not None:
+            lines = (json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+            atomic_write(job.folder / RECORDS, "".join(lines))
+            job.source = {"records": RECORDS}
+        self._write_job(job)
         self.jobs[job_id] = job
         self.queue.append(job)
         return job
+
+    def load(self) -> list[Job]:
+        """Read every job's record back (at engine start). A job that was queued or running
+        when the process ended is interrupted, at its last complete checkpoint."""
+        numbers = [0]
+        loaded = []
+        for folder in self.root.iterdir():
+            if not folder.is_dir() or is_scratch(folder) or not (folder / "job.json").is_file():
+                continue
+            try:
+                job = Job.from_record(json.loads((folder / "job.json").read_text()), folder)
+                check(job.id == folder.name, "job", f"{folder.name}/job.json is {job.id}'s")
+                last = latest_checkpoint(folder)
+                job.checkpoint = str(last) if last else None
+                if job.state in (JobState.QUEUED, JobState.RUNNING):
+                    job.state = JobState.INTERRUPTED
+                    job.step = checkpoint_step(last) if last else 0
+                    job.loss_history = [p for p in job.loss_history if p[0] <= job.step]
+                    self._write_job(job)
+            except Exception:
+                log.exception("job record %s does not read; skipped", folder)
+                continue
+            loaded.append(job)
+            number = job.id.removeprefix("job-")
+            if number.isdigit():
+                numbers.append(int(number))
+        for job in sorted(loaded, key=lambda j: (j.created, j.id)):
+            self.jobs[job.id] = job
+        self._ids = itertools.count(max(numbers) + 1)
+        return loaded
 
     def _new_id(self) -> str:
         while True:
@@ -223,7 +158,7 @@ class Trainer:
 
     def max_examples(self) -> int:
         job = self._next_job()
-        return job.params.micro_batch_size if job else 0
+        return _micro(job) if job else 0
 
     def in_progress(self) -> tuple[int, int, bool] | None:
         """(padded tokens, units done, whether it ends the effective batch) of the micro-step
@@ -264,7 +199,12 @@ class Trainer:
                 self._begin_micro_step(job, max_examples)
             run = self.run
             first = run.done
-            seconds = run.run(units, sync=self.runner.sync)
+            try:
+                seconds = run.run(units, sync=self.runner.sync)
+            except Exception as e:
+                if is_oom(e) and self._retry_smaller(job, e):
+                    return NO_PROGRESS
+                raise
             step = self._end_micro_step(job) if run.finished else None
         except Exception as e:
             self._fail(job, e)
@@ -274,7 +214,7 @@ class Trainer:
     def _begin_micro_step(self, job: Job, max_examples: int | None) -> None:
         if not job.pending:
             self._begin_batch(job)
-        micro = job.params.micro_batch_size
+        micro = _micro(job)
         k = min(micro, max_examples or micro, len(job.pending))
         take, job.pending = job.pending[:k], job.pending[k:]
         examples = [job.dataset.train[i] for i in take]
@@ -299,8 +239,31 @@ class Trainer:
         optimizer = time.perf_counter() - optimizer
         return MicroStep(len(examples), tokens, run.padded, optimizer)
 
+    def _retry_smaller(self, job: Job, error: Exception) -> bool:
+        """Out of memory in a micro-step: its effective batch starts again, half as many
+        examples at a time (the same gradient in the end). One example alone fails the job."""
+        examples = self._run_examples
+        self.run, self._run_examples = None, []
+        free_memory()
+        if len(examples) <= 1:
+            n = examples[0].num_tokens if examples else 0
+            raise MemoryError(
+                f"out of memory: one example of {n} tokens does not fit; lower params.max_length"
+            ) from error
+        job.micro_cap = len(examples) // 2
+        job.pending = []  # the batch starts again: the gradients it had so far are dropped
+        job.rates.discard()
+        log.warning(
+            "job %s: out of memory in a micro-step of %d examples; now %d at a time",
+            job.id,
+            len(examples),
+            job.micro_cap,
+        )
+        return True
+
     def _start(self, job: Job) -> None:
         p = job.params
+        self.check_owner(job)
         job.folder.mkdir(parents=True, exist_ok=True)
         if job.adapter not in self.adapters:
             config = LoraConfig(
@@ -313,8 +276,9 @@ class Trainer:
             )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(p.seed)  # LoRA A's initialisation
-                self.adapters.create(job.adapter, config)
+                self.adapters.create(job.adapter, config, job=job.id)
         params = self.adapters.begin_training(job.adapter)
+        job.owns_adapter = True
         job.optimizer = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
         job.lr_scheduler = get_cosine_schedule_with_warmup(
             job.optimizer, p.warmup_steps, job.total_steps
@@ -350,6 +314,7 @@ class Trainer:
             self._finish(job, JobState.DONE)
         elif job.step % p.checkpoint_every == 0:
             self._save_checkpoint(job)
+            self._write_job(job)
 
     def _eval(self, job: Job) -> float:
         total = n = 0
@@ -376,23 +341,56 @@ class Trainer:
             check(False, "job", f"{job_id} is {job.state.value}, not running or queued")
         return job
 
-    def resume(self, job_id: str) -> Job:
+    def resume(self, job_id: str, dataset: Dataset | None = None) -> Job:
+        """Queue a stopped, failed or interrupted job again, from its last checkpoint. A job
+        read back at start needs its data set built again (`dataset`, Engine.resume_job)."""
         job = self.get(job_id)
         check(
-            job.state in (JobState.STOPPED, JobState.FAILED),
+            job.state in RESUMABLE,
             "job",
-            f"{job_id} is {job.state.value}; only stopped or failed jobs resume",
+            f"{job_id} is {job.state.value}; only stopped, failed or interrupted jobs resume",
         )
         check(
             job.checkpoint is not None or job.step == 0,
             "job",
             f"{job_id} has no checkpoint to resume from",
         )
+        self.check_owner(job)
+        job.dataset = dataset or job.dataset
+        check(job.dataset is not None, "job", f"{job_id}: its data set is not loaded")
         job.resume_from = Path(job.checkpoint) if job.checkpoint else None
         job.state, job.error = JobState.QUEUED, None
         self.queue.append(job)
         self._write_job(job)
         return job
+
+    def check_owner(self, job: Job) -> None:
+        """Only the job that trained an adapter trains it again: resuming never takes over a
+        name that another job or a load has given to another adapter since (NameTaken)."""
+        name = job.adapter
+        other = next(
+            (j for j in self.jobs.values() if j is not job and j.adapter == name and j.active),
+            None,
+        )
+        if other is not None:
+            raise NameTaken(f"adapter: {other.id} is training {name!r}; {job.id} cannot resume")
+        owner = self.adapters.owner(name)
+        if owner is not None and owner != job.id:
+            raise NameTaken(
+                f"adapter: {name!r} is now {owner}; resuming {job.id} would overwrite it "
+                "(delete that adapter first)"
+            )
+
+    def interrupt(self) -> None:
+        """At shutdown: the running job checkpoints its last optimizer step and saves its
+        adapter; it and the queued jobs are interrupted (resumable at the next start)."""
+        job = self.current
+        if job is not None and job.state is JobState.RUNNING and job.optimizer is not None:
+            self._finish(job, JobState.INTERRUPTED)
+        for job in self.queue:
+            job.state = JobState.INTERRUPTED
+            self._write_job(job)
+        self.queue.clear()
 
     def cancel(self, job_id: str) -> Job:
         """Stop without saving: the adapter goes back to its last saved state (or away)."""
@@ -417,6 +415,7 @@ class Trainer:
         self.adapters.save(job.adapter, folder, {"step": job.step, "job": job.id, "loss": loss})
         self.adapters.end_training(job.adapter, job.step, folder)
         job.state, job.optimizer, job.lr_scheduler = state, None, None
+        job.owns_adapter = False
         self.current = None
         self._write_job(job)
 
@@ -428,7 +427,10 @@ class Trainer:
             self._release(job)
         except Exception:
             log.exception("job %s: could not put adapter %s back", job.id, job.adapter)
-        self._write_job(job)
+        try:
+            self._write_job(job)
+        except Exception:
+            log.exception("job %s: could not write its record", job.id)
 
     def _release(self, job: Job) -> None:
         """Put the adapter back to its last checkpoint's weights (or drop it) and free the
@@ -436,12 +438,13 @@ class Trainer:
         job.pending, job.optimizer, job.lr_scheduler = [], None, None
         if self.current is job:
             self.current, self.run = None, None
+        owned, job.owns_adapter = job.owns_adapter, False
         name = job.adapter
-        if name not in self.adapters:
+        if not owned or name not in self.adapters:
             return
         if job.checkpoint:
             folder = Path(job.checkpoint)
-            step = int(folder.name.split("-")[-1])
+            step = checkpoint_step(folder)
             self.adapters.restore(name, folder, step=step)
             self.adapters.end_training(name, step, None)
         else:
@@ -472,7 +475,7 @@ class Trainer:
 
     def _load_checkpoint(self, job: Job, folder: Path) -> None:
         recover(folder)
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        state = torch.load(folder / "trainer_state.pt", weights_only=True)
         self.adapters.restore(job.adapter, folder, step=state["step"])
         job.step = state["step"]
         if state["optimizer"] is not None:
@@ -484,7 +487,11 @@ class Trainer:
         torch.set_rng_state(state["rng"])
 
     def _write_job(self, job: Job) -> None:
-        atomic_write(job.folder / "job.json", json.dumps(job.to_dict(), indent=1))
+        write_record(job)
+
+
+def _micro(job: Job) -> int:
+    return min(job.params.micro_batch_size, job.micro_cap or job.params.micro_batch_size)
 
 
 def _label_tokens(example: Example) -> int:

@@ -37,8 +37,9 @@ class FineInferApp(ExtensionApp):
     data_dir = Unicode(
         None,
         allow_none=True,
-        help="""Where adapters, checkpoints and jobs live. Default: $FINEINFER_DATA_DIR or
-        ~/.local/share/fineinfer (the engine's default).""",
+        help="""Where adapters, checkpoints and jobs live, in one folder per base model
+        (<name>-<hash>). Default: $FINEINFER_DATA_DIR or ~/.local/share/fineinfer (the
+        engine's default).""",
     ).tag(config=True)
     cache_dir = Unicode(
         None,

@@ -2,7 +2,8 @@
 
 Nothing here touches torch on the loop: the engine module is imported and the Engine built in
 a worker thread (the model then loads in the engine's own thread), blocking engine calls run in
-a small thread pool, and engine events reach the loop through `call_soon_threadsafe`.
+a small thread pool, and engine events reach the loop through `call_soon_threadsafe`. The host
+rebuilds the Engine on request (restart), and stopping never waits long for it (SIGTERM).
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from functools import partial
 
 from .. import __version__
 from .errors import ApiError, dumps, engine_errors
 
 EVENTS_INTERVAL = 0.5  # seconds between two pushes on the events WebSocket
+SHUTDOWN_TIMEOUT = 2.0  # seconds the engine thread gets to stop (at SIGTERM, on restart)
 
 
 class EngineHost:
@@ -29,11 +33,13 @@ class EngineHost:
         self.log = log
         self.engine = None
         self.error: str | None = None  # the engine could not be created at all
-        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fineinfer-call")
+        self.pool = DaemonPool(8, "fineinfer-call")
         self.sockets: set = set()  # open events WebSockets (anything with .send(text))
         self._creating: asyncio.Task | None = None
         self._pushing: asyncio.Task | None = None
+        self._restarting: asyncio.Lock | None = None
         self._closed = False
+        self.restarts = 0  # engines rebuilt by restart()
         self.started = time.time()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -71,8 +77,38 @@ class EngineHost:
         if self._creating is not None:
             await asyncio.gather(self._creating, return_exceptions=True)
         if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+            start = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.engine.shutdown, SHUTDOWN_TIMEOUT
+            )
+            self.log.info("fineinfer: engine stopped in %.1f s", time.monotonic() - start)
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def restart(self) -> dict:
+        """A new Engine in place of the current one (after it failed, or to start over): the
+        old one shuts down (its running job checkpoints and is interrupted, requests in flight
+        get an error), the model loads again, and the status (loading) is answered at once.
+        409 when the old engine thread does not stop (stuck in an operation)."""
+        if self._closed:
+            raise ApiError(503, "the server is stopping")
+        self._restarting = self._restarting or asyncio.Lock()
+        async with self._restarting:
+            if self._creating is not None:
+                await asyncio.gather(self._creating, return_exceptions=True)
+            old = self.engine
+            if old is not None:
+                loop = asyncio.get_running_loop()
+                if not await loop.run_in_executor(None, old.shutdown, SHUTDOWN_TIMEOUT):
+                    raise ApiError(
+                        409,
+                        f"the engine thread did not stop within {SHUTDOWN_TIMEOUT:g} s (it is "
+                        "inside a long operation); try again, or restart the server",
+                    )
+            self.log.info("fineinfer: restarting the engine")
+            self.engine, self.error, self._creating = None, None, None
+            self.restarts += 1
+            self.start()
+            return self.status()
 
     # -- what handlers call -------------------------------------------------------------------
 
@@ -98,7 +134,7 @@ class EngineHost:
                 "adapters": [],
                 "requests": {"waiting": 0, "running": 0},
             }
-        return {**status, "version": __version__}
+        return {**status, "restarts": self.restarts, "version": __version__}
 
     def require(self):
         """The engine, for a request that needs the model; 503 until the model is ready."""
@@ -108,6 +144,12 @@ class EngineHost:
             return engine
         if engine is None and not self.error:
             raise ApiError(503, "model is loading: starting the engine")
+        if engine is not None and engine.state == "error" and engine.was_ready:
+            raise ApiError(
+                503,
+                f"engine failed: {engine.error} (POST fineinfer/api/engine/restart starts it "
+                "again)",
+            )
         if engine is None or engine.state == "error":
             raise ApiError(503, f"model failed to load: {self.error or engine.error}")
         if engine.state == "loading":
@@ -218,3 +260,48 @@ class EventQueue:
             yield batch
             if batch[-1]["type"] != "delta":
                 return
+
+
+class DaemonPool(Executor):
+    """A fixed pool of daemon threads. ThreadPoolExecutor's threads are joined when the process
+    exits, so one call stuck in a long operation (a data set being tokenized, an engine call)
+    would keep a server that was told to stop alive; these are not waited for."""
+
+    def __init__(self, workers: int, name: str):
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        for i in range(workers):
+            threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True).start()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        if self._closed:
+            raise RuntimeError("cannot schedule new calls after shutdown")
+        future: Future = Future()
+        self._work.put((future, fn, args, kwargs))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                self._work.put(None)  # the next thread ends too
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:
+                future.set_exception(e)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._work.put(None)

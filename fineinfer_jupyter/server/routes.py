@@ -14,7 +14,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web, websocket
 
 from . import validate
-from .errors import ApiError, dumps, shown
+from .errors import ApiError, dumps, error_body, shown
 from .handlers import FineInferHandler
 from .host import EventQueue
 
@@ -182,6 +182,17 @@ class AdapterExportHandler(FineInferHandler):
         self.reply(await self.host.run(engine.export_adapter, name, to, path))
 
 
+class EngineRestartHandler(FineInferHandler):
+    auth_resource = f"{RESOURCE}:engine"
+
+    @web.authenticated
+    @authorized(action="execute")
+    async def post(self):
+        """Shut the engine down and load the model again, without restarting the server (after
+        it failed). Running jobs are interrupted (resumable); requests in flight get an error."""
+        self.reply(await self.host.restart())
+
+
 class OpenAPIHandler(FineInferHandler):
     """The OpenAPI 3.1 document of these routes and the OpenAI-compatible ones."""
 
@@ -230,6 +241,12 @@ class EventsHandler(
     @ws_authenticated
     async def get(self, *args, **kwargs):
         await self.pre_get()
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            self.set_status(400)  # (tornado's own answer is plain text)
+            self.set_header("Content-Type", "application/json")
+            message = "events is a WebSocket: connect with an Upgrade: websocket request"
+            self.finish(dumps(error_body(400, message)))
+            return
         res = super().get(*args, **kwargs)
         if res is not None:
             await res
@@ -287,6 +304,7 @@ def handlers() -> list[tuple[str, type]]:
         (f"adapters/{name}/save", AdapterSaveHandler),
         (f"adapters/{name}/export", AdapterExportHandler),
         ("events", EventsHandler),
+        ("engine/restart", EngineRestartHandler),
         ("openapi.json", OpenAPIHandler),
     ]
     return [(url_path_join("/", API, path), handler) for path, handler in routes]

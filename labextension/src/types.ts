@@ -2,7 +2,14 @@
 
 export type EngineState = 'loading' | 'ready' | 'error';
 export type IterationKind = 'decode' | 'prefill' | 'train' | 'idle';
-export type JobState = 'queued' | 'running' | 'stopped' | 'done' | 'failed' | 'cancelled';
+export type JobState =
+  | 'queued'
+  | 'running'
+  | 'stopped'
+  | 'done'
+  | 'failed'
+  | 'cancelled'
+  | 'interrupted'; // queued or running when the server stopped: resumable
 
 export interface IStatus {
   state: EngineState;

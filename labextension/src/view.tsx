@@ -182,7 +182,7 @@ function Jobs({ model }: { model: FineInferModel }): JSX.Element {
 function Job({ job, model }: { job: IJob; model: FineInferModel }): JSX.Element {
   const fraction = job.total_steps > 0 ? Math.min(job.step / job.total_steps, 1) : 0;
   const canStop = job.state === 'queued' || job.state === 'running';
-  const canResume = job.state === 'stopped' || job.state === 'failed'; // docs/api.md: resume
+  const canResume = ['stopped', 'failed', 'interrupted'].includes(job.state); // docs/api.md: resume
   return (
     <li className={`fi-Job fi-mod-${job.state}`} data-testid={`fi-job-${job.id}`} data-state={job.state}>
       <div className="fi-Job-head">
