@@ -169,6 +169,27 @@ def plot(path: Path, runs: dict[str, dict], duration: float) -> None:
     plt.close(fig)
 
 
+def calibrate_gap(args, slo: Slo, params: TrainParams) -> float:
+    """The mean gap between arrivals at which inference alone keeps this machine busy
+    `args.busy` of the time: machines of this kind differ 2x in speed, so a fixed gap is a
+    light load on one and an overload on another. Two quiet windows, the gap scaled between."""
+    gap = args.gap
+    for _ in range(2):
+        w = run(
+            args.model,
+            "immediate",
+            trace(args.duration, gap, seed=99),
+            args.duration,
+            False,
+            slo,
+            params,
+        )
+        busy = (w["busy"]["prefill"] + w["busy"]["decode"]) / args.duration
+        print(f"  calibration: gap {gap:.2f} s keeps inference alone {busy:.0%} busy", flush=True)
+        gap = min(max(gap * busy / args.busy, 0.3), 10.0)
+    return round(gap, 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -177,6 +198,13 @@ def main() -> None:
         "--rounds", type=int, default=3, help="windows per run, interleaved across runs"
     )
     ap.add_argument("--gap", type=float, default=1.0, help="mean seconds between arrivals")
+    ap.add_argument(
+        "--busy",
+        type=float,
+        help="instead of a fixed gap: the load that keeps this machine busy this share of the "
+        "time with inference alone (measured first, quiet; the default load was 0.7 where "
+        "these benchmarks began, at --gap 1.0)",
+    )
     ap.add_argument("--ttft", type=float, default=3.0)
     ap.add_argument("--tpot", type=float, default=0.2)
     ap.add_argument("--policies", default="deferred,fineinfer,immediate,exclusive")
@@ -200,6 +228,8 @@ def main() -> None:
         max_steps=100_000,
         checkpoint_every=100_000,
     )
+    if args.busy:
+        args.gap = calibrate_gap(args, slo, params)
     slices = [trace(args.duration, args.gap, seed=r) for r in range(args.rounds)]
     n = sum(map(len, slices))
     print(
