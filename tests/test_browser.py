@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 from conftest import make_adapter
@@ -126,7 +127,10 @@ def test_sidebar_shows_the_model_and_a_running_job_and_stops_it(request, tmp_pat
                 adapter.get_by_test_id("fi-adapter-export").click()
                 adapter.get_by_test_id("fi-export-gguf").click()
                 result = adapter.get_by_test_id("fi-export-result")
-                gguf = lab.data_dir / "exports" / "herb" / "herb.gguf"
+                _, engine_status = lab.call("GET", "fineinfer/api/status")
+                home = Path(engine_status["model"]["data_dir"])  # <data_dir>/<model>-<hash>
+                assert home.parent == lab.data_dir
+                gguf = home / "exports" / "herb" / "herb.gguf"
                 expect(result.get_by_test_id("fi-export-path")).to_have_text(str(gguf))
                 expect(result.get_by_test_id("fi-export-commands")).to_have_text(
                     f"llama-cli -m BASE.gguf --lora {gguf}  # BASE.gguf: the base model"

@@ -22,11 +22,11 @@ def test_a_prefill_pass_out_of_memory_is_split_until_its_rows_fit(stepped, monke
     expected = reference(SIMILAR, 10)
     real, sizes = stepped.core.runner.prefill, []
 
-    def tight(seqs):
+    def tight(seqs, also=None):
         sizes.append(len(seqs))
         if len(seqs) > 1:
             raise RuntimeError(OOM)
-        return real(seqs)
+        return real(seqs, also)
 
     monkeypatch.setattr(stepped.core.runner, "prefill", tight)
     slo = {"ttft": 60.0, "tpot": 60.0}  # all four in one prefill
@@ -42,10 +42,10 @@ def test_a_prompt_that_does_not_fit_fails_alone_with_a_clear_message(stepped, mo
     real = stepped.core.runner.prefill
     longest = max(PROMPTS, key=len)
 
-    def tight(seqs):
+    def tight(seqs, also=None):
         if any(s.num_prompt_tokens >= len(longest.encode()) for s in seqs):
             raise RuntimeError(OOM)
-        return real(seqs)
+        return real(seqs, also)
 
     monkeypatch.setattr(stepped.core.runner, "prefill", tight)
     slo = {"ttft": 60.0, "tpot": 60.0}
@@ -68,8 +68,8 @@ def test_a_decode_out_of_memory_drops_the_longest_row_and_the_others_keep_their_
     expected = reference(PROMPTS, 12)
     real = stepped.core.runner.decode
 
-    def tight(batch):
-        logits = real(batch)  # as if it ran out half-way: the cache already grew
+    def tight(batch, also=None):
+        logits = real(batch, also)  # as if it ran out half-way: the cache already grew
         if len(batch.seqs) > 3:
             raise RuntimeError(OOM)
         return logits
@@ -160,21 +160,24 @@ def test_a_trainer_failure_fails_its_job_while_requests_go_on(stepped, monkeypat
 
 
 def stuck_engine(engine, monkeypatch):
-    """The engine thread's next iteration blocks until the returned event is set."""
-    release = threading.Event()
+    """The engine thread's next iteration blocks until `release` is set; `entered` is set
+    once the thread is inside it."""
+    release, entered = threading.Event(), threading.Event()
     real = engine.core.iterate
 
     def stuck():
+        entered.set()
         release.wait(60)
         return real()
 
     monkeypatch.setattr(engine.core, "iterate", stuck)
-    return release
+    return release, entered
 
 
 def test_shutdown_returns_within_its_timeout_when_the_engine_thread_is_stuck(engine, monkeypatch):
-    release = stuck_engine(engine, monkeypatch)
+    release, entered = stuck_engine(engine, monkeypatch)
     stream = engine.generate("hi", max_new_tokens=3)  # wakes the thread: it is stuck from here
+    assert entered.wait(30)
     answers = []
     caller = threading.Thread(target=lambda: answers.append(_jobs(engine)))
     caller.start()  # a caller waiting on the engine thread

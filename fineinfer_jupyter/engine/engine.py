@@ -381,7 +381,7 @@ class Engine:
 
         `to="gguf"`: a llama.cpp LoRA .gguf (`path`: a .gguf file or a folder), plus an Ollama
         Modelfile when the base model has a .gguf. `to="vllm"`: the PEFT folder `path`, checked
-        against vLLM's LoRA loader. By default under <data_dir>/exports/<name>/. Returns
+        against vLLM's LoRA loader. By default under <data_dir>/<model>-<hash>/exports/<name>/. Returns
         {"format", "path", "files", "commands", ...}; what cannot be exported is a ValueError.
         """
         check(to in export.FORMATS, "to", f"must be one of {', '.join(export.FORMATS)}")
