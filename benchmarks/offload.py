@@ -11,6 +11,7 @@
 Prints tables, saves a plot.
 
     python benchmarks/offload.py [--rounds 6] [--duration 30] [--windows 2] [--skip-serve]
+                                 [--skip-fetch] [--cold] [--gap 1.0]
 """
 
 from __future__ import annotations
@@ -95,55 +96,64 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=1.0, help="mean seconds between arrivals, (b)")
     ap.add_argument("--tpot", type=float, default=0.2)
     ap.add_argument("--skip-serve", action="store_true", help="only (a)")
+    ap.add_argument(
+        "--cold", action="store_true", help="(b) with cold disk reads (the files dropped first)"
+    )
+    ap.add_argument("--skip-fetch", action="store_true", help="only (b)")
     args = ap.parse_args()
     budget = half_budget(args.model)
     print(
         f"model {args.model}: {budget / 2**20:.0f} MiB of decoder layers resident, the rest on disk"
     )
 
-    rows, plot_labels, plot_values = [], [], []
-    for cold in (False, True):
-        got = iterations(args.model, budget, cold=cold, rounds=args.rounds)
-        med = {
-            k: (statistics.median(b for b, _ in v), statistics.median(s for _, s in v))
-            for k, v in got.items()
-        }
-        cache = "cold" if cold else "warm"
-        for how in ("separate", "combined"):
-            b, s = med[how]
-            rows.append(
-                [
-                    f"disk, {cache}",
-                    how,
-                    b / 2**20,
-                    s,
-                    b / med["separate"][0],
-                    s / med["separate"][1],
-                ]
-            )
-            plot_labels.append(f"{cache} {how}")
-            plot_values.append(b / 2**20)
-        print(f"  {cache}: done", flush=True)
-    print(
-        "\n(a) one decode + one training micro-step, medians of", args.rounds, "iterations each\n"
-    )
-    print(
-        table(
-            [
-                "offload",
-                "iteration",
-                "MiB moved",
-                "seconds",
-                "bytes vs separate",
-                "time vs separate",
-            ],
-            rows,
+    if not args.skip_fetch:
+        rows, plot_labels, plot_values = [], [], []
+        for cold in (False, True):
+            got = iterations(args.model, budget, cold=cold, rounds=args.rounds)
+            med = {
+                k: (statistics.median(b for b, _ in v), statistics.median(s for _, s in v))
+                for k, v in got.items()
+            }
+            cache = "cold" if cold else "warm"
+            for how in ("separate", "combined"):
+                b, s = med[how]
+                rows.append(
+                    [
+                        f"disk, {cache}",
+                        how,
+                        b / 2**20,
+                        s,
+                        b / med["separate"][0],
+                        s / med["separate"][1],
+                    ]
+                )
+                plot_labels.append(f"{cache} {how}")
+                plot_values.append(b / 2**20)
+            print(f"  {cache}: done", flush=True)
+        print(
+            "\n(a) one decode + one training micro-step, medians of",
+            args.rounds,
+            "iterations each\n",
         )
-    )
-    print("goal: combined moves <= 2/3 of the bytes of separate steps")
-    path = OUT / "offload.png"
-    save_bar_plot(path, plot_labels, plot_values, title="bytes fetched per iteration", ylabel="MiB")
-    print(f"plot: {path}")
+        print(
+            table(
+                [
+                    "offload",
+                    "iteration",
+                    "MiB moved",
+                    "seconds",
+                    "bytes vs separate",
+                    "time vs separate",
+                ],
+                rows,
+            )
+        )
+        print("goal: combined moves <= 2/3 of the bytes of separate steps")
+        path = OUT / "offload.png"
+        save_bar_plot(
+            path, plot_labels, plot_values, title="bytes fetched per iteration", ylabel="MiB"
+        )
+        print(f"plot: {path}")
     if args.skip_serve:
         return
 
@@ -152,7 +162,7 @@ def main() -> None:
         r=16, lora_alpha=32, batch_size=8, micro_batch_size=4, max_length=128,
         max_steps=100_000, checkpoint_every=100_000,
     )  # fmt: skip
-    config = dict(offload="disk", memory_budget=budget)
+    config = dict(offload="disk", memory_budget=budget, offload_cold=args.cold)
     slices = [trace(args.duration, args.gap, seed=w) for w in range(args.windows)]
     windows: dict[str, list] = {"heterogeneous on": [], "heterogeneous off": []}
     for w in range(args.windows):
@@ -175,7 +185,8 @@ def main() -> None:
         for name, r in runs.items()
     ]  # fmt: skip
     print(
-        f"\n(b) serving a request every {args.gap} s on average while training, TTFT 3 s / TPOT {args.tpot} s\n"
+        f"\n(b) serving a request every {args.gap} s on average while training, TTFT 3 s / "
+        f"TPOT {args.tpot} s, disk offload {'cold' if args.cold else 'warm'}\n"
     )
     print(
         table(
