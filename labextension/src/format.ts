@@ -1,14 +1,20 @@
 // Short human-readable numbers for the sidebar.
 
+// toFixed without "-0.0": a value that rounds to zero is shown as zero.
+function fixed(v: number, digits: number): string {
+  const s = v.toFixed(digits);
+  return Number(s) === 0 ? (0).toFixed(digits) : s;
+}
+
 export function fmtNumber(v: number | null | undefined, digits = 1): string {
-  return typeof v === 'number' && Number.isFinite(v) ? v.toFixed(digits) : '—';
+  return typeof v === 'number' && Number.isFinite(v) ? fixed(v, digits) : '—';
 }
 
 export function fmtSeconds(v: number | null | undefined): string {
   if (typeof v !== 'number' || !Number.isFinite(v)) {
     return '—';
   }
-  return v < 60 ? `${v.toFixed(1)} s` : `${Math.floor(v / 60)} min ${Math.round(v % 60)} s`;
+  return v < 60 ? `${fixed(v, 1)} s` : `${Math.floor(v / 60)} min ${Math.round(v % 60)} s`;
 }
 
 export function fmtBytes(v: number): string {
