@@ -122,7 +122,14 @@ async def test_status_shows_the_thread_choice(keep_torch_threads, ready_api, int
     code, status = await ready_api.get("status")
     waiting = threads.set_wait_policy()
     assert code == 200
-    assert status["threads"] == {
+    chosen = status["threads"]
+    chosen.pop("others_busy", None)  # the load other programs put on the machine just now
+    follows = source == "default" and threads.LoadFollower.for_this_machine(1) is not None
+    assert chosen.pop("follows_load") is follows
+    if follows:  # fewer threads while the machine is busy: never more, never none
+        assert 1 <= chosen["intra_op"] <= intra_op
+        intra_op = chosen["intra_op"]
+    assert chosen == {
         "intra_op": intra_op,
         "source": source,
         "wait_policy": waiting["policy"],

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -23,10 +24,10 @@ def keep_torch_threads(monkeypatch):
     """torch's thread count is per process: put it back for the other tests."""
     for name in threads.THREADS:
         monkeypatch.delenv(name, raising=False)
-    before, chosen = torch.get_num_threads(), threads._chosen
+    before, chosen, follower = torch.get_num_threads(), threads._chosen, threads._follower
     yield
     torch.set_num_threads(before)
-    threads._chosen = chosen
+    threads._chosen, threads._follower = chosen, follower
 
 
 def test_the_setting_wins_then_the_environment_then_the_usable_cores(monkeypatch):
@@ -36,6 +37,7 @@ def test_the_setting_wins_then_the_environment_then_the_usable_cores(monkeypatch
         "source": "setting",
         "wait_policy": waiting["policy"],
         "note": waiting["note"],
+        "follows_load": False,  # a count the user chose stays
     }
     assert torch.get_num_threads() == 1
     cores = threads.usable_cores()
@@ -59,6 +61,80 @@ def test_usable_cores_follow_the_affinity_and_the_cgroup_quota(monkeypatch, tmp_
     cpu_max.write_text("max 100000\n")
     assert threads.cgroup_quota(cpu_max) is None
     assert threads.cgroup_quota(tmp_path / "absent") is None
+
+
+class FakeMachine:
+    """/proc/stat and os.times as LoadFollower reads them, advanced by hand."""
+
+    def __init__(self):
+        self.now = self.busy = self.own = 0.0
+
+    def run(self, seconds: float, *, ours: float, others: float) -> None:
+        """`seconds` pass; this process keeps `ours` cores busy, other programs `others`."""
+        self.now += seconds
+        self.own += ours * seconds
+        self.busy += (ours + others) * seconds
+
+    def follower(self, cores: int = 2, cpus: int = 2) -> threads.LoadFollower:
+        return threads.LoadFollower(
+            cores, cpus, busy=lambda: self.busy, own=lambda: self.own, clock=lambda: self.now
+        )
+
+
+def test_the_default_count_follows_the_cores_other_programs_leave():
+    m = FakeMachine()
+    f = m.follower()
+    m.run(0.5, ours=2, others=0)
+    assert f.poll() is None and f.threads == 2  # not a second since the last reading
+    m.run(0.5, ours=2, others=0)
+    assert f.poll() is None and f.others == 0  # our own two busy cores are not "others"
+    m.run(1.0, ours=1.4, others=0.6)  # a neighbour takes its share of a core
+    assert f.poll() is None and f.threads == 2 and f.others == pytest.approx(0.6)
+    m.run(1.0, ours=1.0, others=1.0)  # two readings in a row agree: one thread
+    assert f.poll() == 1 and f.threads == 1
+    m.run(1.0, ours=1.0, others=1.0)
+    assert f.poll() is None and f.threads == 1
+    m.run(1.0, ours=1.0, others=0.1)  # the neighbour ended; one reading is not enough
+    assert f.poll() is None and f.threads == 1
+    m.run(1.0, ours=1.0, others=1.0)  # it is back: the count stays
+    assert f.poll() is None and f.threads == 1
+    m.run(1.0, ours=1.0, others=0.2)
+    m.run(0.0, ours=0, others=0)
+    assert f.poll() is None
+    m.run(1.0, ours=1.0, others=0.2)
+    assert f.poll() == 2 and f.threads == 2
+    m.run(1.0, ours=0.1, others=2.0)  # everything taken: still one thread, never none
+    f.poll()
+    m.run(1.0, ours=0.1, others=2.0)
+    assert f.poll() == 1
+
+
+def test_eight_cores_give_up_what_the_neighbours_take():
+    m = FakeMachine()
+    f = m.follower(cores=8, cpus=16)  # hyper-threads: 16 CPUs in /proc/stat, 8 cores
+    for _ in range(2):
+        m.run(1.0, ours=8, others=4)  # 4 CPUs of 16 busy elsewhere: a quarter of the machine
+        f.poll()
+    assert f.threads == 6
+
+
+def test_a_busy_neighbour_takes_the_engine_down_to_the_cores_it_leaves():
+    """A real neighbour process on this machine: the default count drops below the cores."""
+    choice = threads.configure_threads(None)
+    if not choice["follows_load"] or choice["intra_op"] < 2:
+        pytest.skip("the count does not follow the load here (one core, or a partial view)")
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while torch.get_num_threads() == choice["intra_op"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            threads.follow_load()
+        status = threads.current()
+        assert torch.get_num_threads() < choice["intra_op"], status
+        assert status["intra_op"] == torch.get_num_threads() and status["others_busy"] >= 0.5
+    finally:
+        neighbour.kill()
+        neighbour.wait()
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, 2000])
@@ -90,6 +166,8 @@ print(json.dumps({{
     "torch_threads": torch.get_num_threads(),
     "status": engine.status()["threads"],
     "cores": __import__("fineinfer_jupyter.engine.threads").engine.threads.usable_cores(),
+    "follows": __import__("fineinfer_jupyter.engine.threads").engine.threads.LoadFollower
+    .for_this_machine(1) is not None,
 }}))
 engine.shutdown()
 """
@@ -116,6 +194,7 @@ def test_a_fresh_process_gets_a_short_spin_before_torch_starts(tmp_path):
     assert report["env"] == {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
     assert spin == 1000  # the runtime took it
     assert report["torch_threads"] == report["cores"]
+    assert report["status"].pop("follows_load") is report["follows"]
     assert report["status"] == {
         "intra_op": report["cores"],
         "source": "default",
@@ -135,6 +214,7 @@ def test_the_users_own_wait_policy_and_thread_count_are_kept(tmp_path):
         "source": "environment",
         "wait_policy": "OMP_WAIT_POLICY=ACTIVE",
         "note": "kept your OMP_WAIT_POLICY=ACTIVE",
+        "follows_load": False,
     }
 
 

@@ -22,7 +22,7 @@ from .request import Tokenizer
 from .runner import Runner
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .threads import configure_threads
+from .threads import configure_threads, follow_load
 from .training import Trainer
 
 log = logging.getLogger("fineinfer")
@@ -59,6 +59,7 @@ class EngineCore:
             self.executor.cancel(seq)
 
     def iterate(self) -> SchedulerOutput:
+        follow_load()  # the default thread count follows the machine's load ("Sharing the machine")
         out = self.scheduler.schedule(time.monotonic(), self.trainer)
         result = self.executor.execute(out)
         for seq in self.scheduler.update(out, result):

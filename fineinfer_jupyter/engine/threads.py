@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 # libgomp (torch's Linux wheels): spin 1000 turns, then sleep; LLVM's / Intel's OpenMP: sleep
@@ -96,6 +97,7 @@ def env_threads() -> int | None:
 
 
 _chosen: dict | None = None  # the last configure_threads() choice, for status()
+_follower: LoadFollower | None = None  # the default count follows the machine's load
 
 
 def configure_threads(setting: int | None) -> dict:
@@ -113,13 +115,107 @@ def configure_threads(setting: int | None) -> dict:
         threads, source = usable_cores(), "default"
     torch.set_num_threads(threads)
     waiting = set_wait_policy()
+    global _follower
+    _follower = LoadFollower.for_this_machine(threads) if source == "default" else None
     _chosen = {
         "intra_op": torch.get_num_threads(),
         "source": source,
         "wait_policy": waiting["policy"],
         "note": waiting["note"],
+        "follows_load": _follower is not None,
     }
     return current()
+
+
+def follow_load() -> None:
+    """Between two iterations, in the thread that runs the engine's math: with the default
+    count, use the cores other programs left (LoadFollower). Cheap when nothing is due."""
+    if _follower is None or _chosen is None:
+        return
+    changed = _follower.poll()
+    _chosen["others_busy"] = round(_follower.others, 2)
+    if changed is not None:
+        import torch
+
+        torch.set_num_threads(changed)
+        _chosen["intra_op"] = torch.get_num_threads()
+
+
+class LoadFollower:
+    """How many threads to use when other programs keep some cores busy. A parallel region
+    ends when its slowest thread does: with two threads on two cores and a neighbour holding
+    one of them, every region waits for the thread that shares the neighbour's core, and one
+    thread ran a micro-step up to ~1.8x faster (docs/benchmarks.md, "Sharing the cores").
+
+    Every `interval` seconds: the cores busy on the machine (/proc/stat) minus this process's
+    own CPU time (os.times) is what the others use; the count becomes the cores they leave,
+    at least one, at most `cores`. A new count is taken when two readings in a row agree."""
+
+    def __init__(
+        self,
+        cores: int,
+        cpus: int,
+        *,
+        interval: float = 1.0,
+        busy=None,  # () -> seconds all CPUs were busy since boot
+        own=None,  # () -> seconds of CPU this process used
+        clock=time.monotonic,
+    ):
+        self.cores, self.cpus, self.interval = cores, cpus, interval
+        self.busy, self.own, self.clock = busy or machine_busy_seconds, own or own_seconds, clock
+        self.threads = cores
+        self.others = 0.0  # cores other programs kept busy over the last interval
+        self.pending: int | None = None  # a count seen once, taken if the next reading agrees
+        self.last = self._sample()
+
+    @classmethod
+    def for_this_machine(cls, cores: int) -> LoadFollower | None:
+        """None when /proc/stat does not show exactly the CPUs this process runs on (another
+        OS, a container limited to some of the host's CPUs or by a quota): there the load it
+        shows is not the load on our cores."""
+        try:
+            lines = Path("/proc/stat").read_text().splitlines()
+            listed = {int(ln.split()[0][3:]) for ln in lines if ln[:3] == "cpu" and ln[3].isdigit()}
+            machine_busy_seconds()
+        except (OSError, ValueError, IndexError):
+            return None
+        mine = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else listed
+        if listed != mine or cgroup_quota() is not None:
+            return None
+        return cls(cores, len(listed))
+
+    def _sample(self) -> tuple[float, float, float]:
+        return self.clock(), self.busy(), self.own()
+
+    def poll(self) -> int | None:
+        """The new thread count when it changed, else None."""
+        t0, busy0, own0 = self.last
+        if self.clock() - t0 < self.interval:
+            return None
+        self.last = t1, busy1, own1 = self._sample()
+        self.others = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
+        free = self.cores * (1 - min(self.others, self.cpus) / self.cpus)
+        want = max(1, min(self.cores, round(free)))
+        if want == self.threads:
+            self.pending = None
+            return None
+        if want != self.pending:
+            self.pending = want
+            return None
+        self.threads, self.pending = want, None
+        return want
+
+
+def machine_busy_seconds(stat: Path = Path("/proc/stat")) -> float:
+    """Seconds all CPUs were busy since boot (not idle, not waiting for I/O)."""
+    fields = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is in user
+
+
+def own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def current() -> dict | None:

@@ -22,7 +22,9 @@ def status_lines(status: dict, url: str) -> list[str]:
     threads = status.get("threads")
     if threads:
         lines.append(
-            f"threads {threads['intra_op']} ({threads['source']})"
+            f"threads {threads['intra_op']} ({threads['source']}"
+            + (", fewer while other programs are busy" if threads.get("follows_load") else "")
+            + ")"
             f" · OpenMP waiting: {threads['wait_policy']}"
         )
     lines.append(f"adapters: {', '.join(status.get('adapters') or []) or 'none'}")
