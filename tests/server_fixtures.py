@@ -52,6 +52,24 @@ def fineinfer(jp_serverapp, jp_asyncio_loop, monkeypatch):
     jp_asyncio_loop.run_until_complete(asyncio.wait_for(manager.stop_all_extensions(), 60))
 
 
+async def post_streamed(
+    client: SimpleAsyncHTTPClient, url: str, token: str, body: dict, *, timeout: float
+) -> tuple[HTTPResponse, list[bytes]]:
+    """POST `body` as JSON with the token and collect the response body as the chunks it
+    arrived in; errors (a status, a timeout: 599) are returned in the response, not raised."""
+    chunks: list[bytes] = []
+    response = await client.fetch(
+        url,
+        method="POST",
+        body=json.dumps(body),
+        headers={"Authorization": f"token {token}"},
+        streaming_callback=chunks.append,
+        request_timeout=timeout,
+        raise_error=False,
+    )
+    return response, chunks
+
+
 class Api:
     """JSON calls to the server's fineinfer routes; errors are returned, not raised."""
 
@@ -62,15 +80,8 @@ class Api:
 
     async def stream(self, path: str, body: dict, *, timeout=60.0) -> tuple[int, list[bytes]]:
         """POST and collect the body as the chunks it arrived in (up to 64 at once)."""
-        chunks: list[bytes] = []
-        response = await self.client.fetch(
-            f"{self.url}{path}",
-            method="POST",
-            body=json.dumps(body),
-            headers={"Authorization": f"token {self.token}"},
-            streaming_callback=chunks.append,
-            request_timeout=timeout,
-            raise_error=False,
+        response, chunks = await post_streamed(
+            self.client, f"{self.url}{path}", self.token, body, timeout=timeout
         )
         return response.code, chunks
 

@@ -12,6 +12,7 @@ from collections import Counter
 
 import psutil
 import pytest
+from server_fixtures import post_streamed
 from test_training import RECORDS
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
@@ -40,7 +41,6 @@ class Load:
         """One streamed request: NDJSON generate (base or the training adapter) or an OpenAI
         chat completion streamed as server-sent events."""
         n = rng.randint(4, 24)
-        chunks: list[bytes] = []
         if rng.random() < 0.2:
             path = "fineinfer/v1/chat/completions"
             body = {"model": rng.choice(["base", "herb"]), "max_tokens": n, "stream": True,
@@ -49,14 +49,8 @@ class Load:
             path = "fineinfer/api/generate"
             body = {"prompt": rng.choice(RECORDS)["prompt"], "max_new_tokens": n,
                     "adapter": rng.choice([None, None, None, "herb"])}  # fmt: skip
-        response = await self.client.fetch(
-            self.server.url + path,
-            method="POST",
-            body=json.dumps(body),
-            headers={"Authorization": f"token {self.server.token}"},
-            streaming_callback=chunks.append,
-            request_timeout=REQUEST_TIMEOUT,
-            raise_error=False,
+        response, chunks = await post_streamed(
+            self.client, self.server.url + path, self.server.token, body, timeout=REQUEST_TIMEOUT
         )
         text = b"".join(chunks).decode()
         if response.code == 599:
