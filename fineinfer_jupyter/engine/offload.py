@@ -65,7 +65,6 @@ class LayerOffload:
         self.fetches: list[Fetch] = []  # since the last take()
         self.shared = 0  # bytes a training unit did not fetch: an inference pass had (take)
         self.fetch_seconds = 0.0  # spent fetching since start (units subtract theirs)
-        self.resident_bytes = 0
         self._storages: dict[int, tuple[int, int]] = {}  # storage pointer -> (layer, param)
         sizes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers]
         self.layer_bytes = max(sizes, default=0)
@@ -75,9 +74,9 @@ class LayerOffload:
                 used += size
                 continue
             named = [(n, p) for n, p in layer.named_parameters() if "lora_" not in n]
-            self.layers[i] = OffloadedLayer([p for _, p in named], [n for n, _ in named])
-            self.layers[i].nbytes = size
-        self.resident_bytes = used
+            params, names = [p for _, p in named], [n for n, _ in named]
+            self.layers[i] = OffloadedLayer(params, names, nbytes=size)
+        self.resident_bytes = used  # the layers kept on the device
         if mode == "disk":
             self._write_files(folder, layers)
         for entry in self.layers.values():
@@ -140,10 +139,10 @@ class LayerOffload:
             stream.wait_event(done)
             for t in tensors:
                 t.record_stream(stream)  # the allocator must not reuse it before the layer ran
+        elif self.mode == "cpu" and self.device.type == "cpu":
+            tensors = [t.clone() for t in entry.host]  # a real copy, as to a device
         elif self.mode == "cpu":
             tensors = [t.to(self.device, non_blocking=True) for t in entry.host]
-            if self.device.type == "cpu":
-                tensors = [t.clone() for t in entry.host]  # a real copy, as to a device
         else:
             if self.cold:
                 drop_from_page_cache(entry.file)

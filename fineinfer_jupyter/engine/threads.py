@@ -176,13 +176,12 @@ class LoadFollower:
         try:
             lines = Path("/proc/stat").read_text().splitlines()
             listed = {int(ln.split()[0][3:]) for ln in lines if ln[:3] == "cpu" and ln[3].isdigit()}
-            machine_busy_seconds()
+            mine = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else listed
+            if listed != mine or cgroup_quota() is not None:
+                return None
+            return cls(cores, len(listed))  # its first reading fails where /proc/stat is odd
         except (OSError, ValueError, IndexError):
             return None
-        mine = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else listed
-        if listed != mine or cgroup_quota() is not None:
-            return None
-        return cls(cores, len(listed))
 
     def _sample(self) -> tuple[float, float, float]:
         return self.clock(), self.busy(), self.own()
