@@ -97,13 +97,13 @@ class Scheduler:
         seq.status = Status.FINISHED
         return True
 
-    def abort_all(self) -> list[Sequence]:
-        gone = [*self.waiting, *self.running]
+    def abort_all(self, seqs: list[Sequence]) -> None:
+        """Empty both queues and end `seqs`: every request in the engine, including those
+        admitted by an iteration that broke before update() (they are in neither queue)."""
         self.waiting.clear()
         self.running = []
-        for seq in gone:
+        for seq in seqs:
             seq.status = Status.FINISHED
-        return gone
 
     @property
     def num_running(self) -> int:
