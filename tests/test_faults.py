@@ -181,7 +181,8 @@ def test_shutdown_returns_within_its_timeout_when_the_engine_thread_is_stuck(eng
     answers = []
     caller = threading.Thread(target=lambda: answers.append(_jobs(engine)))
     caller.start()  # a caller waiting on the engine thread
-    time.sleep(0.3)
+    while engine._inbox.qsize() == 0:  # its call is in the inbox: it waits from here
+        time.sleep(0.01)
     start = time.monotonic()
     assert engine.shutdown(timeout=1.0) is False
     assert time.monotonic() - start < 1.5
@@ -206,13 +207,15 @@ def _jobs(engine):
 
 
 def test_a_dead_engine_thread_is_reported_and_its_requests_get_an_error(engine, monkeypatch):
-    def dies():
-        raise SystemExit("the thread is gone")  # not an Exception: the loop does not catch it
+    real = engine.core.iterate
 
-    stream = engine.generate("hi", max_new_tokens=50, ignore_eos=True, slo={"tpot": 1.0})
-    while stream.final is None and not engine.core.scheduler.running:
-        time.sleep(0.01)
+    def dies():  # once the request is in the running batch (it cannot finish first)
+        if engine.core.scheduler.running:
+            raise SystemExit("the thread is gone")  # not an Exception: the loop does not catch it
+        return real()
+
     monkeypatch.setattr(engine.core, "iterate", dies)
+    stream = engine.generate("hi", max_new_tokens=50, ignore_eos=True, slo={"tpot": 1.0})
     engine._thread.join(10)
     final = list(stream)[-1]
     assert final["type"] == "error"
