@@ -163,13 +163,13 @@ class Scheduler:
         elif running and self._rides_along(micro):
             n = 0  # with offload, a layer's forward shares the fetch of the rows' next decode
         if n:
-            return SchedulerOutput(now, train_examples=micro.examples, train_units=n)
+            return SchedulerOutput(train_examples=micro.examples, train_units=n)
         out = None
         if newcomers and running:
             c = self.costs
             p = c.margin * c.prefill(newcomers[0].num_prompt_tokens)
             if decode_room < p <= self.room_after_decode(now, running):
-                out = SchedulerOutput(now, decode=list(running))  # the prefill fits after a token
+                out = SchedulerOutput(decode=list(running))  # the prefill fits after a token
         out = out or self._serve(now, newcomers, running)
         if self._rides_along(micro) and (out.prefill or out.decode):
             # heterogeneous batching: the layers this pass fetches serve training too, for as
@@ -188,7 +188,7 @@ class Scheduler:
     def _train(self, now: float, micro: MicroStepPlan, segment: float) -> SchedulerOutput:
         """As many units as fit in a segment of `segment` seconds, one at least."""
         n = max(self._units_within(micro, INF, segment), 1)
-        return SchedulerOutput(now, train_examples=micro.examples, train_units=n)
+        return SchedulerOutput(train_examples=micro.examples, train_units=n)
 
     def _micro_step(self, training: Training, ceiling: float = INF) -> MicroStepPlan:
         """The micro-step under way, or the next one: the size that trains the most tokens a
@@ -386,12 +386,12 @@ class Scheduler:
     ) -> SchedulerOutput:
         if newcomers:
             group = self._group(now, newcomers, running)
-            return SchedulerOutput(now, prefill=self.prefill_passes(group, now))
+            return SchedulerOutput(prefill=self.prefill_passes(group, now))
         if running:
-            return SchedulerOutput(now, decode=list(running))
+            return SchedulerOutput(decode=list(running))
         if training is not None:  # (immediate) an arrival waits at most one segment
             return self._train(now, self._micro_step(training), self.max_segment)
-        return SchedulerOutput(now)
+        return SchedulerOutput()
 
     def queue_stats(self, now: float) -> dict:
         """For the metrics: waiting and running requests, and the waiting ones' slack."""
