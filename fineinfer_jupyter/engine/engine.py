@@ -13,7 +13,6 @@ import queue
 import shutil
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import core, export, threads
+from . import core, export, storage, threads
 from .config import (
     EngineConfig,
     EngineNotReady,
@@ -393,7 +392,8 @@ class Engine:
             out = out / f"{name}.gguf"
         if to == "vllm" and path is None:
             out = out / "vllm"
-        scratch = exports / f".{name}-{uuid.uuid4().hex[:8]}"
+        storage.sweep(exports / name)  # scratch that an export which died left behind
+        scratch = storage.temporary(exports / name)
 
         def save():
             c.adapters.get(name)
