@@ -21,7 +21,7 @@ from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.training import HOLD_STEP
 from fineinfer_jupyter.launch import JupyterProcess
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.realtime]
 PARAMS = {"r": 8, "lora_alpha": 16, "learning_rate": 1e-2, "batch_size": 4,
           "micro_batch_size": 2, "max_length": 64}  # fmt: skip
 

@@ -174,6 +174,7 @@ def stuck_engine(engine, monkeypatch):
     return release, entered
 
 
+@pytest.mark.realtime
 def test_shutdown_returns_within_its_timeout_when_the_engine_thread_is_stuck(engine, monkeypatch):
     release, entered = stuck_engine(engine, monkeypatch)
     stream = engine.generate("hi", max_new_tokens=3)  # wakes the thread: it is stuck from here
@@ -206,6 +207,7 @@ def _jobs(engine):
         return e
 
 
+@pytest.mark.realtime
 def test_a_dead_engine_thread_is_reported_and_its_requests_get_an_error(engine, monkeypatch):
     real = engine.core.iterate
 
@@ -260,6 +262,7 @@ def broken_iteration(engine, monkeypatch, where: str) -> list[float]:
     return fault
 
 
+@pytest.mark.realtime
 @pytest.mark.parametrize("where", ["execute", "update"])
 def test_an_iteration_that_breaks_while_admitting_answers_every_caller_and_the_engine_goes_on(
     engine, adapter_dirs, monkeypatch, where

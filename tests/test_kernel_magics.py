@@ -56,6 +56,7 @@ def test_status_after_load_ext_shows_the_model(kernel, fineinfer_server):
         assert waiting in run.stdout
 
 
+@pytest.mark.realtime
 def test_tune_returns_at_once_and_its_widget_updates_while_other_cells_run(kernel, client):
     try:
         run = kernel.run(
@@ -153,6 +154,7 @@ def test_save_load_and_delete_adapters_with_paths_relative_to_the_notebook(
     assert "copy" not in kernel.run("%fineinfer adapters").stdout
 
 
+@pytest.mark.realtime
 def test_dashboard_polls_while_other_cells_run_and_stops_when_closed(kernel, client):
     job = client.tune("dash", records=SMALL * 8, max_steps=100_000, batch_size=1)
     try:

@@ -18,7 +18,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from fineinfer_jupyter.launch import JupyterProcess
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.realtime]
 CLIENTS = 100
 WARM_UP = 10.0  # seconds of load before the reference RSS
 LOAD = 35.0  # seconds clients keep sending (warm-up included)

@@ -10,7 +10,7 @@ import pytest
 from test_training import RECORDS
 
 pytest_plugins = ["pytest_jupyter.jupyter_server", "server_fixtures"]
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.realtime]
 PARAMS = {"r": 4, "lora_alpha": 8, "batch_size": 1, "max_length": 64, "checkpoint_every": 2}
 
 

@@ -17,7 +17,7 @@ from fineinfer_jupyter.engine import threads
 from fineinfer_jupyter.engine.config import EngineConfig
 from fineinfer_jupyter.engine.engine import Engine
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.realtime]
 
 
 @pytest.fixture(autouse=True)
