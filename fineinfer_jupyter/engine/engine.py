@@ -447,6 +447,7 @@ class Engine:
         if to == "gguf" and out.suffix != ".gguf":
             check(not out.is_file(), "path", f"{out} is a file; give a folder or a .gguf name")
             out = out / f"{name}.gguf"
+        check(not (to == "gguf" and out.is_dir()), "path", f"{out} is a folder, not a .gguf file")
         if to == "vllm" and path is None:
             out = out / "vllm"
         scratch = exports / f".{name}-{uuid.uuid4().hex[:8]}"
