@@ -77,6 +77,12 @@ def test_an_exported_job_trains_on_two_processes_with_the_engines_losses_and_loa
     for (_, a), (_, b) in zip(theirs, ours, strict=True):
         assert a == pytest.approx(b, rel=LOSS_RTOL)
 
+    with pytest.raises(FineInferError) as kept:  # exporting again would delete the run
+        client.export_job("dist", out, processes=2)
+    assert kept.value.message == (
+        "path: dist holds output besides an exported job; they would be deleted: give a new folder"
+    )
+
     client.save_adapter("dist", server_root / "dist-engine")
     engine_weights = load_file(server_root / "dist-engine" / "adapter_model.safetensors")
     exported_weights = load_file(adapter / "adapter_model.safetensors")

@@ -29,6 +29,7 @@ from .storage import atomic_dir
 
 TRAIN = Path(__file__).with_name("job_train.py")
 MARKER = "job.json"  # a folder holding it (and train.py) is an earlier export: replaced
+WRITTEN = {MARKER, "train.py", "accelerate_config.yaml", "README.md", "data", "base"}
 PORT = 29500
 
 
@@ -74,7 +75,8 @@ def check_processes(processes: int, batch_size: int) -> None:
 
 
 def check_target(out: Path) -> None:
-    """`out` is new, empty, or an earlier export (replaced whole); nothing else is replaced."""
+    """`out` is new, empty, or an earlier export holding only what an export writes (replaced
+    whole); nothing else is replaced, a training run's output/ neither."""
     if not out.exists():
         return
     check(out.is_dir(), "path", f"{out.name} exists and is not a folder")
@@ -83,6 +85,13 @@ def check_target(out: Path) -> None:
         earlier or not any(out.iterdir()),
         "path",
         f"{out.name} exists and is not an exported job; give a new folder",
+    )
+    others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN)
+    check(
+        not others,
+        "path",
+        f"{out.name} holds {', '.join(others[:3])} besides an exported job; they would be "
+        "deleted: give a new folder",
     )
 
 
