@@ -35,6 +35,7 @@ PARAMS = dict(
 # engine does: the losses differ only by float32 rounding (sums in another order, the gloo
 # all-reduce). Measured here: a relative difference of ~1e-7 over 4 steps.
 LOSS_RTOL = 1e-4
+BF16_RTOL = 1e-2  # bf16 keeps 8 bits of mantissa (~4e-3 a rounding); measured ~1e-3 here
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,36 @@ def test_train_py_splits_the_effective_batch_over_processes_and_micro_batches():
     assert job_train.split(12, 2, 4) == (3, 2)  # 6 per process: the largest micro <= 4 dividing it
     with pytest.raises(SystemExit, match="run 1, 2, 4 processes"):
         job_train.split(4, 3, 1)
+
+
+def test_a_job_read_back_after_a_restart_exports_the_same_and_trains_alone_in_bf16(tmp_path):
+    """The engine in bf16: the export names the dtype, train.py (one process, no launcher) loads
+    the base in it, and its losses are the engine's at bf16's precision. A job read back after
+    a restart has no data set in memory: it is built again from its (unchanged) file."""
+    from fineinfer_jupyter.engine import Engine, EngineConfig
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    config = EngineConfig(model="tiny", data_dir=tmp_path / "fi", dtype="bfloat16")
+    with Engine(config) as engine:
+        job = engine.wait_job(engine.tune("b", str(data), **PARAMS)["id"], timeout=120)
+        first = engine.export_job(job["id"], tmp_path / "first")
+    with Engine(config) as engine:
+        again = engine.export_job(job["id"], tmp_path / "again", processes=1)
+    assert again["base_model"]["dtype"] == "bfloat16" and first["processes"] == 4
+    for name in ("data/train.jsonl", "data/original.jsonl"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
+    assert (tmp_path / "again" / "data" / "original.jsonl").read_bytes() == data.read_bytes()
+
+    run = subprocess.run(
+        [sys.executable, "train.py", "--output", str(tmp_path / "out")],
+        cwd=tmp_path / "again",
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = json.loads((tmp_path / "out" / "loss_history.json").read_text())
+    for (s, a), (t, b) in zip(theirs, job["loss_history"], strict=True):
+        assert s == t and a == pytest.approx(b, rel=BF16_RTOL)
