@@ -310,7 +310,8 @@ class Engine:
 
         job, record = self._call(get)
         check(processes is None or is_int(processes), "processes", "must be an integer")
-        processes = processes or job_export.default_processes(job.params.batch_size)
+        if processes is None:
+            processes = job_export.default_processes(job.params.batch_size)
         job_export.check_processes(processes, job.params.batch_size)
         out = Path(path) if path is not None else job.folder / "export"
         job_export.check_target(out)
