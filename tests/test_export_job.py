@@ -197,3 +197,17 @@ def test_a_job_read_back_after_a_restart_exports_the_same_and_trains_alone_in_bf
     theirs = json.loads((tmp_path / "out" / "loss_history.json").read_text())
     for (s, a), (t, b) in zip(theirs, job["loss_history"], strict=True):
         assert s == t and a == pytest.approx(b, rel=BF16_RTOL)
+
+
+def test_train_py_refuses_a_base_model_of_other_shapes_and_hashes_as_the_engine_does():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fineinfer_jupyter.engine.models import build_tiny, shape_hash
+
+    tiny = build_tiny()[0]
+    base = {"name": "tiny", "shape_hash": shape_hash(tiny)}
+    job_train.check_base(tiny, base, "base")  # the same model: nothing to say
+    small = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    with pytest.raises(SystemExit, match="other is not the base model this job trained on"):
+        job_train.check_base(LlamaForCausalLM(small), base, "other")

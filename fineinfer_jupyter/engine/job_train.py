@@ -45,6 +45,15 @@ def shape_hash(model: torch.nn.Module) -> str:
     return hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
 
 
+def check_base(model: torch.nn.Module, base: dict, folder: str) -> None:
+    found = shape_hash(model)
+    if found != base["shape_hash"]:
+        sys.exit(
+            f"train.py: {folder} is not the base model this job trained on: its shape hash is "
+            f"{found}, {base['name']}'s is {base['shape_hash']}"
+        )
+
+
 def engine_order(n: int, batch_size: int, steps: int, seed: int) -> list[int]:
     """Example indices in the order the engine trains them (fineinfer's Job.batch_indices):
     position p is example perm(p // n)[p % n], perm(e) a seeded shuffle of epoch e."""
@@ -152,12 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = args.base_model or str((HERE / base["path"]).resolve())
     dtype = DTYPES[args.dtype or base["dtype"]]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    found = shape_hash(model)
-    if found != base["shape_hash"]:
-        sys.exit(
-            f"train.py: {folder} is not the base model this job trained on: its shape hash is "
-            f"{found}, {base['name']}'s is {base['shape_hash']}"
-        )
+    check_base(model, base, folder)
     config = LoraConfig(
         r=p["r"],
         lora_alpha=p["lora_alpha"],
