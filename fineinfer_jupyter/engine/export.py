@@ -25,8 +25,13 @@ ARCHS = {
     "MistralForCausalLM": (gguf.MODEL_ARCH.LLAMA, True),
     "Qwen2ForCausalLM": (gguf.MODEL_ARCH.QWEN2, False),
     "Qwen3ForCausalLM": (gguf.MODEL_ARCH.QWEN3, False),
+    "GemmaForCausalLM": (gguf.MODEL_ARCH.GEMMA, False),
+    "Gemma2ForCausalLM": (gguf.MODEL_ARCH.GEMMA2, False),
+    "Gemma3ForCausalLM": (gguf.MODEL_ARCH.GEMMA3, False),
+    "Phi3ForCausalLM": (gguf.MODEL_ARCH.PHI3, False),  # fused qkv_proj, gate_up_proj as they are
 }
 VLLM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VLLM_MODULES += ("qkv_proj", "gate_up_proj")  # Phi-3's fused projections
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank choices; 16 by default
 VLLM_URL = "http://localhost:8000"
 PREFIX = "base_model.model."
