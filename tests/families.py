@@ -15,6 +15,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GenerationConfig,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
@@ -48,6 +50,7 @@ FAMILIES = {
         dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
     ),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=8)),
+    "gemma": (GemmaConfig, GemmaForCausalLM, dict(head_dim=8)),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(**GEMMA, **SOFTCAP)),  # sliding, full
     "gemma3": (
         Gemma3TextConfig,

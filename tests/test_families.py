@@ -19,10 +19,12 @@ from fineinfer_jupyter.engine.batch import Batch
 from fineinfer_jupyter.engine.config import EngineConfig, SamplingParams, Slo
 from fineinfer_jupyter.engine.data import Example, collate
 from fineinfer_jupyter.engine.engine import Engine
+from fineinfer_jupyter.engine.features import FEATURES
 from fineinfer_jupyter.engine.models import load_model
 from fineinfer_jupyter.engine.runner import Runner
 from fineinfer_jupyter.engine.sequence import Sequence
 from fineinfer_jupyter.engine.walk import LayerWalk, TrainingPass
+from fineinfer_jupyter.kernel.render import status_lines
 
 EPS = {"fp32": 2**-23, "bf16": 2**-7}  # a unit in the last place, relative
 CASES = [(f, d) for f in FAMILIES for d in EPS]
@@ -206,6 +208,23 @@ def test_greedy_tokens_equal_generate_while_rows_join_and_leave_past_the_window(
     assert walk["enabled"] == (engine.case[0] in WALKED), walk
 
 
+def test_status_says_which_features_the_model_lacks_and_why(engine):
+    features = engine.status()["features"]
+    lines = status_lines(engine.status(), "http://x")
+    if engine.case[0] in WALKED:
+        assert features == {"available": list(FEATURES), "lacking": {}}
+        assert not any("lacks" in line for line in lines)
+        return
+    lacking = ["pausable_micro_steps", "offload", "gguf_export", "vllm_export"]
+    assert features["available"] == ["serving", "training"]
+    assert list(features["lacking"]) == lacking
+    assert "model type 'gpt_neox'" in features["lacking"]["offload"]
+    assert "this model is a GPTNeoXForCausalLM" in features["lacking"]["gguf_export"]
+    assert [line.split(":")[0] for line in lines if "lacks" in line] == [
+        f"this model lacks {f.replace('_', ' ')}" for f in lacking
+    ]
+
+
 @torch.no_grad()
 def assert_near_tie(base, prompt, mine, theirs):
     """bf16 only: where the tokens part, the reference's two best logits were within a few
@@ -282,5 +301,5 @@ def test_gpt_neox_falls_back_to_its_own_forward_and_says_why(loaded):
 def test_export_knows_every_walked_family():
     assert {
         "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+        "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
     } <= set(export.ARCHS)  # fmt: skip
