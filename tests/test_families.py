@@ -185,7 +185,7 @@ def generate(model, tokenizer, prompt, n):
 
 def test_greedy_tokens_equal_generate_while_rows_join_and_leave_past_the_window(engine, loaded):
     base = loaded(engine.case)
-    lengths = [9, 3, 6, 7]  # rows leave at different steps
+    lengths = [3, 9, 6, 7]  # rows leave at different steps, the longest prompt first
     expected = [
         generate(base.model, base.tokenizer, p, n) for p, n in zip(PROMPTS, lengths, strict=True)
     ]
@@ -303,3 +303,77 @@ def test_export_knows_every_walked_family():
         "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
         "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
     } <= set(export.ARCHS)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case, mode",
+    [(("mistral", "bf16"), "cpu"), (("gemma3", "fp32"), "disk")],
+    ids=["mistral-bf16-cpu", "gemma3-fp32-disk"],
+)
+def test_offloaded_layers_of_a_sliding_window_family_give_generates_tokens(
+    case, mode, folders, loaded, tmp_path
+):
+    base = loaded(case)
+    config = EngineConfig(
+        model=folders[case[0]], dtype=case[1], device="cpu", data_dir=tmp_path, threads=1,
+        offload=mode, memory_budget=0, cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    with Engine(config, thread=False) as e:
+        assert e.status()["offload"]["layers"] == 2
+        streams = [e.generate(p, max_new_tokens=6) for p in PROMPTS[:2]]
+        run_until_done(e, streams)
+    for prompt, stream in zip(PROMPTS, streams, strict=False):
+        theirs = generate(base.model, base.tokenizer, prompt, 6)
+        mine = stream.final["token_ids"]
+        if mine != theirs and case[1] == "bf16":
+            assert_near_tie(base, prompt, mine, theirs)
+        else:
+            assert mine == theirs
+
+
+def decode_alone(runner, seq, n):
+    batch = Batch()
+    cache, mask, logits = runner.prefill([seq])
+    batch.join([seq], cache, mask)
+    seq.output_ids.append(int(logits.argmax(-1)))
+    for _ in range(n - 1):
+        seq.output_ids.append(int(runner.decode(batch).argmax(-1)))
+    return seq.output_ids
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "qwen2"])
+@torch.no_grad()
+def test_rows_join_wider_and_narrower_and_leave_with_the_tokens_they_get_alone(family, loaded):
+    """Every cache layer (full or sliding) padded when a wider row joins, and trimmed when the
+    widest row leaves, past the sliding window."""
+    runner = Runner(loaded((family, "fp32")).model, device=torch.device("cpu"))
+    prompts = [list(range(3, 13)), list(range(40, 55)), list(range(80, 85)), list(range(90, 96))]
+    seqs = [Sequence(p, sampling=SamplingParams(), slo=Slo()) for p in prompts]
+    batch = Batch()
+
+    def join(group):
+        cache, mask, logits = runner.prefill(group)
+        batch.join(group, cache, mask)
+        for s, t in zip(group, logits.argmax(-1).tolist(), strict=True):
+            s.output_ids.append(t)
+
+    def decode(n):
+        for _ in range(n):
+            for s, t in zip(batch.seqs, runner.decode(batch).argmax(-1).tolist(), strict=True):
+                s.output_ids.append(t)
+
+    join(seqs[:1])
+    decode(2)  # 12 columns
+    join(seqs[1:3])  # 15 columns: the batch is padded, the 5-token row too
+    decode(3)
+    batch.drop(seqs[1])  # the widest leaves: the leading columns go
+    assert batch.length < 18
+    join(seqs[3:])  # narrower: it is padded
+    decode(WINDOW)
+    got = [s.output_ids for s in seqs]
+    alone = [
+        decode_alone(runner, Sequence(p, sampling=SamplingParams(), slo=Slo()), len(g))
+        for p, g in zip(prompts, got, strict=True)
+    ]
+    assert got == alone
+    assert any(getattr(x, "is_sliding", False) for x in batch.cache.layers)
