@@ -108,7 +108,7 @@ class LayerWalk:
         stack, off = self.stack, self.offload
         types = getattr(stack.config, "layer_types", None)
         for i in range(start, end):
-            if off is not None:
+            if off is not None and i + 1 < end:  # (none left in flight after the range)
                 off.prefetch(i + 1)
             with self.resident(i, kind):
                 with self.rows(p, stack.layers[i]):
