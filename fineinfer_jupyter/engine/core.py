@@ -109,7 +109,7 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
     runner = Runner(loaded.model, device=device)
     home = model_home(Path(config.data_dir), loaded)
     runner.walk.offload = loaded.offload  # (the layers over budget went there at load)
-    adapters = AdapterStore(runner, home / "adapters")
+    adapters = AdapterStore(runner, home / "adapters", base_hash=home.name.rsplit("-", 1)[-1])
     adapters.load_saved()
     trainer = Trainer(runner, adapters, root=home / "jobs", pad_id=tokenizer.pad_id)
     trainer.load()

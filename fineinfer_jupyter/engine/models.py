@@ -390,9 +390,17 @@ def data_slug(loaded: LoadedModel) -> str:
     """The base model's folder in the data directory: its name and a short hash of its
     parameters' names and shapes, so that adapters and jobs of one base model never meet
     another's (the same model in another dtype or folder shares them)."""
-    shapes = sorted(loaded.shapes.items())  # (as loaded: an offloaded layer's too)
-    digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
-    return f"{slug(loaded.name)}-{digest}"
+    return f"{slug(loaded.name)}-{shape_hash(loaded.shapes)}"  # (as loaded: offloaded too)
+
+
+def shape_hash(model: torch.nn.Module | dict[str, tuple]) -> str:
+    """8 hex digits of a hash of the model's parameters' names and shapes (before any adapter
+    is added; or of such {name: shape}). An exported job's train.py computes the same
+    (engine/job_export.py)."""
+    if isinstance(model, torch.nn.Module):
+        model = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = sorted(model.items())
+    return hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
 
 
 def slug(text: str) -> str:
