@@ -86,7 +86,7 @@ def test_offload_from_pinned_memory_with_prefetch_gives_the_same_tokens(tmp_path
 def test_out_of_memory_fails_the_request_alone_and_the_engine_serves_the_next(tmp_path):
     with engine(tmp_path, "oom", max_batch_size=4) as e:
         free, _ = torch.cuda.mem_get_info()
-        hog = torch.empty(max(free - (64 << 20), 0), dtype=torch.uint8, device=CUDA)  # leave 64 MiB
+        hog = torch.empty(max(free - (2 << 20), 0), dtype=torch.uint8, device=CUDA)  # leave 2 MiB
         try:
             stream = e.generate("x" * 900, max_new_tokens=120, ignore_eos=True)
             while stream.final is None:
@@ -96,20 +96,20 @@ def test_out_of_memory_fails_the_request_alone_and_the_engine_serves_the_next(tm
             del hog
             torch.cuda.empty_cache()
         if final["type"] != "error":
-            pytest.skip("64 MiB left were enough for this request on this GPU")
+            pytest.skip("2 MiB left were enough for this request on this GPU")
         assert "out of memory" in final["message"]
         assert len(e.complete(PROMPTS[0], max_new_tokens=4, ignore_eos=True).token_ids) == 4
 
 
 def test_peak_device_memory_with_disk_offload_stays_under_the_budget(tmp_path):
     folder = save_llama(tmp_path / "m", hidden=512, layers=8)  # 8 layers of 15 MiB in fp32
-    layer = 15 << 19  # (bf16: 7.5 MiB a layer) two layers resident
+    budget = 2 * (15 << 19) + (1 << 20)  # two layers resident (bf16: 7.5 MiB and two norms)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with engine(tmp_path, "disk", model=str(folder), offload="disk", memory_budget=2 * layer) as e:
+    with engine(tmp_path, "disk", model=str(folder), offload="disk", memory_budget=budget) as e:
         off = e.core.runner.walk.offload
         assert len(off.offloaded) == 6
         e.complete(PROMPTS[0], max_new_tokens=8, ignore_eos=True)
         peak = torch.cuda.max_memory_allocated() - base
     # budget + embeddings and head (small here) + two layers in flight + activations (64 MiB)
-    assert peak <= 2 * layer + 2 * off.layer_bytes + (64 << 20), peak / 2**20
+    assert peak <= budget + 2 * off.layer_bytes + (64 << 20), peak / 2**20

@@ -120,9 +120,8 @@ def test_unit_weights_count_the_offloaded_layers(tmp_path):
         assert expected[2] < 20 * expected[0]  # the head's forward in layers (1e5 with 0 counted)
 
 
-def test_a_paused_micro_step_leaves_no_prefetched_layer_on_the_device(tmp_path):
-    config = dict(offload="cpu", memory_budget=0, cache_dir=tmp_path / "cache")
-    with Engine(EngineConfig(model="tiny", data_dir=tmp_path, **config), thread=False) as e:
+def test_a_paused_micro_step_leaves_no_prefetched_layer_on_the_device(llama, tmp_path):
+    with engine(llama, tmp_path, "cpu", "float32", offload="cpu", memory_budget=0) as e:
         off = e.core.runner.walk.offload
         off.prefetching = True  # as on CUDA (on a CPU the copy happens at once)
         layer = off.layer_bytes
@@ -131,11 +130,12 @@ def test_a_paused_micro_step_leaves_no_prefetched_layer_on_the_device(tmp_path):
         trainer.work(1, 2)  # the first unit: layer 0's forward; the micro-step pauses
         assert trainer.run.done == 1
         assert off.held == 0  # (it held layer 1, prefetched for a unit that had not come)
-        off.peak_held = 0
-        e.complete(PROMPTS[0], max_new_tokens=3, ignore_eos=True)
+        off.peak_held, hits = 0, off.prefetch_hits
+        e.complete(PROMPTS[0], max_new_tokens=3, ignore_eos=True)  # 3 passes over 3 layers
+        assert off.prefetch_hits - hits == 3 * 2  # layers 1 and 2 came from their prefetch
         assert off.held == 0 and off.peak_held == 2 * layer  # the running layer and the next
         trainer.work(99)
-        assert off.held == 0 and trainer.run is None or trainer.run.finished
+        assert off.held == 0
 
 
 def test_a_failed_layer_drops_the_prefetched_one(tmp_path):

@@ -101,6 +101,7 @@ class LayerOffload:
         self.shared = 0  # bytes a training unit did not fetch: an inference pass had (take)
         self.fetch_seconds = 0.0  # spent fetching since start (units subtract theirs)
         self.held = self.peak_held = 0  # offloaded bytes on the device now / at most since start
+        self.prefetch_hits = 0  # fetches whose copy a prefetch had started
         self._storages: dict[int, tuple[int, int]] = {}  # storage pointer -> (layer, param)
         # (from the shapes: a parameter on the meta device has them, a released one does not)
         weights = [[getattr(m, a) for m, a, _ in base_weights(layer)] for layer in layers]
@@ -171,13 +172,12 @@ class LayerOffload:
     def prefetch(self, i: int) -> None:
         """Start copying layer i to the device, so the copy overlaps the layer before it: on
         CUDA from pinned host memory on a side stream (`prefetching` is off where nothing can
-        overlap; on a CPU, turned on, it copies at once). At most one layer is in flight: the
-        walk prefetches only inside the layers it runs, so none is left over after a pass or a
-        unit (it would hold a layer beyond the budget while other work runs)."""
+        overlap; on a CPU, turned on, it copies at once). The walk prefetches layer i + 1 just
+        before layer i runs, and only inside the layers it runs, so none is left over after a
+        pass or a unit (it would hold a layer beyond the budget while other work runs)."""
         entry = self.layers.get(i)
         if not self.prefetching or entry is None or entry.resident or i in self._prefetched:
             return
-        self.drop_prefetched()
         if self._stream is not None:
             # the copy reads pinned host memory, which never changes: no wait on the main stream
             with torch.cuda.stream(self._stream):
@@ -202,6 +202,7 @@ class LayerOffload:
         if i in self._prefetched:
             tensors, done = self._prefetched.pop(i)
             self.held -= entry.nbytes  # (held again below)
+            self.prefetch_hits += 1
             if done is not None:
                 stream = torch.cuda.current_stream(self.device)
                 stream.wait_event(done)  # the layer runs only after its copy finished
