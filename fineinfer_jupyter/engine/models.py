@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -261,14 +262,20 @@ def load_without_layers(
         else:
             device_map[name.rsplit(".", 1)[0]] = home
     del meta
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        local_files_only=True,
-        dtype=dt,
-        attn_implementation="sdpa",
-        device_map=device_map,
-        offload_folder=scratch,
-    )
+    quiet = logging.getLogger("accelerate.big_modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # (its "Some parameters are on the meta device": meant so)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            local_files_only=True,
+            dtype=dt,
+            attn_implementation="sdpa",
+            device_map=device_map,
+            offload_folder=scratch,
+        )
+    finally:
+        quiet.setLevel(level)
     hooks = [getattr(m, "_hf_hook", None) for m in model.modules()]
     maps = [h.weights_map for h in hooks if getattr(h, "weights_map", None) is not None]
     remove_hook_from_module(model, recurse=True)  # the walk fetches, not accelerate's hooks
