@@ -3,6 +3,7 @@
 #   make test   lint, then the whole test suite (what .ci/run runs)
 #   make demo   run notebooks/demo.ipynb headless with the default model
 #   make stress the tests that use real processes, signals or the clock, STRESS_RUNS times
+#   make gpu-check  on a CUDA machine: the `gpu` tests and short benchmark runs, one table
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ CHROMIUM := /usr/bin/chromium
 JUPYTER_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
 STRESS_RUNS ?= 5
 
-.PHONY: setup browser model lab test lint demo bench clean stress
+.PHONY: setup browser model lab test lint demo bench gpu-check clean stress
 
 setup: $(STAMP)
 
@@ -63,6 +64,11 @@ bench: setup model
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/coserve.py
 	$(PY) benchmarks/offload.py
+
+# the tests marked `gpu` and short decode/train/coserve/offload runs, under 8 minutes on one
+# GPU; without CUDA it says so, lists them and exits 0
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) fineinfer_jupyter/labextension labextension/node_modules labextension/lib labextension/tsconfig.tsbuildinfo
