@@ -150,6 +150,7 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
     executor = Executor(
         runner=runner, adapters=adapters, trainer=trainer, tokenizer=tokenizer, metrics=metrics
     )
+    scheduler.costs.span = executor.span
     for timing in executor.calibrate(slo):
         scheduler.costs.observe(*timing)
     return EngineCore(

@@ -15,7 +15,7 @@ import torch
 from .adapters import AdapterStore
 from .batch import Batch
 from .config import SamplingParams, Slo
-from .costmodel import prefill_units
+from .costmodel import attention_span, prefill_units
 from .metrics import Metrics
 from .oom import decode_fitting, free_memory, halves, is_oom, too_big
 from .outputs import IterationResult, SchedulerOutput, Timing
@@ -40,6 +40,10 @@ class Executor:
         self.runner, self.adapters, self.trainer = runner, adapters, trainer
         self.tokenizer, self.metrics = tokenizer, metrics
         self.batch = Batch()  # KV cache rows of the running requests
+        # prompts prefilled in part (chunked prefill): their KV cache and its mask, until the
+        # last chunk's pass gives the first token and the row joins the batch
+        self.partial: dict[Sequence, tuple] = {}
+        self.span = attention_span(runner.config)  # (the cost model's prefill units)
 
     def calibrate(self, slo: Slo) -> list[Timing]:
         """Time prefill, decode and (forward and backward) training passes once, so the
@@ -84,8 +88,9 @@ class Executor:
         if out.train_units and (out.prefill or out.decode):
             shared = RideAlong(self.trainer, self.runner, out.train_units, out.train_examples)
         if out.prefill:
-            self._prefill(out.prefill, result, shared)
-            rows, tokens = len(out.admitted), sum(s.num_prompt_tokens for s in out.admitted)
+            before = sum(s.prefilled for s in out.admitted)
+            self._prefill(out.prefill, result, shared, out.chunks)
+            rows, tokens = len(out.admitted), sum(s.prefilled for s in out.admitted) - before
         elif out.decode:
             self._decode(out.decode, result, shared)
             rows = tokens = len(out.decode)
@@ -109,8 +114,16 @@ class Executor:
             result.timings.append(Timing("fetch", f.bytes, f.seconds))
         self.metrics.record_offload(fetches, shared=off.take_shared())
 
-    def _prefill(self, passes: list[list[Sequence]], result: IterationResult, shared=None) -> None:
+    def _prefill(
+        self, passes: list[list[Sequence]], result: IterationResult, shared=None, chunks=None
+    ) -> None:
+        """Prefill passes; a request in `chunks` is prefilled up to that prompt position only
+        (its KV cache waits in `partial` for its next chunk). The adapter a request is pinned
+        to at its first pass stays its adapter for every later chunk."""
+        chunks = chunks or {}
         for seq in (s for group in passes for s in group):
+            if seq.pinned is not None or seq.prefilled:
+                continue  # pinned at its first chunk
             try:
                 seq.pinned = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
             except Exception as e:
@@ -122,9 +135,14 @@ class Executor:
                 continue
             start, also = time.perf_counter(), shared
             shared = None  # (riding along the first pass only)
+            end = chunks.get(group[0]) if len(group) == 1 else None
+            past = self.partial.pop(group[0], (None, None))[0] if len(group) == 1 else None
             try:
-                cache, mask, logits = self.runner.prefill(group, also)
-                tokens = self.runner.sample(logits, group)
+                cache, mask, logits = self.runner.prefill(group, also, cache=past, end=end)
+                units = prefill_units(group, self.span, end)
+                for seq in group:
+                    seq.prefilled, seq.chunks = end or seq.num_prompt_tokens, seq.chunks + 1
+                tokens = [] if end is not None else self.runner.sample(logits, group)
             except Exception as e:  # this pass failed: its rows fail, the rest go on
                 if is_oom(e) and len(group) > 1:  # (or fewer rows at a time fit: oom.py)
                     free_memory()
@@ -134,7 +152,10 @@ class Executor:
                     self._fail(seq, too_big(seq, e) if is_oom(e) else e, result)
                 continue
             seconds = time.perf_counter() - start - (sum(also.seconds) if also else 0.0)
-            result.timings.append(Timing("prefill", prefill_units(group), seconds))
+            result.timings.append(Timing("prefill", units, seconds))
+            if end is not None:  # a chunk: the next one extends this cache
+                self.partial[group[0]] = (cache, mask)
+                continue
             now = time.monotonic()
             for seq, token in zip(group, tokens, strict=True):
                 self._emit(seq, token, now, result)
@@ -204,6 +225,7 @@ class Executor:
         sees the engine without it."""
         if result is None and seq in self.batch.seqs:  # (in an iteration, the step drops rows)
             self.batch.drop(seq)
+        self.partial.pop(seq, None)
         if seq.pinned is not None:
             self.adapters.unpin(seq.pinned)
             seq.pinned = None
