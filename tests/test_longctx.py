@@ -138,3 +138,137 @@ def test_chunks_leave_a_waiting_job_its_training_when_no_request_is_late():
     first = long.token_times[0]
     assert first - long.arrival <= long.slo.ttft and long.chunks >= 2
     assert any(k == "train" and t < long.admitted + 1e-9 for t, k, _ in sim.log)
+
+
+# -- the prefix cache -----------------------------------------------------------------------------
+
+HISTORY = "User: tell me about foxes and dogs, at length please.\nAssistant:"
+
+
+def chat_turns(engine, adapter=None, slo=None, n=10):
+    """Turn 1, then turn 2 that resends turn 1 and its answer: (turn 2's prompt, its stream)."""
+    first = engine.generate(HISTORY, adapter=adapter, max_new_tokens=n, slo=slo)
+    run_until_done(engine, [first])
+    answer = engine.core.tokenizer.decode(first.final["token_ids"])
+    prompt = HISTORY + answer + "\nUser: and cats? Tell me all about cats. " * 4 + "\nAssistant:"
+    second = engine.generate(prompt, adapter=adapter, max_new_tokens=n, slo=slo)
+    return prompt, second
+
+
+def reference_tokens(prompt, n, adapter_dir=None):
+    from peft import PeftModel
+
+    loaded = load_model("tiny")
+    model = loaded.model
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    return hf_greedy(model, loaded.tokenizer, prompt, n)
+
+
+@pytest.mark.parametrize("tight", [False, True])
+def test_a_cache_hit_gives_the_tokens_of_a_cold_prefill(stepped, adapter_dirs, tight):
+    """Turn 2 of a chat prefills only what follows turn 1 (base and adapter rows in one batch;
+    `tight`: the rest in chunks too) and answers as generate() does from scratch."""
+    stepped.load_adapter("alpha", adapter_dirs["alpha"])
+    slo = {"ttft": 60.0, "tpot": 0.0005} if tight else None
+    prompts, streams = [], []
+    for adapter in (None, "alpha"):
+        p, s = chat_turns(stepped, adapter, slo)
+        prompts.append(p)
+        streams.append(s)
+    run_until_done(stepped, streams)
+    for adapter, prompt, s in zip((None, "alpha"), prompts, streams):
+        path = adapter_dirs[adapter] if adapter else None
+        assert s.final["token_ids"] == reference_tokens(prompt, 10, path), adapter
+        cached = s.final["stats"]["cached_tokens"]
+        assert len(HISTORY) <= cached < len(prompt.encode())  # turn 1 (its answer: as it decodes)
+        assert s.final["stats"]["prefill_chunks"] > (2 if tight else 0)
+    prefix = stepped.core.executor.prefix.stats()
+    assert prefix["hits"] == 2 and prefix["tokens_saved"] == sum(
+        s.final["stats"]["cached_tokens"] for s in streams
+    )
+
+
+def owners(engine):
+    return sorted(str(e.owner) for e in engine.core.executor.prefix.entries.values())
+
+
+def test_an_adapter_update_drops_its_entries_and_nothing_else(stepped, adapter_dirs):
+    for name in ("alpha", "beta"):
+        stepped.load_adapter(name, adapter_dirs[name])
+    streams = [
+        stepped.generate(HISTORY, adapter=a, max_new_tokens=4) for a in (None, "alpha", "beta")
+    ]
+    run_until_done(stepped, streams)
+    assert owners(stepped) == ["None", "alpha", "beta"]
+    stepped.load_adapter("alpha", adapter_dirs["beta"], replace=True)  # new weights, same name
+    assert owners(stepped) == ["None", "beta"]
+    again = stepped.generate(HISTORY + " more", adapter="alpha", max_new_tokens=4)
+    run_until_done(stepped, [again])
+    assert again.final["stats"]["cached_tokens"] == 0
+    assert again.final["token_ids"] == reference_tokens(HISTORY + " more", 4, adapter_dirs["beta"])
+    # a training adapter's requests run a snapshot: a step drops the adapter's own entries,
+    # not the snapshot's (its weights never change)
+    adapters = stepped.core.adapters
+    adapters.begin_training("beta")
+    assert owners(stepped) == ["None", "alpha"]
+    snap = stepped.generate(HISTORY, adapter="beta", max_new_tokens=4)
+    run_until_done(stepped, [snap])
+    assert "beta@0" in owners(stepped)
+    adapters.trained("beta", 1)
+    prefix = stepped.core.executor.prefix
+    (entry,) = [e for e in prefix.entries.values() if e.owner == "beta@0"]
+    assert prefix.lookup("beta@0", entry.tokens.tolist() + [5])[0] == len(entry.tokens)
+    assert prefix.lookup("beta", entry.tokens.tolist() + [5])[0] == 0
+    adapters.end_training("beta", 1, None)
+    assert "beta@0" not in owners(stepped)  # unloaded with its snapshot
+
+
+def test_the_byte_budget_holds_under_a_fuzzed_mix():
+    import random
+
+    from transformers import DynamicCache
+
+    from fineinfer_jupyter.engine.prefix import PrefixCache
+
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    budget = 40_000
+    cache = PrefixCache(budget)
+    kept: dict[tuple, torch.Tensor] = {}  # (owner, tokens) -> the keys of layer 0 stored
+    for _ in range(400):
+        owner = rng.choice([None, "a", "b", "b@3"])
+        op = rng.random()
+        if op < 0.5:  # a finished request: rows right-aligned in a batch of 2
+            n = rng.randint(1, 120)
+            tokens = [rng.randint(0, 3) for _ in range(n)]
+            batch = DynamicCache()
+            for layer in range(2):
+                k = torch.randn(2, 2, n + 3, 4)
+                batch.update(k, k + 1, layer)
+            if cache.store(owner, tokens, batch, 1):
+                kept[owner, tuple(tokens)] = batch.layers[0].keys[1, :, -n:]
+        elif op < 0.9:
+            live = list(cache.entries.values())
+            if live and rng.random() < 0.7:  # a prompt that starts like a kept one, in part
+                e = rng.choice(live)
+                owner, start = e.owner, e.tokens.tolist()
+            else:
+                start = []
+            prompt = start[: rng.randint(0, len(start))]
+            prompt += [rng.randint(0, 3) for _ in range(rng.randint(1, 50))]
+            n, hit = cache.lookup(owner, prompt)
+            if n:
+                match = [
+                    keys
+                    for (o, t), keys in kept.items()
+                    if o == owner and list(t[:n]) == prompt[:n]
+                ]
+                assert any(torch.equal(hit.layers[0].keys[0], keys[:, :n]) for keys in match)
+                assert torch.allclose(hit.layers[1].values[0] - 1, hit.layers[1].keys[0], atol=1e-6)
+        else:
+            cache.invalidate(owner)
+            assert all(e.owner != owner for e in cache.entries.values())
+        assert cache.bytes <= budget
+        assert cache.bytes == sum(e.bytes for e in cache.entries.values())
+    assert cache.hits > 10 and len(cache.entries) > 1

@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .models import LoadedModel, data_slug, default_cache_dir, slug
 from .offload import LayerOffload
 from .outputs import SchedulerOutput
+from .prefix import PrefixCache, default_budget
 from .request import Tokenizer
 from .runner import Runner
 from .scheduler import Scheduler
@@ -51,6 +52,7 @@ class EngineCore:
 
     def add(self, seq: Sequence) -> None:
         self.requests[seq.request_id] = seq
+        self.executor.lookup(seq)  # (the prefix cache: before the scheduler plans its prefill)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
@@ -147,8 +149,16 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         metrics.offload = off.describe()
         scheduler.costs.set_offload(off.offloaded, off.layer_bytes, runner.walk.num_layers)
         scheduler.heterogeneous = config.heterogeneous
+    budget = config.prefix_cache_bytes
+    prefix = PrefixCache(default_budget(device) if budget is None else budget)
+    adapters.on_change = prefix.invalidate  # an adapter's weights changed: its KV is stale
     executor = Executor(
-        runner=runner, adapters=adapters, trainer=trainer, tokenizer=tokenizer, metrics=metrics
+        runner=runner,
+        adapters=adapters,
+        trainer=trainer,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        prefix=prefix,
     )
     scheduler.costs.span = executor.span
     for timing in executor.calibrate(slo):
