@@ -272,3 +272,39 @@ def test_the_byte_budget_holds_under_a_fuzzed_mix():
         assert cache.bytes <= budget
         assert cache.bytes == sum(e.bytes for e in cache.entries.values())
     assert cache.hits > 10 and len(cache.entries) > 1
+
+
+def test_cached_tokens_and_chunks_are_visible_in_usage_footer_status_and_metrics(stepped):
+    from fineinfer_jupyter.kernel.render import footer
+    from fineinfer_jupyter.server.openai_api import usage
+
+    _, second = chat_turns(stepped, n=4)
+    run_until_done(stepped, [second])
+    done = second.final
+    cached = done["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= len(HISTORY)
+    assert usage(done)["prompt_tokens_details"] == {"cached_tokens": cached}  # OpenAI's name
+    assert f"{cached} prompt tokens cached" in footer(done, None)
+    for figures in (stepped.status()["prefix_cache"], stepped.metrics_snapshot()["prefix_cache"]):
+        assert figures["hits"] == 1 and figures["tokens_saved"] == cached
+        assert 0 < figures["bytes"] <= figures["budget_bytes"] and figures["hit_rate"] == 0.5
+    late = {**done, "stats": {**done["stats"], "prefill_chunks": 5, "note": "its prompt is long"}}
+    assert "prefilled in 5 chunks · late: its prompt is long" in footer(late, None)
+
+
+def test_prefix_cache_bytes_zero_turns_it_off(data_dir):
+    from fineinfer_jupyter.engine.config import EngineConfig
+    from fineinfer_jupyter.engine.engine import Engine
+
+    engine = Engine(
+        EngineConfig(model="tiny", data_dir=data_dir, prefix_cache_bytes=0), thread=False
+    )
+    try:
+        _, second = chat_turns(engine, n=4)
+        run_until_done(engine, [second])
+        assert second.final["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert engine.status()["prefix_cache"]["entries"] == 0
+    finally:
+        engine.shutdown()
+    with pytest.raises(ValueError, match="prefix_cache_bytes"):
+        EngineConfig(model="tiny", prefix_cache_bytes=-1)

@@ -167,6 +167,7 @@ class EngineConfig:
     # bytes of finished requests' KV kept for prompts that start the same way (prefix.py);
     # None: an eighth of the free memory at start, at most 2 GiB; 0: no prefix cache
     prefix_cache_bytes: int | None = None
+    chunked_prefill: bool = True  # False: every prompt in one pass, however long (as before)
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")

@@ -68,6 +68,7 @@ class EngineCore:
             self.requests.pop(seq.request_id, None)
             deliver(seq)
         self.metrics.record_queue(**self.scheduler.queue_stats(time.monotonic()))
+        self.metrics.prefix = self.executor.prefix.stats()
         return out
 
     def room_for(
@@ -161,6 +162,7 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         prefix=prefix,
     )
     scheduler.costs.span = executor.span
+    scheduler.chunked = config.chunked_prefill
     for timing in executor.calibrate(slo):
         scheduler.costs.observe(*timing)
     return EngineCore(

@@ -323,6 +323,7 @@ class Engine:
             "layer_walk": (
                 {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
             ),
+            "prefix_cache": dict(self.metrics.prefix) if c else None,
             "requests": {
                 "waiting": (len(c.scheduler.waiting) if c else 0) + self._queued,
                 "running": c.scheduler.num_running if c else 0,

@@ -89,6 +89,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # the decode batch, in row order
         self.prefilling: list[Sequence] = []  # admitted, their prompt prefilled in part (chunks)
+        self.chunked = True  # False: a prompt in one pass, whatever the running rows' pace
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -302,6 +303,8 @@ class Scheduler:
     def longest_pass(self, seqs: list[Sequence]) -> float:
         """The longest prefill pass planned while these requests are in the engine: the longest
         planned pause between two of their tokens (an arrival also waits at most this long)."""
+        if not self.chunked:
+            return INF
         return self.headroom * STALL_TPOTS * min(s.slo.tpot for s in seqs)
 
     def late(self, now: float, seq: Sequence) -> bool:
@@ -332,7 +335,7 @@ class Scheduler:
         pending = sorted(pending, key=lambda s: (self.late(now, s), self.ttft_due(s)))
         head = pending[0]
         cap = self.longest_pass(pending + running)
-        room = min(self.decode_room(now, running), cap)
+        room = min(self.decode_room(now, running), cap) if self.chunked else INF
         whole = self._cost([head])
         if not head.prefilled and whole <= room:
             group = self._group(now, [s for s in pending if not s.prefilled], running)

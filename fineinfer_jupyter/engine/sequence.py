@@ -170,6 +170,7 @@ class Sequence:
             "usage": {
                 "prompt_tokens": self.num_prompt_tokens,
                 "completion_tokens": len(self.output_ids),
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
             },
             "stats": self.stats(),
         }
