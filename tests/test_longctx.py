@@ -308,3 +308,18 @@ def test_prefix_cache_bytes_zero_turns_it_off(data_dir):
         engine.shutdown()
     with pytest.raises(ValueError, match="prefix_cache_bytes"):
         EngineConfig(model="tiny", prefix_cache_bytes=-1)
+
+
+def test_when_a_decode_alone_takes_up_the_pace_decodes_and_chunks_alternate():
+    """A machine too slow for the target (a decode takes longer than the pace): the long prompt
+    still advances, and the streams still get a token between any two of its chunks."""
+    sim = Sim(policy="immediate", slo=Slo(ttft=1.0, tpot=0.05))  # decode 0.08 s > 0.05 s
+    running = [sim.request(at=0.0, prompt_tokens=20, new_tokens=200) for _ in range(2)]
+    long = sim.request(at=1.0, prompt_tokens=1000, new_tokens=2)
+    sim.run(until=60.0)
+    assert len(long.token_times) == 2 and long.chunks > 3
+    kinds = [k for t, k, _ in sim.log if running[0].token_times[0] < t < long.token_times[0]]
+    assert "prefill" in kinds and all(
+        not (a == b == "prefill") for a, b in zip(kinds, kinds[1:])
+    ), kinds
+    assert all(len(s.token_times) == 200 for s in running)

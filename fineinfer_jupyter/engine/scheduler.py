@@ -90,6 +90,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # the decode batch, in row order
         self.prefilling: list[Sequence] = []  # admitted, their prompt prefilled in part (chunks)
         self.chunked = True  # False: a prompt in one pass, whatever the running rows' pace
+        self.prefilled_at = -INF  # when the last prefill pass was planned
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -124,6 +125,8 @@ class Scheduler:
         """Decide what the next iteration runs; requests chosen for a prefill are admitted
         (they leave the waiting queue; update() adds them to the batch)."""
         out = self._plan(now, training)
+        if out.prefill:
+            self.prefilled_at = now
         for seq in out.admitted:
             if seq.status is not Status.WAITING:
                 continue  # a chunked prompt going on
@@ -343,11 +346,15 @@ class Scheduler:
         after = self.room_after_decode(now, running) if running else -INF
         if whole <= min(cap, after):
             return None  # the whole prompt fits right after the rows' next token
-        n = self._chunk(head, room)
-        if n < min(MIN_CHUNK, head.num_todo):
-            if min(cap, after) > room:
-                return None  # the rows decode first: the room after their token is larger
-            n = min(MIN_CHUNK, head.num_todo)  # it never grows: go on at the least size
+        n, least = self._chunk(head, room), min(MIN_CHUNK, head.num_todo)
+        if n < least:
+            # too little room: the rows decode first if they have not since the last prefill
+            # pass, or if their token leaves room for a chunk; else it goes on at the least
+            # size (decode and chunks alternate when decoding alone takes up the pace)
+            decoded = all(s.token_times and s.token_times[-1] > self.prefilled_at for s in running)
+            if running and (not decoded or self._chunk(head, min(cap, after)) >= least):
+                return None
+            n = least
         end = head.prefilled + n
         chunks = {head: end} if end < head.num_prompt_tokens else {}
         return SchedulerOutput(now, prefill=[[head]], chunks=chunks)
