@@ -133,10 +133,10 @@ def test_chunks_leave_a_waiting_job_its_training_when_no_request_is_late():
     from test_scheduler import FakeTraining
 
     sim = Sim(training=FakeTraining(micro=1), slo=Slo(ttft=3.0, tpot=0.3))
-    long = sim.request(at=0.0, prompt_tokens=400, new_tokens=3)  # 1.6 s: chunks of <= 1.08 s
+    long = sim.request(at=0.0, prompt_tokens=600, new_tokens=3)  # 2.4 s
     sim.run(until=20.0)
     first = long.token_times[0]
-    assert first - long.arrival <= long.slo.ttft and long.chunks >= 2
+    assert first - long.arrival <= long.slo.ttft
     assert any(k == "train" and t < long.admitted + 1e-9 for t, k, _ in sim.log)
 
 
@@ -170,7 +170,7 @@ def test_a_cache_hit_gives_the_tokens_of_a_cold_prefill(stepped, adapter_dirs, t
     """Turn 2 of a chat prefills only what follows turn 1 (base and adapter rows in one batch;
     `tight`: the rest in chunks too) and answers as generate() does from scratch."""
     stepped.load_adapter("alpha", adapter_dirs["alpha"])
-    slo = {"ttft": 60.0, "tpot": 0.0005} if tight else None
+    slo = {"ttft": 0.0005, "tpot": 0.0005} if tight else None  # passes of <= 64 tokens
     prompts, streams = [], []
     for adapter in (None, "alpha"):
         p, s = chat_turns(stepped, adapter, slo)

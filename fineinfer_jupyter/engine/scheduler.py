@@ -21,8 +21,8 @@ n * tpot after the first one, so a reader going at 1/tpot tokens a second never 
 delivered ahead of that pace bank time that a training step may use, but no pause between two
 tokens is planned longer than STALL_TPOTS * tpot.
 
-Chunked prefill: no prefill pass is planned longer than that pause either, nor longer than the
-running rows' room before their next token; a prompt that does not fit is prefilled in chunks
+Chunked prefill: no prefill pass is planned longer than that pause either (with no running rows:
+than a first-token target), nor longer than the running rows' room before their next token; a prompt that does not fit is prefilled in chunks
 (each attends to the earlier ones through its KV cache) between the rows' decodes. A request
 whose first token cannot be on time any more yields to those that still can be.
 """
@@ -261,7 +261,7 @@ class Scheduler:
         c, room = self.costs, self.decode_room(now, running)
         group = [newcomers[0]]
         for seq in newcomers[1:]:
-            if seq.prefilled or self._cost([seq]) > self.longest_pass([seq, *running]):
+            if seq.prefilled or self._cost([seq]) > self.longest_pass([seq], running):
                 continue
             trial = group + [seq]
             passes = [self._cost(p) for p in self.prefill_passes(trial, now)]
@@ -303,12 +303,15 @@ class Scheduler:
         c = self.costs
         return c.margin * c.prefill(prefill_units(seqs, c.span))
 
-    def longest_pass(self, seqs: list[Sequence]) -> float:
-        """The longest prefill pass planned while these requests are in the engine: the longest
-        planned pause between two of their tokens (an arrival also waits at most this long)."""
+    def longest_pass(self, pending: list[Sequence], running: list[Sequence] = ()) -> float:
+        """The longest prefill pass planned: with running rows, the longest planned pause
+        between two of their tokens; without, what still lets a request that arrives now be
+        on time (the pending requests' first-token target)."""
         if not self.chunked:
             return INF
-        return self.headroom * STALL_TPOTS * min(s.slo.tpot for s in seqs)
+        if running:
+            return self.headroom * STALL_TPOTS * min(s.slo.tpot for s in [*pending, *running])
+        return self.headroom * min(s.slo.ttft for s in pending)
 
     def late(self, now: float, seq: Sequence) -> bool:
         """Its first token cannot be on time any more, even if it were prefilled now."""
@@ -337,7 +340,7 @@ class Scheduler:
         planned pause) is prefilled a chunk at a time, each chunk as large as the room allows."""
         pending = sorted(pending, key=lambda s: (self.late(now, s), self.ttft_due(s)))
         head = pending[0]
-        cap = self.longest_pass(pending + running)
+        cap = self.longest_pass(pending, running)
         room = min(self.decode_room(now, running), cap) if self.chunked else INF
         whole = self._cost([head])
         if not head.prefilled and whole <= room:
@@ -397,7 +400,7 @@ class Scheduler:
         d = c.margin * c.decode(len(seqs))
         room = min(self.headroom * STALL_TPOTS * s.slo.tpot - d for s in seqs)
         for s in newcomers:
-            first = min(self._cost([s]), self.longest_pass(seqs))  # (longer prompts: chunks)
+            first = min(self._cost([s]), self.longest_pass(newcomers, running))  # (or chunks)
             room = min(room, self.headroom * s.slo.ttft - first)
         return room
 
