@@ -203,7 +203,7 @@ def main() -> None:
         "", "prompt tokens", "streams' longest gap (s)", "gap p99 (s)",
         "long prompt TTFT (s)", "chunks", "requests on target", "training tokens/s",
     ]  # fmt: skip
-    report = []
+    report, chats = [], {}
     try:
         if "a" in parts:
             rows = part_a(engine, args, "(a)")
@@ -211,7 +211,7 @@ def main() -> None:
                 "(a) a long prompt during running streams\n" + table(headers, summarize_a(rows))
             )
         if "b" in parts:
-            chat = part_b(engine, args)
+            chat = chats["chat"] = part_b(engine, args)
             report.append("(b) 8-turn chat, TTFT per turn\n" + chat_table(chat))
         if "c" in parts:
             params = TrainParams(
@@ -223,7 +223,7 @@ def main() -> None:
                 time.sleep(0.05)
             rows = part_a(engine, args, "(c)", train=job)
             report.append("(c) (a) while a job trains\n" + table(headers, summarize_a(rows)))
-            chat = part_b(engine, args, train=job, seed=2000)
+            chat = chats["chat while a job trains"] = part_b(engine, args, train=job, seed=2000)
             report.append("(c) the chat while a job trains\n" + chat_table(chat, train=True))
             engine.stop_job(job.id)
     finally:
@@ -231,6 +231,29 @@ def main() -> None:
     print("\n\n".join(report))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "longctx.md").write_text("\n\n".join(report) + "\n")
+    if chats:
+        plot(OUT / "longctx.png", chats)
+
+
+def plot(path: Path, chats: dict[str, list[dict]]) -> None:
+    """TTFT per chat turn, prefix cache on vs off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(chats), figsize=(6 * len(chats), 3.5), squeeze=False)
+    for ax, (title, chat) in zip(axes[0], chats.items()):
+        turns = [c["turn"] for c in chat]
+        ax.plot(turns, [c["ttft_off"] for c in chat], "o-", label="cache off")
+        ax.plot(turns, [c["ttft_on"] for c in chat], "o-", label="cache on")
+        ax.set_title(title)
+        ax.set_xlabel("turn")
+        ax.set_ylabel("TTFT (s)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def chat_table(chat: list[dict], train: bool = False) -> str:
