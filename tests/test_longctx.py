@@ -55,7 +55,9 @@ def chunked(runner: Runner, ends: list[int], adapter=None) -> tuple[torch.Tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", ["llama", "llama+lora", "mistral-sliding-window"])
+@pytest.mark.parametrize(
+    "family", ["llama", "llama+lora", "mistral-sliding-window", "mistral-own-forward"]
+)
 def test_chunked_prefill_gives_the_logits_of_one_pass(family, dtype):
     if family == "llama":
         model, adapter = build_tiny()[0].eval(), None
@@ -64,9 +66,9 @@ def test_chunked_prefill_gives_the_logits_of_one_pass(family, dtype):
     else:
         model, adapter = tiny_mistral(), None
     runner = Runner(model.to(dtype), device=torch.device("cpu"))
-    if family.startswith("mistral"):
-        # the walk does not know sliding windows yet (families: #19): the model's own forward
-        runner.walk.why_not = "sliding window"
+    assert runner.walk.supported
+    if family == "mistral-own-forward":
+        runner.walk.why_not = "the fallback path"  # the model's own forward, not the walk
     one = Sequence(PROMPT, sampling=SamplingParams(), slo=Slo())
     one.pinned = adapter
     _, _, whole = runner.prefill([one])
@@ -323,3 +325,28 @@ def test_when_a_decode_alone_takes_up_the_pace_decodes_and_chunks_alternate():
         not (a == b == "prefill") for a, b in zip(kinds, kinds[1:])
     ), kinds
     assert all(len(s.token_times) == 200 for s in running)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding-window"])
+def test_a_hit_continues_as_one_pass_would_with_the_models_own_cache_layers(family):
+    """A prefix kept from one request and extended by another gives the one-pass logits, and
+    the hit's cache has the model's layer kinds (sliding-window layers stay sliding)."""
+    from transformers import DynamicCache
+
+    from fineinfer_jupyter.engine.prefix import PrefixCache
+
+    model = build_tiny()[0].eval() if family == "llama" else tiny_mistral(window=40)
+    runner = Runner(model, device=torch.device("cpu"))
+    first = Sequence(PROMPT[:30], sampling=SamplingParams(), slo=Slo())
+    cache, _, _ = runner.prefill([first])
+    prefix = PrefixCache(1 << 20, model.config)
+    assert prefix.store(None, PROMPT[:30], cache, 0)
+    n, hit = prefix.lookup(None, PROMPT)
+    assert n == 30
+    kinds = [type(x) for x in DynamicCache(config=model.config).layers]
+    assert [type(x) for x in hit.layers] == kinds
+    seq = Sequence(PROMPT, sampling=SamplingParams(), slo=Slo())
+    seq.prefilled = n
+    _, _, logits = runner.prefill([seq], cache=hit)
+    _, _, whole = runner.prefill([Sequence(PROMPT, sampling=SamplingParams(), slo=Slo())])
+    assert torch.allclose(logits, whole, atol=1e-4, rtol=0)

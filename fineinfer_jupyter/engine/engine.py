@@ -39,6 +39,7 @@ from .config import (
     is_int,
 )
 from .data import build_dataset, fingerprint, unchanged
+from .features import features
 from .metrics import Metrics
 from .models import build_tiny, default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
@@ -381,6 +382,9 @@ class Engine:
                 {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
             ),
             "prefix_cache": dict(self.metrics.prefix) if c else None,
+            "features": (
+                features(c.runner.walk, type(c.runner.walk.causal_lm).__name__) if c else None
+            ),
             "requests": {
                 "waiting": (len(c.scheduler.waiting) if c else 0) + self._queued,
                 "running": c.scheduler.num_running if c else 0,
@@ -550,6 +554,9 @@ class Engine:
             dtype=self.config.dtype,
             cache_dir=self.config.cache_dir,
             progress=progress,
+            offload=self.config.offload,
+            memory_budget=self.config.memory_budget,
+            offload_cold=self.config.offload_cold,
         )
         self.model_info = {
             "name": loaded.name,

@@ -45,8 +45,9 @@ class Entry:
 
 
 class PrefixCache:
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, config=None):
         self.budget = budget  # bytes of KV kept at most (0: off)
+        self.config = config  # the model's: a hit's cache has its layer kinds (sliding windows)
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self._ids = 0
         self.bytes = 0
@@ -73,7 +74,7 @@ class PrefixCache:
             return 0, None
         self.entries.move_to_end(best)
         e = self.entries[best]
-        cache = DynamicCache()
+        cache = DynamicCache(config=self.config) if self.config is not None else DynamicCache()
         for i, (k, v) in enumerate(zip(e.keys, e.values, strict=True)):
             cache.update(k[:, :, :best_n].clone(), v[:, :, :best_n].clone(), i)
         self.hits += 1
