@@ -61,11 +61,12 @@ def test_echoed_prompt_logprobs_are_the_models_own_for_base_and_adapter_rows_in_
         final = stream.final
         assert final["finish_reason"] == "length" and final["token_ids"] == []
         assert final["usage"]["completion_tokens"] == 0
-        echoed = final["prompt_logprobs"]
+        (echo,) = [e for e in stream if "prompt_logprobs" in e]  # before any token
+        echoed = echo["prompt_logprobs"]
         ids = stepped.core.tokenizer.encode(prompt)
         assert [e["id"] for e in echoed] == ids
         assert (echoed[0]["logprob"], echoed[0]["top"]) == (None, [])  # nothing predicts it
-        assert "".join(e["token"] for e in echoed) == prompt
+        assert "".join(e["token"] for e in echoed) == prompt == echo["prompt_text"]
         ref = reference_logprobs(ids, dtype, adapter)
         for t, entry in enumerate(echoed[1:]):
             row = ref[t]
@@ -86,8 +87,12 @@ def test_sampled_tokens_logprobs_are_ordered_and_agree_with_greedy_sampling(step
     out, given = final["token_ids"], final["logprobs"]
     assert [e["id"] for e in given] == out and len(out) == 6
     ids = stepped.core.tokenizer.encode(PROMPT_A)
-    assert [e["id"] for e in final["prompt_logprobs"]] == ids  # echo with generation
-    assert all(e["top"] == [] for e in final["prompt_logprobs"])  # 0 alternatives asked for
+    events = list(stream)
+    assert "prompt_logprobs" in events[0] and events[0]["text"] == ""  # the echo comes first
+    assert [e["id"] for e in events[0]["prompt_logprobs"]] == ids
+    assert all(e["top"] == [] for e in events[0]["prompt_logprobs"])  # 0 alternatives asked for
+    streamed = [e for event in events[1:-1] for e in event.get("logprobs", [])]
+    assert streamed == given[: len(streamed)] and len(streamed) >= 5  # deltas carry theirs
     ref = reference_logprobs(ids + out, dtype)
     for t, entry in enumerate(given):
         values = [a["logprob"] for a in entry["top"]]

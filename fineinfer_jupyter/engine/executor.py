@@ -137,6 +137,8 @@ class Executor:
             result.timings.append(Timing("prefill", prefill_units(group), seconds))
             now = time.monotonic()
             for seq, token in zip(group, tokens, strict=True):
+                if seq.prompt_logprobs is not None:
+                    seq.stream.put(seq.echo_event())
                 if seq.score_only:  # its answer is the prompt's logprobs: no token
                     seq.scored(now)
                     self._end(seq, result)

@@ -182,9 +182,20 @@ class Sequence:
         out = {}
         if self.sampling.logprobs is not None:
             out["logprobs"] = logprobs.as_json(self.logprobs, text)
-        if self.prompt_logprobs is not None:
-            out["prompt_logprobs"] = logprobs.as_json(self.prompt_logprobs, text)
         return out
+
+    def echo_event(self) -> dict:
+        """The prompt's logprobs (and text), as a delta event without new text: the first event
+        of a request that asked for them."""
+        text = self.detokenizer.tokenizer if self.detokenizer else None
+        return {
+            "type": "delta",
+            "text": "",
+            "prompt_text": text.decode(self.prompt_ids) if text else "",
+            "prompt_logprobs": logprobs.as_json(
+                self.prompt_logprobs, text.token_text if text else str
+            ),
+        }
 
     def take_logprobs(self) -> list[dict]:
         """Entries not yet streamed (they go out with a delta event)."""
