@@ -50,6 +50,8 @@ ROUTES = [  # every route, with a body that would be accepted
     ("POST", "fineinfer/api/adapters/alpha/save", {"path": "copy"}),
     ("POST", "fineinfer/api/adapters/alpha/export", {"to": "gguf"}),
     ("GET", "fineinfer/v1/models", None),
+    ("GET", "fineinfer/v1/health", None),
+    ("GET", "fineinfer/health", None),
     ("POST", "fineinfer/v1/chat/completions", {"model": "base", "messages": [CHAT]}),
     ("POST", "fineinfer/v1/completions", {"model": "base", "prompt": "Hi"}),
 ]
