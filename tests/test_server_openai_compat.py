@@ -143,6 +143,7 @@ async def test_chat_logprobs_are_in_the_chat_shape_ordered_and_agree_with_greedy
         ("completions", {"n": 65}, "n"),
         ("completions", {"prompt": ["Hi", [1, -2]]}, "prompt[1]"),
         ("completions", {"prompt": [[100000]]}, "prompt"),
+        ("completions", {"prompt": ["Hi", [5, 100000]]}, "prompt[1]"),
         ("completions", {"prompt": ["Hi"] * 33, "n": 2}, "n"),
         ("completions", {"suffix": "x"}, "suffix"),
     ],

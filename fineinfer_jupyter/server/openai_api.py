@@ -84,9 +84,12 @@ class CompletionsHandler(OpenAIHandler):
                 one = replace(req, prompt=prompt, sampling=choice_sampling(req.sampling, j))
                 tagged = partial(tag, events.put, index)
                 ids.append((await self.host.generate(engine, one, tagged)).id)
-        except BaseException:  # one prompt refused (too long, ...): none of them runs
+        except BaseException as e:  # one prompt refused (too long, ...): none of them runs
             for request_id in ids:
                 engine.cancel(request_id)
+            if isinstance(e, ApiError) and e.field == "prompt" and len(req.prompts) > 1:
+                where = f"prompt[{index // req.n}]"  # which prompt of the list
+                raise ApiError(e.status_code, where + e.message[6:], where) from None
             raise
         answer = Answer(self.chat, ids[0], req, choices)
         if req.stream:
@@ -219,6 +222,8 @@ class Answer:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
     def sse(self, event: dict) -> str:
+        if self.error is not None:  # the stream ended at a choice's error
+            return ""
         choice = self.choices[event["index"]]
         if event["type"] == "delta":
             text, entries = self.take(choice, event)
@@ -231,6 +236,7 @@ class Answer:
                 chunks.append({**self.chunk(choice, None, None, []), "choices": [],
                                "usage": self.usage()})  # fmt: skip
         else:
+            self.error = event["message"]
             chunks = [error_body(500, event["message"], openai=True)]
         lines = [f"data: {dumps(c)}\n\n" for c in chunks]
         last = event["type"] != "delta" and all(c.final for c in self.choices)
