@@ -101,3 +101,24 @@ def test_sampled_tokens_logprobs_are_ordered_and_agree_with_greedy_sampling(step
         assert entry["logprob"] == pytest.approx(entry["top"][0]["logprob"])
         row = ref[len(ids) - 1 + t]
         assert entry["logprob"] == pytest.approx(row[entry["id"]].item(), abs=TOLERANCE[dtype])
+
+
+def test_a_score_only_request_is_one_prefill_between_training_steps(data_dir):
+    """max_new_tokens 0: scheduled (deferred) like any request, one prefill, no decode, and the
+    job trains before and after it."""
+    engine = Engine(EngineConfig(model="tiny", data_dir=data_dir, policy="deferred"), thread=False)
+    try:
+        records = [{"text": "Moonveil is silver."}] * 8
+        job = engine.tune("herb", records, r=4, max_steps=10_000, batch_size=1, max_length=32)
+        kinds = [engine.iterate().kind.value for _ in range(4)]
+        stream = engine.generate(PROMPT_A, max_new_tokens=0, prompt_logprobs=1)
+        while stream.final is None:
+            kinds.append(engine.iterate().kind.value)
+        kinds += [engine.iterate().kind.value for _ in range(4)]
+        assert kinds.count("prefill") == 1 and "decode" not in kinds, kinds
+        first = kinds.index("prefill")
+        assert "train" in kinds[:first] and "train" in kinds[first + 1 :], kinds
+        assert stream.final["finish_reason"] == "length"
+        assert engine.job(job["id"])["state"] == "running"
+    finally:
+        engine.shutdown()

@@ -270,6 +270,8 @@ async def test_routes_are_authorized_with_their_resource_and_action(
         ("write", r + "adapters"),
         ("write", r + "adapters"),
         ("read", r + "openai"),
+        ("read", r + "openai"),  # v1/health
+        ("read", r + "openai"),  # health
         ("execute", r + "openai"),
         ("execute", r + "openai"),
         ("read", r + "events"),
