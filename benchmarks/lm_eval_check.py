@@ -17,87 +17,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(Path(__file__).parent), str(REPO)]
 from common import OUT, save_bar_plot, table  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from fineinfer_jupyter.launch import JupyterProcess  # noqa: E402
+
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks" / "fineinfer_facts"
 TASK_NAMES = {"fineinfer_facts_mc": "acc,none", "fineinfer_facts_gen": "exact_match,strip"}
 
 
-class Server:
-    """`jupyter server` with fineinfer in a subprocess, and JSON calls to it."""
-
-    def __init__(self, model: str, workdir: Path):
-        self.token = secrets.token_hex(16)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/"
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.log = open(workdir / "server.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jupyter_server",
-                "--no-browser",
-                f"--port={self.port}",
-                f"--IdentityProvider.token={self.token}",
-                f"--ServerApp.root_dir={workdir}",
-                "--allow-root",  # (a container's root user)
-                "--ServerApp.jpserver_extensions={'fineinfer_jupyter': True}",
-                f"--FineInferApp.model={model}",
-                f"--FineInferApp.data_dir={workdir / 'data'}",
-            ],  # fmt: skip
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def call(self, method: str, path: str, body=None):
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read() or b"null")
-
-    def ready(self, timeout: float = 600) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited; see {self.log.name}")
-            try:
-                status = self.call("GET", "fineinfer/api/status")
-                if status["state"] == "ready":
-                    return status
-                if status["state"] == "error":
-                    raise RuntimeError(status["error"])
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(1)
-        raise TimeoutError("the model did not load")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def call(server: JupyterProcess, method: str, path: str, body=None):
+    status, answer = server.call(method, path, body, timeout=60)
+    if status >= 400:
+        raise SystemExit(f"{method} {path}: {status} {answer}")
+    return answer
 
 
 def tokenizer_folder(status: dict, workdir: Path) -> str:
@@ -112,7 +51,7 @@ def tokenizer_folder(status: dict, workdir: Path) -> str:
     return str(folder)
 
 
-def lm_eval(python: str, server: Server, model: str, tokenizer: str, out: Path) -> dict:
+def lm_eval(python: str, server: JupyterProcess, model: str, tokenizer: str, out: Path) -> dict:
     """lm-eval's local-completions on the two tasks; {task: score}."""
     args = ",".join([
         f"model={model}",
@@ -139,20 +78,23 @@ def lm_eval(python: str, server: Server, model: str, tokenizer: str, out: Path) 
         raise SystemExit(f"lm-eval failed on {model}")
     results = json.loads(max(out.rglob("results_*.json"), key=os.path.getmtime).read_text())
     scores = {task: results["results"][task][metric] for task, metric in TASK_NAMES.items()}
-    return {**scores, "seconds": time.monotonic() - start}
+    samples = max(out.rglob("samples_fineinfer_facts_gen_*.jsonl"), key=os.path.getmtime)
+    answers = [json.loads(line) for line in samples.read_text().splitlines()]
+    answers = {a["doc"]["question"]: a["filtered_resps"][0] for a in answers}
+    return {**scores, "seconds": time.monotonic() - start, "answers": answers}
 
 
-def train(server: Server, adapter: str, steps: int, lr: float) -> dict:
+def train(server: JupyterProcess, adapter: str, steps: int, lr: float) -> dict:
     records = []
     for line in (TASKS / "facts.jsonl").read_text().splitlines():
         fact = json.loads(line)
         records.append({"text": f"Question: {fact['question']}\nAnswer: {fact['answer']}."})
     params = {"max_steps": steps, "learning_rate": lr, "batch_size": 4, "r": 16, "seed": 0}
-    job = server.call("POST", "fineinfer/api/jobs", {"adapter": adapter, "records": records,
-                                                     "params": params})  # fmt: skip
+    job = call(server, "POST", "fineinfer/api/jobs", {"adapter": adapter, "records": records,
+                                                      "params": params})  # fmt: skip
     while job["state"] in ("queued", "running"):
         time.sleep(2)
-        job = server.call("GET", f"fineinfer/api/jobs/{job['id']}")
+        job = call(server, "GET", f"fineinfer/api/jobs/{job['id']}")
     if job["state"] != "done":
         raise SystemExit(f"training {job['state']}: {job['error']}")
     return job
@@ -166,10 +108,13 @@ def main() -> None:
     parser.add_argument("--lm-eval-python", default=sys.executable,
                         help="a Python with lm-eval installed (default: this one)")  # fmt: skip
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="fineinfer-lm-eval-"))
-    server = Server(args.model, workdir)
+    os.environ["PYTHONPATH"] = os.pathsep.join(  # the server runs this checkout's code
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    server = JupyterProcess(model=args.model).start()
+    workdir = server.base
     try:
-        status = server.ready()
+        status = server.wait_ready(600)
         tokenizer = tokenizer_folder(status, workdir)
         name = status["model"]["name"]
         print(f"model {name} ready; tokenizer {tokenizer}; work in {workdir}")
