@@ -141,7 +141,7 @@ class Answer:
 
     def __init__(self, chat: bool, request_id: str, req, choices: list):
         self.chat, self.model, self.include_usage = chat, req.model, req.include_usage
-        self.echo, self.n = req.echo, req.n
+        self.n = req.n
         self.logprobs = req.sampling.get("logprobs")
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
