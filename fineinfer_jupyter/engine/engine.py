@@ -39,6 +39,7 @@ from .config import (
     is_int,
 )
 from .data import build_dataset, fingerprint, unchanged
+from .features import features
 from .metrics import Metrics
 from .models import build_tiny, default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
@@ -383,6 +384,9 @@ class Engine:
             "offload": (c.runner.walk.offload.describe() if c and c.runner.walk.offload else None),
             "layer_walk": (
                 {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
+            ),
+            "features": (
+                features(c.runner.walk, type(c.runner.walk.causal_lm).__name__) if c else None
             ),
             "requests": {
                 "waiting": (len(c.scheduler.waiting) if c else 0) + self._queued,

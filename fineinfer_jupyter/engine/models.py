@@ -165,7 +165,7 @@ def load_model(
         progress(f"loading {name} from {folder}")
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=dt, attn_implementation="sdpa"
+            folder, local_files_only=True, dtype=dt, attn_implementation=attention(folder)
         )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -175,6 +175,17 @@ def load_model(
     model = model.to(device=dev, dtype=dt).eval()
     path = str(folder) if folder is not None else None
     return LoadedModel(model, tokenizer, name, path, dev, dt, max_context(model.config, tokenizer))
+
+
+def attention(folder: Path) -> str:
+    """torch's scaled_dot_product_attention where the model supports it, else transformers'
+    eager attention (Gemma2: sdpa has no attention-logit soft-capping)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
 
 
 def max_context(config, tokenizer) -> int:

@@ -88,6 +88,7 @@ function Dashboard({ model }: { model: FineInferModel }): JSX.Element {
 function Engine({ model }: { model: FineInferModel }): JSX.Element {
   const { status, connection } = model;
   const info = status?.model;
+  const lacking = Object.entries(status?.features?.lacking ?? {});
   let state: string = connection === 'unreachable' ? 'unreachable' : status?.state ?? 'connecting';
   let text = state;
   let detail = '';
@@ -115,6 +116,14 @@ function Engine({ model }: { model: FineInferModel }): JSX.Element {
         <dd data-testid="fi-device">
           {info ? `${info.device} · ${info.dtype} · ${fmtCount(info.parameters)} params` : '—'}
         </dd>
+        {lacking.length > 0 && (
+          <>
+            <dt>Lacks</dt>
+            <dd data-testid="fi-lacking" title={lacking.map(([f, why]) => `${f}: ${why}`).join('\n')}>
+              {lacking.map(([f]) => f.replace(/_/g, ' ')).join(', ')}
+            </dd>
+          </>
+        )}
         <dt>State</dt>
         <dd>
           <span className={`fi-State fi-mod-${state}`} data-testid="fi-state" data-state={state}>
