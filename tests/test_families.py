@@ -308,8 +308,8 @@ def test_export_knows_every_walked_family():
 
 @pytest.mark.parametrize(
     "case, mode",
-    [(("mistral", "bf16"), "cpu"), (("gemma3", "fp32"), "disk")],
-    ids=["mistral-bf16-cpu", "gemma3-fp32-disk"],
+    [(("mistral", "bf16"), "cpu"), (("gemma3", "fp32"), "disk"), (("qwen2", "bf16"), "disk")],
+    ids=["mistral-bf16-cpu", "gemma3-fp32-disk", "qwen2-bf16-disk"],
 )
 def test_offloaded_layers_of_a_sliding_window_family_give_generates_tokens(
     case, mode, folders, loaded, tmp_path

@@ -557,6 +557,9 @@ class Engine:
             dtype=self.config.dtype,
             cache_dir=self.config.cache_dir,
             progress=progress,
+            offload=self.config.offload,
+            memory_budget=self.config.memory_budget,
+            offload_cold=self.config.offload_cold,
         )
         self.model_info = {
             "name": loaded.name,

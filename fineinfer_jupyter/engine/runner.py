@@ -191,8 +191,13 @@ class Runner:
         a layer's forward is 1, the head's is its size in layers, a backward twice its forward."""
         if not self.walk.supported:
             return [1.0, 2.0]
-        stack = self.walk.stack
-        layer = sum(p.numel() for p in stack.layers[0].parameters())
+        off, stack = self.walk.offload, self.walk.stack
+        # (an offloaded layer's parameters are empty between fetches: its record has the count)
+        layer = (
+            off.numel[0]
+            if off is not None
+            else sum(p.numel() for p in stack.layers[0].parameters())
+        )
         head = sum(p.numel() for p in self.walk.causal_lm.lm_head.parameters()) / max(layer, 1)
         forward = [1.0] * self.walk.num_layers + [max(head, 0.1)]
         return forward + [2 * w for w in reversed(forward)]

@@ -151,7 +151,7 @@ class LayerWalk:
         there (a training unit sharing the fetch)."""
         stack, off = self.stack, self.offload
         for i in range(start, end):
-            if off is not None:
+            if off is not None and i + 1 < end:  # (none left in flight after the range)
                 off.prefetch(i + 1)
             with self.resident(i, kind):
                 with self.rows(p, stack.layers[i]):
