@@ -8,6 +8,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from . import logprobs
 from .batch import Batch
 from .sequence import Sequence
 from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
@@ -92,16 +93,19 @@ class Runner:
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
+        scoring = any(s.sampling.prompt_logprobs is not None for s in seqs)
         logits = self.forward(
             ids,
             mask=mask,
             position_ids=positions,
             cache=cache,
             adapters=[s.pinned for s in seqs],
-            keep=1,
+            keep=0 if scoring else 1,  # every position's logits for the prompt's logprobs
             kind="prefill",
             also=also,
         )
+        if scoring:
+            logprobs.score_prompts(logits, seqs, width)
         return cache, mask, logits[:, -1].float()  # [B, V]
 
     @torch.no_grad()
@@ -140,6 +144,7 @@ class Runner:
                 tokens[i] = int(row.argmax())
                 continue
             tokens[i] = self._draw(row / p.temperature, seq)
+        logprobs.record(logits, seqs, tokens)
         return tokens
 
     def _draw(self, row: torch.Tensor, seq: Sequence) -> int:
