@@ -1,7 +1,8 @@
 """Every supported family in fp32 and bf16 (bf16 at bf16 tolerance), each a tiny random model
 saved as a Hugging Face folder (tests/families.py): the walk gives the model's own logits past
 the sliding window with mixed adapters, a micro-step in units gives the whole step's gradients,
-the engine's greedy tokens equal transformers' generate while rows join and leave, a job trains
+the engine's greedy tokens equal transformers' generate while rows join and leave, a prompt's
+echoed logprobs are the model's own, a job trains
 and its PEFT folder loads in plain PEFT to the same logits, and the adapter exports to llama.cpp
 or is refused in one line. GPT-NeoX runs through the fallback (the model's own forward)."""
 
@@ -307,8 +308,8 @@ def test_export_knows_every_walked_family():
 
 @pytest.mark.parametrize(
     "case, mode",
-    [(("mistral", "bf16"), "cpu"), (("gemma3", "fp32"), "disk")],
-    ids=["mistral-bf16-cpu", "gemma3-fp32-disk"],
+    [(("mistral", "bf16"), "cpu"), (("gemma3", "fp32"), "disk"), (("qwen2", "bf16"), "disk")],
+    ids=["mistral-bf16-cpu", "gemma3-fp32-disk", "qwen2-bf16-disk"],
 )
 def test_offloaded_layers_of_a_sliding_window_family_give_generates_tokens(
     case, mode, folders, loaded, tmp_path
@@ -403,3 +404,21 @@ def test_a_long_prompt_in_chunks_and_a_cached_turn_give_generates_tokens(engine,
     assert a.final["stats"]["prefill_chunks"] > 2
     cached = b.final["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert (cached >= len(first) - 1) if not sliding else cached == 0, cached
+
+
+def test_echoed_prompt_logprobs_are_the_models_own_past_the_window(engine, loaded):
+    """max_new_tokens 0 with prompt_logprobs (the OpenAI routes' echo): each prompt token's
+    logprob is the log-softmax of the model's own forward, every family and dtype."""
+    base = loaded(engine.case)
+    streams = [engine.generate(p, max_new_tokens=0, prompt_logprobs=1) for p in PROMPTS[:2]]
+    run_until_done(engine, streams)
+    for prompt, stream in zip(PROMPTS[:2], streams, strict=True):
+        (echo,) = [e for e in stream if "prompt_logprobs" in e]
+        ids = base.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert [e["id"] for e in echo["prompt_logprobs"]] == ids
+        with torch.no_grad():
+            logits = base.model(input_ids=torch.tensor([ids])).logits[0].float()
+        expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
+        got = torch.tensor([[e["logprob"]] for e in echo["prompt_logprobs"][1:]])
+        assert_close(got, expected, engine.case[1], f"{engine.case} {prompt!r}")
+        assert stream.final["finish_reason"] == "length" and stream.final["token_ids"] == []

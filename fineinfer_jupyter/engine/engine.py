@@ -43,7 +43,7 @@ from .features import features
 from .metrics import Metrics
 from .models import build_tiny, default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
-from .request import Completion, RequestStream, check_messages
+from .request import Completion, RequestStream, check_messages, check_token_ids, is_token_ids
 from .sequence import Sequence
 
 log = logging.getLogger("fineinfer")
@@ -108,7 +108,7 @@ class Engine:
 
     def generate(
         self,
-        prompt: str | list[dict],
+        prompt: str | list[dict] | list[int],
         *,
         adapter: str | None = None,
         sampling: SamplingParams | None = None,
@@ -118,7 +118,8 @@ class Engine:
     ) -> RequestStream:
         """Queue a request; returns its stream of {"type": "delta"} events and a final event.
 
-        `prompt` is raw text, or a list of chat messages (rendered with the chat template).
+        `prompt` is raw text, a list of chat messages (rendered with the chat template) or a
+        list of token ids.
         `slo` may give only some targets; the rest are the engine's defaults. Bad input raises
         ValueError naming the field, before anything is queued.
         """
@@ -133,9 +134,12 @@ class Engine:
         check_stop(self.config, sampling.stop)
         name = c.adapters.resolve(adapter)
         limit = c.loaded.max_context
-        if not isinstance(prompt, str):
-            check_messages(prompt)
-        check_prompt(self.config, prompt, limit)  # before tokenizing: that takes time
+        if is_token_ids(prompt):
+            check_token_ids(prompt, c.runner.config.vocab_size)
+        else:
+            if not isinstance(prompt, str):
+                check_messages(prompt)
+            check_prompt(self.config, prompt, limit)  # before tokenizing: that takes time
         ids = c.tokenizer.encode(prompt)
         check(len(ids) < limit, "prompt", f"is {len(ids)} tokens; the model's context is {limit}")
         seq = Sequence(

@@ -167,7 +167,13 @@ class Executor:
                 continue
             now = time.monotonic()
             for seq, token in zip(group, tokens, strict=True):
-                self._emit(seq, token, now, result)
+                if seq.prompt_logprobs is not None:
+                    seq.stream.put(seq.echo_event())
+                if seq.score_only:  # its answer is the prompt's logprobs: no token
+                    seq.scored(now)
+                    self._end(seq, result)
+                else:
+                    self._emit(seq, token, now, result)
             keep = [i for i, s in enumerate(group) if not s.is_finished]
             if keep:
                 if len(keep) < len(group):
@@ -177,7 +183,10 @@ class Executor:
 
     def lookup(self, seq: Sequence) -> None:
         """A new request: take the longest prefix of its prompt the prefix cache keeps for the
-        adapter it would run now, so that only the rest is prefilled."""
+        adapter it would run now, so that only the rest is prefilled (not for a request that
+        asks for its prompt's logprobs: they need every position's logits)."""
+        if seq.sampling.prompt_logprobs is not None:
+            return
         try:
             owner = self.adapters.pin_name(seq.adapter)
         except Exception:
@@ -236,7 +245,10 @@ class Executor:
             delta = seq.append_token(token, now, eos=token in self.tokenizer.eos_ids)
             result.tokens.append((seq, token))
             if delta:
-                seq.stream.put({"type": "delta", "text": delta})
+                event = {"type": "delta", "text": delta}
+                if seq.sampling.logprobs is not None:
+                    event["logprobs"] = seq.take_logprobs()
+                seq.stream.put(event)
             if seq.is_finished:
                 self._end(seq, result)
         except Exception as e:

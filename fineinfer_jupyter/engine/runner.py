@@ -8,6 +8,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from . import logprobs
 from .batch import Batch
 from .sequence import Sequence
 from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
@@ -90,7 +91,8 @@ class Runner:
         `seq.prefilled` (0, or those already in `cache`: a chunked prefill's earlier chunks, or
         a prefix-cache hit) to `end` (the whole prompt by default). With earlier tokens, the
         pass has one row and extends `cache`. Returns the cache, the mask of its columns and
-        the logits of each row's last position."""
+        the logits of each row's last position. A request that asks for its prompt's logprobs
+        is prefilled whole in one pass (the scheduler and the prefix cache see to it)."""
         start = [s.prefilled for s in seqs]
         if len(seqs) > 1 and (any(start) or end is not None):
             raise ValueError("a pass after cached tokens, or of part of a prompt, has one row")
@@ -106,16 +108,21 @@ class Runner:
         mask = torch.cat([past, new], 1)  # [B, P + S]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
         cache = cache if cache is not None else DynamicCache(config=self.config)
+        scoring = any(s.sampling.prompt_logprobs is not None for s in seqs)
+        if scoring and (any(start) or end is not None):
+            raise ValueError("prompt logprobs need the whole prompt in one pass")
         logits = self.forward(
             ids,
             mask=mask,
             position_ids=positions,
             cache=cache,
             adapters=[s.pinned for s in seqs],
-            keep=1,
+            keep=0 if scoring else 1,  # every position's logits for the prompt's logprobs
             kind="prefill",
             also=also,
         )
+        if scoring:
+            logprobs.score_prompts(logits, seqs, width)
         return cache, mask, logits[:, -1].float()  # [B, V]
 
     @torch.no_grad()
@@ -154,6 +161,7 @@ class Runner:
                 tokens[i] = int(row.argmax())
                 continue
             tokens[i] = self._draw(row / p.temperature, seq)
+        logprobs.record(logits, seqs, tokens)
         return tokens
 
     def _draw(self, row: torch.Tensor, seq: Sequence) -> int:

@@ -343,7 +343,8 @@ class Scheduler:
         cap = self.longest_pass(pending, running)
         room = min(self.decode_room(now, running), cap) if self.chunked else INF
         whole = self._cost([head])
-        if not head.prefilled and whole <= room:
+        scoring = head.sampling.prompt_logprobs is not None  # needs every position in one pass
+        if not head.prefilled and (whole <= room or scoring):
             group = self._group(now, [s for s in pending if not s.prefilled], running)
             return SchedulerOutput(now, prefill=self.prefill_passes(group, now))
         after = self.room_after_decode(now, running) if running else -INF
