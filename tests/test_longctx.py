@@ -350,3 +350,19 @@ def test_a_hit_continues_as_one_pass_would_with_the_models_own_cache_layers(fami
     _, _, logits = runner.prefill([seq], cache=hit)
     _, _, whole = runner.prefill([Sequence(PROMPT, sampling=SamplingParams(), slo=Slo())])
     assert torch.allclose(logits, whole, atol=1e-4, rtol=0)
+
+
+def test_a_request_for_prompt_logprobs_is_prefilled_whole_and_not_from_the_cache(stepped):
+    """Its logprobs need every prompt position's logits from one pass."""
+    tight = {"ttft": 0.0005, "tpot": 0.0005}
+    prompt = HISTORY * 3  # 192 tokens: in chunks otherwise
+    first = stepped.generate(prompt, max_new_tokens=3, slo=tight)
+    run_until_done(stepped, [first])
+    assert first.final["stats"]["prefill_chunks"] > 2
+    scored = stepped.generate(prompt, max_new_tokens=3, slo=tight, prompt_logprobs=1)
+    run_until_done(stepped, [scored])
+    (echo,) = [e for e in scored if "prompt_logprobs" in e]
+    assert len(echo["prompt_logprobs"]) == len(prompt.encode())
+    assert scored.final["stats"]["prefill_chunks"] == 1
+    assert scored.final["stats"]["cached_tokens"] == 0
+    assert scored.final["token_ids"] == first.final["token_ids"]
