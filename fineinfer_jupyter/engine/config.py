@@ -183,6 +183,10 @@ class EngineConfig:
     heterogeneous: bool = True  # one fetched layer serves inference and training together
     offload_cold: bool = False  # drop offloaded files from the page cache before each read
     threads: int | None = None  # torch's intra-op threads; None: by the usable cores (threads.py)
+    # bytes of finished requests' KV kept for prompts that start the same way (prefix.py);
+    # None: an eighth of the free memory at start, at most 2 GiB; 0: no prefix cache
+    prefix_cache_bytes: int | None = None
+    chunked_prefill: bool = True  # False: every prompt in one pass, however long (as before)
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -204,6 +208,12 @@ class EngineConfig:
             self.memory_budget is None or (is_int(self.memory_budget) and self.memory_budget >= 0),
             "memory_budget",
             "must be a number of bytes >= 0",
+        )
+        check(
+            self.prefix_cache_bytes is None
+            or (is_int(self.prefix_cache_bytes) and self.prefix_cache_bytes >= 0),
+            "prefix_cache_bytes",
+            "must be a number of bytes >= 0 (0: off), or None (from the free memory)",
         )
         for name in LIMITS:
             value = getattr(self, name)

@@ -385,6 +385,7 @@ class Engine:
             "layer_walk": (
                 {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
             ),
+            "prefix_cache": dict(self.metrics.prefix) if c else None,
             "features": (
                 features(c.runner.walk, type(c.runner.walk.causal_lm).__name__) if c else None
             ),

@@ -90,6 +90,12 @@ def footer(done: dict | None, adapter: str | None) -> str:
         parts.append(f"{stats['tokens_per_s']:.1f} tokens/s")
     deferred = stats.get("deferred") or 0.0
     parts.append(f"deferred {deferred:.2f} s" if deferred >= 0.005 else "not deferred")
+    if stats.get("cached_tokens"):
+        parts.append(f"{stats['cached_tokens']} prompt tokens cached")
+    if (stats.get("prefill_chunks") or 0) > 1:
+        parts.append(f"prefilled in {stats['prefill_chunks']} chunks")
+    if stats.get("note"):
+        parts.append(f"late: {stats['note']}")
     parts.append(f"finish: {done.get('finish_reason')}")
     return "[" + " · ".join(parts) + "]"
 

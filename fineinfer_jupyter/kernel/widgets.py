@@ -180,6 +180,7 @@ class Dashboard(_Poller):
             ),
             ("loss", _num(train.get("loss")), series.get("loss")),
             _offload_row(offload, series.get("offload_bytes_per_s")),
+            _prefix_row(m.get("prefix_cache") or {}),
             (
                 "memory",
                 f"{_bytes(memory.get('rss_bytes'))} RAM · {_bytes(memory.get('device_bytes'))} device",
@@ -194,6 +195,17 @@ class Dashboard(_Poller):
         )
         self.body.value = f"<table style='font-size:12px'>{cells}</table>"
         self.error.value = ""
+
+
+def _prefix_row(prefix: dict) -> tuple:
+    """The prefix cache: its bytes against its budget, hit rate and prompt tokens saved."""
+    if not prefix.get("budget_bytes"):
+        return ("prefix cache", "off", None)
+    value = (
+        f"{_bytes(prefix.get('bytes'))} of {_bytes(prefix.get('budget_bytes'))} · "
+        f"hit rate {_pct(prefix.get('hit_rate'))} · {prefix.get('tokens_saved', 0)} tokens saved"
+    )
+    return ("prefix cache", value, None)
 
 
 def _offload_row(offload: dict, points) -> tuple:
