@@ -44,7 +44,7 @@ def job_line(job: dict) -> str:
     if job.get("loss") is not None:
         line += f" · loss {job['loss']:.4g}"
     if job.get("eval_loss") is not None:
-        line += f" · eval loss {job['eval_loss']:.4g}"
+        line += f" · validation loss {job['eval_loss']:.4g}"
     if job.get("loss_falling"):
         line += f" · {STILL_FALLING}"
     if job.get("error"):
