@@ -23,13 +23,19 @@ def norm(text):
     return " ".join(text.casefold().split()).rstrip(".!?").strip()
 
 
-@pytest.fixture(params=["float32", "bfloat16"])
+@pytest.fixture(
+    params=[("float32", True), ("float32", False), ("bfloat16", True)],
+    ids=["fp32-layer-walk", "fp32-own-forward", "bf16-layer-walk"],
+)
 def loaded(request, tmp_path, adapter_dirs):
+    dtype, walk = request.param
     engine = Engine(
-        EngineConfig(model="tiny", data_dir=tmp_path, policy="immediate", dtype=request.param),
+        EngineConfig(model="tiny", data_dir=tmp_path, policy="immediate", dtype=dtype),
         thread=False,
     )
     engine.load_adapter("alpha", adapter_dirs["alpha"])
+    if not walk:  # a family the layer walk does not know runs the model's own forward
+        engine.core.runner.walk.why_not = "test: the model's own forward"
     yield engine
     engine.shutdown()
 
