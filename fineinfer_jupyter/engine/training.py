@@ -44,6 +44,7 @@ from .walk import TrainingPass
 
 log = logging.getLogger("fineinfer")
 KEEP_CHECKPOINTS = 2
+EVAL_SAMPLE = 16  # held-out examples the automatic validation passes before the last score
 
 
 class MicroStep(NamedTuple):
@@ -310,7 +311,10 @@ class Trainer:
         self.adapters.trained(job.adapter, job.step)
         last = job.step >= job.total_steps
         if job.dataset.val and (last or job.step % job.eval_every == 0):
-            job.eval_loss = self._eval(job)
+            # the pass runs whole, here: with eval_every 0, the passes before the last score a
+            # sample, so that requests wait less (docs/design.md, "Training length")
+            sample = not last and not p.eval_every
+            job.eval_loss = self._eval(job, EVAL_SAMPLE if sample else None)
             job.eval_history.append((job.step, job.eval_loss))
         if last:
             self._finish(job, JobState.DONE)
@@ -318,9 +322,9 @@ class Trainer:
             self._save_checkpoint(job)
             self._write_job(job)
 
-    def _eval(self, job: Job) -> float:
+    def _eval(self, job: Job, limit: int | None = None) -> float:
         total = n = 0
-        val = job.dataset.val
+        val = job.dataset.val[:limit]
         for i in range(0, len(val), job.params.micro_batch_size):
             s, k = self.runner.eval_loss(
                 collate(val[i : i + job.params.micro_batch_size], self.pad_id)
