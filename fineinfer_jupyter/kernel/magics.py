@@ -21,6 +21,7 @@ from .render import (
     eval_lines,
     export_lines,
     footer,
+    job_export_lines,
     job_line,
     length_note,
     status_lines,
@@ -68,7 +69,7 @@ class FineInferMagics(Magics):
 
     def _command(self, line: str) -> None:
         args = parse_line(line)
-        getattr(self, f"_{args.command}")(args)
+        getattr(self, f"_{args.command.replace('-', '_')}")(args)
 
     def _help(self, args) -> None:
         print(HELP)
@@ -186,6 +187,10 @@ class FineInferMagics(Magics):
 
     def _export(self, args) -> None:
         print("\n".join(export_lines(self.client.export_adapter(args.name, args.to, args.path))))
+
+    def _export_job(self, args) -> None:
+        result = self.client.export_job(args.job, args.path, processes=args.processes)
+        print("\n".join(job_export_lines(result)))
 
     def _delete(self, args) -> None:
         self.client.delete_adapter(args.name)
