@@ -246,14 +246,15 @@ async def test_each_limit_is_a_clear_4xx_and_prompts_are_refused_before_tokenizi
     )
 
     (jp_root_dir / "big.jsonl").write_text(json.dumps({"text": "x" * 400}) + "\n")
-    (jp_root_dir / "notes.csv").write_text("a,b\n")
+    (jp_root_dir / "notes.xml").write_text("<a/>\n")
     assert await api.post("jobs", {"adapter": "herb", "data": "big.jsonl"}) == (
         400,
         error(BAD, "big.jsonl: 413 bytes; at most 300 are read", "data"),
     )
-    assert await api.post("jobs", {"adapter": "herb", "data": "notes.csv"}) == (
+    kinds = "a .jsonl, .txt, .json, .csv or .parquet file or a save_to_disk folder"
+    assert await api.post("jobs", {"adapter": "herb", "data": "notes.xml"}) == (
         400,
-        invalid("data", "'notes.csv': expected a .jsonl or .txt file"),
+        invalid("data", f"'notes.xml': expected {kinds}"),
     )
 
     make_adapter(jp_root_dir / "alpha", seed=1)

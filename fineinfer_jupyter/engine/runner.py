@@ -241,10 +241,16 @@ class Runner:
                 p.requires_grad_(g)
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    def eval_loss(self, batch: dict[str, torch.Tensor], adapters=None) -> tuple[float, int]:
+        """(sum of token losses, label tokens), no gradients; `adapters` per row as in forward
+        (None: the active adapter, the one training)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         logits = self.forward(
-            batch["input_ids"], mask=batch["attention_mask"], position_ids=None, kind="train"
+            batch["input_ids"],
+            mask=batch["attention_mask"],
+            position_ids=None,
+            adapters=adapters,
+            kind="train",
         )
         loss, n = token_loss(logits, batch["labels"])
         return loss.item(), n

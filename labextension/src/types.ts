@@ -85,6 +85,8 @@ export interface IJob {
   samples_per_s: number | null;
   eta_s: number | null;
   estimating: boolean; // running, no optimizer step measured yet
+  eval_loss?: number | null; // validation loss (val_fraction), the latest
+  loss_falling?: boolean | null; // done with the loss still falling: more steps may help
 }
 
 export interface IAdapter {

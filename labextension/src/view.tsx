@@ -234,10 +234,20 @@ function Job({ job, model }: { job: IJob; model: FineInferModel }): JSX.Element 
         <span>
           loss <span data-testid="fi-job-loss">{fmtNumber(job.loss, 3)}</span>
         </span>
+        {job.eval_loss !== null && job.eval_loss !== undefined && (
+          <span>
+            val loss <span data-testid="fi-job-eval-loss">{fmtNumber(job.eval_loss, 3)}</span>
+          </span>
+        )}
         {job.state === 'running' && (
           <span>{job.estimating ? 'estimating eta' : `eta ${fmtSeconds(job.eta_s)}`}</span>
         )}
       </div>
+      {job.loss_falling && (
+        <div className="fi-Detail" data-testid="fi-job-falling">
+          loss still falling: more steps may help
+        </div>
+      )}
       {job.error && (
         <div className="fi-Detail fi-mod-error" data-testid="fi-job-error">
           {job.error}
