@@ -1,7 +1,8 @@
 """Every supported family in fp32 and bf16 (bf16 at bf16 tolerance), each a tiny random model
 saved as a Hugging Face folder (tests/families.py): the walk gives the model's own logits past
 the sliding window with mixed adapters, a micro-step in units gives the whole step's gradients,
-the engine's greedy tokens equal transformers' generate while rows join and leave, a job trains
+the engine's greedy tokens equal transformers' generate while rows join and leave, a prompt's
+echoed logprobs are the model's own, a job trains
 and its PEFT folder loads in plain PEFT to the same logits, and the adapter exports to llama.cpp
 or is refused in one line. GPT-NeoX runs through the fallback (the model's own forward)."""
 
@@ -377,3 +378,47 @@ def test_rows_join_wider_and_narrower_and_leave_with_the_tokens_they_get_alone(f
     ]
     assert got == alone
     assert any(getattr(x, "is_sliding", False) for x in batch.cache.layers)
+
+
+def test_a_long_prompt_in_chunks_and_a_cached_turn_give_generates_tokens(engine, loaded):
+    """Chunked prefill and the prefix cache (S1) in every family and dtype: a prompt prefilled
+    64 tokens at a time past the sliding window, then a second turn that starts with the first
+    (its KV from the prefix cache, except where a sliding-window layer cannot keep a prefix)."""
+    base = loaded(engine.case)
+    tight = {"ttft": 0.0005, "tpot": 0.0005}  # no pass may be long: 64-token chunks
+    first = "Sing, O muse, of the wrath of Achilles, son of Peleus, that brought woes. " * 2
+    a = engine.generate(first, max_new_tokens=5, slo=tight)
+    run_until_done(engine, [a])
+    second = first + "And then? Tell me more of it."
+    b = engine.generate(second, max_new_tokens=5, slo=tight)
+    run_until_done(engine, [b])
+    sliding = any(
+        getattr(x, "is_sliding", False) for x in DynamicCache(config=base.model.config).layers
+    )
+    for prompt, stream in ((first, a), (second, b)):
+        mine, theirs = stream.final["token_ids"], generate(base.model, base.tokenizer, prompt, 5)
+        if mine != theirs and engine.case[1] == "bf16":
+            assert_near_tie(base, prompt, mine, theirs)
+        else:
+            assert mine == theirs, prompt
+    assert a.final["stats"]["prefill_chunks"] > 2
+    cached = b.final["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert (cached >= len(first) - 1) if not sliding else cached == 0, cached
+
+
+def test_echoed_prompt_logprobs_are_the_models_own_past_the_window(engine, loaded):
+    """max_new_tokens 0 with prompt_logprobs (the OpenAI routes' echo): each prompt token's
+    logprob is the log-softmax of the model's own forward, every family and dtype."""
+    base = loaded(engine.case)
+    streams = [engine.generate(p, max_new_tokens=0, prompt_logprobs=1) for p in PROMPTS[:2]]
+    run_until_done(engine, streams)
+    for prompt, stream in zip(PROMPTS[:2], streams, strict=True):
+        (echo,) = [e for e in stream if "prompt_logprobs" in e]
+        ids = base.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert [e["id"] for e in echo["prompt_logprobs"]] == ids
+        with torch.no_grad():
+            logits = base.model(input_ids=torch.tensor([ids])).logits[0].float()
+        expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
+        got = torch.tensor([[e["logprob"]] for e in echo["prompt_logprobs"][1:]])
+        assert_close(got, expected, engine.case[1], f"{engine.case} {prompt!r}")
+        assert stream.final["finish_reason"] == "length" and stream.final["token_ids"] == []

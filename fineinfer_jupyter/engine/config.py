@@ -31,6 +31,7 @@ BASE = "base"
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed
 MIN_TEMPERATURE = 0.01  # logits / temperature must stay finite in float16 too
 MAX_SECONDS = 1e6  # latency targets (ttft, tpot)
+MAX_LOGPROBS = 20  # alternatives per position a request may ask for (OpenAI's limit)
 MAX_STEPS = 10**9  # optimizer steps, warm-up, eval and checkpoint intervals
 PROMPT_CHARS_PER_TOKEN = 16  # max_prompt_chars when unset: this many per token of context
 
@@ -94,13 +95,26 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # each sampled token's logprob and this many alternatives
+    prompt_logprobs: int | None = None  # the prompt's own (echo); with max_new_tokens 0: score only
 
     def __post_init__(self):
         check(
-            is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            is_int(self.max_new_tokens)
+            and (
+                self.max_new_tokens >= 1
+                or (self.max_new_tokens == 0 and self.prompt_logprobs is not None)
+            ),
             "max_new_tokens",
-            "must be an integer >= 1",
+            "must be an integer >= 1 (0 only to score a prompt: with prompt_logprobs)",
         )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(
+                value is None or (is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                name,
+                f"must be null or an integer in [0, {MAX_LOGPROBS}]",
+            )
         check(
             is_num(self.temperature)
             and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100),
@@ -130,6 +144,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def score_only(self) -> bool:
+        """Prefill only: the prompt's logprobs, no token generated."""
+        return self.max_new_tokens == 0
 
 
 @dataclass
@@ -164,6 +183,10 @@ class EngineConfig:
     heterogeneous: bool = True  # one fetched layer serves inference and training together
     offload_cold: bool = False  # drop offloaded files from the page cache before each read
     threads: int | None = None  # torch's intra-op threads; None: by the usable cores (threads.py)
+    # bytes of finished requests' KV kept for prompts that start the same way (prefix.py);
+    # None: an eighth of the free memory at start, at most 2 GiB; 0: no prefix cache
+    prefix_cache_bytes: int | None = None
+    chunked_prefill: bool = True  # False: every prompt in one pass, however long (as before)
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -185,6 +208,12 @@ class EngineConfig:
             self.memory_budget is None or (is_int(self.memory_budget) and self.memory_budget >= 0),
             "memory_budget",
             "must be a number of bytes >= 0",
+        )
+        check(
+            self.prefix_cache_bytes is None
+            or (is_int(self.prefix_cache_bytes) and self.prefix_cache_bytes >= 0),
+            "prefix_cache_bytes",
+            "must be a number of bytes >= 0 (0: off), or None (from the free memory)",
         )
         for name in LIMITS:
             value = getattr(self, name)
@@ -283,14 +312,14 @@ class TrainParams:
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    epochs: float = 1.0
+    epochs: float | None = None  # None (and no max_steps): job.planned_steps' rule
     max_steps: int | None = None  # optimizer steps; overrides epochs
     batch_size: int = 4  # examples per optimizer step (the effective batch)
     micro_batch_size: int = 1  # examples per forward/backward; the scheduler may run fewer
     max_length: int = 256  # tokens per example (longer ones are truncated)
     max_grad_norm: float = 1.0  # 0 = no clipping
     val_fraction: float = 0.0
-    eval_every: int = 0  # optimizer steps between eval-loss passes (0 = at the end only)
+    eval_every: int = 0  # optimizer steps between eval-loss passes (0 = about 10 per job)
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     seed: int = 0
 
@@ -336,7 +365,11 @@ class TrainParams:
             "warmup_steps",
             f"must be an integer in [0, {MAX_STEPS}]",
         )
-        check(is_num(self.epochs) and 0 < self.epochs <= 1000, "epochs", "must be in (0, 1000]")
+        check(
+            self.epochs is None or (is_num(self.epochs) and 0 < self.epochs <= 1000),
+            "epochs",
+            "must be null or in (0, 1000]",
+        )
         check(
             self.max_steps is None or (is_int(self.max_steps) and 1 <= self.max_steps <= MAX_STEPS),
             "max_steps",

@@ -16,12 +16,14 @@ from pathlib import Path, PurePath
 
 from .errors import ApiError, field_of, shown
 
+MAX_LOGPROBS = 20  # alternatives per token (engine.config.MAX_LOGPROBS)
 MAX_DEPTH = 32  # levels of JSON nesting a request body may have
 SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry lone ones; nothing can encode them
 PATH_MAX, NAME_MAX = 4095, 255  # bytes in a path, in one of its parts (Linux)
 ROLES = ("system", "user", "assistant", "tool")
 JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-DATA_SUFFIXES = (".jsonl", ".txt")
+DATA_SUFFIXES = (".jsonl", ".txt", ".json", ".csv", ".parquet")  # engine/sources.py
+DATA_KINDS = "a .jsonl, .txt, .json, .csv or .parquet file or a save_to_disk folder"
 ADAPTER_FILES = {  # what PEFT and the engine write into an adapter folder
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -49,18 +51,17 @@ SAMPLING = {  # GenerateRequest field -> JSON kind; passed to the engine as they
 }
 # asked-for features this server lacks (a falsy value, as clients send by default, is fine)
 UNSUPPORTED = (
-    "echo",
     "suffix",
-    "logprobs",
-    "top_logprobs",
     "logit_bias",
     "presence_penalty",
     "frequency_penalty",
     "tools",
     "functions",
-    "response_format",
-    "best_of",
 )
+REFUSED = {  # by route: UNSUPPORTED plus the other route's own fields
+    "chat": (*UNSUPPORTED, "echo"),
+    "completions": (*UNSUPPORTED, "top_logprobs"),
+}
 OPENAI_EXTRAS = {"top_k": "integer", "repetition_penalty": "number", "ignore_eos": "boolean"}
 OPENAI_FIELDS = (  # what openai_request reads (besides "messages" or "prompt"); others are ignored
     "model",
@@ -75,9 +76,15 @@ OPENAI_FIELDS = (  # what openai_request reads (besides "messages" or "prompt");
     "max_completion_tokens",
     "ttft",
     "tpot",
+    "echo",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "best_of",
     *OPENAI_EXTRAS,
     *UNSUPPORTED,
 )
+MAX_CHOICES = 64  # prompts x n in one request
 
 
 def bad(field_name: str | None, message: str) -> ApiError:
@@ -167,6 +174,9 @@ class GenerateRequest:
     stream: bool = True  # OpenAI routes only
     include_usage: bool = False  # OpenAI stream_options.include_usage
     model: str = ""  # OpenAI routes only
+    prompts: list = field(default_factory=list)  # OpenAI: each prompt's choices (`prompt` first)
+    n: int = 1  # OpenAI: choices per prompt
+    echo: bool = False  # OpenAI completions: the prompt comes back before the answer
 
 
 GENERATE_FIELDS = ("prompt", "messages", "adapter", "stop", "ttft", "tpot", *SAMPLING)
@@ -210,39 +220,91 @@ def openai_request(raw: bytes, *, chat: bool) -> GenerateRequest:
     body = Body(raw)
     model = body.get("model", "string", required=True)
     if chat:
-        prompt = _messages(body.get("messages", "array", required=True), openai=True)
+        prompts = [_messages(body.get("messages", "array", required=True), openai=True)]
     else:
-        prompt = body.get("prompt", "string", "array", required=True)
-        if isinstance(prompt, list):
-            if len(prompt) != 1 or not isinstance(prompt[0], str):
-                raise bad("prompt", "must be a string (or a list of one string)")
-            prompt = prompt[0]
-    for name in UNSUPPORTED:
+        prompts = _prompts(body.get("prompt", "string", "array", required=True))
+    for name in REFUSED["chat" if chat else "completions"]:
         if body.data.get(name) not in (None, False, 0, "", [], {}):
             raise bad(name, "is not supported by this server")
-    if body.get("n", "integer", default=1) != 1:
-        raise bad("n", "only n=1 is supported")
+    n = body.get("n", "integer", default=1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise bad("n", f"must be an integer in [1, {MAX_CHOICES}]")
+    if n * len(prompts) > MAX_CHOICES:
+        raise bad("n", f"{n} choices for each of {len(prompts)} prompts: at most {MAX_CHOICES}")
+    if body.get("best_of", "integer") not in (None, 1):
+        raise bad("best_of", "is not supported by this server (use n)")
+    fmt = body.get("response_format", "object")
+    if fmt is not None and fmt.get("type") != "text":
+        raise bad("response_format", 'only {"type": "text"} is supported (no constrained decoding)')
+    echo = bool(body.get("echo", "boolean")) and not chat
     sampling = _sampling(body, {"temperature": "number", "top_p": "number", "seed": "integer"})
     sampling.update(_sampling(body, OPENAI_EXTRAS))
     sampling.setdefault("temperature", 1.0)  # OpenAI's default
     for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins
         max_tokens = body.get(name, "integer")
         if max_tokens is not None:
-            if max_tokens < 1:
-                raise bad(name, "must be an integer >= 1")
+            if max_tokens < 1 and not (max_tokens == 0 and echo):
+                raise bad(name, "must be an integer >= 1 (0 only with echo: score the prompt)")
             sampling["max_new_tokens"] = max_tokens
+    logprobs = _logprobs(body, chat)
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
+    if echo:  # the prompt's logprobs (and its tokens' text) come with it
+        sampling["prompt_logprobs"] = logprobs or 0
     options = body.get("stream_options", "object", default={})
     if not isinstance(options.get("include_usage", False), bool):
         raise bad("stream_options.include_usage", "must be a boolean")
     return GenerateRequest(
-        prompt=prompt,
+        prompt=prompts[0],
         sampling=sampling,
         ttft=body.get("ttft", "number"),
         tpot=body.get("tpot", "number"),
         stream=body.get("stream", "boolean", default=False),
         include_usage=options.get("include_usage") is True,
         model=model,
+        prompts=prompts,
+        n=n,
+        echo=echo,
     )
+
+
+def _prompts(prompt: str | list) -> list[str | list[int]]:
+    """A completion's prompt: a string, a list of token ids, or a list of either (one choice
+    each)."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        prompt = [prompt]
+    if not prompt:
+        raise bad("prompt", "must be a string, a list of token ids, or a non-empty list of them")
+    for i, p in enumerate(prompt):
+        if not (isinstance(p, str) or _token_ids(p)):
+            where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+            raise bad(where, "must be a string or a non-empty list of token ids (integers >= 0)")
+    return prompt
+
+
+def _token_ids(value) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    )
+
+
+def _logprobs(body: Body, chat: bool) -> int | None:
+    """Alternatives per token (0-20), or None: completions' `logprobs` is the number itself;
+    chat's is a boolean, with the number in `top_logprobs`."""
+    if not chat:
+        value = body.get("logprobs", "integer")
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        return value
+    wanted = body.get("logprobs", "boolean")
+    top = body.get("top_logprobs", "integer")
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise bad("top_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+    if top and not wanted:
+        raise bad("top_logprobs", "needs logprobs: true")
+    return (top or 0) if wanted else None
 
 
 def _messages(messages: list, *, openai: bool) -> list[dict]:
@@ -283,30 +345,85 @@ class JobRequest:
     data: str | list[dict]  # a path (resolved under the root) or records
     data_field: str  # "data" or "records"
     params: dict
+    columns: dict | None = None  # {"prompt": "question", ...}: engine/sources.py
 
 
-JOB_FIELDS = ("adapter", "data", "records", "params")
+JOB_FIELDS = ("adapter", "data", "records", "params", "columns")
 
 
 def job_request(raw: bytes, root_dir: str) -> JobRequest:
-    """POST api/jobs: {"adapter", "data": path} or {"adapter", "records"}, optional "params"."""
+    """POST api/jobs: {"adapter", "data": path} or {"adapter", "records"}, optional "params"
+    and "columns"."""
     body = Body(raw)
     body.only(*JOB_FIELDS)
     adapter = adapter_name(body.get("adapter", "string", required=True), "adapter")
+    data, data_field = data_source(body, root_dir, required=True)
+    params = body.get("params", "object", default={})
+    return JobRequest(adapter, data, data_field, params, columns(body))
+
+
+def data_source(body: Body, root_dir: str, *, required: bool):
+    """(a data file or folder under the root, "data") or (records, "records"); (None, "data")
+    when neither is given and none is required."""
     path, records = body.get("data", "string"), body.get("records", "array")
-    if (path is None) == (records is None):
-        raise bad("data", "send either data (a .jsonl or .txt file under the root) or records")
-    if path is not None:
-        file = resolve_path(root_dir, path, "data")
-        with os_errors("data", path):
-            if not file.is_file():
-                raise bad("data", f"{shown(path)} is not a file")
-        if file.suffix not in DATA_SUFFIXES:
-            raise bad("data", f"{shown(path)}: expected a .jsonl or .txt file")
-        data, data_field = str(file), "data"
-    else:
-        data, data_field = records, "records"
-    return JobRequest(adapter, data, data_field, body.get("params", "object", default={}))
+    if path is not None and records is not None or (required and path is None and not records):
+        raise bad("data", f"send either data ({DATA_KINDS} under the root) or records")
+    if path is None:
+        return records, "records" if records is not None else "data"
+    file = resolve_path(root_dir, path, "data")
+    with os_errors("data", path):
+        if file.is_dir():
+            saved = ("dataset_info.json", "dataset_dict.json")
+            if not any((file / name).is_file() for name in saved):
+                raise bad("data", f"{shown(path)} is a folder but not a datasets save_to_disk one")
+        elif not file.is_file():
+            raise bad("data", f"{shown(path)} is not a file")
+        elif file.suffix not in DATA_SUFFIXES:
+            raise bad("data", f"{shown(path)}: expected {DATA_KINDS}")
+    return str(file), "data"
+
+
+def columns(body: Body) -> dict | None:
+    """ "columns": {"text" | "prompt" | "completion" | "messages": column name}."""
+    from ..engine.sources import DataError, check_columns
+
+    value = body.get("columns", "object")
+    try:
+        return check_columns(value) or None
+    except DataError as e:
+        raise bad(None, str(e)) from None
+
+
+EVAL_FIELDS = ("data", "records", "columns", "compare", "limit", "max_new_tokens")
+
+
+@dataclass
+class EvalRequest:
+    data: str | list[dict] | None  # None: the adapter's held-out examples
+    data_field: str
+    columns: dict | None
+    compare: list[str]
+    limit: int
+    max_new_tokens: int | None
+
+
+def eval_request(raw: bytes, root_dir: str) -> EvalRequest:
+    """POST api/adapters/<name>/eval: optional data or records, columns, "compare" (models to
+    put beside it, ["base"] by default), "limit" (examples), "max_new_tokens"."""
+    body = Body(raw)
+    body.only(*EVAL_FIELDS)
+    data, data_field = data_source(body, root_dir, required=False)
+    compare = body.get("compare", "array", default=["base"])
+    if not all(isinstance(c, str) for c in compare) or len(compare) > 8:
+        raise bad("compare", 'must be a list of at most 8 names ("base" or adapters)')
+    compare = [_adapter(c) or "base" for c in compare]
+    limit = body.get("limit", "integer", default=32)
+    if not 1 <= limit <= 1024:
+        raise bad("limit", "must be an integer in [1, 1024]")
+    max_new_tokens = body.get("max_new_tokens", "integer")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise bad("max_new_tokens", "must be an integer >= 1")
+    return EvalRequest(data, data_field, columns(body), compare, limit, max_new_tokens)
 
 
 def train_params(params: dict):
