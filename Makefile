@@ -2,6 +2,7 @@
 #   make lab    start JupyterLab with the extension and the default model
 #   make test   lint, then the whole test suite (what .ci/run runs)
 #   make demo   run notebooks/demo.ipynb headless with the default model
+#   make stress the tests that use real processes, signals or the clock, STRESS_RUNS times
 #   make gpu-check  on a CUDA machine: the `gpu` tests and short benchmark runs, one table
 PYTHON ?= python3
 VENV := .venv
@@ -10,8 +11,9 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 JUPYTER_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
+STRESS_RUNS ?= 5
 
-.PHONY: setup browser model lab test lint demo bench gpu-check clean
+.PHONY: setup browser model lab test lint demo bench gpu-check clean stress
 
 setup: $(STAMP)
 
@@ -49,6 +51,10 @@ lint: setup
 
 test: setup browser lint
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+
+# not part of make test: each realtime test, STRESS_RUNS times in a row, and its pass count
+stress: setup browser
+	$(PY) tests/stress.py --runs $(STRESS_RUNS) $(PYTEST_ARGS)
 
 demo: setup model
 	$(PY) -m fineinfer_jupyter.demo

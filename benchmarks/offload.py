@@ -99,7 +99,7 @@ def iterations(model: str, budget: int, *, cold: bool, rounds: int) -> dict[str,
         e.iterate()  # its prefill
 
         def run(**work) -> None:
-            o = SchedulerOutput(time.monotonic(), **work)
+            o = SchedulerOutput(**work)
             core.scheduler.update(o, core.executor.execute(o))
 
         def moved() -> int:

@@ -100,10 +100,11 @@ def measure(model_name: str, threads: int | None, steps: int, budget: float) -> 
 
 
 def busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy, all cores together (/proc/stat)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds the whole machine has been busy, all cores together (the engine's own
+    counter: psutil.cpu_times)."""
+    from fineinfer_jupyter.engine.threads import machine_busy_seconds
+
+    return machine_busy_seconds()
 
 
 def measure_others(seconds: float) -> float:

@@ -17,7 +17,7 @@ from conftest import make_adapter
 
 from fineinfer_jupyter.launch import CHROMIUM, CHROMIUM_ARGS, JupyterProcess
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.realtime]
 
 START_TIMEOUT = 60.0  # JupyterLab up and the tiny model loaded
 UI_TIMEOUT_MS = 30_000  # any one thing the page must show

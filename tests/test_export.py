@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
+import threading
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -341,6 +344,80 @@ def test_engine_exports_current_weights_under_the_data_directory(engine, data_di
 
 def peft_pairs_keys(folder):
     return load_file(str(folder / "adapter_model.safetensors")).keys()
+
+
+def exported_whole(result: dict, adapter_dir) -> None:
+    """The export at result["path"] is one whole export of the adapter in `adapter_dir`."""
+    a, b = peft_pairs(adapter_dir)["1.mlp.up_proj"]
+    if result["format"] == "gguf":
+        _, tensors = read_gguf(result["path"])
+        assert np.array_equal(tensors["blk.1.ffn_up.weight.lora_a"].data, a.numpy())
+        assert len(tensors) == 28
+        return
+    folder = Path(result["path"])
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "fineinfer.json",
+    ]
+    assert peft_pairs(folder)["1.mlp.up_proj"][0].equal(a)
+
+
+@pytest.mark.parametrize("to", ["gguf", "vllm"])
+def test_two_exports_of_one_adapter_at_once_both_end_whole(engine, adapter_dirs, monkeypatch, to):
+    engine.load_adapter("alpha", adapter_dirs["alpha"])
+    both = threading.Barrier(2, timeout=30)  # the two writers are half-way at the same moment
+    if to == "gguf":  # each has its file open and its header written
+        real = gguf.GGUFWriter.write_tensors_to_file
+        monkeypatch.setattr(
+            gguf.GGUFWriter,
+            "write_tensors_to_file",
+            lambda w, *a, **k: (both.wait(), real(w, *a, **k))[1],
+        )
+    else:  # each has its checked folder, about to put it in place
+        real = shutil.move
+        monkeypatch.setattr(export.shutil, "move", lambda *a: (both.wait(), real(*a))[1])
+    results = []
+    exporters = [
+        threading.Thread(target=lambda: results.append(engine.export_adapter("alpha", to)))
+        for _ in range(2)
+    ]
+    for t in exporters:
+        t.start()
+    for t in exporters:
+        t.join(60)
+    assert len(results) == 2 and results[0]["path"] == results[1]["path"]
+    exported_whole(results[0], adapter_dirs["alpha"])
+    folder = engine.home / "exports" / "alpha"
+    assert [p.name for p in folder.iterdir()] == [Path(results[0]["path"]).name]  # no scratch
+    assert [p.name for p in folder.parent.iterdir()] == ["alpha"]
+
+
+@pytest.mark.parametrize("to", ["gguf", "vllm"])
+def test_an_export_that_fails_half_way_leaves_the_previous_one_whole_and_no_scratch(
+    engine, adapter_dirs, monkeypatch, to
+):
+    engine.load_adapter("alpha", adapter_dirs["alpha"])
+    before = engine.export_adapter("alpha", to)
+    if to == "gguf":
+
+        def half(writer, *args, **kwargs):  # the header is on disk, then the disk is full
+            writer.fout[0].write(b"x" * 100)
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half)
+    else:
+
+        def move(src, dst):  # the disk is full
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(export.shutil, "move", move)
+    with pytest.raises(OSError, match="No space left on device"):
+        engine.export_adapter("alpha", to)
+    exported_whole(before, adapter_dirs["alpha"])
+    folder = engine.home / "exports" / "alpha"
+    assert [p.name for p in folder.iterdir()] == [Path(before["path"]).name]  # no scratch
+    assert [p.name for p in folder.parent.iterdir()] == ["alpha"]
 
 
 def test_an_adapter_under_training_exports_its_weights_of_now(engine, data_dir):

@@ -174,6 +174,7 @@ def stuck_engine(engine, monkeypatch):
     return release, entered
 
 
+@pytest.mark.realtime
 def test_shutdown_returns_within_its_timeout_when_the_engine_thread_is_stuck(engine, monkeypatch):
     release, entered = stuck_engine(engine, monkeypatch)
     stream = engine.generate("hi", max_new_tokens=3)  # wakes the thread: it is stuck from here
@@ -181,7 +182,8 @@ def test_shutdown_returns_within_its_timeout_when_the_engine_thread_is_stuck(eng
     answers = []
     caller = threading.Thread(target=lambda: answers.append(_jobs(engine)))
     caller.start()  # a caller waiting on the engine thread
-    time.sleep(0.3)
+    while engine._inbox.qsize() == 0:  # its call is in the inbox: it waits from here
+        time.sleep(0.01)
     start = time.monotonic()
     assert engine.shutdown(timeout=1.0) is False
     assert time.monotonic() - start < 1.5
@@ -205,14 +207,17 @@ def _jobs(engine):
         return e
 
 
+@pytest.mark.realtime
 def test_a_dead_engine_thread_is_reported_and_its_requests_get_an_error(engine, monkeypatch):
-    def dies():
-        raise SystemExit("the thread is gone")  # not an Exception: the loop does not catch it
+    real = engine.core.iterate
 
-    stream = engine.generate("hi", max_new_tokens=50, ignore_eos=True, slo={"tpot": 1.0})
-    while stream.final is None and not engine.core.scheduler.running:
-        time.sleep(0.01)
+    def dies():  # once the request is in the running batch (it cannot finish first)
+        if engine.core.scheduler.running:
+            raise SystemExit("the thread is gone")  # not an Exception: the loop does not catch it
+        return real()
+
     monkeypatch.setattr(engine.core, "iterate", dies)
+    stream = engine.generate("hi", max_new_tokens=50, ignore_eos=True, slo={"tpot": 1.0})
     engine._thread.join(10)
     final = list(stream)[-1]
     assert final["type"] == "error"
@@ -225,3 +230,82 @@ def test_a_dead_engine_thread_is_reported_and_its_requests_get_an_error(engine, 
     )
     with pytest.raises(EngineNotReady, match="engine is error: engine thread failed"):
         engine.generate("hi")
+
+
+def broken_iteration(engine, monkeypatch, where: str) -> list[float]:
+    """The first iteration that admits requests raises: in the executor after its prefill ran
+    (pins taken, KV rows joined, first tokens streamed), or in Scheduler.update. Returns the
+    list the time of the fault is appended to."""
+    fault: list[float] = []
+    core = engine.core
+    if where == "execute":
+        real = core.executor.execute
+
+        def execute(out):
+            result = real(out)
+            if out.prefill and not fault:
+                fault.append(time.monotonic())
+                raise RuntimeError("injected fault in execute")
+            return result
+
+        monkeypatch.setattr(core.executor, "execute", execute)
+    else:
+        real = core.scheduler.update
+
+        def update(out, result):
+            if out.prefill and not fault:
+                fault.append(time.monotonic())
+                raise RuntimeError("injected fault in update")
+            return real(out, result)
+
+        monkeypatch.setattr(core.scheduler, "update", update)
+    return fault
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize("where", ["execute", "update"])
+def test_an_iteration_that_breaks_while_admitting_answers_every_caller_and_the_engine_goes_on(
+    engine, adapter_dirs, monkeypatch, where
+):
+    expected = reference(PROMPTS[:1], 6)
+    engine.load_adapter("alpha", adapter_dirs["alpha"])
+    fault = broken_iteration(engine, monkeypatch, where)
+    finals: dict[int, tuple[float, dict]] = {}
+    answered = threading.Event()
+
+    def callback(i):
+        def on_event(event):
+            if event["type"] != "delta":
+                finals[i] = (time.monotonic(), event)
+                if len(finals) == len(asks):
+                    answered.set()
+
+        return on_event
+
+    # the first one is admitted first (earliest deadline) and ends on its first token
+    asks = [("Hi", None, 1)] + [(p, a, 8) for p in PROMPTS for a in (None, "alpha")]
+
+    def ask_all():  # in the engine thread: all of them are in the engine before it iterates
+        return [
+            engine.generate(p, adapter=a, max_new_tokens=n, ignore_eos=True, callback=callback(i))
+            for i, (p, a, n) in enumerate(asks)
+        ]
+
+    engine._call(ask_all)
+    assert answered.wait(10), f"callers left waiting: {len(asks) - len(finals)} of {len(asks)}"
+    for i, (at, final) in finals.items():
+        assert at - fault[0] < 1.0, (i, at - fault[0])
+        if asks[i][2] == 1:  # it ended in the broken iteration: its own final event
+            assert final["type"] == "done" and len(final["token_ids"]) == 1
+        else:
+            assert (final["type"], final["message"]) == (
+                "error",
+                f"RuntimeError: injected fault in {where}",
+            )
+    assert engine._call(lambda: dict(engine.core.adapters._pins)) == {}  # no pin leaked
+    assert engine._call(lambda: len(engine.core.executor.batch)) == 0
+    assert engine.status()["state"] == "ready"
+    got = engine.complete(PROMPTS[0], max_new_tokens=6, ignore_eos=True)
+    assert got.token_ids == expected[0]
+    engine.delete_adapter("alpha")  # unloaded at once: nothing uses it
+    assert engine._call(lambda: not engine.core.runner.peft)

@@ -57,6 +57,7 @@ def test_status_after_load_ext_shows_the_model(kernel, fineinfer_server):
         assert waiting in run.stdout
 
 
+@pytest.mark.realtime
 def test_tune_returns_at_once_and_its_widget_updates_while_other_cells_run(kernel, client):
     try:
         run = kernel.run(
@@ -66,14 +67,13 @@ def test_tune_returns_at_once_and_its_widget_updates_while_other_cells_run(kerne
         assert job["state"] in ("queued", "running") and job["step"] < 5000
         assert re.match(r"job-\d+: training 'long' on 306 examples, 5000 steps", run.stdout)
         assert len(widget_views(run)) == 1
-        later = kernel.run(  # another cell, until the job moved on twice: the widget moves too
+        later = kernel.run(  # another cell, until the widget's bar moved twice (it polls)
             "import time\n"
-            "from fineinfer_jupyter.kernel import FineInferClient\n"
-            "c, start = FineInferClient(), time.time()\n"
-            "first = c.find_job('long')['step']\n"
-            "while c.find_job('long')['step'] < first + 2 and time.time() - start < 60:\n"
-            "    time.sleep(0.2)\n"
-            "time.sleep(1.0)  # the widget polls every 0.5 s"
+            "bar = get_ipython().magics_manager.registry['FineInferMagics'].widgets[-1].bar\n"
+            "seen, start = {bar.value}, time.time()\n"
+            "while len(seen) < 3 and time.time() - start < 60:\n"
+            "    time.sleep(0.05)\n"
+            "    seen.add(bar.value)"
         )
         steps = [v for v in later.widget_updates("value") if isinstance(v, (int, float))]
         assert len(steps) >= 2 and steps == sorted(steps) and steps[-1] > steps[0]
@@ -154,12 +154,20 @@ def test_save_load_and_delete_adapters_with_paths_relative_to_the_notebook(
     assert "copy" not in kernel.run("%fineinfer adapters").stdout
 
 
+@pytest.mark.realtime
 def test_dashboard_polls_while_other_cells_run_and_stops_when_closed(kernel, client):
     job = client.tune("dash", records=SMALL * 8, max_steps=100_000, batch_size=1)
     try:
         run = kernel.run("%fineinfer dashboard")
         assert len(widget_views(run)) == 1 and run.stderr == ""
-        later = kernel.run("import time; time.sleep(2.5)")  # the engine trains meanwhile
+        later = kernel.run(  # another cell, until the dashboard changed twice (it polls)
+            "import time\n"
+            "body = get_ipython().magics_manager.registry['FineInferMagics'].widgets[-1].body\n"
+            "seen, start = {body.value}, time.time()\n"
+            "while len(seen) < 3 and time.time() - start < 60:\n"
+            "    time.sleep(0.05)\n"
+            "    seen.add(body.value)"
+        )
         bodies = [v for v in later.widget_updates("value") if isinstance(v, str) and "<table" in v]
         assert len(bodies) >= 2 and len(set(bodies)) == len(bodies)
         assert "tokens/s" in bodies[-1] and "samples/s · step " in bodies[-1]

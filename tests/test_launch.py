@@ -14,7 +14,7 @@ import pytest
 
 from fineinfer_jupyter.launch import JupyterProcess
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.realtime]
 
 
 def alive(pid: int) -> bool:

@@ -6,11 +6,11 @@ import torch
 from fineinfer_jupyter.engine import models
 from fineinfer_jupyter.engine.models import (
     LoadedModel,
-    atomic_dir,
     load_model,
     resolve_device,
     resolve_dtype,
 )
+from fineinfer_jupyter.engine.storage import atomic_dir
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -157,7 +157,9 @@ def test_cache_dir_default(monkeypatch, tmp_path):
     assert models.default_cache_dir() == models.Path.home() / ".cache" / "fineinfer"
 
 
-def test_atomic_dir(tmp_path):
+def test_a_converted_model_folder_appears_whole_once_and_a_second_converter_gives_way(
+    tmp_path,
+):
     out = tmp_path / "models" / "m"
     with pytest.raises(KeyboardInterrupt), atomic_dir(out) as tmp:
         (tmp / "config.json").write_text("{}")
@@ -165,9 +167,12 @@ def test_atomic_dir(tmp_path):
     assert not out.exists() and list(out.parent.iterdir()) == []
     stale = out.parent / ".m.tmp-999999999-deadbeef"  # a crashed converter's leftovers
     stale.mkdir()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=False) as tmp:
         (tmp / "config.json").write_text("{}")
     assert (out / "config.json").is_file() and [p.name for p in out.parent.iterdir()] == ["m"]
+    with atomic_dir(out, replace=False) as tmp:  # a converter that finished second gives way
+        (tmp / "config.json").write_text('{"second": true}')
+    assert (out / "config.json").read_text() == "{}" and len(list(out.parent.iterdir())) == 1
 
 
 @pytest.mark.slow

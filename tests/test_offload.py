@@ -1,8 +1,6 @@
 """Layer offload (tiny model): the same tokens and losses as without it, one fetch per layer for
 an inference pass and a training forward together, LoRA weights never moved."""
 
-import time
-
 import pytest
 import torch
 from conftest import PROMPTS, run_until_done
@@ -91,7 +89,7 @@ def test_a_combined_iteration_fetches_each_layer_once_for_decode_and_training(tm
 
         def run(**work) -> dict:
             before = dict(e.metrics_snapshot()["offload"]["by_kind"])
-            out = SchedulerOutput(time.monotonic(), **work)
+            out = SchedulerOutput(**work)
             core.scheduler.update(out, core.executor.execute(out))
             after = e.metrics_snapshot()["offload"]["by_kind"]
             return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k)}

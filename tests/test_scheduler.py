@@ -123,10 +123,8 @@ class Sim:
     def token(self, s: Sequence, result: IterationResult) -> None:
         s.output_ids.append(7)
         s.token_times.append(self.now)
-        result.tokens.append((s, 7))
         if len(s.output_ids) >= s.sampling.max_new_tokens:
             s.finish_reason = "length"
-            result.finished.append(s)
 
     def kinds(self):
         return [k for _, k, _ in self.log]
@@ -385,7 +383,7 @@ def test_a_request_arriving_mid_micro_step_waits_at_most_one_segment(at):
     start = next(t for t, k, _ in sim.log if k == "prefill")
     assert [k for t, k, _ in sim.log if t < start] == ["train"] * (1 + int(at / 0.16))
     assert 0 < start - seq.arrival <= 0.2  # one segment: two of the 0.08 s units
-    assert sim.training.run is not None or sim.training.steps  # the micro-step went on after
+    assert "train" in [k for t, k, _ in sim.log if t > start]  # the micro-step went on after
 
 
 def test_a_micro_step_longer_than_the_gaps_between_tokens_runs_in_segments_at_full_size():

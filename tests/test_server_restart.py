@@ -10,7 +10,7 @@ import pytest
 from test_training import RECORDS
 
 pytest_plugins = ["pytest_jupyter.jupyter_server", "server_fixtures"]
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.realtime]
 PARAMS = {"r": 4, "lora_alpha": 8, "batch_size": 1, "max_length": 64, "checkpoint_every": 2}
 
 
@@ -26,6 +26,9 @@ async def test_a_failed_engine_is_reported_and_restarted_without_restarting_the_
     monkeypatch.setattr(broken.core.scheduler, "schedule", lambda *a, **k: 1 / 0)
     status = await api.until("status", lambda s: s["state"] == "error")
     assert status["error"] == "engine loop failed: ZeroDivisionError: division by zero"
+    # "error" shows while the thread still checkpoints and frees the model (Engine._close); a
+    # restart before it ends waits SHUTDOWN_TIMEOUT and may answer 409: wait for the thread
+    await asyncio.get_running_loop().run_in_executor(None, broken._thread.join, 60)
     code, answer = await api.post("generate", {"prompt": "hi", "max_new_tokens": 3})
     assert code == 503 and answer["error"]["message"] == (
         "engine failed: engine loop failed: ZeroDivisionError: division by zero (POST "
@@ -48,16 +51,18 @@ async def test_a_restart_waits_a_few_seconds_for_a_stuck_engine_thread_then_says
     ready_api, monkeypatch
 ):
     api, host = ready_api, ready_api.app.host
-    engine, release = host.engine, threading.Event()
+    engine, release, entered = host.engine, threading.Event(), threading.Event()
     real = engine.core.iterate
 
     def stuck():
+        entered.set()
         release.wait(60)
         return real()
 
     monkeypatch.setattr(engine.core, "iterate", stuck)
     pending = asyncio.ensure_future(api.generate({"prompt": "hi", "max_new_tokens": 3}))
-    await asyncio.sleep(0.5)  # its request woke the engine thread, which is stuck from here
+    while not entered.is_set():  # its request woke the engine thread, which is stuck from here
+        await asyncio.sleep(0.01)
     code, answer = await api.post("engine/restart")
     assert code == 409 and answer["error"]["message"] == (
         "the engine thread did not stop within 2 s (it is inside a long operation); try again, "
@@ -67,7 +72,8 @@ async def test_a_restart_waits_a_few_seconds_for_a_stuck_engine_thread_then_says
     assert events[-1]["type"] == "error"
     assert events[-1]["message"].startswith("engine is shutting down")
     release.set()
-    await asyncio.sleep(0.5)
+    await asyncio.get_running_loop().run_in_executor(None, engine._thread.join, 30)
+    assert not engine.alive  # the old thread has ended: the next restart finds it stopped
     code, restarted = await api.post("engine/restart")
     assert code == 200 and restarted["restarts"] == 1
     await api.ready()

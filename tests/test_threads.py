@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from fineinfer_jupyter.engine import threads
 from fineinfer_jupyter.engine.config import EngineConfig
 from fineinfer_jupyter.engine.engine import Engine
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.realtime]
 
 
 @pytest.fixture(autouse=True)
@@ -52,19 +53,68 @@ def test_the_setting_wins_then_the_environment_then_the_usable_cores(monkeypatch
     assert threads.configure_threads(None)["source"] == "default"
 
 
-def test_usable_cores_follow_the_affinity_and_the_cgroup_quota(monkeypatch, tmp_path):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert threads.usable_cores() == 1
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text("150000 100000\n")
-    assert threads.cgroup_quota(cpu_max) == 2
-    cpu_max.write_text("max 100000\n")
-    assert threads.cgroup_quota(cpu_max) is None
+def fake_machine(monkeypatch, tmp_path, cpus: int, *, quota: str = "max 100000") -> None:
+    """`cpus` CPUs, two hyper-threads per core (cpu i and cpu i + cpus/2), all ours, with a
+    cgroup's cpu.max of `quota`: sysfs, the affinity and the CPU counters, faked."""
+    half = max(cpus // 2, 1)
+    for cpu in range(cpus):
+        topology = tmp_path / "sys" / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        core = cpu % half
+        pair = sorted({core, core + half} & set(range(cpus)))
+        (topology / "thread_siblings_list").write_text(",".join(map(str, pair)) + "\n")
+    (tmp_path / "cpu.max").write_text(quota + "\n")
+    monkeypatch.setattr(threads, "SYS_CPU", tmp_path / "sys")
+    monkeypatch.setattr(threads, "CPU_MAX", tmp_path / "cpu.max")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    real = threads.psutil.cpu_times
+    monkeypatch.setattr(
+        threads.psutil, "cpu_times", lambda percpu=False: [real()] * cpus if percpu else real()
+    )
+
+
+def test_usable_cores_are_the_physical_cores_of_the_affinity_capped_by_the_cgroup_quota(
+    monkeypatch, tmp_path
+):
+    fake_machine(monkeypatch, tmp_path, 8)  # 8 CPUs: 4 cores of two hyper-threads
+    assert threads.usable_cores() == 4
+    for quota, cores in (("150000 100000", 2), ("300000 100000", 3), ("900000 100000", 4)):
+        threads.CPU_MAX.write_text(quota)  # 1.5 CPUs: 2 threads; more than the cores: 4
+        assert threads.usable_cores() == cores, quota
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 4, 1})  # two cores' threads
+    threads.CPU_MAX.write_text("max 100000")
+    assert threads.usable_cores() == 2
     assert threads.cgroup_quota(tmp_path / "absent") is None
 
 
+def test_load_following_is_off_under_a_quota_or_on_part_of_the_machine(monkeypatch, tmp_path):
+    fake_machine(monkeypatch, tmp_path, 4)
+    assert threads.LoadFollower.why_not() is None
+    assert threads.LoadFollower.for_this_machine(2) is not None
+    assert threads.configure_threads(None)["follows_load"] is True
+    threads.CPU_MAX.write_text("200000 100000")  # a container's quota: the host's load
+    assert threads.LoadFollower.why_not() == (
+        f"a cgroup CPU quota applies ({threads.CPU_MAX}: 200000 100000)"
+    )
+    assert threads.LoadFollower.for_this_machine(2) is None
+    choice = threads.configure_threads(None)
+    assert (choice["intra_op"], choice["follows_load"]) == (2, False)
+    threads.CPU_MAX.write_text("max 100000")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # 2 of the 4 CPUs
+    assert threads.LoadFollower.why_not() == "the machine has 4 CPUs, this process may use [0, 1]"
+    assert threads.configure_threads(None)["follows_load"] is False
+
+
+def test_the_machine_busy_time_is_psutils_counters_without_idle_and_io_wait(monkeypatch):
+    times = dict(user=10.0, nice=1.0, system=4.0, idle=50.0, iowait=7.0, irq=0.5, softirq=0.25,
+                 steal=0.125, guest=3.0, guest_nice=0.0)  # fmt: skip
+    monkeypatch.setattr(threads.psutil, "cpu_times", lambda: SimpleNamespace(**times))
+    assert threads.machine_busy_seconds() == 10 + 1 + 4 + 0.5 + 0.25 + 0.125  # guest: in user
+
+
 class FakeMachine:
-    """/proc/stat and os.times as LoadFollower reads them, advanced by hand."""
+    """The machine's and this process's CPU time as LoadFollower reads them, advanced by
+    hand."""
 
     def __init__(self):
         self.now = self.busy = self.own = 0.0
@@ -111,7 +161,7 @@ def test_the_default_count_follows_the_cores_other_programs_leave():
 
 def test_eight_cores_give_up_what_the_neighbours_take():
     m = FakeMachine()
-    f = m.follower(cores=8, cpus=16)  # hyper-threads: 16 CPUs in /proc/stat, 8 cores
+    f = m.follower(cores=8, cpus=16)  # hyper-threads: 16 CPUs, 8 cores
     for _ in range(2):
         m.run(1.0, ours=8, others=4)  # 4 CPUs of 16 busy elsewhere: a quarter of the machine
         f.poll()
@@ -121,8 +171,10 @@ def test_eight_cores_give_up_what_the_neighbours_take():
 def test_a_busy_neighbour_takes_the_engine_down_to_the_cores_it_leaves():
     """A real neighbour process on this machine: the default count drops below the cores."""
     choice = threads.configure_threads(None)
-    if not choice["follows_load"] or choice["intra_op"] < 2:
-        pytest.skip("the count does not follow the load here (one core, or a partial view)")
+    if choice["intra_op"] < 2:
+        pytest.skip(f"one usable core here: nothing to give up ({choice})")
+    if not choice["follows_load"]:  # the quota path is tested with a fake machine above
+        pytest.skip(f"the count does not follow the load here: {threads.LoadFollower.why_not()}")
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         deadline = time.monotonic() + 30

@@ -90,10 +90,18 @@ class EngineCore:
             )
 
     def fail_all(self, error: Exception) -> None:
-        """Fail every request in flight (after an iteration broke); the engine goes on."""
-        for seq in self.scheduler.abort_all():
-            self.requests.pop(seq.request_id, None)
-            self.executor.fail(seq, error)
+        """Fail every request the core holds (after an iteration broke); the engine goes on.
+        That includes those admitted in the broken iteration (in neither queue any more) and
+        those that ended in it but were not delivered yet (they get their own final event)."""
+        held = list(self.requests.values())
+        self.scheduler.abort_all(held)
+        for seq in held:
+            if seq.is_finished:
+                deliver(seq)  # it ended (and was freed: executor._end) before the break
+            else:
+                self.executor.fail(seq, error)  # unpins, drops its KV row, final event
+        self.requests.clear()
+        self.executor.batch.keep([])  # rows of requests no queue knows any more
 
 
 def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> EngineCore:

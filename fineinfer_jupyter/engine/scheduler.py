@@ -108,13 +108,13 @@ class Scheduler:
         seq.status = Status.FINISHED
         return True
 
-    def abort_all(self) -> list[Sequence]:
-        gone = [*self.waiting, *self.prefilling, *self.running]
+    def abort_all(self, seqs: list[Sequence]) -> None:
+        """Empty the queues and end `seqs`: every request in the engine, including those
+        admitted by an iteration that broke before update() (they are in no queue then)."""
         self.waiting.clear()
         self.running, self.prefilling = [], []
-        for seq in gone:
+        for seq in seqs:
             seq.status = Status.FINISHED
-        return gone
 
     @property
     def num_running(self) -> int:
@@ -189,7 +189,7 @@ class Scheduler:
         elif running and self._rides_along(micro):
             n = 0  # with offload, a layer's forward shares the fetch of the rows' next decode
         if n:
-            return SchedulerOutput(now, train_examples=micro.examples, train_units=n)
+            return SchedulerOutput(train_examples=micro.examples, train_units=n)
         out = self._serve(now, newcomers, running)
         if self._rides_along(micro) and (out.prefill or out.decode):
             # heterogeneous batching: the layers this pass fetches serve training too, for as
@@ -208,7 +208,7 @@ class Scheduler:
     def _train(self, now: float, micro: MicroStepPlan, segment: float) -> SchedulerOutput:
         """As many units as fit in a segment of `segment` seconds, one at least."""
         n = max(self._units_within(micro, INF, segment), 1)
-        return SchedulerOutput(now, train_examples=micro.examples, train_units=n)
+        return SchedulerOutput(train_examples=micro.examples, train_units=n)
 
     def _micro_step(self, training: Training, ceiling: float = INF) -> MicroStepPlan:
         """The micro-step under way, or the next one: the size that trains the most tokens a
@@ -346,7 +346,7 @@ class Scheduler:
         scoring = head.sampling.prompt_logprobs is not None  # needs every position in one pass
         if not head.prefilled and (whole <= room or scoring):
             group = self._group(now, [s for s in pending if not s.prefilled], running)
-            return SchedulerOutput(now, prefill=self.prefill_passes(group, now))
+            return SchedulerOutput(prefill=self.prefill_passes(group, now))
         after = self.room_after_decode(now, running) if running else -INF
         if whole <= min(cap, after):
             return None  # the whole prompt fits right after the rows' next token
@@ -361,7 +361,7 @@ class Scheduler:
             n = least
         end = head.prefilled + n
         chunks = {head: end} if end < head.num_prompt_tokens else {}
-        return SchedulerOutput(now, prefill=[[head]], chunks=chunks)
+        return SchedulerOutput(prefill=[[head]], chunks=chunks)
 
     def _step_cost(self, tokens: list[int]) -> float:
         """Estimated seconds of one micro-step on these examples (padded to the longest)."""
@@ -470,10 +470,10 @@ class Scheduler:
             if out is not None:
                 return out
         if running:
-            return SchedulerOutput(now, decode=list(running))
+            return SchedulerOutput(decode=list(running))
         if training is not None:  # (immediate) an arrival waits at most one segment
             return self._train(now, self._micro_step(training), self.max_segment)
-        return SchedulerOutput(now)
+        return SchedulerOutput()
 
     def queue_stats(self, now: float) -> dict:
         """For the metrics: waiting and running requests, and the waiting ones' slack."""

@@ -44,18 +44,30 @@ def fsync_tree(folder: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path` for the block to write (any writer that takes a
+    path); when the block succeeds, the file is fsynced and renamed over `path`. When it
+    fails, the temporary file is removed and `path` is as it was. Two writers at once each
+    have their own temporary name: the last rename wins, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep(path)
     tmp = _scratch(path, "tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     fsync_dir(path.parent)
 
 
@@ -139,6 +151,12 @@ def sweep(target: Path) -> None:
 def is_scratch(path: Path) -> bool:
     """A temporary name of this module's, never data."""
     return path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name)
+
+
+def temporary(target: Path) -> Path:
+    """A temporary name beside `target` for a writer's own scratch (removed by a later
+    sweep(target) if the writer dies)."""
+    return _scratch(Path(target), "tmp")
 
 
 def _scratch(target: Path, kind: str) -> Path:

@@ -20,10 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 # libgomp (torch's Linux wheels): spin 1000 turns, then sleep; LLVM's / Intel's OpenMP: sleep
 WAIT = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
 WAITING = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_LIBRARY")
 THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+SYS_CPU = Path("/sys/devices/system/cpu")  # each CPU's topology: hyper-threads of one core
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a cgroup v2 CPU quota (containers)
 
 _waiting: dict | None = None  # what set_wait_policy() found and did, once per process
 
@@ -67,7 +71,7 @@ def usable_cores() -> int:
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())
     cores = set()
     for cpu in cpus:
-        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        siblings = SYS_CPU / f"cpu{cpu}" / "topology" / "thread_siblings_list"
         try:
             cores.add(siblings.read_text().strip())
         except OSError:
@@ -75,10 +79,10 @@ def usable_cores() -> int:
     return max(1, min(len(cores), cgroup_quota() or len(cores)))
 
 
-def cgroup_quota(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+def cgroup_quota(cpu_max: Path | None = None) -> int | None:
     """The cgroup v2 CPU quota in whole cores (rounded up), or None without one."""
     try:
-        quota, period = cpu_max.read_text().split()
+        quota, period = (cpu_max or CPU_MAX).read_text().split()
         return math.ceil(int(quota) / int(period))
     except (OSError, ValueError):  # no cgroup v2, or "max" (no quota)
         return None
@@ -147,7 +151,7 @@ class LoadFollower:
     one of them, every region waits for the thread that shares the neighbour's core, and one
     thread ran a micro-step up to ~1.8x faster (docs/benchmarks.md, "Sharing the cores").
 
-    Every `interval` seconds: the cores busy on the machine (/proc/stat) minus this process's
+    Every `interval` seconds: the cores busy on the machine (psutil.cpu_times) minus this process's
     own CPU time (os.times) is what the others use; the count becomes the cores they leave,
     at least one, at most `cores`. A new count is taken when two readings in a row agree."""
 
@@ -170,18 +174,29 @@ class LoadFollower:
 
     @classmethod
     def for_this_machine(cls, cores: int) -> LoadFollower | None:
-        """None when /proc/stat does not show exactly the CPUs this process runs on (another
-        OS, a container limited to some of the host's CPUs or by a quota): there the load it
-        shows is not the load on our cores."""
-        try:
-            lines = Path("/proc/stat").read_text().splitlines()
-            listed = {int(ln.split()[0][3:]) for ln in lines if ln[:3] == "cpu" and ln[3].isdigit()}
-            mine = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else listed
-            if listed != mine or cgroup_quota() is not None:
-                return None
-            return cls(cores, len(listed))  # its first reading fails where /proc/stat is odd
-        except (OSError, ValueError, IndexError):
+        """None when the machine's CPU counters do not cover exactly the CPUs this process runs
+        on (a container limited to some of the host's CPUs, or by a quota): there the load
+        they show is not the load on our cores."""
+        if cls.why_not() is not None:
             return None
+        try:  # (its first reading fails where the counters do)
+            return cls(cores, len(psutil.cpu_times(percpu=True)))
+        except (OSError, ValueError, AttributeError, psutil.Error):
+            return None
+
+    @staticmethod
+    def why_not() -> str | None:
+        """Why the machine's load says nothing about our cores here, or None."""
+        try:
+            listed = set(range(len(psutil.cpu_times(percpu=True))))
+        except (OSError, AttributeError, psutil.Error) as e:
+            return f"no per-CPU counters ({e})"
+        mine = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else listed
+        if listed != mine:
+            return f"the machine has {len(listed)} CPUs, this process may use {sorted(mine)}"
+        if cgroup_quota() is not None:
+            return f"a cgroup CPU quota applies ({CPU_MAX}: {CPU_MAX.read_text().strip()})"
+        return None
 
     def _sample(self) -> tuple[float, float, float]:
         return self.clock(), self.busy(), self.own()
@@ -205,11 +220,11 @@ class LoadFollower:
         return want
 
 
-def machine_busy_seconds(stat: Path = Path("/proc/stat")) -> float:
-    """Seconds all CPUs were busy since boot (not idle, not waiting for I/O)."""
-    fields = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is in user
+def machine_busy_seconds() -> float:
+    """Seconds all CPUs were busy since boot (not idle, not waiting for I/O; guest time is
+    counted in user)."""
+    t = psutil.cpu_times()
+    return t.user + t.system + sum(getattr(t, k, 0.0) for k in ("nice", "irq", "softirq", "steal"))
 
 
 def own_seconds() -> float:

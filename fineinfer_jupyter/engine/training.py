@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections import deque
@@ -44,6 +45,10 @@ from .walk import TrainingPass
 
 log = logging.getLogger("fineinfer")
 KEEP_CHECKPOINTS = 2
+# Test-only hooks (tests/test_crash.py, docs/design.md "Faults"), read once per Trainer: a job
+# that has made HOLD_STEP optimizer steps waits there, before its next micro-step, while the
+# file HOLD_FILE exists (or for good without one), so a test acts at a known step.
+HOLD_STEP, HOLD_FILE = "FINEINFER_TEST_HOLD_STEP", "FINEINFER_TEST_HOLD_FILE"
 EVAL_SAMPLE = 16  # held-out examples the automatic validation passes before the last score
 
 
@@ -79,6 +84,8 @@ class Trainer:
         self._run_examples: list[Example] = []
         self._ids = itertools.count(1)
         self.root.mkdir(parents=True, exist_ok=True)
+        hold = os.environ.get(HOLD_STEP)
+        self.hold = (int(hold), os.environ.get(HOLD_FILE)) if hold else None  # (test-only)
 
     @property
     def active(self) -> bool:
@@ -196,6 +203,9 @@ class Trainer:
             except Exception as e:
                 self._fail(job, e)
                 return NO_PROGRESS
+        if self.run is None and self._held(job):
+            time.sleep(0.02)  # (test-only: the engine loop goes on, slowly)
+            return NO_PROGRESS
         try:
             if self.run is None:
                 self._begin_micro_step(job, max_examples)
@@ -212,6 +222,12 @@ class Trainer:
             self._fail(job, e)
             return NO_PROGRESS
         return Progress(seconds, first, run.padded, step)
+
+    def _held(self, job: Job) -> bool:
+        """The test-only hold (HOLD_STEP): at that step, between two effective batches."""
+        if self.hold is None or job.step < self.hold[0] or job.pending:
+            return False
+        return self.hold[1] is None or os.path.exists(self.hold[1])
 
     def _begin_micro_step(self, job: Job, max_examples: int | None) -> None:
         if not job.pending:
