@@ -41,6 +41,7 @@ from .data import build_dataset, fingerprint, unchanged
 from .metrics import Metrics
 from .models import default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
+from .quant import weight_bytes
 from .request import Completion, RequestStream, check_messages
 from .sequence import Sequence
 
@@ -491,6 +492,7 @@ class Engine:
             dtype=self.config.dtype,
             cache_dir=self.config.cache_dir,
             progress=progress,
+            quantize=self.config.quantize,
         )
         self.model_info = {
             "name": loaded.name,
@@ -499,6 +501,8 @@ class Engine:
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "parameters": loaded.parameters,
             "max_context": loaded.max_context,
+            "quantize": self.config.quantize,
+            "weight_bytes": weight_bytes(loaded.model)["total"],  # the base's, as loaded
         }
         progress("calibrating")
         self.core = core.build(self.config, loaded, self.metrics)

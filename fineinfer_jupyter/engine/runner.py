@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from .batch import Batch
+from .quant import logical_numel
 from .sequence import Sequence
 from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
 
@@ -187,7 +188,7 @@ class Runner:
         if not self.walk.supported:
             return [1.0, 2.0]
         stack = self.walk.stack
-        layer = sum(p.numel() for p in stack.layers[0].parameters())
+        layer = sum(logical_numel(p) for p in stack.layers[0].parameters())  # 4-bit: unpacked
         head = sum(p.numel() for p in self.walk.causal_lm.lm_head.parameters()) / max(layer, 1)
         forward = [1.0] * self.walk.num_layers + [max(head, 0.1)]
         return forward + [2 * w for w in reversed(forward)]

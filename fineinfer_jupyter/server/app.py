@@ -34,6 +34,14 @@ class FineInferApp(ExtensionApp):
     dtype = Unicode(
         "auto", help='Model weights\' dtype: "auto" (float32 on CPU), "float32", "bfloat16", ...'
     ).tag(config=True)
+    quantize = Enum(
+        ("none", "nf4", "int8"),
+        default_value="none",
+        help="""The frozen base's linear layers in 4-bit NF4 or int8 (bitsandbytes, QLoRA):
+        about 1/7 (NF4) or 1/4 (int8) of their float32 bytes; embeddings, norms and the head
+        stay in `dtype`, LoRA adapters and their optimizer in float32. Needs
+        `pip install 'fineinfer-jupyter[quant]'`; not with `offload`.""",
+    ).tag(config=True)
     data_dir = Unicode(
         None,
         allow_none=True,
@@ -167,7 +175,7 @@ class FineInferApp(ExtensionApp):
 
     def engine_config(self) -> dict:
         """EngineConfig's fields, from the traits."""
-        names = ("model", "device", "dtype", "data_dir", "cache_dir", "policy")
+        names = ("model", "device", "dtype", "quantize", "data_dir", "cache_dir", "policy")
         names += ("offload", "memory_budget", "heterogeneous")
         limits = (
             "max_queue",

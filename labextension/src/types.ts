@@ -21,6 +21,8 @@ export interface IStatus {
     device: string;
     dtype: string;
     parameters: number;
+    quantize?: 'none' | 'nf4' | 'int8';
+    weight_bytes?: number; // the base's weights as loaded
   } | null;
   policy: string;
   adapters: string[];
