@@ -499,6 +499,7 @@ class Engine:
             "path": loaded.path,
             "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."),
+            "dtype_reason": loaded.dtype_reason,
             "parameters": loaded.parameters,
             "max_context": loaded.max_context,
             "quantize": self.config.quantize,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .precision import auto_cpu_dtype
 from .quant import check_quantize, logical_numel, logical_shape, quantize_base
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -52,6 +53,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     max_context: int
+    dtype_reason: str = ""  # how the dtype was chosen (status, the sidebar)
 
     @property
     def parameters(self) -> int:
@@ -176,12 +178,17 @@ def load_model(
     gen = model.generation_config
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
+    why = f"auto: {str(dt).removeprefix('torch.')} on {dev.type}" if dtype == "auto" else "set"
+    if dtype == "auto" and dev.type == "cpu":
+        dt, why = auto_cpu_dtype(model)  # precision.py: bf16 where the CPU's units pay
     model = model.to(device=dev, dtype=dt).eval()
     if quantize != "none":
         progress(f"quantizing {name}'s linear layers to {quantize}")
         quantize_base(model, quantize, dev)  # quant.py; the head, embeddings, norms stay in dt
     path = str(folder) if folder is not None else None
-    return LoadedModel(model, tokenizer, name, path, dev, dt, max_context(model.config, tokenizer))
+    return LoadedModel(
+        model, tokenizer, name, path, dev, dt, max_context(model.config, tokenizer), why
+    )
 
 
 def max_context(config, tokenizer) -> int:

@@ -23,6 +23,8 @@ def status_lines(status: dict, url: str) -> list[str]:
             f"model {model.get('name')} · {model.get('device')} · {model.get('dtype')}{size}"
             f" · policy {status.get('policy')}"
         )
+        if str(model.get("dtype_reason", "")).startswith("auto: "):
+            lines.append(f"dtype {model['dtype_reason']}")
     threads = status.get("threads")
     if threads:
         lines.append(

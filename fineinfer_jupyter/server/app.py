@@ -32,7 +32,10 @@ class FineInferApp(ExtensionApp):
         config=True
     )
     dtype = Unicode(
-        "auto", help='Model weights\' dtype: "auto" (float32 on CPU), "float32", "bfloat16", ...'
+        "auto",
+        help="""Model weights' dtype: "float32", "bfloat16", ... or "auto": bfloat16 on a GPU;
+        on a CPU bfloat16 where it has bf16 matrix units (AMX, AVX512-BF16) and a probe at load
+        measures it faster, else float32 (status says which and why).""",
     ).tag(config=True)
     quantize = Enum(
         ("none", "nf4", "int8"),

@@ -119,7 +119,7 @@ function Engine({ model }: { model: FineInferModel }): JSX.Element {
           {info?.name ?? '—'}
         </dd>
         <dt>Device</dt>
-        <dd data-testid="fi-device">
+        <dd data-testid="fi-device" title={info?.dtype_reason}>
           {info ? modelLine(info) : '—'}
         </dd>
         <dt>State</dt>

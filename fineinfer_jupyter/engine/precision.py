@@ -1,0 +1,100 @@
+"""dtype "auto" on a CPU: bfloat16 where the CPU has bf16 matrix units and a short probe at load
+measures bf16 faster, else float32 (docs/design.md, "Base weight formats").
+
+oneDNN runs bf16 matmuls on AMX tiles or AVX512-BF16 dot products; without them (AVX2-only
+CPUs) bf16 is emulated and slower than fp32. The probe times one of the model's own linear
+layers on a prefill-sized block of rows in both dtypes: a 64-wide test model or a CPU whose
+bf16 path is slow stays in float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of bf16 matrix units
+MIN_HIDDEN = 256  # narrower models: per-op overheads, not matmuls, set the pace
+MIN_GAIN = 1.2  # bf16 must be this much faster on the probe to be chosen
+PROBE_ROWS = 128
+
+
+def cpu_bf16_units() -> list[str]:
+    """The CPU's bf16 matrix-unit flags (empty: none, or not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return [f for f in BF16_FLAGS if f in flags]
+
+
+def probe_linear(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The first plain linear layer that takes the hidden state (not the head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and m is not head and m.in_features == hidden:
+            return m
+    return None
+
+
+def measure(
+    linear: torch.nn.Linear, rows: int = PROBE_ROWS, repeats: int = 5
+) -> tuple[float, float]:
+    """Seconds of one forward of `rows` rows through `linear` in float32 and in bfloat16 (the
+    best of `repeats`, after a warm-up)."""
+    w = linear.weight.detach().float()
+    x = torch.randn(rows, w.shape[1])
+    times = []
+    for dt in (torch.float32, torch.bfloat16):
+        wd, xd = w.to(dt), x.to(dt)
+        with torch.inference_mode():
+            torch.nn.functional.linear(xd, wd)
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                torch.nn.functional.linear(xd, wd)
+                best = min(best, time.perf_counter() - t)
+        times.append(best)
+    return times[0], times[1]
+
+
+def auto_cpu_dtype(
+    model: torch.nn.Module,
+    *,
+    units: Callable[[], list[str]] | None = None,
+    probe: Callable[[torch.nn.Linear], tuple[float, float]] | None = None,
+) -> tuple[torch.dtype, str]:
+    """(dtype, why) for dtype "auto" on a CPU (units, probe: this module's, or a test's)."""
+    units, probe = units or cpu_bf16_units, probe or measure
+    flags = units()
+    if not flags:
+        return (
+            torch.float32,
+            "auto: float32 (this CPU has no bf16 matrix units: no amx_bf16 or avx512_bf16)",
+        )
+    linear = probe_linear(model)
+    if linear is None or linear.in_features < MIN_HIDDEN:
+        width = linear.in_features if linear is not None else "unknown"
+        return (
+            torch.float32,
+            f"auto: float32 (hidden size {width} < {MIN_HIDDEN}: bf16 units do not pay)",
+        )
+    fp32, bf16 = probe(linear)
+    gain = fp32 / max(bf16, 1e-9)
+    has = ", ".join(flags)
+    if gain < MIN_GAIN:
+        return (
+            torch.float32,
+            f"auto: float32 (CPU has {has}, but bf16 measured only {gain:.2f}x fp32's speed at load)",
+        )
+    return (
+        torch.bfloat16,
+        f"auto: bfloat16 (CPU has {has}; a {PROBE_ROWS}-row matmul measured {gain:.1f}x faster at load)",
+    )
