@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OUT, save_bar_plot, table, workload  # noqa: E402
+from common import OUT, TOPICS, save_bar_plot, table, workload  # noqa: E402
 
 SETTINGS = ("none", "nf4", "int8")
 DATA = Path(__file__).parent.parent / "notebooks" / "data" / "herbology.jsonl"
@@ -44,6 +44,16 @@ def decode_rate(engine, batch: int, n: int) -> float:
     return sum(s.final["stats"]["tokens_per_s"] for s in streams)
 
 
+def prefill_rate(engine, words: int = 400) -> float:
+    """Prompt tokens/s of one long prompt (~1.3 tokens a word), its first token included."""
+    text = " ".join(TOPICS[i % len(TOPICS)] for i in range(words // 2))
+    text = text[: engine.core.loaded.max_context // 2]  # a byte-level test model: fewer words
+    stream = engine.generate(text, max_new_tokens=1, slo={"ttft": 600.0, "tpot": 600.0})
+    start = time.perf_counter()
+    run_all(engine, [stream])
+    return stream.final["usage"]["prompt_tokens"] / (time.perf_counter() - start)
+
+
 def child(quantize: str, model: str, dtype: str, tokens: int, steps: int, agreement: bool) -> dict:
     from fineinfer_jupyter.engine import Engine, EngineConfig
     from fineinfer_jupyter.engine.quant import weight_bytes
@@ -54,7 +64,10 @@ def child(quantize: str, model: str, dtype: str, tokens: int, steps: int, agreem
     out: dict = {"quantize": quantize}
     with Engine(config, thread=False) as engine:
         out.update(weight_bytes(engine.core.loaded.model))
+        out["dtype"] = engine.status()["model"]["dtype"]
         decode_rate(engine, 2, 4)  # warm-up
+        prefill_rate(engine, 40)
+        out["prefill"] = prefill_rate(engine)
         out["decode_b1"] = decode_rate(engine, 1, tokens)
         out["decode_b8"] = decode_rate(engine, 8, tokens)
         if agreement:
