@@ -69,10 +69,17 @@ def test_request_schemas_list_the_fields_the_validators_accept():
     assert props("AdapterLoadRequest") == set(validate.ADAPTER_LOAD_FIELDS)
     assert props("AdapterSaveRequest") == set(validate.ADAPTER_SAVE_FIELDS)
     assert props("AdapterExportRequest") == set(validate.ADAPTER_EXPORT_FIELDS)
+    assert props("JobExportRequest") == set(validate.JOB_EXPORT_FIELDS)
     assert props("TrainParams") == {f.name for f in fields(TrainParams)}
     assert props("ChatCompletionRequest") == set(validate.OPENAI_FIELDS) | {"messages"}
     assert props("CompletionRequest") == set(validate.OPENAI_FIELDS) | {"prompt"}
-    for name in ("GenerateRequest", "JobRequest", "AdapterLoadRequest", "AdapterSaveRequest"):
+    for name in (
+        "GenerateRequest",
+        "JobRequest",
+        "AdapterLoadRequest",
+        "AdapterSaveRequest",
+        "JobExportRequest",
+    ):
         assert SCHEMAS[name]["additionalProperties"] is False  # unknown fields are a 400
     generate = SCHEMAS["GenerateRequest"]["properties"]
     for name, kind in validate.SAMPLING.items():
@@ -190,6 +197,8 @@ async def test_the_server_answers_as_documented(
         check("Job", item)
     jobs = "fineinfer/api/jobs/{job_id}"
     await call("GET", f"fineinfer/api/jobs/{job['id']}", expect=200, schema="Job", template=jobs)
+    await call("POST", f"fineinfer/api/jobs/{job['id']}/export", {"path": "job", "processes": 1},
+               expect=200, schema="JobExport", template=jobs + "/export")  # fmt: skip
     await call("POST", f"fineinfer/api/jobs/{job['id']}/cancel", expect=200, schema="Job",
                template=jobs + "/{action}")  # fmt: skip
     await call("POST", "fineinfer/api/adapters", {"name": "alpha", "path": "alpha"}, expect=201,

@@ -45,9 +45,10 @@ class AdapterInfo:
 
 
 class AdapterStore:
-    def __init__(self, runner: Runner, root: Path):
+    def __init__(self, runner: Runner, root: Path, *, base_hash: str | None = None):
         self.runner = runner
         self.root = root  # <data_dir>/adapters: one PEFT folder per saved adapter
+        self.base_hash = base_hash  # models.shape_hash of the base model, before any adapter
         self._info: dict[str, AdapterInfo] = {}  # replaced, never edited: readers hold one
         self._snapshots: dict[str, int] = {}  # "<name>@<step>" -> requests pinned to it
         self._pins: dict[str, int] = {}  # adapter -> requests using it (not under training)
@@ -124,6 +125,8 @@ class AdapterStore:
         check_adapter_name(name, "name")
         path = Path(path)
         config = check_lora_folder(path, layer_shapes(self.runner.walk.causal_lm))
+        meta = _read_json(path / "fineinfer.json")
+        self._check_base(path, meta.get("base_model"))
         if replace and name in self._info:
             self.delete(name)
         self.check_free(name)
@@ -141,7 +144,6 @@ class AdapterStore:
             raise
         model.eval()
         self.runner.model = model
-        meta = _read_json(path / "fineinfer.json")
         step, owner = meta.get("step"), meta.get("job")
         info = AdapterInfo(
             name,
@@ -153,6 +155,19 @@ class AdapterStore:
         )
         self._set(info)
         return info
+
+    def _check_base(self, path: Path, base) -> None:
+        """An adapter that says which base model it was trained on (fineinfer.json "base_model",
+        written by an exported job's train.py) must name this one."""
+        if not isinstance(base, dict) or self.base_hash is None:
+            return
+        theirs = base.get("shape_hash")
+        check(
+            theirs in (None, self.base_hash),
+            "path",
+            f"{path.name} was trained on {base.get('name', 'another base model')} (shape hash "
+            f"{theirs}); this engine's base model has shape hash {self.base_hash}",
+        )
 
     def load_saved(self) -> list[str]:
         """Load every adapter saved under the data directory (at engine start). A folder that

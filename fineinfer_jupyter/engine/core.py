@@ -130,7 +130,7 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
     home = model_home(Path(config.data_dir), loaded)  # (from the weights' shapes: first)
     if config.offload != "none":
         runner.walk.offload = offload_layers(config, loaded, runner)
-    adapters = AdapterStore(runner, home / "adapters")
+    adapters = AdapterStore(runner, home / "adapters", base_hash=home.name.rsplit("-", 1)[-1])
     adapters.load_saved()
     trainer = Trainer(runner, adapters, root=home / "jobs", pad_id=tokenizer.pad_id)
     trainer.load()

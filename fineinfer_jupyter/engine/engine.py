@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import core, export, threads
+from . import core, export, job_export, threads
 from .config import (
     EngineConfig,
     EngineNotReady,
@@ -36,10 +36,11 @@ from .config import (
     check_prompt,
     check_stop,
     check_train,
+    is_int,
 )
 from .data import build_dataset, fingerprint, unchanged
 from .metrics import Metrics
-from .models import default_gguf, load_model
+from .models import build_tiny, default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
 from .quant import weight_bytes
 from .request import Completion, RequestStream, check_messages
@@ -265,27 +266,89 @@ class Engine:
         before a restart reads its data again: the same file, unchanged, or its kept records."""
         c = self._ready_core()
         job = self._call(c.trainer.get, job_id)
-        dataset = None
-        if job.dataset is None:
-            source = job.source or {}
-            if "records" in source:
-                data = job.folder / source["records"]
-            else:
-                check("path" in source, "job", f"{job_id} does not say where its data is")
-                check(
-                    unchanged(source),
-                    "data",
-                    f"{source['path']} changed since {job_id} started (or is gone); "
-                    "it would not train the same examples: start a new job on it",
-                )
-                data = source["path"]
-            dataset = self._dataset(data, job.params)
-            check(
-                len(dataset.train) == job.examples,
-                "data",
-                f"gives {len(dataset.train)} examples now, {job.examples} when {job_id} started",
-            )
+        dataset = None if job.dataset is not None else self._job_dataset(job)
         return self._call(lambda: c.trainer.resume(job_id, dataset).to_dict())
+
+    def _job_data(self, job) -> Path:
+        """The file a job's data set is read from: its kept records, or its data file (refused
+        if it changed since the job started)."""
+        source = job.source or {}
+        if "records" in source:
+            return job.folder / source["records"]
+        check("path" in source, "job", f"{job.id} does not say where its data is")
+        check(
+            unchanged(source),
+            "data",
+            f"{source['path']} changed since {job.id} started (or is gone); "
+            "it would not train the same examples: start a new job on it",
+        )
+        return Path(source["path"])
+
+    def _job_dataset(self, job):
+        """A job's data set built again (a job read back at start has none)."""
+        dataset = self._dataset(self._job_data(job), job.params)
+        check(
+            len(dataset.train) == job.examples,
+            "data",
+            f"gives {len(dataset.train)} examples now, {job.examples} when {job.id} started",
+        )
+        return dataset
+
+    def export_job(
+        self, job_id: str, path: str | Path | None = None, *, processes: int | None = None
+    ) -> dict:
+        """Write a training job as a folder that trains the same adapter with transformers'
+        Trainer under accelerate or torchrun (engine/job_export.py): its tokenized examples,
+        train.py, an accelerate config for `processes` processes (default: the most, up to 8,
+        that split its effective batch) and a README with the commands. By default under
+        <data_dir>/<model>-<hash>/jobs/<id>/export/. Returns {"job", "path", "files",
+        "processes", "base_model", "commands"}."""
+        c = self._ready_core()
+        check(
+            self.config.quantize == "none",
+            "job",
+            f"the engine's base is quantized ({self.config.quantize}); an exported job trains a "
+            "full-precision base and would not give this job's losses (not supported yet)",
+        )
+
+        def get():
+            job = c.trainer.get(job_id)
+            return job, {**job.to_dict(), "loss_history": [list(p) for p in job.loss_history]}
+
+        job, record = self._call(get)
+        check(processes is None or is_int(processes), "processes", "must be an integer")
+        if processes is None:
+            processes = job_export.default_processes(job.params.batch_size)
+        job_export.check_processes(processes, job.params.batch_size)
+        out = Path(path) if path is not None else job.folder / "export"
+        job_export.check_target(out)
+        dataset = job.dataset if job.dataset is not None else self._job_dataset(job)
+        original = self._job_data(job) if job.source else None
+        spec = str(self.config.model)
+        base = job_export.BaseModel(
+            c.loaded.name,
+            c.loaded.path,
+            c.adapters.base_hash,
+            str(c.loaded.dtype).removeprefix("torch."),
+        )
+
+        def save_base(folder: Path) -> None:  # a model built in code: built again, saved
+            check(spec == "tiny", "model", f"{spec!r} has no folder to name in the job")
+            model, tokenizer = build_tiny()
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+
+        return job_export.write(
+            out,
+            record,
+            dataset,
+            base,
+            processes=processes,
+            pad_id=c.tokenizer.pad_id,
+            original=original,
+            save_base=save_base,
+            versions=job_export.versions(),
+        )
 
     def cancel_job(self, job_id: str) -> dict:
         c = self._ready_core()
@@ -392,6 +455,7 @@ class Engine:
         if to == "gguf" and out.suffix != ".gguf":
             check(not out.is_file(), "path", f"{out} is a file; give a folder or a .gguf name")
             out = out / f"{name}.gguf"
+        check(not (to == "gguf" and out.is_dir()), "path", f"{out} is a folder, not a .gguf file")
         if to == "vllm" and path is None:
             out = out / "vllm"
         scratch = exports / f".{name}-{uuid.uuid4().hex[:8]}"

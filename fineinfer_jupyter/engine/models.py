@@ -291,9 +291,15 @@ def data_slug(loaded: LoadedModel) -> str:
     """The base model's folder in the data directory: its name and a short hash of its
     parameters' names and shapes, so that adapters and jobs of one base model never meet
     another's (the same model in another dtype or folder shares them)."""
-    shapes = sorted((n, logical_shape(p)) for n, p in loaded.model.named_parameters())
-    digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
-    return f"{slug(loaded.name)}-{digest}"
+    return f"{slug(loaded.name)}-{shape_hash(loaded.model)}"
+
+
+def shape_hash(model: torch.nn.Module) -> str:
+    """8 hex digits of a hash of the model's parameters' names and shapes (before any adapter
+    is added; a quantized base's unpacked shapes). An exported job's train.py computes the same
+    (engine/job_export.py)."""
+    shapes = sorted((n, logical_shape(p)) for n, p in model.named_parameters())
+    return hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
 
 
 def slug(text: str) -> str:

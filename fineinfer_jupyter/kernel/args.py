@@ -25,6 +25,9 @@ HELP = """\
 %fineinfer export NAME [--to gguf|vllm] [PATH]
                                        for llama.cpp / Ollama (a LoRA .gguf) or vLLM (checked);
                                        prints the commands that use it
+%fineinfer export-job NAME_OR_ID [PATH] [--processes N]
+                                       a folder that trains the job again on many GPUs or
+                                       nodes (accelerate / torchrun); prints the commands
 %fineinfer dashboard                   live engine dashboard
 %fineinfer connect URL [--token T]     use another server (found on its own otherwise)
 %fineinfer help
@@ -109,6 +112,10 @@ def _line_parser() -> tuple[_Parser, dict]:
     export.add_argument("name")
     export.add_argument("path", nargs="?")
     export.add_argument("--to", choices=("gguf", "vllm"), default="gguf")
+    export_job = sub.add_parser("export-job", prog="%fineinfer export-job")
+    export_job.add_argument("job", metavar="NAME_OR_ID")
+    export_job.add_argument("path", nargs="?")
+    export_job.add_argument("--processes", type=int)
     connect = sub.add_parser("connect", prog="%fineinfer connect")
     connect.add_argument("url")
     connect.add_argument("--token", default="")
@@ -137,9 +144,9 @@ def parse_line(line: str) -> argparse.Namespace:
         raise FineInferError("missing command (try %fineinfer help)")
     if words[0] not in COMMANDS:
         raise FineInferError(f"unknown command {words[0]!r} (try %fineinfer help)")
-    if words[0] == "export":  # its PATH may come after --to
-        namespace = argparse.Namespace(command="export")
-        return COMMANDS["export"].parse_intermixed_args(words[1:], namespace)
+    if words[0] in ("export", "export-job"):  # PATH may come after an option
+        namespace = argparse.Namespace(command=words[0])
+        return COMMANDS[words[0]].parse_intermixed_args(words[1:], namespace)
     return LINE_PARSER.parse_args(words)
 
 

@@ -174,6 +174,18 @@ class FineInferClient:
         body = {"to": to} if path is None else {"to": to, "path": _absolute(path)}
         return self._json("POST", f"adapters/{_quote(name)}/export", body)
 
+    def export_job(
+        self, name_or_id: str, path: str | Path | None = None, *, processes: int | None = None
+    ) -> dict:
+        """Write a training job (by id, or the newest of an adapter) as a folder that trains
+        the same adapter under accelerate or torchrun, to `path` (under the server root) or the
+        server's data directory; the result has "path", "files" and the "commands"."""
+        job = self.find_job(name_or_id)
+        body = {} if path is None else {"path": _absolute(path)}
+        if processes is not None:
+            body["processes"] = processes
+        return self._json("POST", f"jobs/{_quote(job['id'])}/export", body)
+
     def delete_adapter(self, name: str) -> None:
         self._json("DELETE", f"adapters/{_quote(name)}")
 

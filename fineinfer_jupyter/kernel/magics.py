@@ -15,7 +15,15 @@ from IPython.display import display
 
 from .args import HELP, HelpShown, parse_generate, parse_line, train_params
 from .client import ACTIVE_STATES, FineInferClient, FineInferError
-from .render import compare_bundle, export_lines, footer, job_line, status_lines, table
+from .render import (
+    compare_bundle,
+    export_lines,
+    footer,
+    job_export_lines,
+    job_line,
+    status_lines,
+    table,
+)
 
 UPDATE_EVERY = 0.05  # seconds between display updates while an answer streams
 
@@ -58,7 +66,7 @@ class FineInferMagics(Magics):
 
     def _command(self, line: str) -> None:
         args = parse_line(line)
-        getattr(self, f"_{args.command}")(args)
+        getattr(self, f"_{args.command.replace('-', '_')}")(args)
 
     def _help(self, args) -> None:
         print(HELP)
@@ -138,6 +146,10 @@ class FineInferMagics(Magics):
 
     def _export(self, args) -> None:
         print("\n".join(export_lines(self.client.export_adapter(args.name, args.to, args.path))))
+
+    def _export_job(self, args) -> None:
+        result = self.client.export_job(args.job, args.path, processes=args.processes)
+        print("\n".join(job_export_lines(result)))
 
     def _delete(self, args) -> None:
         self.client.delete_adapter(args.name)

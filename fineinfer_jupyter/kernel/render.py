@@ -67,6 +67,18 @@ def export_lines(result: dict) -> list[str]:
     return [*lines, "use it:", *(f"  {c}" for c in result["commands"])]
 
 
+def job_export_lines(result: dict) -> list[str]:
+    """Where an exported job went, and the commands that train it."""
+    base = result["base_model"]
+    return [
+        f"exported {result['job']} ({result['adapter']!r}) for accelerate / torchrun:",
+        f"  {result['path']}",
+        f"  base model: {base['path']} (shape hash {base['shape_hash']})",
+        f"train it ({result['processes']} processes; README.md there for several nodes):",
+        *(f"  {c}" for c in result["commands"]),
+    ]
+
+
 def footer(done: dict | None, adapter: str | None) -> str:
     """One line under an answer: tokens, TTFT, tokens/s, deferral, finish reason."""
     name = adapter or "base"

@@ -111,6 +111,23 @@ class JobActionHandler(FineInferHandler):
         self.reply(await self.host.run(methods[action], validate.job_id(job_id), conflict=True))
 
 
+class JobExportHandler(FineInferHandler):
+    auth_resource = f"{RESOURCE}:jobs"
+
+    @web.authenticated
+    @authorized
+    async def post(self, job_id: str):
+        """Write the job as a folder that accelerate or torchrun trains again (train.py, its
+        tokenized data, an accelerate config, a README), to {"path"} under the root or, without
+        one, under the data directory."""
+        engine = self.host.require()
+        job_id = validate.job_id(job_id)
+        path, processes = validate.job_export_request(
+            self.body, self.host.root_dir, engine.config.data_dir
+        )
+        self.reply(await self.host.run(engine.export_job, job_id, path, processes=processes))
+
+
 class AdaptersHandler(FineInferHandler):
     auth_resource = f"{RESOURCE}:adapters"
 
@@ -298,6 +315,7 @@ def handlers() -> list[tuple[str, type]]:
         ("generate", GenerateHandler),
         ("jobs", JobsHandler),
         (f"jobs/{name}", JobHandler),
+        (f"jobs/{name}/export", JobExportHandler),  # before the actions: the same pattern
         (f"jobs/{name}/{name}", JobActionHandler),
         ("adapters", AdaptersHandler),
         (f"adapters/{name}", AdapterHandler),

@@ -455,6 +455,29 @@ def adapter_export_request(raw: bytes, root_dir: str) -> tuple[str, Path | None]
     return to, path
 
 
+JOB_EXPORT_FIELDS = ("path", "processes")
+
+
+def job_export_request(raw: bytes, root_dir: str, data_dir: Path) -> tuple[Path | None, int | None]:
+    """POST api/jobs/<id>/export: {"path"?: a new folder under the root (or an earlier export),
+    outside the engine's data directory; "processes"?: how many the accelerate config runs}."""
+    body = Body(raw)
+    body.only(*JOB_EXPORT_FIELDS)
+    processes = body.get("processes", "integer")
+    if processes is not None and not 1 <= processes <= 4096:
+        raise bad("processes", "must be an integer in [1, 4096]")
+    value = body.get("path", "string")
+    if value is None:
+        return None, processes
+    path = resolve_path(root_dir, value, "path", must_exist=False)
+    if path == Path(root_dir).resolve():
+        raise bad("path", "give a folder below the root directory, not the root itself")
+    data = _resolved(data_dir)
+    if path == data or data in path.parents:
+        raise bad("path", f"{shown(value)} is in the engine's data directory; export elsewhere")
+    return path, processes
+
+
 def resolve_path(root_dir: str, value: str, field_name: str, *, must_exist: bool = True) -> Path:
     """`value` (relative to the root, or absolute inside it) as a real path under the root.
 
