@@ -124,6 +124,15 @@ def test_int8_and_bf16_nf4_bases_train(tmp_path):
             assert lora.lora_A["herb"].weight.dtype == torch.float32  # full-precision adapter
 
 
+def test_the_server_setting_reaches_the_engine():
+    from fineinfer_jupyter.engine import config
+    from fineinfer_jupyter.server import app
+
+    assert app.QUANTIZE == config.QUANTIZE
+    assert app.FineInferApp(quantize="nf4").engine_config()["quantize"] == "nf4"
+    assert app.FineInferApp.class_traits(config=True)["quantize"].help
+
+
 def test_bad_quantize_settings_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"^quantize: must be one of none, nf4, int8$"):
         EngineConfig(quantize="fp4")

@@ -14,6 +14,7 @@ from .host import EngineHost
 # engine.config.POLICIES, repeated: importing the engine here would load torch while the server
 # starts (a test checks that the two agree)
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
+QUANTIZE = ("none", "nf4", "int8")  # engine.config.QUANTIZE, likewise
 
 
 class FineInferApp(ExtensionApp):
@@ -38,7 +39,7 @@ class FineInferApp(ExtensionApp):
         measures it faster, else float32 (status says which and why).""",
     ).tag(config=True)
     quantize = Enum(
-        ("none", "nf4", "int8"),
+        QUANTIZE,
         default_value="none",
         help="""The frozen base's linear layers in 4-bit NF4 or int8 (bitsandbytes, QLoRA):
         about 1/7 (NF4) or 1/4 (int8) of their float32 bytes; embeddings, norms and the head
