@@ -98,3 +98,19 @@ def test_bf16_lora_training_is_mixed_precision_and_follows_the_fp32_losses(tmp_p
             losses[dtype] = [loss for _, loss in train_to_end(e, job["id"])["loss_history"]]
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=LOSS_REL)
     assert losses["bfloat16"][-1] < 0.5 * losses["bfloat16"][0]
+
+
+def test_a_bf16_cpu_model_decodes_one_row_by_mv_with_linears_results_and_gradients():
+    loaded = load_model("tiny", dtype="bfloat16")
+    layer = loaded.model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, precision.RowLinear) and isinstance(layer, torch.nn.Linear)
+    x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        row = layer(x)
+        assert row.shape == (1, 1, layer.out_features)
+        ref = torch.nn.functional.linear(x, layer.weight)
+    assert torch.allclose(row.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    x.requires_grad_()
+    layer(x).sum().backward()  # a training forward takes F.linear: the gradient reaches x
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert type(load_model("tiny").model.model.layers[0].mlp.up_proj) is torch.nn.Linear

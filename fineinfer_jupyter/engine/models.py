@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .precision import auto_cpu_dtype
+from .precision import auto_cpu_dtype, single_rows_by_mv
 from .quant import check_quantize, logical_numel, logical_shape, quantize_base
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -185,6 +185,8 @@ def load_model(
     if quantize != "none":
         progress(f"quantizing {name}'s linear layers to {quantize}")
         quantize_base(model, quantize, dev)  # quant.py; the head, embeddings, norms stay in dt
+    if dt == torch.bfloat16 and dev.type == "cpu":
+        single_rows_by_mv(model)  # precision.py: a bf16 decode at batch 1 by torch.mv
     path = str(folder) if folder is not None else None
     return LoadedModel(
         model, tokenizer, name, path, dev, dt, max_context(model.config, tokenizer), why

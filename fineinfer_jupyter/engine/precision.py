@@ -98,3 +98,31 @@ def auto_cpu_dtype(
         torch.bfloat16,
         f"auto: bfloat16 (CPU has {has}; a {PROBE_ROWS}-row matmul measured {gain:.1f}x faster at load)",
     )
+
+
+class RowLinear(torch.nn.Linear):
+    """nn.Linear whose one-row inference forward is a matrix-vector product (torch.mv).
+
+    In bf16 on a CPU, F.linear on a single row (a decode at batch 1) takes oneDNN's matmul
+    path, ~1.8x slower than fp32's; torch.mv's bf16 kernel is as fast as fp32's linear, on half
+    the bytes (docs/benchmarks.md, "bf16 on the CPU's matrix units"). More rows, or a forward
+    that needs gradients, run F.linear as before. The module stays an nn.Linear (PEFT wraps it,
+    state_dict and offload see the same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features or (torch.is_grad_enabled() and x.requires_grad):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        y = torch.mv(self.weight, x.reshape(-1))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def single_rows_by_mv(model: torch.nn.Module) -> int:
+    """Make the model's plain linear layers RowLinear, in place (a bf16 model on a CPU)."""
+    n = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.__class__ = RowLinear
+            n += 1
+    return n
