@@ -2,6 +2,7 @@
 #   make lab    start JupyterLab with the extension and the default model
 #   make test   lint, then the whole test suite (what .ci/run runs)
 #   make demo   run notebooks/demo.ipynb headless with the default model
+#   make gpu-check  on a CUDA machine: the `gpu` tests and short benchmark runs, one table
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 JUPYTER_ARGS ?= --no-browser --ip=127.0.0.1 --port=8888
 
-.PHONY: setup browser model lab test lint demo bench clean
+.PHONY: setup browser model lab test lint demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -57,6 +58,11 @@ bench: setup model
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/coserve.py
 	$(PY) benchmarks/offload.py
+
+# the tests marked `gpu` and short decode/train/coserve/offload runs, under 8 minutes on one
+# GPU; without CUDA it says so, lists them and exits 0
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) fineinfer_jupyter/labextension labextension/node_modules labextension/lib labextension/tsconfig.tsbuildinfo

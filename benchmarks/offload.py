@@ -8,16 +8,23 @@
     micro-step's forward rides along the decode pass; its backward fetches again.
 (b) Training throughput while serving (coserve's trace, default load), heterogeneous batching
     on versus off, deferred policy, disk offload: windows interleaved, side by side.
-Prints tables, saves a plot.
+(c) Peak RSS (Linux: VmHWM, reset after a warm-up) while loading and while serving, no offload
+    versus disk offload at two budgets (half and a quarter of the decoder layers), each in a
+    fresh process: the layers over the budget go from the checkpoint to their files and are
+    never all in memory.
+Prints tables, saves plots.
 
     python benchmarks/offload.py [--rounds 6] [--duration 30] [--windows 2] [--skip-serve]
-                                 [--skip-fetch] [--cold] [--gap 1.0]
+                                 [--skip-fetch] [--skip-rss] [--cold] [--gap 1.0]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,12 +45,39 @@ PARAMS = TrainParams(
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 
 
-def half_budget(model: str) -> int:
-    """Bytes of half the decoder layers: the budget that offloads the other half."""
+def layer_sizes(model: str) -> list[int]:
     with Engine(EngineConfig(model=model, data_dir=tempfile.mkdtemp()), thread=False) as e:
         layers = e.core.runner.walk.stack.layers
-        sizes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers]
-    return sum(sizes[: len(sizes) // 2])
+        return [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers]
+
+
+def peak_rss(model: str, offload: str, budget: int) -> dict:
+    """(c) in a fresh process: this script with --rss-child."""
+    argv = [sys.executable, __file__, "--rss-child", offload, str(budget), "--model", model]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=1800)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rss_child(model: str, offload: str, budget: int) -> None:
+    def peak() -> int:  # this process's peak RSS (ru_maxrss would start at the parent's)
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read())[1]) * 1024
+
+    tmp = tempfile.mkdtemp()
+    with Engine(EngineConfig(model="tiny", data_dir=tmp, cache_dir=tmp), thread=False) as e:
+        e.complete("warm up", max_new_tokens=2)  # imports and first-use allocations
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak starts again from what is resident now
+    base = peak()
+    start = time.perf_counter()
+    config = EngineConfig(
+        model=model, data_dir=tmp, offload=offload, memory_budget=budget, policy="immediate"
+    )
+    with Engine(config, thread=False) as e:
+        load, seconds = peak(), time.perf_counter() - start
+        e.complete(PROMPT, max_new_tokens=32, ignore_eos=True)
+        serve = peak()
+    print(json.dumps({"load": load - base, "serve": serve - base, "seconds": seconds}))
 
 
 def iterations(model: str, budget: int, *, cold: bool, rounds: int) -> dict[str, list]:
@@ -95,13 +129,21 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2, help="windows per run, (b)")
     ap.add_argument("--gap", type=float, default=1.0, help="mean seconds between arrivals, (b)")
     ap.add_argument("--tpot", type=float, default=0.2)
-    ap.add_argument("--skip-serve", action="store_true", help="only (a)")
+    ap.add_argument("--skip-serve", action="store_true", help="no (b)")
     ap.add_argument(
         "--cold", action="store_true", help="(b) with cold disk reads (the files dropped first)"
     )
-    ap.add_argument("--skip-fetch", action="store_true", help="only (b)")
+    ap.add_argument("--skip-fetch", action="store_true", help="no (a)")
+    ap.add_argument("--skip-rss", action="store_true", help="no (c)")
+    ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)  # (c)'s fresh process
     args = ap.parse_args()
-    budget = half_budget(args.model)
+    if args.rss_child:
+        rss_child(args.model, args.rss_child[0], int(args.rss_child[1]))
+        return
+    sizes = layer_sizes(args.model)
+    budget = sum(sizes[: len(sizes) // 2])  # half the decoder layers resident
+    if not args.skip_rss:
+        rss_table(args.model, sizes)
     print(
         f"model {args.model}: {budget / 2**20:.0f} MiB of decoder layers resident, the rest on disk"
     )
@@ -203,6 +245,33 @@ def main() -> None:
         )
     )
     print("goal: heterogeneous batching >= 1.3x training throughput at equal attainment (>= 99%)")
+
+
+def rss_table(model: str, sizes: list[int]) -> None:
+    layers = sum(sizes)
+    runs = [("none", "no offload", 0)]
+    for share in (2, 4):
+        budget = sum(sizes[: len(sizes) // share])
+        runs.append(
+            ("disk", f"disk, {len(sizes) // share} of {len(sizes)} layers resident", budget)
+        )
+    rows, labels, values = [], [], []
+    for mode, name, budget in runs:
+        got = peak_rss(model, mode, budget)
+        rows.append(
+            [name, budget / 2**20, got["load"] / 2**20, got["serve"] / 2**20, got["seconds"]]
+        )
+        labels += [f"{name}\nload", f"{name}\nserving"]
+        values += [got["load"] / 2**20, got["serve"] / 2**20]
+        print(f"  {name}: done", flush=True)
+    print(
+        f"\n(c) peak RSS above a warmed-up process (VmHWM), each run in a fresh process; "
+        f"decoder layers {layers / 2**20:.0f} MiB\n"
+    )
+    print(table(["run", "budget MiB", "load MiB", "serving MiB", "load s"], rows))
+    path = OUT / "offload_rss.png"
+    save_bar_plot(path, labels, values, title="peak RSS, load and serving", ylabel="MiB")
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,17 @@ from fineinfer_jupyter.engine.config import EngineConfig
 from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.models import load_model
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where CUDA is (`make gpu-check`); elsewhere they show as skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check runs these on a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 PROMPTS = ["Hello there, tiny model.", "A", "The quick brown fox jumps over", "12345"]
 
 

@@ -213,7 +213,8 @@ def test_modules_llama_cpp_does_not_name_are_refused(tmp_path):
         export.write_gguf(folder, other, tmp_path / "x.gguf", name="x")
     assert str(refused.value) == (
         "base: llama.cpp export knows LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-        "Qwen3ForCausalLM; this model is a GPT2LMHeadModel"
+        "Qwen3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, "
+        "Phi3ForCausalLM; this model is a GPT2LMHeadModel"
     )
     assert not (tmp_path / "x.gguf").exists()
 

@@ -117,7 +117,7 @@ def test_a_combined_iteration_fetches_each_layer_once_for_decode_and_training(tm
 def test_offload_needs_the_layer_walk(tmp_path, monkeypatch):
     from fineinfer_jupyter.engine import walk
 
-    monkeypatch.setattr(walk, "MODEL_TYPES", ("qwen2",))  # as if tiny were not a Llama stack
+    monkeypatch.setattr(walk, "FAMILIES", {"qwen2": walk.Family()})  # as if tiny did not walk
     e = Engine(
         EngineConfig(model="tiny", data_dir=tmp_path, offload="disk", memory_budget=0),
         wait=False,

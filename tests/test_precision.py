@@ -41,10 +41,10 @@ def test_auto_falls_back_to_fp32_without_bf16_units_or_when_the_probe_is_not_fas
     assert loaded.dtype == torch.float32
     assert "no bf16 matrix units" in loaded.dtype_reason
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["avx512_bf16"])
-    monkeypatch.setattr(precision, "measure", lambda linear: (1.0, 0.95))  # barely faster
+    monkeypatch.setattr(precision, "measure", lambda out, inp: (1.0, 0.95))  # barely faster
     loaded = load_model(str(wide_folder), device="cpu", dtype="auto")
     assert loaded.dtype == torch.float32 and "1.05x" in loaded.dtype_reason
-    monkeypatch.setattr(precision, "measure", lambda linear: (1.0, 0.25))
+    monkeypatch.setattr(precision, "measure", lambda out, inp: (1.0, 0.25))
     loaded = load_model(str(wide_folder), device="cpu", dtype="auto")
     assert loaded.dtype == torch.bfloat16 and "4.0x faster" in loaded.dtype_reason
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
@@ -52,11 +52,11 @@ def test_auto_falls_back_to_fp32_without_bf16_units_or_when_the_probe_is_not_fas
     assert forced.dtype == torch.float32 and forced.dtype_reason == "set"
 
 
-def test_auto_keeps_a_narrow_model_in_fp32_and_the_probe_measures_a_real_layer(monkeypatch):
+def test_auto_keeps_a_narrow_model_in_fp32_and_the_probe_measures_both_dtypes(monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["amx_bf16"])
     tiny = load_model("tiny")
     assert tiny.dtype == torch.float32 and "hidden size 64 < 256" in tiny.dtype_reason
-    fp32, bf16 = precision.measure(precision.probe_linear(tiny.model), rows=8, repeats=1)
+    fp32, bf16 = precision.measure(128, 64, rows=8, repeats=1)
     assert fp32 > 0 and bf16 > 0
 
 

@@ -51,6 +51,8 @@ ROUTES = [  # every route, with a body that would be accepted
     ("POST", "fineinfer/api/adapters/alpha/save", {"path": "copy"}),
     ("POST", "fineinfer/api/adapters/alpha/export", {"to": "gguf"}),
     ("GET", "fineinfer/v1/models", None),
+    ("GET", "fineinfer/v1/health", None),
+    ("GET", "fineinfer/health", None),
     ("POST", "fineinfer/v1/chat/completions", {"model": "base", "messages": [CHAT]}),
     ("POST", "fineinfer/v1/completions", {"model": "base", "prompt": "Hi"}),
 ]
@@ -270,6 +272,8 @@ async def test_routes_are_authorized_with_their_resource_and_action(
         ("write", r + "adapters"),
         ("write", r + "adapters"),
         ("read", r + "openai"),
+        ("read", r + "openai"),  # v1/health
+        ("read", r + "openai"),  # health
         ("execute", r + "openai"),
         ("execute", r + "openai"),
         ("read", r + "events"),

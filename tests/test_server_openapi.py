@@ -217,10 +217,18 @@ async def test_the_server_answers_as_documented(
     socket.close()
     called.append(("/fineinfer/api/events", "get"))
     await call("GET", "fineinfer/v1/models", expect=200, schema="ModelList")
+    await call("GET", "fineinfer/v1/health", expect=200, schema="Health")
+    await call("GET", "fineinfer/health", expect=200, schema="Health")
     chat = {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
     await call("POST", "fineinfer/v1/chat/completions", chat, expect=200, schema="ChatCompletion")
     await call("POST", "fineinfer/v1/completions", {"model": "tiny", "prompt": "Hi",
                "max_tokens": 3}, expect=200, schema="TextCompletion")  # fmt: skip
+    await call("POST", "fineinfer/v1/completions", {"model": "tiny", "prompt": ["Hi", [5, 6]],
+               "max_tokens": 1, "echo": True, "logprobs": 2, "n": 2}, expect=200,
+               schema="TextCompletion")  # fmt: skip
+    chat_lp = {**chat, "logprobs": True, "top_logprobs": 2, "n": 2}
+    await call("POST", "fineinfer/v1/chat/completions", chat_lp, expect=200,
+               schema="ChatCompletion")  # fmt: skip
     await call("POST", "fineinfer/v1/completions", {"model": "nope", "prompt": "Hi"}, expect=404,
                schema="OpenAIError")  # fmt: skip
     restarted = await call("POST", "fineinfer/api/engine/restart", expect=200, schema="Status")
@@ -243,17 +251,27 @@ async def test_the_server_answers_as_documented(
 VALUES = [True, False, -1, 0, 1, 2, 0.005, 0.01, 0.5, 1.5, 10, 100, 101, 2**63, 2**64,
           -(2**63) - 1, 1e6, 2.0, 1e308, "", "x", "base", "nope", [], [""], ["x"], ["x"] * 20, {},
           [{"role": "user", "content": "Hi"}], [{"role": "robot", "content": "Hi"}],
-          [{"role": "user", "content": 5}], [{"role": ["user"], "content": "Hi"}]]  # fmt: skip
+          [{"role": "user", "content": 5}], [{"role": ["user"], "content": "Hi"}],
+          [5, 6, 7], [[5, 6], "Hi"], [[]], {"type": "text"}, {"type": "json_object"}]  # fmt: skip
+ROUTES = {  # fuzzed request schema -> (route, a valid body to mutate, fields refused when set)
+    "GenerateRequest": ("api/generate", {"prompt": "Hi", "max_new_tokens": 2}, ()),
+    "ChatCompletionRequest": (
+        "v1/chat/completions",
+        {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        validate.REFUSED["chat"],
+    ),
+    "CompletionRequest": (
+        "v1/completions",
+        {"model": "base", "prompt": "Hi", "max_tokens": 2},
+        validate.REFUSED["completions"],
+    ),
+}
 
 
 def mutations(name: str, seed: int, count: int) -> list[dict]:
     rng = random.Random(seed)
-    keys = sorted(props(name) - set(validate.UNSUPPORTED))
-    base = (
-        {"prompt": "Hi", "max_new_tokens": 2}
-        if name == "GenerateRequest"
-        else {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-    )
+    _, base, refused = ROUTES[name]
+    keys = sorted(props(name) - set(refused))
     out = []
     for _ in range(count):
         body = dict(base)
@@ -265,6 +283,15 @@ def mutations(name: str, seed: int, count: int) -> list[dict]:
     return out
 
 
+def choices(body: dict) -> int:
+    """The choices a completion asks for: n for each prompt of a list (one prompt: a string or
+    a list of token ids)."""
+    n, prompt = body.get("n"), body.get("prompt")
+    n = n if isinstance(n, int) and not isinstance(n, bool) else 1
+    many = isinstance(prompt, list) and not all(isinstance(p, int) for p in prompt)
+    return n * (len(prompt) if many else 1)
+
+
 async def test_schema_driven_fuzz_the_server_takes_what_the_document_allows_and_nothing_else(
     ready_api,
 ):
@@ -272,17 +299,23 @@ async def test_schema_driven_fuzz_the_server_takes_what_the_document_allows_and_
     what it allows is answered (or, for an adapter that does not exist, a 404); never a 5xx."""
     api = ready_api
     seen = {200: 0, 400: 0, 404: 0}
-    for name, route in (("GenerateRequest", "api/generate"), ("ChatCompletionRequest", "v1/chat/completions")):  # fmt: skip
+    for name, (route, _, _) in ROUTES.items():
         for body in mutations(name, seed=7, count=150):
             body.pop("stream", None)  # one answer, not SSE
             for size in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
                 if isinstance(body.get(size), int) and 64 < body[size] <= 2048:
                     body[size] = 64  # fast: the cap (2048) is what matters
             valid = validator(name).is_valid(body)
-            over_limit = any(  # the server's configured limits (max_new_tokens_cap, stop strings)
-                isinstance(body.get(k), (int, float)) and body[k] > 2048
-                for k in ("max_new_tokens", "max_tokens", "max_completion_tokens")
-            ) or (isinstance(body.get("stop"), list) and len(body["stop"]) > 16)
+            over_limit = (
+                any(  # the server's configured limits (max_new_tokens_cap, stop strings)
+                    isinstance(body.get(k), (int, float)) and body[k] > 2048
+                    for k in ("max_new_tokens", "max_tokens", "max_completion_tokens")
+                )
+                or (isinstance(body.get("stop"), list) and len(body["stop"]) > 16)
+                or (
+                    choices(body) > validate.MAX_CHOICES  # prompts x n
+                )
+            )
             unknown = body.get("adapter") not in (None, "base") or body.get("model") not in (None, "base")  # fmt: skip
             code, answer = await api.call("POST", f"fineinfer/{route}", body)
             assert code < 500, (body, answer)
@@ -293,7 +326,7 @@ async def test_schema_driven_fuzz_the_server_takes_what_the_document_allows_and_
             else:
                 assert code == 200, (body, answer)
             seen[code] = seen.get(code, 0) + 1
-    assert seen[200] > 20 and seen[400] > 50, seen
+    assert seen[200] > 40 and seen[400] > 80, seen
     assert (await api.generate({"prompt": "Hi", "max_new_tokens": 2}))[-1]["type"] == "done"
 
 

@@ -4,6 +4,11 @@ The executor owns it; the scheduler decides who is in the batch, and the executo
 rows equal to that list (align). Rows join after their own prefill and leave the moment they
 finish. Caches are right-aligned: every row's newest token sits in the last column, shorter
 rows are padded on the left and masked out.
+
+Every cache layer has seen the mask's columns: a full-attention layer keeps them all (its keys
+are as wide as the mask), a sliding-window layer (transformers' DynamicSlidingWindowLayer) counts
+them in `cumulative_length` and keeps only the last `sliding_window - 1`. Padding a row on the
+left or trimming columns changes each layer by what it keeps.
 """
 
 from __future__ import annotations
@@ -76,13 +81,48 @@ class Batch:
         self.seqs = [self.seqs[i] for i in rows]
         start = int(self.mask.any(0).int().argmax())
         if start > 0:
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[..., start:, :]
-                layer.values = layer.values[..., start:, :]
+            _drop_left(self.cache, start)
             self.mask = self.mask[:, start:]
+
+    def mark(self) -> tuple:
+        """What `rewind` needs to undo a pass that fails half-way: the width of each full layer,
+        a reference to each sliding layer's keys (a window's worth: it drops its oldest column
+        when it grows, and its update makes new tensors)."""
+        layers = [
+            (x.keys, x.values, x.cumulative_length)
+            if getattr(x, "is_sliding", False)
+            else x.keys.shape[-2]
+            for x in self.cache.layers
+        ]
+        return self.length, layers
+
+    def rewind(self, mark: tuple) -> None:
+        columns, layers = mark
+        self.mask = self.mask[:, :columns]
+        for layer, kept in zip(self.cache.layers, layers, strict=True):
+            if isinstance(kept, tuple):
+                layer.keys, layer.values, layer.cumulative_length = kept
+            else:
+                layer.keys, layer.values = layer.keys[..., :kept, :], layer.values[..., :kept, :]
 
 
 def _left_pad(cache: DynamicCache, n: int) -> None:
+    """n more columns of padding on the left of every row."""
     for layer in cache.layers:
-        layer.keys = F.pad(layer.keys, (0, 0, n, 0))
-        layer.values = F.pad(layer.values, (0, 0, n, 0))
+        pad = n
+        if getattr(layer, "is_sliding", False):
+            layer.cumulative_length += n
+            pad = min(n, max(layer.sliding_window - 1 - layer.keys.shape[-2], 0))
+        layer.keys = F.pad(layer.keys, (0, 0, pad, 0))
+        layer.values = F.pad(layer.values, (0, 0, pad, 0))
+
+
+def _drop_left(cache: DynamicCache, n: int) -> None:
+    """The first n columns leave (all padding)."""
+    for layer in cache.layers:
+        gone = n
+        if getattr(layer, "is_sliding", False):
+            gone = max(n - (layer.cumulative_length - layer.keys.shape[-2]), 0)  # not kept anyway
+            layer.cumulative_length -= n
+        layer.keys = layer.keys[..., gone:, :]
+        layer.values = layer.values[..., gone:, :]

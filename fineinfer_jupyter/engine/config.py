@@ -32,6 +32,7 @@ BASE = "base"
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed
 MIN_TEMPERATURE = 0.01  # logits / temperature must stay finite in float16 too
 MAX_SECONDS = 1e6  # latency targets (ttft, tpot)
+MAX_LOGPROBS = 20  # alternatives per position a request may ask for (OpenAI's limit)
 MAX_STEPS = 10**9  # optimizer steps, warm-up, eval and checkpoint intervals
 PROMPT_CHARS_PER_TOKEN = 16  # max_prompt_chars when unset: this many per token of context
 
@@ -95,13 +96,26 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # each sampled token's logprob and this many alternatives
+    prompt_logprobs: int | None = None  # the prompt's own (echo); with max_new_tokens 0: score only
 
     def __post_init__(self):
         check(
-            is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            is_int(self.max_new_tokens)
+            and (
+                self.max_new_tokens >= 1
+                or (self.max_new_tokens == 0 and self.prompt_logprobs is not None)
+            ),
             "max_new_tokens",
-            "must be an integer >= 1",
+            "must be an integer >= 1 (0 only to score a prompt: with prompt_logprobs)",
         )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(
+                value is None or (is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                name,
+                f"must be null or an integer in [0, {MAX_LOGPROBS}]",
+            )
         check(
             is_num(self.temperature)
             and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100),
@@ -131,6 +145,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def score_only(self) -> bool:
+        """Prefill only: the prompt's logprobs, no token generated."""
+        return self.max_new_tokens == 0
 
 
 @dataclass

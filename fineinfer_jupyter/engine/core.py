@@ -11,12 +11,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .adapters import AdapterStore
-from .config import EngineConfig, LimitReached, Slo, check, default_slo
+from .config import EngineConfig, LimitReached, Slo, default_slo
 from .costmodel import CostModel
 from .executor import Executor, deliver
 from .metrics import Metrics
-from .models import LoadedModel, data_slug, default_cache_dir, slug
-from .offload import LayerOffload
+from .models import LoadedModel, data_slug
 from .outputs import SchedulerOutput
 from .request import Tokenizer
 from .runner import Runner
@@ -94,25 +93,6 @@ class EngineCore:
             self.executor.fail(seq, error)
 
 
-def offload_layers(config: EngineConfig, loaded: LoadedModel, runner: Runner) -> LayerOffload:
-    """The decoder layers over the memory budget, moved off the device (before any adapter)."""
-    walk = runner.walk
-    check(
-        walk.supported,
-        "offload",
-        f"needs the layer walk, which this model cannot use: {walk.why_not}",
-    )
-    cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
-    return LayerOffload(
-        walk.stack.layers,
-        mode=config.offload,
-        budget=config.memory_budget or 0,
-        device=loaded.device,
-        folder=cache / "offload" / slug(f"{loaded.name}-{loaded.parameters}"),
-        cold=config.offload_cold,
-    )
-
-
 def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> EngineCore:
     """Every part with its final values, calibrated on this machine."""
     configure_threads(config.threads)  # before calibration: step times depend on it
@@ -127,9 +107,8 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
     eos = gen.eos_token_id if gen.eos_token_id is not None else hf.eos_token_id
     tokenizer = Tokenizer(hf, set(eos if isinstance(eos, list) else [eos]) - {None})
     runner = Runner(loaded.model, device=device)
-    home = model_home(Path(config.data_dir), loaded)  # (from the weights' shapes: first)
-    if config.offload != "none":
-        runner.walk.offload = offload_layers(config, loaded, runner)
+    home = model_home(Path(config.data_dir), loaded)
+    runner.walk.offload = loaded.offload  # (the layers over budget went there at load)
     adapters = AdapterStore(runner, home / "adapters", base_hash=home.name.rsplit("-", 1)[-1])
     adapters.load_saved()
     trainer = Trainer(runner, adapters, root=home / "jobs", pad_id=tokenizer.pad_id)

@@ -39,11 +39,12 @@ from .config import (
     is_int,
 )
 from .data import build_dataset, fingerprint, unchanged
+from .features import features
 from .metrics import Metrics
 from .models import build_tiny, default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
 from .quant import weight_bytes
-from .request import Completion, RequestStream, check_messages
+from .request import Completion, RequestStream, check_messages, check_token_ids, is_token_ids
 from .sequence import Sequence
 
 log = logging.getLogger("fineinfer")
@@ -108,7 +109,7 @@ class Engine:
 
     def generate(
         self,
-        prompt: str | list[dict],
+        prompt: str | list[dict] | list[int],
         *,
         adapter: str | None = None,
         sampling: SamplingParams | None = None,
@@ -118,7 +119,8 @@ class Engine:
     ) -> RequestStream:
         """Queue a request; returns its stream of {"type": "delta"} events and a final event.
 
-        `prompt` is raw text, or a list of chat messages (rendered with the chat template).
+        `prompt` is raw text, a list of chat messages (rendered with the chat template) or a
+        list of token ids.
         `slo` may give only some targets; the rest are the engine's defaults. Bad input raises
         ValueError naming the field, before anything is queued.
         """
@@ -133,9 +135,12 @@ class Engine:
         check_stop(self.config, sampling.stop)
         name = c.adapters.resolve(adapter)
         limit = c.loaded.max_context
-        if not isinstance(prompt, str):
-            check_messages(prompt)
-        check_prompt(self.config, prompt, limit)  # before tokenizing: that takes time
+        if is_token_ids(prompt):
+            check_token_ids(prompt, c.runner.config.vocab_size)
+        else:
+            if not isinstance(prompt, str):
+                check_messages(prompt)
+            check_prompt(self.config, prompt, limit)  # before tokenizing: that takes time
         ids = c.tokenizer.encode(prompt)
         check(len(ids) < limit, "prompt", f"is {len(ids)} tokens; the model's context is {limit}")
         seq = Sequence(
@@ -387,6 +392,9 @@ class Engine:
             "layer_walk": (
                 {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
             ),
+            "features": (
+                features(c.runner.walk, type(c.runner.walk.causal_lm).__name__) if c else None
+            ),
             "requests": {
                 "waiting": (len(c.scheduler.waiting) if c else 0) + self._queued,
                 "running": c.scheduler.num_running if c else 0,
@@ -556,6 +564,9 @@ class Engine:
             dtype=self.config.dtype,
             cache_dir=self.config.cache_dir,
             progress=progress,
+            offload=self.config.offload,
+            memory_budget=self.config.memory_budget,
+            offload_cold=self.config.offload_cold,
             quantize=self.config.quantize,
         )
         self.model_info = {

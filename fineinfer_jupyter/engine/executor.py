@@ -137,7 +137,13 @@ class Executor:
             result.timings.append(Timing("prefill", prefill_units(group), seconds))
             now = time.monotonic()
             for seq, token in zip(group, tokens, strict=True):
-                self._emit(seq, token, now, result)
+                if seq.prompt_logprobs is not None:
+                    seq.stream.put(seq.echo_event())
+                if seq.score_only:  # its answer is the prompt's logprobs: no token
+                    seq.scored(now)
+                    self._end(seq, result)
+                else:
+                    self._emit(seq, token, now, result)
             keep = [i for i, s in enumerate(group) if not s.is_finished]
             if keep:
                 if len(keep) < len(group):
@@ -187,7 +193,10 @@ class Executor:
             delta = seq.append_token(token, now, eos=token in self.tokenizer.eos_ids)
             result.tokens.append((seq, token))
             if delta:
-                seq.stream.put({"type": "delta", "text": delta})
+                event = {"type": "delta", "text": delta}
+                if seq.sampling.logprobs is not None:
+                    event["logprobs"] = seq.take_logprobs()
+                seq.stream.put(event)
             if seq.is_finished:
                 self._end(seq, result)
         except Exception as e:

@@ -25,8 +25,13 @@ ARCHS = {
     "MistralForCausalLM": (gguf.MODEL_ARCH.LLAMA, True),
     "Qwen2ForCausalLM": (gguf.MODEL_ARCH.QWEN2, False),
     "Qwen3ForCausalLM": (gguf.MODEL_ARCH.QWEN3, False),
+    "GemmaForCausalLM": (gguf.MODEL_ARCH.GEMMA, False),
+    "Gemma2ForCausalLM": (gguf.MODEL_ARCH.GEMMA2, False),
+    "Gemma3ForCausalLM": (gguf.MODEL_ARCH.GEMMA3, False),
+    "Phi3ForCausalLM": (gguf.MODEL_ARCH.PHI3, False),  # fused qkv_proj, gate_up_proj as they are
 }
 VLLM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VLLM_FUSED = {"Phi3ForCausalLM": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # --max-lora-rank choices; 16 by default
 VLLM_URL = "http://localhost:8000"
 PREFIX = "base_model.model."
@@ -242,12 +247,13 @@ def check_vllm(folder: str | Path, base: Base) -> dict:
         "base",
         f"vLLM's LoRA modules are known here for {', '.join(ARCHS)}; this model is a {base.architecture}",
     )
+    modules = VLLM_FUSED.get(base.architecture, VLLM_MODULES)
     for module in lora.pairs:
         leaf = module.rsplit(".", 1)[-1]
         check(
-            leaf in VLLM_MODULES,
+            leaf in modules,
             "target_modules",
-            f"vLLM applies LoRA to {', '.join(VLLM_MODULES)} of a {base.architecture}, not {leaf}",
+            f"vLLM applies LoRA to {', '.join(modules)} of a {base.architecture}, not {leaf}",
         )
     ranks = {a.shape[0] for a, _ in lora.pairs.values()}
     check(

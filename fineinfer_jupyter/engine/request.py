@@ -24,14 +24,18 @@ class Tokenizer:
         self.eos_ids = eos_ids
         self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
         self._lock = threading.Lock()
+        self._texts: dict[int, str] = {}  # token_text's
 
     @property
     def has_chat_template(self) -> bool:
         return self.hf.chat_template is not None
 
-    def encode(self, prompt: str | list[dict]) -> list[int]:
+    def encode(self, prompt: str | list[dict] | list[int]) -> list[int]:
         """Token ids of a text prompt, or of chat messages rendered with the chat template (and
-        the assistant's turn opened). Bad input raises ValueError naming the field."""
+        the assistant's turn opened); token ids are taken as they are (the caller checks them).
+        Bad input raises ValueError naming the field."""
+        if is_token_ids(prompt):
+            return list(prompt)
         if isinstance(prompt, str):
             check(prompt != "", "prompt", "must not be empty")
             with self._lock:
@@ -48,10 +52,28 @@ class Tokenizer:
         with self._lock:
             return self.hf.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token's text, special tokens included (for logprobs); cached."""
+        text = self._texts.get(token)
+        if text is None:
+            with self._lock:
+                text = self.hf.decode([token], skip_special_tokens=False)
+            self._texts[token] = text
+        return text
+
     def copy(self):
         """A private copy of the HF tokenizer, for long work off the engine thread."""
         with self._lock:
             return copy.deepcopy(self.hf)
+
+
+def is_token_ids(prompt) -> bool:
+    return isinstance(prompt, list) and len(prompt) > 0 and all(type(t) is int for t in prompt)
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    check(bad is None, "prompt", f"token id {bad} is not in the vocabulary (0 to {vocab_size - 1})")
 
 
 def check_messages(messages) -> None:

@@ -8,6 +8,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from . import logprobs
 from .batch import Batch
 from .quant import logical_numel
 from .sequence import Sequence
@@ -93,16 +94,19 @@ class Runner:
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
+        scoring = any(s.sampling.prompt_logprobs is not None for s in seqs)
         logits = self.forward(
             ids,
             mask=mask,
             position_ids=positions,
             cache=cache,
             adapters=[s.pinned for s in seqs],
-            keep=1,
+            keep=0 if scoring else 1,  # every position's logits for the prompt's logprobs
             kind="prefill",
             also=also,
         )
+        if scoring:
+            logprobs.score_prompts(logits, seqs, width)
         return cache, mask, logits[:, -1].float()  # [B, V]
 
     @torch.no_grad()
@@ -141,6 +145,7 @@ class Runner:
                 tokens[i] = int(row.argmax())
                 continue
             tokens[i] = self._draw(row / p.temperature, seq)
+        logprobs.record(logits, seqs, tokens)
         return tokens
 
     def _draw(self, row: torch.Tensor, seq: Sequence) -> int:
@@ -187,8 +192,14 @@ class Runner:
         a layer's forward is 1, the head's is its size in layers, a backward twice its forward."""
         if not self.walk.supported:
             return [1.0, 2.0]
-        stack = self.walk.stack
-        layer = sum(logical_numel(p) for p in stack.layers[0].parameters())  # 4-bit: unpacked
+        off, stack = self.walk.offload, self.walk.stack
+        # (an offloaded layer's parameters are empty between fetches: its record has the count;
+        # a 4-bit layer's are packed: counted unpacked)
+        layer = (
+            off.numel[0]
+            if off is not None
+            else sum(logical_numel(p) for p in stack.layers[0].parameters())
+        )
         head = sum(p.numel() for p in self.walk.causal_lm.lm_head.parameters()) / max(layer, 1)
         forward = [1.0] * self.walk.num_layers + [max(head, 0.1)]
         return forward + [2 * w for w in reversed(forward)]

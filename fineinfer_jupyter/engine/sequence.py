@@ -6,6 +6,7 @@ import itertools
 import time
 from enum import Enum, auto
 
+from . import logprobs
 from .config import SamplingParams, Slo
 from .request import RequestStream, Tokenizer
 
@@ -74,6 +75,9 @@ class Sequence:
         self.decoded = ""  # the output's text so far
         self.text = ""  # what the caller gets: decoded, cut at a stop string
         self.sent = 0  # characters of text already streamed
+        self.logprobs: list = []  # entries of the sampled tokens (logprobs.py), if asked for
+        self.logprobs_sent = 0  # entries already streamed
+        self.prompt_logprobs: list | None = None  # the prompt's entries (echo), if asked for
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -94,6 +98,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def score_only(self) -> bool:
+        return self.sampling.score_only
+
+    def scored(self, now: float) -> None:
+        """A score-only request's prefill is done: its answer is the prompt's logprobs."""
+        self.token_times.append(now)
+        self.finish_reason = "length"
 
     def append_token(self, token: int, now: float, *, eos: bool) -> str:
         """Take one sampled token: returns the text that can be streamed now, and sets
@@ -160,7 +173,36 @@ class Sequence:
                 "completion_tokens": len(self.output_ids),
             },
             "stats": self.stats(),
+            **self.logprob_fields(),
         }
+
+    def logprob_fields(self) -> dict:
+        """The logprobs asked for, with each token's text (for the final event)."""
+        text = self.detokenizer.tokenizer.token_text if self.detokenizer else str
+        out = {}
+        if self.sampling.logprobs is not None:
+            out["logprobs"] = logprobs.as_json(self.logprobs, text)
+        return out
+
+    def echo_event(self) -> dict:
+        """The prompt's logprobs (and text), as a delta event without new text: the first event
+        of a request that asked for them."""
+        text = self.detokenizer.tokenizer if self.detokenizer else None
+        return {
+            "type": "delta",
+            "text": "",
+            "prompt_text": text.decode(self.prompt_ids) if text else "",
+            "prompt_logprobs": logprobs.as_json(
+                self.prompt_logprobs, text.token_text if text else str
+            ),
+        }
+
+    def take_logprobs(self) -> list[dict]:
+        """Entries not yet streamed (they go out with a delta event)."""
+        text = self.detokenizer.tokenizer.token_text if self.detokenizer else str
+        new = self.logprobs[self.logprobs_sent :]
+        self.logprobs_sent = len(self.logprobs)
+        return logprobs.as_json(new, text)
 
 
 def _partial_suffix(text: str, stop: str) -> int:

@@ -4,8 +4,8 @@ Embeddings, each decoder layer, the final norm and the head, called one by one a
 own forward calls them (masks, rotary positions, the KV cache and per-row adapters included),
 so that a training micro-step can stop between two layers and go on later, and so that a layer
 can be fetched just before it runs (offload.py) and serve an inference pass and a training
-micro-step while it is there. Llama-style stacks (Llama, SmolLM2, Mistral, Qwen2, Qwen3) walk;
-other models fall back to their own forward (`LayerWalk.why_not` says why).
+micro-step while it is there. The families in FAMILIES walk; other models fall back to their
+own forward (`LayerWalk.why_not` says why).
 """
 
 from __future__ import annotations
@@ -19,8 +19,44 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 BASE_ROW = "__base__"  # PEFT's per-row name for "no adapter"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family's stack forward does between its modules beyond Llama's (transformers'
+    modeling_<family>.py). The rest lives inside the modules the walk calls: the embedding
+    scale in embed_tokens (Gemma's ScaledWordEmbedding), extra norms, attention soft-capping,
+    biases and q/k norms in the decoder layers; which layers slide comes from the config
+    (`attention_types`)."""
+
+    rotary_per_type: bool = False  # rotary_emb(hidden, positions, layer_type), one per type
+    logit_softcap: bool = False  # logits = c * tanh(logits / c), c = final_logit_softcapping
+
+
+# config.model_type -> Family: the decoder stacks the walk runs (embed_tokens, layers, norm,
+# rotary_emb, lm_head)
+FAMILIES = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "qwen3": Family(),
+    "phi3": Family(),
+    "gemma": Family(),
+    "gemma2": Family(logit_softcap=True),
+    "gemma3_text": Family(rotary_per_type=True, logit_softcap=True),
+}
+
+
+def attention_types(config) -> list[str]:
+    """Each layer's attention type, as DynamicCache(config) makes its cache layers (transformers'
+    cache_utils): config.layer_types, else every layer slides when config.sliding_window is set
+    (Mistral, Phi-3)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    slides = getattr(config, "sliding_window", None) is not None
+    return ["sliding_attention" if slides else "full_attention"] * config.num_hidden_layers
 
 
 @dataclass
@@ -28,7 +64,7 @@ class Pass:
     """The per-pass inputs every layer needs."""
 
     masks: dict  # attention type -> mask (4D, or None when causal attention needs none)
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: dict  # attention type -> rotary (cos, sin)
     position_ids: torch.Tensor  # [B, S]
     cache: object | None  # a DynamicCache to read and extend, or None (training)
     adapters: list[str] | None  # per-row adapter names for PEFT, None: the active adapter
@@ -38,6 +74,8 @@ class LayerWalk:
     def __init__(self, model):
         self.model = model  # the PeftModel, or the plain model before the first adapter
         self.why_not = unsupported(model)
+        self.family = FAMILIES.get(self.stack.config.model_type) if self.why_not is None else None
+        self.types = attention_types(self.stack.config) if self.why_not is None else []
         self.offload = None  # a LayerOffload when base layers live off the device
 
     @property
@@ -78,15 +116,21 @@ class LayerWalk:
             cache=cache,
             position_ids=position_ids,
         )
-        masks = {"full_attention": create_causal_mask(**kwargs)}
-        if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        make = {
+            "full_attention": create_causal_mask,
+            "sliding_attention": create_sliding_window_causal_mask,
+        }
+        masks = {t: make[t](**kwargs) for t in set(self.types)}
+        if self.family.rotary_per_type:
+            rotary = {t: stack.rotary_emb(hidden, position_ids, t) for t in masks}
+        else:
+            rotary = dict.fromkeys(masks, stack.rotary_emb(hidden, position_ids=position_ids))
         rows = None
         if adapters is not None and hasattr(self.model, "peft_config"):
             rows = [a or BASE_ROW for a in adapters]
         return Pass(
             masks=masks,
-            position_embeddings=stack.rotary_emb(hidden, position_ids=position_ids),
+            position_embeddings=rotary,
             position_ids=position_ids,
             cache=cache,
             adapters=rows,
@@ -106,16 +150,15 @@ class LayerWalk:
         `kind` of work) and the next one prefetched; `also(i)` runs while layer i is still
         there (a training unit sharing the fetch)."""
         stack, off = self.stack, self.offload
-        types = getattr(stack.config, "layer_types", None)
         for i in range(start, end):
-            if off is not None:
+            if off is not None and i + 1 < end:  # (none left in flight after the range)
                 off.prefetch(i + 1)
             with self.resident(i, kind):
                 with self.rows(p, stack.layers[i]):
                     hidden = stack.layers[i](
                         hidden,
-                        attention_mask=p.masks[types[i] if types else "full_attention"],
-                        position_embeddings=p.position_embeddings,
+                        attention_mask=p.masks[self.types[i]],
+                        position_embeddings=p.position_embeddings[self.types[i]],
                         position_ids=p.position_ids,
                         cache=p.cache,
                         use_cache=p.cache is not None,
@@ -131,7 +174,11 @@ class LayerWalk:
             hidden = hidden[:, -keep:]
         lm_head = self.causal_lm.lm_head
         with self.rows(p, lm_head):
-            return lm_head(hidden)
+            logits = lm_head(hidden)
+        cap = getattr(self.stack.config, "final_logit_softcapping", None)
+        if self.family.logit_softcap and cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def resident(self, i: int, kind: str):
         """Layer i's weights on the device for the block."""
@@ -164,8 +211,12 @@ def unsupported(model) -> str | None:
     m = model.get_base_model() if hasattr(model, "peft_config") else model
     config = getattr(m, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_TYPES:
-        return f"model type {model_type!r} is not a Llama-style decoder stack ({', '.join(MODEL_TYPES)})"
+    if model_type not in FAMILIES:
+        return f"model type {model_type!r} is not a decoder stack the walk knows ({', '.join(FAMILIES)})"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "the model attends both ways (use_bidirectional_attention); the walk is causal only"
+    if not set(attention_types(config)) <= {"full_attention", "sliding_attention"}:
+        return f"layer types {sorted(set(attention_types(config)))}: the walk knows full and sliding attention"
     stack = getattr(m, "model", None)
     parts = ("embed_tokens", "layers", "norm", "rotary_emb")
     if stack is None or not all(hasattr(stack, p) for p in parts) or not hasattr(m, "lm_head"):

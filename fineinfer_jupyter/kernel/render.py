@@ -34,6 +34,9 @@ def status_lines(status: dict, url: str) -> list[str]:
             f" · OpenMP waiting: {threads['wait_policy']}"
         )
     lines.append(f"adapters: {', '.join(status.get('adapters') or []) or 'none'}")
+    lacking = (status.get("features") or {}).get("lacking") or {}
+    for feature, why in lacking.items():
+        lines.append(f"this model lacks {feature.replace('_', ' ')}: {why}")
     return lines
 
 

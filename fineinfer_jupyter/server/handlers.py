@@ -75,14 +75,17 @@ class FineInferHandler(ExtensionHandlerMixin, APIHandler):
         message = self.host.redact(message)
         self.finish(dumps(error_body(status_code, message, field, openai=self.openai)))
 
-    async def stream(self, engine, stream_id: str, events: EventQueue, render, *, live=True):
+    async def stream(self, engine, stream_id: str | list[str], events: EventQueue, render, *,
+                     live=True):  # fmt: skip
         """Write each batch of a request's events as `render(event)` text, flushing each batch
-        (with `live`, the headers go out at once, before the first token).
+        (with `live`, the headers go out at once, before the first token). `stream_id` may list
+        several requests (an OpenAI answer's choices), whose events `events` merges.
 
         A client that goes away (on_connection_close, or a write that fails) cancels the
-        request in the engine, and so does any other way out before the final event.
+        requests in the engine, and so does any other way out before the final events.
         """
-        self._cancel = lambda: engine.cancel(stream_id)
+        ids = [stream_id] if isinstance(stream_id, str) else stream_id
+        self._cancel = lambda: [engine.cancel(i) for i in ids]
         done = False
         try:
             if self._gone:  # went away while the request was being queued
@@ -90,7 +93,7 @@ class FineInferHandler(ExtensionHandlerMixin, APIHandler):
             if live:
                 await self.flush()
             async for batch in events.batches():
-                done = batch[-1]["type"] != "delta"
+                done = events.open == 0
                 if batch[-1]["type"] == "error":
                     batch[-1] = {**batch[-1], "message": self.host.redact(batch[-1]["message"])}
                 chunk = "".join(render(e) for e in batch)
@@ -102,7 +105,8 @@ class FineInferHandler(ExtensionHandlerMixin, APIHandler):
         finally:
             self._cancel = None
             if not done:
-                engine.cancel(stream_id)
+                for i in ids:
+                    engine.cancel(i)
 
     def on_connection_close(self) -> None:
         self._gone = True

@@ -239,11 +239,13 @@ def _shown_path(inside: str, name: str, match: re.Match) -> str:
 
 
 class EventQueue:
-    """A request's engine events, delivered in the engine thread, read on the tornado loop."""
+    """A request's engine events, delivered in the engine thread, read on the tornado loop
+    (the events of `requests` requests, for an OpenAI answer with several choices)."""
 
-    def __init__(self):
+    def __init__(self, requests: int = 1):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[dict] = asyncio.Queue()
+        self.open = requests  # requests whose final event has not been read
 
     def put(self, event: dict) -> None:  # engine thread
         try:
@@ -252,14 +254,13 @@ class EventQueue:
             pass
 
     async def batches(self) -> AsyncIterator[list[dict]]:
-        """Lists of the events that are in (at least one), ending with the final event."""
-        while True:
+        """Lists of the events that are in (at least one), ending with the last final event."""
+        while self.open:
             batch = [await self.queue.get()]
-            while not self.queue.empty():
+            while not self.queue.empty() and batch[-1]["type"] == "delta":
                 batch.append(self.queue.get_nowait())
+            self.open -= batch[-1]["type"] != "delta"
             yield batch
-            if batch[-1]["type"] != "delta":
-                return
 
 
 class DaemonPool(Executor):

@@ -16,6 +16,7 @@ from pathlib import Path, PurePath
 
 from .errors import ApiError, field_of, shown
 
+MAX_LOGPROBS = 20  # alternatives per token (engine.config.MAX_LOGPROBS)
 MAX_DEPTH = 32  # levels of JSON nesting a request body may have
 SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry lone ones; nothing can encode them
 PATH_MAX, NAME_MAX = 4095, 255  # bytes in a path, in one of its parts (Linux)
@@ -49,18 +50,17 @@ SAMPLING = {  # GenerateRequest field -> JSON kind; passed to the engine as they
 }
 # asked-for features this server lacks (a falsy value, as clients send by default, is fine)
 UNSUPPORTED = (
-    "echo",
     "suffix",
-    "logprobs",
-    "top_logprobs",
     "logit_bias",
     "presence_penalty",
     "frequency_penalty",
     "tools",
     "functions",
-    "response_format",
-    "best_of",
 )
+REFUSED = {  # by route: UNSUPPORTED plus the other route's own fields
+    "chat": (*UNSUPPORTED, "echo"),
+    "completions": (*UNSUPPORTED, "top_logprobs"),
+}
 OPENAI_EXTRAS = {"top_k": "integer", "repetition_penalty": "number", "ignore_eos": "boolean"}
 OPENAI_FIELDS = (  # what openai_request reads (besides "messages" or "prompt"); others are ignored
     "model",
@@ -75,9 +75,15 @@ OPENAI_FIELDS = (  # what openai_request reads (besides "messages" or "prompt");
     "max_completion_tokens",
     "ttft",
     "tpot",
+    "echo",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "best_of",
     *OPENAI_EXTRAS,
     *UNSUPPORTED,
 )
+MAX_CHOICES = 64  # prompts x n in one request
 
 
 def bad(field_name: str | None, message: str) -> ApiError:
@@ -167,6 +173,9 @@ class GenerateRequest:
     stream: bool = True  # OpenAI routes only
     include_usage: bool = False  # OpenAI stream_options.include_usage
     model: str = ""  # OpenAI routes only
+    prompts: list = field(default_factory=list)  # OpenAI: each prompt's choices (`prompt` first)
+    n: int = 1  # OpenAI: choices per prompt
+    echo: bool = False  # OpenAI completions: the prompt comes back before the answer
 
 
 GENERATE_FIELDS = ("prompt", "messages", "adapter", "stop", "ttft", "tpot", *SAMPLING)
@@ -210,39 +219,91 @@ def openai_request(raw: bytes, *, chat: bool) -> GenerateRequest:
     body = Body(raw)
     model = body.get("model", "string", required=True)
     if chat:
-        prompt = _messages(body.get("messages", "array", required=True), openai=True)
+        prompts = [_messages(body.get("messages", "array", required=True), openai=True)]
     else:
-        prompt = body.get("prompt", "string", "array", required=True)
-        if isinstance(prompt, list):
-            if len(prompt) != 1 or not isinstance(prompt[0], str):
-                raise bad("prompt", "must be a string (or a list of one string)")
-            prompt = prompt[0]
-    for name in UNSUPPORTED:
+        prompts = _prompts(body.get("prompt", "string", "array", required=True))
+    for name in REFUSED["chat" if chat else "completions"]:
         if body.data.get(name) not in (None, False, 0, "", [], {}):
             raise bad(name, "is not supported by this server")
-    if body.get("n", "integer", default=1) != 1:
-        raise bad("n", "only n=1 is supported")
+    n = body.get("n", "integer", default=1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise bad("n", f"must be an integer in [1, {MAX_CHOICES}]")
+    if n * len(prompts) > MAX_CHOICES:
+        raise bad("n", f"{n} choices for each of {len(prompts)} prompts: at most {MAX_CHOICES}")
+    if body.get("best_of", "integer") not in (None, 1):
+        raise bad("best_of", "is not supported by this server (use n)")
+    fmt = body.get("response_format", "object")
+    if fmt is not None and fmt.get("type") != "text":
+        raise bad("response_format", 'only {"type": "text"} is supported (no constrained decoding)')
+    echo = bool(body.get("echo", "boolean")) and not chat
     sampling = _sampling(body, {"temperature": "number", "top_p": "number", "seed": "integer"})
     sampling.update(_sampling(body, OPENAI_EXTRAS))
     sampling.setdefault("temperature", 1.0)  # OpenAI's default
     for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins
         max_tokens = body.get(name, "integer")
         if max_tokens is not None:
-            if max_tokens < 1:
-                raise bad(name, "must be an integer >= 1")
+            if max_tokens < 1 and not (max_tokens == 0 and echo):
+                raise bad(name, "must be an integer >= 1 (0 only with echo: score the prompt)")
             sampling["max_new_tokens"] = max_tokens
+    logprobs = _logprobs(body, chat)
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
+    if echo:  # the prompt's logprobs (and its tokens' text) come with it
+        sampling["prompt_logprobs"] = logprobs or 0
     options = body.get("stream_options", "object", default={})
     if not isinstance(options.get("include_usage", False), bool):
         raise bad("stream_options.include_usage", "must be a boolean")
     return GenerateRequest(
-        prompt=prompt,
+        prompt=prompts[0],
         sampling=sampling,
         ttft=body.get("ttft", "number"),
         tpot=body.get("tpot", "number"),
         stream=body.get("stream", "boolean", default=False),
         include_usage=options.get("include_usage") is True,
         model=model,
+        prompts=prompts,
+        n=n,
+        echo=echo,
     )
+
+
+def _prompts(prompt: str | list) -> list[str | list[int]]:
+    """A completion's prompt: a string, a list of token ids, or a list of either (one choice
+    each)."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        prompt = [prompt]
+    if not prompt:
+        raise bad("prompt", "must be a string, a list of token ids, or a non-empty list of them")
+    for i, p in enumerate(prompt):
+        if not (isinstance(p, str) or _token_ids(p)):
+            where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+            raise bad(where, "must be a string or a non-empty list of token ids (integers >= 0)")
+    return prompt
+
+
+def _token_ids(value) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    )
+
+
+def _logprobs(body: Body, chat: bool) -> int | None:
+    """Alternatives per token (0-20), or None: completions' `logprobs` is the number itself;
+    chat's is a boolean, with the number in `top_logprobs`."""
+    if not chat:
+        value = body.get("logprobs", "integer")
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        return value
+    wanted = body.get("logprobs", "boolean")
+    top = body.get("top_logprobs", "integer")
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise bad("top_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+    if top and not wanted:
+        raise bad("top_logprobs", "needs logprobs: true")
+    return (top or 0) if wanted else None
 
 
 def _messages(messages: list, *, openai: bool) -> list[dict]:

@@ -27,6 +27,8 @@ export interface IStatus {
   } | null;
   policy: string;
   adapters: string[];
+  // what the loaded model can do here; lacking: feature -> why not (README "Models")
+  features?: { available: string[]; lacking: Record<string, string> } | null;
   version: string;
 }
 

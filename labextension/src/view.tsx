@@ -95,6 +95,7 @@ function Dashboard({ model }: { model: FineInferModel }): JSX.Element {
 function Engine({ model }: { model: FineInferModel }): JSX.Element {
   const { status, connection } = model;
   const info = status?.model;
+  const lacking = Object.entries(status?.features?.lacking ?? {});
   let state: string = connection === 'unreachable' ? 'unreachable' : status?.state ?? 'connecting';
   let text = state;
   let detail = '';
@@ -122,6 +123,14 @@ function Engine({ model }: { model: FineInferModel }): JSX.Element {
         <dd data-testid="fi-device" title={info?.dtype_reason}>
           {info ? modelLine(info) : '—'}
         </dd>
+        {lacking.length > 0 && (
+          <>
+            <dt>Lacks</dt>
+            <dd data-testid="fi-lacking" title={lacking.map(([f, why]) => `${f}: ${why}`).join('\n')}>
+              {lacking.map(([f]) => f.replace(/_/g, ' ')).join(', ')}
+            </dd>
+          </>
+        )}
         <dt>State</dt>
         <dd>
           <span className={`fi-State fi-mod-${state}`} data-testid="fi-state" data-state={state}>
