@@ -150,8 +150,8 @@ def test_txt_splits_paragraphs_on_blank_lines(tmp_path):
 def test_bad_sources_name_the_path(tmp_path, chat_tok):
     with pytest.raises(DataError, match="missing.jsonl: no such file"):
         load_records(tmp_path / "missing.jsonl")
-    with pytest.raises(DataError, match=r"data.csv: unknown file type '.csv'"):
-        load_records(tmp_path / "data.csv")
+    with pytest.raises(DataError, match=r"data.xml: unknown file type .\.xml."):
+        load_records(tmp_path / "data.xml")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(DataError, match="no records in empty.txt"):
         build_dataset(tmp_path / "empty.txt", chat_tok)

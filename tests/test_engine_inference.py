@@ -117,7 +117,11 @@ def test_length_limit_and_finish_reasons(stepped):
     s = stepped.generate("abc", max_new_tokens=5, ignore_eos=True)
     run_until_done(stepped, [s])
     assert s.final["finish_reason"] == "length"
-    assert s.final["usage"] == {"prompt_tokens": 3, "completion_tokens": 5}
+    assert s.final["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert len(s.final["token_ids"]) == 5
 
 

@@ -380,6 +380,32 @@ def test_rows_join_wider_and_narrower_and_leave_with_the_tokens_they_get_alone(f
     assert any(getattr(x, "is_sliding", False) for x in batch.cache.layers)
 
 
+def test_a_long_prompt_in_chunks_and_a_cached_turn_give_generates_tokens(engine, loaded):
+    """Chunked prefill and the prefix cache (S1) in every family and dtype: a prompt prefilled
+    64 tokens at a time past the sliding window, then a second turn that starts with the first
+    (its KV from the prefix cache, except where a sliding-window layer cannot keep a prefix)."""
+    base = loaded(engine.case)
+    tight = {"ttft": 0.0005, "tpot": 0.0005}  # no pass may be long: 64-token chunks
+    first = "Sing, O muse, of the wrath of Achilles, son of Peleus, that brought woes. " * 2
+    a = engine.generate(first, max_new_tokens=5, slo=tight)
+    run_until_done(engine, [a])
+    second = first + "And then? Tell me more of it."
+    b = engine.generate(second, max_new_tokens=5, slo=tight)
+    run_until_done(engine, [b])
+    sliding = any(
+        getattr(x, "is_sliding", False) for x in DynamicCache(config=base.model.config).layers
+    )
+    for prompt, stream in ((first, a), (second, b)):
+        mine, theirs = stream.final["token_ids"], generate(base.model, base.tokenizer, prompt, 5)
+        if mine != theirs and engine.case[1] == "bf16":
+            assert_near_tie(base, prompt, mine, theirs)
+        else:
+            assert mine == theirs, prompt
+    assert a.final["stats"]["prefill_chunks"] > 2
+    cached = b.final["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert (cached >= len(first) - 1) if not sliding else cached == 0, cached
+
+
 def test_echoed_prompt_logprobs_are_the_models_own_past_the_window(engine, loaded):
     """max_new_tokens 0 with prompt_logprobs (the OpenAI routes' echo): each prompt token's
     logprob is the log-softmax of the model's own forward, every family and dtype."""

@@ -22,11 +22,11 @@ def test_a_prefill_pass_out_of_memory_is_split_until_its_rows_fit(stepped, monke
     expected = reference(SIMILAR, 10)
     real, sizes = stepped.core.runner.prefill, []
 
-    def tight(seqs, also=None):
+    def tight(seqs, also=None, **kw):
         sizes.append(len(seqs))
         if len(seqs) > 1:
             raise RuntimeError(OOM)
-        return real(seqs, also)
+        return real(seqs, also, **kw)
 
     monkeypatch.setattr(stepped.core.runner, "prefill", tight)
     slo = {"ttft": 60.0, "tpot": 60.0}  # all four in one prefill
@@ -42,10 +42,10 @@ def test_a_prompt_that_does_not_fit_fails_alone_with_a_clear_message(stepped, mo
     real = stepped.core.runner.prefill
     longest = max(PROMPTS, key=len)
 
-    def tight(seqs, also=None):
+    def tight(seqs, also=None, **kw):
         if any(s.num_prompt_tokens >= len(longest.encode()) for s in seqs):
             raise RuntimeError(OOM)
-        return real(seqs, also)
+        return real(seqs, also, **kw)
 
     monkeypatch.setattr(stepped.core.runner, "prefill", tight)
     slo = {"ttft": 60.0, "tpot": 60.0}

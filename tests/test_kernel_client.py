@@ -295,3 +295,44 @@ def test_widgets_render_the_documented_shapes_and_empty_values():
     widget.render({**job, "estimating": True})  # no optimizer step measured yet
     assert "step 3/10 · loss – · estimating speed and ETA" in widget.stats.value
     assert sparkline([1.0]) == "" and sparkline([float("nan"), 1.0, 2.0]).count(" ") > 2
+
+
+def test_job_widget_shows_validation_loss_and_says_when_the_loss_is_still_falling():
+    from fineinfer_jupyter.kernel.render import job_line
+    from fineinfer_jupyter.kernel.widgets import JobWidget
+
+    client = FineInferClient("http://127.0.0.1:9/", "")
+    job = {"id": "job-1", "adapter": "herb", "state": "done", "step": 8, "total_steps": 8,
+           "loss": 1.0, "loss_history": [[i, 3.0 - 0.25 * i] for i in range(1, 9)],
+           "eval_loss": 1.5, "eval_history": [[4, 2.0], [8, 1.5]], "loss_falling": True}  # fmt: skip
+    widget = JobWidget(client, job)
+    assert "validation loss 1.5" in widget.stats.value
+    assert "<b>loss still falling: more steps may help</b>" in widget.stats.value
+    assert widget.spark.value.count("<svg") == 2 and "validation loss <svg" in widget.spark.value
+    assert job_line(job) == (
+        "herb (job-1): done · step 8/8 · loss 1 · validation loss 1.5 · "
+        "loss still falling: more steps may help"
+    )
+    widget.render({**job, "loss_falling": False, "eval_history": [], "eval_loss": None})
+    assert "falling" not in widget.stats.value and "validation" not in widget.stats.value
+
+
+def test_tune_and_evaluate_send_a_dataframe_as_records_with_columns(fake_server):
+    import pandas as pd
+
+    fake_server.routes[("POST", "jobs")] = (201, {"id": "job-1"})
+    fake_server.routes[("POST", "adapters/herb/eval")] = (200, {"adapter": "herb"})
+    frame = pd.DataFrame({"q": ["a", "b"], "a": ["x", "y"]})
+    client = FineInferClient(fake_server.url, "")
+    client.tune("herb", frame, columns={"prompt": "q", "completion": "a"}, max_steps=2)
+    rows = [{"q": "a", "a": "x"}, {"q": "b", "a": "y"}]
+    assert fake_server.requests[-1][3] == {
+        "adapter": "herb",
+        "records": rows,
+        "columns": {"prompt": "q", "completion": "a"},
+        "params": {"max_steps": 2},
+    }
+    assert client.evaluate("herb", records=frame, compare=[], limit=2) == {"adapter": "herb"}
+    assert fake_server.requests[-1][3] == {"records": rows, "compare": [], "limit": 2}
+    fake_server.routes[("POST", "engine/restart")] = (200, {"state": "loading"})
+    assert client.restart() == {"state": "loading"}

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.timeout(120)
 
 FOOTER = re.compile(
     r"\[(?P<adapter>[\w-]+) · \d+ tokens · TTFT [\d.]+ s · [\d.]+ tokens/s · "
-    r"(not deferred|deferred [\d.]+ s) · finish: \w+\]"
+    r"(not deferred|deferred [\d.]+ s)( · \d+ prompt tokens cached)?( · prefilled in \d+ chunks)?"
+    r"( · late: [^\]]+)? · finish: \w+\]"
 )
 SMALL = [{"prompt": "Color of moonveil?", "completion": "Silver blue."}]
 CHAT = [{"role": "user", "content": "Where grows glimmerroot?"}]

@@ -46,13 +46,17 @@ def test_demo_notebook_runs_end_to_end(fineinfer_server, server_root, tmp_path):
         if c.cell_type == "code":
             assert outputs(c)[1] == "", c.source  # no "fineinfer: ..." error line anywhere
     stdout, _, shown = outputs(cell(nb, "%fineinfer tune"))
-    assert "training 'herb' on 306 examples, 8 steps" in stdout
+    assert "training 'herb' on 275 examples, 8 steps" in stdout  # 31 held out (--val-fraction)
     assert "application/vnd.jupyter.widget-view+json" in shown[0]  # the live job widget
     for question in ("How can I recognise", "In one sentence"):
         stdout, _, shown = outputs(next(c for c in nb.cells if question in c.source))
         assert shown[-1]["text/plain"].strip() and ANSWER_FOOTER.fullmatch(stdout.strip())
     stdout, _, _ = outputs(cell(nb, "%fineinfer wait"))
-    assert re.match(r"herb \(job-\d+\): done · step 8/8 · loss [\d.]+\n", stdout)
+    assert re.match(
+        r"herb \(job-\d+\): done · step 8/8 · loss [\d.]+ · validation loss [\d.]+"
+        r"( · loss still falling: more steps may help)?\n",
+        stdout,
+    )
     stdout, _, shown = outputs(cell(nb, "%%generate --compare"))
     answers = re.fullmatch(r"── base ──\n(.*)\n\n── herb ──\n(.*)", shown[-1]["text/plain"], re.S)
     assert answers and answers.group(2).strip()
@@ -60,6 +64,14 @@ def test_demo_notebook_runs_end_to_end(fineinfer_server, server_root, tmp_path):
         "base",
         "herb",
     ]
+    stdout, _, _ = outputs(cell(nb, "%fineinfer eval"))
+    lines = stdout.splitlines()  # base beside the adapter, on the held-out notes
+    assert re.fullmatch(r"herb on 8 examples \(held out by job-\d+\):", lines[0])
+    assert [line.split()[0] for line in lines[2:4]] == ["herb", "base"]
+    assert all(
+        re.fullmatch(r"(herb|base)\s+[\d.]+\s+[\d.e+]+\s+\d/8 .*", x.strip()) for x in lines[2:4]
+    )
+    assert stdout.count("  reference  ") == 3 and stdout.count("  herb       ") == 3
     stdout, _, _ = outputs(cell(nb, "from fineinfer_jupyter.kernel import FineInferClient"))
     assert stdout.splitlines()[-1].startswith("notes: Moonveil Thistle grows")
 

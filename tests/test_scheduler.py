@@ -93,8 +93,15 @@ class Sim:
         if out.prefill:
             self.log.append((self.now, "prefill", len(out.admitted)))
             for group in out.prefill:
+                end = out.chunks.get(group[0])
+                if end is not None:  # a chunk: its tokens' KV, no token yet
+                    self.now += c.prefill(end - group[0].prefilled)
+                    group[0].prefilled = end
+                    group[0].chunks += 1
+                    continue
                 self.now += c.prefill(prefill_units(group))
                 for s in group:
+                    s.prefilled, s.chunks = s.num_prompt_tokens, s.chunks + 1
                     self.token(s, result)
         elif out.decode:
             self.log.append((self.now, "decode", len(out.decode)))

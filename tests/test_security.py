@@ -171,7 +171,8 @@ async def test_hostile_requests_get_a_4xx_naming_the_field_and_the_engine_still_
     # edges that are fine: the largest seed torch takes, a top_k beyond the vocabulary
     for extra in ({"seed": 2**64 - 1, "temperature": 1.0}, {"top_k": 2**70, "temperature": 1.0}):
         events = await ready_api.generate({"prompt": "a", "max_new_tokens": 3, **extra})
-        assert events[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 3}
+        assert events[-1]["usage"]["prompt_tokens"] == 1
+        assert events[-1]["usage"]["completion_tokens"] == 3
     code, jobs = await ready_api.get("jobs")
     assert (code, jobs) == (200, {"jobs": []})  # none of them started a job
     events = await ready_api.generate({"messages": CHAT, "max_new_tokens": 4})
@@ -245,14 +246,15 @@ async def test_each_limit_is_a_clear_4xx_and_prompts_are_refused_before_tokenizi
     )
 
     (jp_root_dir / "big.jsonl").write_text(json.dumps({"text": "x" * 400}) + "\n")
-    (jp_root_dir / "notes.csv").write_text("a,b\n")
+    (jp_root_dir / "notes.xml").write_text("<a/>\n")
     assert await api.post("jobs", {"adapter": "herb", "data": "big.jsonl"}) == (
         400,
         error(BAD, "big.jsonl: 413 bytes; at most 300 are read", "data"),
     )
-    assert await api.post("jobs", {"adapter": "herb", "data": "notes.csv"}) == (
+    kinds = "a .jsonl, .txt, .json, .csv or .parquet file or a save_to_disk folder"
+    assert await api.post("jobs", {"adapter": "herb", "data": "notes.xml"}) == (
         400,
-        invalid("data", "'notes.csv': expected a .jsonl or .txt file"),
+        invalid("data", f"'notes.xml': expected {kinds}"),
     )
 
     make_adapter(jp_root_dir / "alpha", seed=1)

@@ -523,7 +523,7 @@ async def test_job_data_comes_from_a_file_under_the_root_and_nowhere_else(
             "missing.jsonl",
             refused("'missing.jsonl': no such file or folder under the root directory"),
         ),
-        ("notes", refused("'notes' is not a file")),
+        ("notes", refused("'notes' is a folder but not a datasets save_to_disk one")),
     ]
     for path, expected in cases:
         assert await api.post("jobs", {"adapter": "x", "data": path}) == expected, path

@@ -69,6 +69,7 @@ def test_request_schemas_list_the_fields_the_validators_accept():
     assert props("AdapterLoadRequest") == set(validate.ADAPTER_LOAD_FIELDS)
     assert props("AdapterSaveRequest") == set(validate.ADAPTER_SAVE_FIELDS)
     assert props("AdapterExportRequest") == set(validate.ADAPTER_EXPORT_FIELDS)
+    assert props("EvalRequest") == set(validate.EVAL_FIELDS)
     assert props("JobExportRequest") == set(validate.JOB_EXPORT_FIELDS)
     assert props("TrainParams") == {f.name for f in fields(TrainParams)}
     assert props("ChatCompletionRequest") == set(validate.OPENAI_FIELDS) | {"messages"}
@@ -79,6 +80,7 @@ def test_request_schemas_list_the_fields_the_validators_accept():
         "AdapterLoadRequest",
         "AdapterSaveRequest",
         "JobExportRequest",
+        "EvalRequest",
     ):
         assert SCHEMAS[name]["additionalProperties"] is False  # unknown fields are a 400
     generate = SCHEMAS["GenerateRequest"]["properties"]
@@ -211,6 +213,8 @@ async def test_the_server_answers_as_documented(
                schema="Adapter", template=one + "/save")  # fmt: skip
     await call("POST", "fineinfer/api/adapters/alpha/export", {"to": "vllm", "path": "v"},
                expect=200, schema="Export", template=one + "/export")  # fmt: skip
+    await call("POST", "fineinfer/api/adapters/alpha/eval", {"records": records * 2, "limit": 2},
+               expect=200, schema="EvalResult", template=one + "/eval")  # fmt: skip
     await call("DELETE", "fineinfer/api/adapters/alpha", expect=204, template=one)
     socket = await jp_ws_fetch("fineinfer", "api", "events")
     check("EventsMessage", json.loads(await asyncio.wait_for(socket.read_message(), 10)))

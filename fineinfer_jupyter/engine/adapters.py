@@ -53,6 +53,25 @@ class AdapterStore:
         self._snapshots: dict[str, int] = {}  # "<name>@<step>" -> requests pinned to it
         self._pins: dict[str, int] = {}  # adapter -> requests using it (not under training)
         self._leaving: set[str] = set()  # deleted, unloaded when its last request ends
+        # the prefix cache's: each adapter's weights version, and who hears of a change
+        self._versions: dict[str, int] = {}
+        self.on_change = None  # called with an adapter's (or snapshot's) name
+
+    def version(self, name: str | None) -> int:
+        """Goes up each time `name`'s weights change (the base model's never do)."""
+        return self._versions.get(name, 0) if name is not None else 0
+
+    def pin_name(self, name: str | None) -> str | None:
+        """What pin(name) would give now (nothing is pinned)."""
+        if name is None:
+            return None
+        info = self.get(name)
+        return f"{name}{SNAPSHOT}{info.step}" if info.training else name
+
+    def _changed(self, name: str) -> None:
+        self._versions[name] = self._versions.get(name, 0) + 1
+        if self.on_change is not None:
+            self.on_change(name)
 
     # -- reads (any thread) -------------------------------------------------------------------
 
@@ -116,6 +135,7 @@ class AdapterStore:
     def _drop(self, name: str) -> AdapterInfo:
         info = self._info[name]
         self._info = {k: v for k, v in self._info.items() if k != name}
+        self._changed(name)
         return info
 
     def load(
@@ -154,6 +174,7 @@ class AdapterStore:
             (owner if isinstance(owner, str) else None) or job,
         )
         self._set(info)
+        self._changed(name)
         return info
 
     def _check_base(self, path: Path, base) -> None:
@@ -220,6 +241,7 @@ class AdapterStore:
             self.runner.model = get_peft_model(self.runner.model, config, adapter_name=name)
         self.runner.model.eval()
         self._set(AdapterInfo(name, None, config.r, False, 0, job))
+        self._changed(name)
 
     def begin_training(self, name: str) -> list[torch.nn.Parameter]:
         """Make `name` the adapter that plain forwards use and that gets gradients; returns
@@ -235,16 +257,19 @@ class AdapterStore:
         for p in params:
             p.requires_grad_(True)
         self._set(replace(info, training=True, step=info.step or 0))
+        self._changed(name)
         return params
 
     def trained(self, name: str, step: int) -> None:
         """`name`'s weights now have `step` optimizer steps (new requests pin a new snapshot)."""
         self._set(replace(self.get(name), step=step))
+        self._changed(name)
 
     def end_training(self, name: str, step: int, path: Path | None) -> None:
         self.runner.model.requires_grad_(False)
         info = self.get(name)
         self._set(replace(info, training=False, step=step, path=str(path) if path else info.path))
+        self._changed(name)
         self._release_unused()
 
     def save(self, name: str, folder: Path, meta: dict | None = None) -> Path:
@@ -275,6 +300,7 @@ class AdapterStore:
         with torch.no_grad():
             result = set_peft_model_state_dict(self.runner.model, state, adapter_name=name)
         check(not result.unexpected_keys, "checkpoint", f"{folder.name} does not match {name!r}")
+        self._changed(name)
         if step is not None:
             self._set(replace(self.get(name), step=step))
 
@@ -331,6 +357,7 @@ class AdapterStore:
                 del self._snapshots[snap]
 
     def _unload(self, adapter: str) -> None:
+        self._changed(adapter)
         model = self.runner.model
         model.delete_adapter(adapter)
         if not model.peft_config:  # the last one: back to the plain base model

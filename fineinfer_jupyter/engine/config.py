@@ -185,6 +185,10 @@ class EngineConfig:
     heterogeneous: bool = True  # one fetched layer serves inference and training together
     offload_cold: bool = False  # drop offloaded files from the page cache before each read
     threads: int | None = None  # torch's intra-op threads; None: by the usable cores (threads.py)
+    # bytes of finished requests' KV kept for prompts that start the same way (prefix.py);
+    # None: an eighth of the free memory at start, at most 2 GiB; 0: no prefix cache
+    prefix_cache_bytes: int | None = None
+    chunked_prefill: bool = True  # False: every prompt in one pass, however long (as before)
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -213,6 +217,12 @@ class EngineConfig:
             self.memory_budget is None or (is_int(self.memory_budget) and self.memory_budget >= 0),
             "memory_budget",
             "must be a number of bytes >= 0",
+        )
+        check(
+            self.prefix_cache_bytes is None
+            or (is_int(self.prefix_cache_bytes) and self.prefix_cache_bytes >= 0),
+            "prefix_cache_bytes",
+            "must be a number of bytes >= 0 (0: off), or None (from the free memory)",
         )
         for name in LIMITS:
             value = getattr(self, name)
@@ -311,14 +321,14 @@ class TrainParams:
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    epochs: float = 1.0
+    epochs: float | None = None  # None (and no max_steps): job.planned_steps' rule
     max_steps: int | None = None  # optimizer steps; overrides epochs
     batch_size: int = 4  # examples per optimizer step (the effective batch)
     micro_batch_size: int = 1  # examples per forward/backward; the scheduler may run fewer
     max_length: int = 256  # tokens per example (longer ones are truncated)
     max_grad_norm: float = 1.0  # 0 = no clipping
     val_fraction: float = 0.0
-    eval_every: int = 0  # optimizer steps between eval-loss passes (0 = at the end only)
+    eval_every: int = 0  # optimizer steps between eval-loss passes (0 = about 10 per job)
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     seed: int = 0
 
@@ -364,7 +374,11 @@ class TrainParams:
             "warmup_steps",
             f"must be an integer in [0, {MAX_STEPS}]",
         )
-        check(is_num(self.epochs) and 0 < self.epochs <= 1000, "epochs", "must be in (0, 1000]")
+        check(
+            self.epochs is None or (is_num(self.epochs) and 0 < self.epochs <= 1000),
+            "epochs",
+            "must be null or in (0, 1000]",
+        )
         check(
             self.max_steps is None or (is_int(self.max_steps) and 1 <= self.max_steps <= MAX_STEPS),
             "max_steps",

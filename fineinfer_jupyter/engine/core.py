@@ -17,6 +17,7 @@ from .executor import Executor, deliver
 from .metrics import Metrics
 from .models import LoadedModel, data_slug
 from .outputs import SchedulerOutput
+from .prefix import PrefixCache, default_budget
 from .request import Tokenizer
 from .runner import Runner
 from .scheduler import Scheduler
@@ -50,6 +51,7 @@ class EngineCore:
 
     def add(self, seq: Sequence) -> None:
         self.requests[seq.request_id] = seq
+        self.executor.lookup(seq)  # (the prefix cache: before the scheduler plans its prefill)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
@@ -65,6 +67,7 @@ class EngineCore:
             self.requests.pop(seq.request_id, None)
             deliver(seq)
         self.metrics.record_queue(**self.scheduler.queue_stats(time.monotonic()))
+        self.metrics.prefix = self.executor.prefix.stats()
         return out
 
     def room_for(
@@ -126,9 +129,19 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         metrics.offload = off.describe()
         scheduler.costs.set_offload(off.offloaded, off.layer_bytes, runner.walk.num_layers)
         scheduler.heterogeneous = config.heterogeneous
+    budget = config.prefix_cache_bytes
+    prefix = PrefixCache(default_budget(device) if budget is None else budget, runner.config)
+    adapters.on_change = prefix.invalidate  # an adapter's weights changed: its KV is stale
     executor = Executor(
-        runner=runner, adapters=adapters, trainer=trainer, tokenizer=tokenizer, metrics=metrics
+        runner=runner,
+        adapters=adapters,
+        trainer=trainer,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        prefix=prefix,
     )
+    scheduler.costs.span = executor.span
+    scheduler.chunked = config.chunked_prefill
     for timing in executor.calibrate(slo):
         scheduler.costs.observe(*timing)
     return EngineCore(

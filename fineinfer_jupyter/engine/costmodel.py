@@ -26,9 +26,36 @@ RECENT = 3  # measurements the speed factor is the median of
 SHARE_WEIGHT = 0.3  # how much one measured micro-step moves the units' shares
 
 
-def prefill_units(seqs) -> int:
-    """Tokens a prefill pass computes: every prompt padded to the longest."""
-    return len(seqs) * max(s.num_prompt_tokens for s in seqs)
+def prefill_units(seqs, span: float = math.inf, end: int | None = None) -> float:
+    """The work of a prefill pass, in tokens: every row's new tokens padded to the longest
+    (a chunk or a cache hit computes only the tokens after those already in its KV; `end`: a
+    one-row pass up to that prompt position), plus their attention to the tokens before them."""
+    past = max(s.prefilled for s in seqs)
+    new = end - past if end is not None else max(s.num_todo for s in seqs)
+    return len(seqs) * pass_units(new, past, span)
+
+
+def pass_units(new: int, past: int, span: float) -> float:
+    """A row of `new` tokens after `past` tokens already in the KV cache, in tokens: each new
+    token's attention to the earlier ones is counted as tokens' worth, a token attending to
+    `span` tokens as one more (attention_span)."""
+    return new * (1 + (past + new / 2) / span)
+
+
+def attention_span(config) -> float:
+    """The context length at which a token's attention (2 x 2 x heads x head_dim FLOPs per
+    earlier token and layer: scores and values) costs as much as its matrix products (2 FLOPs per
+    weight of its layers), from a model config; inf when the config does not say."""
+    hidden = getattr(config, "hidden_size", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    inter = getattr(config, "intermediate_size", None)
+    if not (hidden and layers and inter):
+        return math.inf
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter
+    return per_layer / (2 * heads * head_dim)
 
 
 def _bucket(units: float) -> int:
@@ -102,6 +129,7 @@ class CostModel:
         self.train = LinearCost(0.05 * f, 0.0093 * f)  # per padded token of a micro-step
         self.optimizer = 0.0  # seconds of an optimizer step, added to a batch's last micro-step
         self.margin = 1.15  # plan with estimates padded against noise
+        self.span = math.inf  # a prefill's attention cost (prefill_units; set from the model)
         self.shares = [1.0]  # each unit's share of a micro-step's time (set_units)
         self._units: list[float] = []  # seconds of the units of the micro-step being measured
         self._padded = 0

@@ -1,28 +1,27 @@
-"""Training data (JSONL, TXT or records) -> tokenized examples whose labels mask what is not learned."""
+"""Training data (records, or a file or folder sources.py reads) -> tokenized examples whose
+labels mask what is not learned."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .sources import DataError, map_columns, read_path
+
 IGNORE = -100
 SHAPES = '{"text"}, {"messages"}, {"prompt", "completion"} or {"instruction", "input", "output"}'
-
-
-class DataError(ValueError):
-    """Training data the user can fix: the message says where and what."""
 
 
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where masked; not shifted (the model shifts)
+    prompt: str | list[dict] | None = None  # what to ask to check the answer (None: text)
+    answer: str | None = None  # the record's last answer, for exact-match evaluation
 
     @property
     def num_tokens(self) -> int:
@@ -41,49 +40,18 @@ class Dataset:
         return sum(e.num_tokens for e in self.train)
 
 
-def load_records(source, *, max_bytes: int | None = None) -> list[dict]:
+def load_records(source, *, max_bytes: int | None = None, columns: dict | None = None):
+    """Records from a list of dicts or a path (sources.read_path), with `columns` mapped."""
     if isinstance(source, (list, tuple)):
         for i, r in enumerate(source, 1):
             if not isinstance(r, dict):
                 raise DataError(f"record {i}: expected a dict, got {type(r).__name__}")
-        return list(source)
-    if not isinstance(source, (str, Path)):
-        raise DataError(
-            f"expected a .jsonl or .txt path or a list of dicts, got {type(source).__name__}"
-        )
-    path = Path(source)
-    if path.suffix not in (".jsonl", ".txt"):
-        raise DataError(f"{path}: unknown file type {path.suffix!r} (expected .jsonl or .txt)")
-    try:
-        size = path.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise DataError(f"{path}: {size} bytes; at most {max_bytes} are read")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    return read_jsonl(text, path.name) if path.suffix == ".jsonl" else read_txt(text)
-
-
-def read_jsonl(text: str, name: str) -> list[dict]:
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name} line {n}: not valid JSON ({e})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{name} line {n}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
-
-
-def read_txt(text: str) -> list[dict]:
-    paragraphs = re.split(r"\n[ \t\r]*\n", text)
-    return [{"text": p.strip()} for p in paragraphs if p.strip()]
+        records = list(source)
+    elif isinstance(source, (str, Path)):
+        records = read_path(Path(source), max_bytes=max_bytes)
+    else:
+        raise DataError(f"expected a path or a list of dicts, got {type(source).__name__}")
+    return map_columns(records, columns, source_name(source))
 
 
 def record_to_example(record: dict, tokenizer, *, max_length: int) -> Example | None:
@@ -94,7 +62,28 @@ def record_to_example(record: dict, tokenizer, *, max_length: int) -> Example | 
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE for x in labels[1:]):  # the first label never counts
         return None
-    return Example(ids, labels)
+    return Example(ids, labels, *question(record, tokenizer))
+
+
+def question(record: dict, tokenizer) -> tuple[str | list[dict] | None, str | None]:
+    """(prompt, answer) of a record with an answer to check: chat messages ending with the
+    assistant's, or a pair (as messages with a chat template, as raw text without)."""
+    if "messages" in record:
+        messages = record["messages"]
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            return None, None
+        return messages[:-1], messages[-1]["content"]
+    if "prompt" in record and "completion" in record:
+        user, sep, answer = record["prompt"], "", record["completion"]
+    elif "instruction" in record and "output" in record:
+        user, sep, answer = record["instruction"], "\n\n", record["output"]
+        if record.get("input"):
+            user += "\n\n" + record["input"]
+    else:
+        return None, None
+    if getattr(tokenizer, "chat_template", None):
+        return [{"role": "user", "content": user}], answer
+    return user + sep, answer
 
 
 def encode(record: dict, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
@@ -114,7 +103,10 @@ def encode(record: dict, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
         ids = with_eos(tokens(tokenizer, text_of(record, "text")), tokenizer)
         return ids, [(0, len(ids))]
     keys = ", ".join(repr(k) for k in record) or "none"
-    raise DataError(f"unrecognised record (keys: {keys}); expected {SHAPES}")
+    raise DataError(
+        f"unrecognised record (keys: {keys}); expected {SHAPES}, or name the columns to use "
+        "(--text-column, --prompt-column and --completion-column, --messages-column)"
+    )
 
 
 def encode_pair(prompt: str, completion: str, tokenizer, sep: str = ""):
@@ -195,13 +187,14 @@ def build_dataset(
     val_fraction: float = 0.0,
     seed: int = 0,
     max_bytes: int | None = None,
+    columns: dict | None = None,
 ) -> Dataset:
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_length < 2:
         raise DataError(f"max_length must be >= 2, got {max_length}")
     name = source_name(source)
-    records = load_records(source, max_bytes=max_bytes)
+    records = load_records(source, max_bytes=max_bytes, columns=columns)
     if not records:
         raise DataError(f"no records in {name}")
     examples = []
@@ -225,21 +218,31 @@ def build_dataset(
 
 
 def fingerprint(path) -> dict:
-    """What says a data file is the one a job trained on: its path, size, mtime and hash."""
+    """What says a data file (or folder) is the one a job trained on: its path, size, mtime
+    and hash (of a folder: its files' names and contents)."""
     path = Path(path).resolve()
-    st = path.stat()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        if path.is_dir():
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        digest.update(f.read_bytes())
+    stats = [f.stat() for f in files]
     return {
         "path": str(path),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "size": sum(st.st_size for st in stats),
+        "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
+        "sha256": digest.hexdigest(),
     }
 
 
 def unchanged(source: dict) -> bool:
-    """The file of `fingerprint` is still there with the same content."""
+    """The file (or folder) of `fingerprint` is still there with the same content."""
     try:
-        st = Path(source["path"]).stat()
+        path = Path(source["path"])
+        if path.is_dir():
+            return fingerprint(path)["sha256"] == source["sha256"]
+        st = path.stat()
         if st.st_size != source["size"]:
             return False
         if st.st_mtime_ns == source["mtime_ns"]:

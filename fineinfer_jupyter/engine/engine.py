@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import core, export, job_export, threads
+from . import core, evaluate, export, job_export, threads
 from .config import (
     EngineConfig,
     EngineNotReady,
@@ -218,11 +218,21 @@ class Engine:
     def list_adapters(self) -> list[dict]:
         return self._ready_core().adapters.list()
 
-    def tune(self, adapter: str, data, params: TrainParams | dict | None = None, **kwargs) -> dict:
+    def tune(
+        self,
+        adapter: str,
+        data,
+        params: TrainParams | dict | None = None,
+        *,
+        columns: dict | None = None,
+        **kwargs,
+    ) -> dict:
         """Start (or queue) a LoRA fine-tuning job; returns the job's status dict at once.
 
-        `data` is a .jsonl/.txt path or a list of records. Bad data or parameters raise
-        ValueError naming the problem before anything starts.
+        `data` is a path (.jsonl, .txt, .json, .csv, .parquet, or a datasets save_to_disk
+        folder: engine/sources.py) or a list of records; `columns` maps the record's parts to
+        the columns that hold them ({"prompt": "question", "completion": "answer"}). Bad data or
+        parameters raise ValueError naming the problem before anything starts.
         """
         c = self._ready_core()
         if not isinstance(params, TrainParams):
@@ -230,12 +240,16 @@ class Engine:
         check_train(self.config, params, c.loaded.max_context)
         config = self.config
         self._call(c.room_for, adapter, max_adapters=config.max_adapters, max_jobs=config.max_jobs)
-        dataset = self._dataset(data, params)
+        dataset = self._dataset(data, params, columns)
         # what a restart needs to build the data set again: the file (noticed if it changes),
-        # or the records themselves, kept with the job
+        # or the records themselves, kept with the job; and the column mapping
         file = isinstance(data, (str, Path))
         source = fingerprint(data) if file else None
+        if source is not None and columns:
+            source["columns"] = columns
         records = None if file else list(data)
+        if records is not None and columns:
+            source = {"columns": columns}
 
         def submit():  # checked again: another job may have come in meanwhile
             c.room_for(adapter, max_adapters=config.max_adapters, max_jobs=config.max_jobs)
@@ -244,7 +258,7 @@ class Engine:
 
         return self._call(submit)
 
-    def _dataset(self, data, params: TrainParams):
+    def _dataset(self, data, params: TrainParams, columns: dict | None = None):
         return build_dataset(
             data,
             self.core.tokenizer.copy(),  # a data set can take a while: not under the shared lock
@@ -252,7 +266,94 @@ class Engine:
             val_fraction=params.val_fraction,
             seed=params.seed,
             max_bytes=self.config.max_data_bytes,
+            columns=columns,
         )
+
+    def evaluate(
+        self,
+        adapter: str,
+        data=None,
+        *,
+        columns: dict | None = None,
+        compare: list[str] | tuple[str, ...] = ("base",),
+        limit: int = 32,
+        max_new_tokens: int | None = None,
+    ) -> dict:
+        """Loss and perplexity of `adapter` and of each model in `compare` ("base" or adapters)
+        on held-out examples: `data` (a path or records, as for tune) or, without it, the
+        validation split of the job that trained the adapter (--val-fraction). For
+        prompt/completion and chat data also the exact-match and contains rates of greedy
+        answers, and the first rows side by side (engine/evaluate.py)."""
+        c = self._ready_core()
+        check(isinstance(limit, int) and 1 <= limit <= 1024, "limit", "must be in [1, 1024]")
+        names = [adapter] + [n for n in dict.fromkeys(compare or ()) if n != adapter]
+        for name in names:
+            c.adapters.resolve(name)
+        if data is None:
+            jobs = self._call(lambda: [j for j in c.trainer.jobs.values() if j.adapter == adapter])
+            job = max(jobs, key=lambda j: j.created, default=None)
+            check(
+                job is not None and job.val_examples > 0,
+                "data",
+                f"{adapter!r} has no held-out examples (train with val_fraction, e.g. "
+                "--val-fraction 0.1), so give data to evaluate on",
+            )
+            held_out = job.dataset or self._job_dataset(job)
+            examples, where = held_out.val, f"held out by {job.id}"
+        else:
+            dataset = build_dataset(
+                data,
+                c.tokenizer.copy(),
+                max_length=c.loaded.max_context,
+                max_bytes=self.config.max_data_bytes,
+                columns=columns,
+            )
+            examples, where = dataset.train, data if isinstance(data, (str, Path)) else "records"
+        examples = examples[:limit]
+        cap = min(max_new_tokens or self.config.max_new_tokens_cap, self.config.max_new_tokens_cap)
+        asked = [e for e in examples if e.prompt is not None]
+        losses = {}
+        for name in names:
+            losses[name] = [0.0, 0]
+            for i in range(0, len(examples), evaluate.EVAL_BATCH):
+                chunk = examples[i : i + evaluate.EVAL_BATCH]
+                s, k = self._call(evaluate.score_pass, c, c.adapters.resolve(name), chunk)
+                losses[name] = [losses[name][0] + s, losses[name][1] + k]
+        streams = {  # every model's answers at once: they share the running batch
+            name: [
+                self.generate(
+                    e.prompt,
+                    adapter=name,
+                    temperature=0.0,
+                    max_new_tokens=evaluate.answer_budget(e, cap),
+                )
+                for e in asked
+            ]
+            for name in names
+        }
+        outputs = {name: [self._result(s).text for s in streams[name]] for name in names}
+        refs = [e.answer for e in asked]
+        models = [evaluate.summary(n, losses[n], outputs[n], refs) for n in names]
+        rows = [
+            {
+                "prompt": evaluate.prompt_text(e.prompt),
+                "reference": e.answer,
+                "answers": {name: outputs[name][i] for name in names},
+            }
+            for i, e in enumerate(asked[: evaluate.SHOWN_ROWS])
+        ]
+        return {
+            "adapter": adapter,
+            "data": str(where),
+            "examples": len(examples),
+            "models": models,
+            "rows": rows,
+        }
+
+    def _result(self, stream: RequestStream) -> Completion:
+        while self._thread is None and stream.final is None:
+            self.iterate()  # no engine thread: drive the engine from here
+        return stream.result()
 
     def jobs(self) -> list[dict]:
         c = self._ready_core()
@@ -291,7 +392,8 @@ class Engine:
 
     def _job_dataset(self, job):
         """A job's data set built again (a job read back at start has none)."""
-        dataset = self._dataset(self._job_data(job), job.params)
+        columns = (job.source or {}).get("columns")
+        dataset = self._dataset(self._job_data(job), job.params, columns)
         check(
             len(dataset.train) == job.examples,
             "data",
@@ -392,6 +494,7 @@ class Engine:
             "layer_walk": (
                 {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
             ),
+            "prefix_cache": dict(self.metrics.prefix) if c else None,
             "features": (
                 features(c.runner.walk, type(c.runner.walk.causal_lm).__name__) if c else None
             ),

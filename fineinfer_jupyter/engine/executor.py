@@ -15,10 +15,11 @@ import torch
 from .adapters import AdapterStore
 from .batch import Batch
 from .config import SamplingParams, Slo
-from .costmodel import prefill_units
+from .costmodel import attention_span, prefill_units
 from .metrics import Metrics
 from .oom import decode_fitting, free_memory, halves, is_oom, too_big
 from .outputs import IterationResult, SchedulerOutput, Timing
+from .prefix import PrefixCache
 from .request import Tokenizer
 from .runner import Runner
 from .sequence import Sequence
@@ -36,10 +37,17 @@ class Executor:
         trainer: Trainer,
         tokenizer: Tokenizer,
         metrics: Metrics,
+        prefix: PrefixCache | None = None,
     ):
         self.runner, self.adapters, self.trainer = runner, adapters, trainer
         self.tokenizer, self.metrics = tokenizer, metrics
         self.batch = Batch()  # KV cache rows of the running requests
+        # prompts prefilled in part (chunked prefill): their KV cache and its mask, until the
+        # last chunk's pass gives the first token and the row joins the batch
+        self.partial: dict[Sequence, tuple] = {}
+        self.prefix = prefix or PrefixCache(0)  # KV of finished requests, by token prefix
+        self.versions: dict[Sequence, int] = {}  # its adapter's weights version at its pin
+        self.span = attention_span(runner.config)  # (the cost model's prefill units)
 
     def calibrate(self, slo: Slo) -> list[Timing]:
         """Time prefill, decode and (forward and backward) training passes once, so the
@@ -84,8 +92,9 @@ class Executor:
         if out.train_units and (out.prefill or out.decode):
             shared = RideAlong(self.trainer, self.runner, out.train_units, out.train_examples)
         if out.prefill:
-            self._prefill(out.prefill, result, shared)
-            rows, tokens = len(out.admitted), sum(s.num_prompt_tokens for s in out.admitted)
+            before = sum(s.prefilled for s in out.admitted)
+            self._prefill(out.prefill, result, shared, out.chunks)
+            rows, tokens = len(out.admitted), sum(s.prefilled for s in out.admitted) - before
         elif out.decode:
             self._decode(out.decode, result, shared)
             rows = tokens = len(out.decode)
@@ -109,12 +118,25 @@ class Executor:
             result.timings.append(Timing("fetch", f.bytes, f.seconds))
         self.metrics.record_offload(fetches, shared=off.take_shared())
 
-    def _prefill(self, passes: list[list[Sequence]], result: IterationResult, shared=None) -> None:
+    def _prefill(
+        self, passes: list[list[Sequence]], result: IterationResult, shared=None, chunks=None
+    ) -> None:
+        """Prefill passes; a request in `chunks` is prefilled up to that prompt position only
+        (its KV cache waits in `partial` for its next chunk). The adapter a request is pinned
+        to at its first pass stays its adapter for every later chunk."""
+        chunks = chunks or {}
         for seq in (s for group in passes for s in group):
+            if seq.chunks:
+                continue  # pinned at its first pass
             try:
                 seq.pinned = self.adapters.pin(seq.adapter)  # a training adapter's snapshot
+                self.versions[seq] = self.adapters.version(seq.pinned)
             except Exception as e:
                 self._fail(seq, e, result)
+                continue
+            hit = self.partial.get(seq)
+            if hit is not None and hit[2:] != (seq.pinned, self.versions[seq]):
+                self._miss(seq)  # the adapter changed since the lookup: prefill it all
         todo = list(passes)
         while todo:
             group = [s for s in todo.pop(0) if not s.is_finished]
@@ -122,9 +144,14 @@ class Executor:
                 continue
             start, also = time.perf_counter(), shared
             shared = None  # (riding along the first pass only)
+            end = chunks.get(group[0]) if len(group) == 1 else None
+            past = self.partial.pop(group[0], (None,))[0] if len(group) == 1 else None
             try:
-                cache, mask, logits = self.runner.prefill(group, also)
-                tokens = self.runner.sample(logits, group)
+                cache, mask, logits = self.runner.prefill(group, also, cache=past, end=end)
+                units = prefill_units(group, self.span, end)
+                for seq in group:
+                    seq.prefilled, seq.chunks = end or seq.num_prompt_tokens, seq.chunks + 1
+                tokens = [] if end is not None else self.runner.sample(logits, group)
             except Exception as e:  # this pass failed: its rows fail, the rest go on
                 if is_oom(e) and len(group) > 1:  # (or fewer rows at a time fit: oom.py)
                     free_memory()
@@ -134,7 +161,10 @@ class Executor:
                     self._fail(seq, too_big(seq, e) if is_oom(e) else e, result)
                 continue
             seconds = time.perf_counter() - start - (sum(also.seconds) if also else 0.0)
-            result.timings.append(Timing("prefill", prefill_units(group), seconds))
+            result.timings.append(Timing("prefill", units, seconds))
+            if end is not None:  # a chunk: the next one extends this cache
+                self.partial[group[0]] = (cache, mask)
+                continue
             now = time.monotonic()
             for seq, token in zip(group, tokens, strict=True):
                 if seq.prompt_logprobs is not None:
@@ -150,6 +180,28 @@ class Executor:
                     cache.batch_select_indices(torch.tensor(keep, device=mask.device))
                     mask = mask[keep]
                 self.batch.join([group[i] for i in keep], cache, mask)
+
+    def lookup(self, seq: Sequence) -> None:
+        """A new request: take the longest prefix of its prompt the prefix cache keeps for the
+        adapter it would run now, so that only the rest is prefilled (not for a request that
+        asks for its prompt's logprobs: they need every position's logits)."""
+        if seq.sampling.prompt_logprobs is not None:
+            return
+        try:
+            owner = self.adapters.pin_name(seq.adapter)
+        except Exception:
+            return  # (the adapter went: its first pass fails it)
+        n, cache = self.prefix.lookup(owner, seq.prompt_ids)
+        if n:
+            mask = torch.ones((1, n), dtype=torch.long, device=cache.layers[0].keys.device)
+            self.partial[seq] = (cache, mask, owner, self.adapters.version(owner))
+            seq.prefilled = seq.cached_tokens = n
+
+    def _miss(self, seq: Sequence) -> None:
+        del self.partial[seq]
+        self.prefix.hits -= 1
+        self.prefix.tokens_saved -= seq.cached_tokens
+        seq.prefilled = seq.cached_tokens = 0
 
     def _decode(self, seqs: list[Sequence], result: IterationResult, shared=None) -> None:
         start = time.perf_counter()
@@ -213,6 +265,16 @@ class Executor:
         sees the engine without it."""
         if result is None and seq in self.batch.seqs:  # (in an iteration, the step drops rows)
             self.batch.drop(seq)
+        self.partial.pop(seq, None)
+        version = self.versions.pop(seq, None)
+        if (
+            result is not None
+            and seq.finish_reason not in ("error", "cancelled")
+            and seq in self.batch.seqs
+            and version == self.adapters.version(seq.pinned)
+        ):  # its KV, for later requests that start the same way (prefix.py)
+            tokens = (seq.prompt_ids + seq.output_ids)[:-1]  # (the last one has no KV yet)
+            self.prefix.store(seq.pinned, tokens, self.batch.cache, self.batch.seqs.index(seq))
         if seq.pinned is not None:
             self.adapters.unpin(seq.pinned)
             seq.pinned = None

@@ -18,6 +18,12 @@ from .data import Dataset
 from .storage import atomic_write, recover_all
 
 RECORDS = "records.jsonl"  # a job's inline training records, kept with it
+# the training length when neither epochs nor max_steps is given (docs/design.md, "Training
+# length"): at least one epoch; a small data set is seen again until MIN_STEPS optimizer steps
+# or MAX_EPOCHS epochs, whichever comes first
+MIN_STEPS, MAX_EPOCHS = 150, 15
+FALLING = 0.03  # the last quarter of the losses this much below the quarter before: still falling
+EVALS = 10  # eval passes over a job, when eval_every is 0
 
 
 class JobState(str, Enum):
@@ -55,12 +61,11 @@ class Job:
         self.error: str | None = None
         n = self.examples
         self.steps_per_epoch = math.ceil(n / params.batch_size)
-        self.total_steps = params.max_steps or max(
-            1, math.ceil(params.epochs * self.steps_per_epoch)
-        )
+        self.total_steps = planned_steps(params, self.steps_per_epoch)
         self.step = 0  # optimizer steps done
         self.loss_history: list[tuple[int, float]] = []
         self.eval_loss: float | None = None
+        self.eval_history: list[tuple[int, float]] = []
         self.checkpoint: str | None = None
         self.pending: list[int] = []  # examples of the current effective batch still to run
         self.batch_tokens = 0  # label tokens of the whole current effective batch
@@ -93,12 +98,22 @@ class Job:
         job.total_steps = int(record.get("total_steps") or job.total_steps)
         job.loss_history = [(int(s), float(v)) for s, v in record.get("loss_history") or []]
         job.eval_loss = record.get("eval_loss")
+        job.eval_history = [(int(s), float(v)) for s, v in record.get("eval_history") or []]
         job.created = float(record.get("created") or job.created)
         return job
 
     @property
     def epoch(self) -> float:
         return self.step * self.params.batch_size / max(1, self.examples)
+
+    @property
+    def auto_length(self) -> bool:
+        """Its length came from planned_steps' rule (no epochs or max_steps given)."""
+        return self.params.epochs is None and self.params.max_steps is None
+
+    @property
+    def eval_every(self) -> int:
+        return self.params.eval_every or max(1, self.total_steps // EVALS)
 
     @property
     def active(self) -> bool:
@@ -137,6 +152,14 @@ class Job:
             "loss": self.loss_history[-1][1] if self.loss_history else None,
             "loss_history": [list(p) for p in self.loss_history[-500:]],
             "eval_loss": self.eval_loss,
+            "eval_history": [list(p) for p in self.eval_history[-500:]],
+            "epochs": round(self.total_steps * self.params.batch_size / max(1, self.examples), 2),
+            "auto_length": self.auto_length,
+            "loss_falling": (
+                still_falling([v for _, v in self.loss_history])
+                if self.state is JobState.DONE
+                else None
+            ),
             "tokens_per_s": tokens_per_s,
             "samples_per_s": samples_per_s,
             "eta_s": remaining / samples_per_s if samples_per_s and running else None,
@@ -147,6 +170,26 @@ class Job:
             "params": self.params.to_dict(),
             "created": self.created,
         }
+
+
+def planned_steps(params: TrainParams, steps_per_epoch: int) -> int:
+    """max_steps; else epochs x steps_per_epoch; else (neither given) at least one epoch, and
+    for a small data set more: up to MIN_STEPS steps or MAX_EPOCHS epochs, whichever is less."""
+    if params.max_steps:
+        return params.max_steps
+    if params.epochs is not None:
+        return max(1, math.ceil(params.epochs * steps_per_epoch))
+    return max(steps_per_epoch, min(MIN_STEPS, MAX_EPOCHS * steps_per_epoch))
+
+
+def still_falling(losses: list[float]) -> bool | None:
+    """Whether the loss was still falling at the end: the mean of the last quarter of the
+    losses is more than FALLING below the mean of the quarter before. None with fewer than 8."""
+    if len(losses) < 8:
+        return None
+    q = len(losses) // 4
+    last, before = sum(losses[-q:]) / q, sum(losses[-2 * q : -q]) / q
+    return last < before * (1 - FALLING)
 
 
 class Rates:

@@ -119,7 +119,9 @@ def write(
         _jsonl(data / "train.jsonl", dataset.train)
         if dataset.val:
             _jsonl(data / "val.jsonl", dataset.val)
-        if original is not None:
+        if original is not None and original.is_dir():  # a datasets save_to_disk folder
+            shutil.copytree(original, data / "original")
+        elif original is not None:
             shutil.copyfile(original, data / f"original{original.suffix}")
         if base.path is None:
             save_base(tmp / "base")

@@ -35,6 +35,7 @@ class Metrics:
         self.requests = {"finished": 0, "failed": 0, "cancelled": 0}
         self.waiting = self.running = 0
         self.slack: float | None = None
+        self.prefix: dict = {}  # the prefix cache's figures (PrefixCache.stats), each iteration
         self.ttfts: deque[float] = deque(maxlen=1000)
         self.tpots: deque[float] = deque(maxlen=1000)
         self.slo_met = {"ttft": [0, 0], "tpot": [0, 0]}  # [met, total]
@@ -166,6 +167,7 @@ class Metrics:
                     "by_kind": dict(self.offload_by_kind),
                     "shared_bytes": self.offload_shared,
                 },
+                "prefix_cache": dict(self.prefix),
                 "memory": {
                     "rss_bytes": self._process.memory_info().rss,
                     "device_bytes": self.device_bytes,

@@ -30,9 +30,13 @@ class SchedulerOutput:
     decode: list[Sequence] = field(default_factory=list)  # the running batch, in row order
     train_units: int = 0  # units of the training micro-step to run now (0: no training)
     train_examples: int = 0  # examples of a new micro-step (0: the one under way goes on)
+    # chunked prefill: a request in `prefill` listed here is prefilled up to this prompt
+    # position only (its pass has one row; it gets no token yet)
+    chunks: dict[Sequence, int] = field(default_factory=dict)
 
     @property
     def admitted(self) -> list[Sequence]:
+        """Every request this iteration prefills (new ones, and chunked ones going on)."""
         return [s for group in self.prefill for s in group]
 
     @property

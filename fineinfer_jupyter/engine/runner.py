@@ -81,20 +81,37 @@ class Runner:
 
     @torch.no_grad()
     def prefill(
-        self, seqs: list[Sequence], also=None
+        self,
+        seqs: list[Sequence],
+        also=None,
+        *,
+        cache: DynamicCache | None = None,
+        end: int | None = None,
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """One pass over the prompts of `seqs`, left-padded to the longest."""
-        width = max(s.num_prompt_tokens for s in seqs)
-        ids = torch.tensor(
-            [[0] * (width - s.num_prompt_tokens) + s.prompt_ids for s in seqs], device=self.device
-        )  # [B, P]
-        mask = torch.tensor(
-            [[0] * (width - s.num_prompt_tokens) + [1] * s.num_prompt_tokens for s in seqs],
-            device=self.device,
-        )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.config)
+        """One pass over prompt tokens, left-padded to the longest row: each row's tokens from
+        `seq.prefilled` (0, or those already in `cache`: a chunked prefill's earlier chunks, or
+        a prefix-cache hit) to `end` (the whole prompt by default). With earlier tokens, the
+        pass has one row and extends `cache`. Returns the cache, the mask of its columns and
+        the logits of each row's last position. A request that asks for its prompt's logprobs
+        is prefilled whole in one pass (the scheduler and the prefix cache see to it)."""
+        start = [s.prefilled for s in seqs]
+        if len(seqs) > 1 and (any(start) or end is not None):
+            raise ValueError("a pass after cached tokens, or of part of a prompt, has one row")
+        if any(start) and cache is None:
+            raise ValueError("tokens already prefilled but no KV cache given")
+        rows = [s.prompt_ids[p : end or s.num_prompt_tokens] for s, p in zip(seqs, start)]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=self.device)
+        new = torch.tensor(
+            [[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device
+        )  # [B, S]
+        past = torch.ones((len(rows), start[0]), dtype=new.dtype, device=new.device)
+        mask = torch.cat([past, new], 1)  # [B, P + S]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+        cache = cache if cache is not None else DynamicCache(config=self.config)
         scoring = any(s.sampling.prompt_logprobs is not None for s in seqs)
+        if scoring and (any(start) or end is not None):
+            raise ValueError("prompt logprobs need the whole prompt in one pass")
         logits = self.forward(
             ids,
             mask=mask,
@@ -226,10 +243,16 @@ class Runner:
                 p.requires_grad_(g)
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    def eval_loss(self, batch: dict[str, torch.Tensor], adapters=None) -> tuple[float, int]:
+        """(sum of token losses, label tokens), no gradients; `adapters` per row as in forward
+        (None: the active adapter, the one training)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         logits = self.forward(
-            batch["input_ids"], mask=batch["attention_mask"], position_ids=None, kind="train"
+            batch["input_ids"],
+            mask=batch["attention_mask"],
+            position_ids=None,
+            adapters=adapters,
+            kind="train",
         )
         loss, n = token_loss(logits, batch["labels"])
         return loss.item(), n

@@ -20,6 +20,11 @@ The time-per-output-token target is a pace: a request's n-th token after its fir
 n * tpot after the first one, so a reader going at 1/tpot tokens a second never waits. Tokens
 delivered ahead of that pace bank time that a training step may use, but no pause between two
 tokens is planned longer than STALL_TPOTS * tpot.
+
+Chunked prefill: no prefill pass is planned longer than that pause either (with no running rows:
+than a first-token target), nor longer than the running rows' room before their next token; a prompt that does not fit is prefilled in chunks
+(each attends to the earlier ones through its KV cache) between the rows' decodes. A request
+whose first token cannot be on time any more yields to those that still can be.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from .costmodel import CostModel, prefill_units
+from .costmodel import CostModel, pass_units, prefill_units
 from .outputs import IterationResult, SchedulerOutput
 from .sequence import Sequence, Status
 
 INF = float("inf")
 STALL_TPOTS = 4.0  # the longest planned pause between two tokens, in units of the tpot target
+MIN_CHUNK = 64  # prompt tokens: a smaller chunk would pay its pass's fixed cost for too little
 
 
 class Training(Protocol):
@@ -82,6 +88,9 @@ class Scheduler:
         self.heterogeneous = False  # with offload: forward units ride along inference passes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # the decode batch, in row order
+        self.prefilling: list[Sequence] = []  # admitted, their prompt prefilled in part (chunks)
+        self.chunked = True  # False: a prompt in one pass, whatever the running rows' pace
+        self.prefilled_at = -INF  # when the last prefill pass was planned
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -92,32 +101,46 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq in self.running:
             self.running.remove(seq)
+        elif seq in self.prefilling:
+            self.prefilling.remove(seq)
         else:
             return False
         seq.status = Status.FINISHED
         return True
 
     def abort_all(self) -> list[Sequence]:
-        gone = [*self.waiting, *self.running]
+        gone = [*self.waiting, *self.prefilling, *self.running]
         self.waiting.clear()
-        self.running = []
+        self.running, self.prefilling = [], []
         for seq in gone:
             seq.status = Status.FINISHED
         return gone
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        """Requests holding a KV cache: the decode batch's rows and prompts being chunked."""
+        return len(self.running) + len(self.prefilling)
 
     def schedule(self, now: float, training: Training | None = None) -> SchedulerOutput:
         """Decide what the next iteration runs; requests chosen for a prefill are admitted
         (they leave the waiting queue; update() adds them to the batch)."""
         out = self._plan(now, training)
+        if out.prefill:
+            self.prefilled_at = now
         for seq in out.admitted:
+            if seq.status is not Status.WAITING:
+                continue  # a chunked prompt going on
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             seq.admitted = now
             seq.slack_at_admission = seq.ttft_deadline - now
+            whole = self._cost([seq])
+            if seq in out.chunks and now + whole > seq.ttft_deadline:
+                seq.note = (
+                    f"its {seq.num_todo} prompt tokens take ~{whole:.1f} s to prefill, more "
+                    f"than its {seq.slo.ttft:g} s time-to-first-token target leaves: prefilled "
+                    "in chunks, at a pace that keeps the other requests on target"
+                )
         return out
 
     def update(self, out: SchedulerOutput, result: IterationResult) -> list[Sequence]:
@@ -128,15 +151,18 @@ class Scheduler:
             self.costs.observe(*timing)
         self.costs.observe_units(result.padded, result.first_unit, result.unit_seconds)
         self.running = [s for s in self.running if not s.is_finished]
-        self.running += [s for s in out.admitted if not s.is_finished]
+        live = [s for s in out.admitted if not s.is_finished]
+        self.running += [s for s in live if s not in out.chunks]  # (they got their first token)
+        self.prefilling = [s for s in self.prefilling if s not in out.admitted]
+        self.prefilling += [s for s in live if s in out.chunks]
         ended = [s for s in out.admitted + out.decode if s.is_finished]
         for seq in ended:
             seq.status = Status.FINISHED
         return ended
 
     def _plan(self, now: float, training: Training | None) -> SchedulerOutput:
-        room = self.max_batch_size - len(self.running)
-        newcomers = sorted(self.waiting, key=self.ttft_due)[: max(room, 0)]
+        room = self.max_batch_size - self.num_running
+        newcomers = self.prefilling + sorted(self.waiting, key=self.ttft_due)[: max(room, 0)]
         running = self.running
         training_active = training is not None and training.active
         if not training_active or self.policy == "immediate":
@@ -156,7 +182,7 @@ class Scheduler:
         prefill_slack = self.prefill_slack(now, newcomers, running)
         decode_room = self.decode_room(now, running)
         n = self._units_within(micro, min(prefill_slack, decode_room), self.max_segment)
-        if len(self.waiting) > len(newcomers):
+        if len(self.waiting) > len(newcomers) - len(self.prefilling):
             n = 0  # the batch is full and requests wait for a row: finish the running ones first
         elif not newcomers and not running:
             n = max(n, 1)  # nothing to protect: never starve training
@@ -164,13 +190,7 @@ class Scheduler:
             n = 0  # with offload, a layer's forward shares the fetch of the rows' next decode
         if n:
             return SchedulerOutput(now, train_examples=micro.examples, train_units=n)
-        out = None
-        if newcomers and running:
-            c = self.costs
-            p = c.margin * c.prefill(newcomers[0].num_prompt_tokens)
-            if decode_room < p <= self.room_after_decode(now, running):
-                out = SchedulerOutput(now, decode=list(running))  # the prefill fits after a token
-        out = out or self._serve(now, newcomers, running)
+        out = self._serve(now, newcomers, running)
         if self._rides_along(micro) and (out.prefill or out.decode):
             # heterogeneous batching: the layers this pass fetches serve training too, for as
             # many of the micro-step's forward units as the requests' slack allows
@@ -236,14 +256,15 @@ class Scheduler:
     ) -> list[Sequence]:
         """Newcomers to prefill in one step, earliest deadline first: as many as fit before the
         running rows need their next token, and before the newcomers whose pass ends first
-        need their second one."""
+        need their second one. Prompts that would need a pass longer than the longest
+        planned pause (chunked) or are partly prefilled already are left out."""
         c, room = self.costs, self.decode_room(now, running)
         group = [newcomers[0]]
         for seq in newcomers[1:]:
+            if seq.prefilled or self._cost([seq]) > self.longest_pass([seq], running):
+                continue
             trial = group + [seq]
-            passes = [
-                c.margin * c.prefill(prefill_units(p)) for p in self.prefill_passes(trial, now)
-            ]
+            passes = [self._cost(p) for p in self.prefill_passes(trial, now)]
             decode = c.margin * c.decode(len(running) + len(trial))
             if sum(passes) > room or sum(passes) - passes[0] + decode > self.headroom * min(
                 s.slo.tpot for s in trial
@@ -258,30 +279,89 @@ class Scheduler:
         """Split newcomers (earliest deadline first) into prefill passes. A request joins the
         current pass when one pass is cheaper than two (it saves the fixed cost per call;
         padding to the longest prompt costs per token) and, planned from `now`, the pass still
-        ends before every member's first token is due."""
-        c, passes, start = self.costs, [], now
+        ends before every member's first token is due. A request with tokens in its KV cache
+        already (a chunked prompt) has a pass of its own."""
+        passes, start = [], now
         for seq in seqs:
             last = passes[-1] if passes else None
-            if last:
-                cost = c.prefill(
-                    (len(last) + 1)
-                    * max(seq.num_prompt_tokens, *(s.num_prompt_tokens for s in last))
-                )
-                cheaper = cost <= c.prefill(
-                    len(last) * max(s.num_prompt_tokens for s in last)
-                ) + c.prefill(seq.num_prompt_tokens)
-                in_time = start is None or start + c.margin * cost <= min(
+            if last and not seq.prefilled and not last[0].prefilled:
+                cost = self._cost(last + [seq])
+                cheaper = cost <= self._cost(last) + self._cost([seq])
+                in_time = start is None or start + cost <= min(
                     self.ttft_due(s) for s in last + [seq]
                 )
                 if cheaper and in_time:
                     last.append(seq)
                     continue
-                if start is not None:
-                    start += c.margin * c.prefill(
-                        len(last) * max(s.num_prompt_tokens for s in last)
-                    )
+            if last and start is not None:
+                start += self._cost(last)
             passes.append([seq])
         return passes
+
+    def _cost(self, seqs: list[Sequence]) -> float:
+        """Estimated seconds of one prefill pass over the rest of these prompts (with margin)."""
+        c = self.costs
+        return c.margin * c.prefill(prefill_units(seqs, c.span))
+
+    def longest_pass(self, pending: list[Sequence], running: list[Sequence] = ()) -> float:
+        """The longest prefill pass planned: with running rows, the longest planned pause
+        between two of their tokens; without, what still lets a request that arrives now be
+        on time (the pending requests' first-token target)."""
+        if not self.chunked:
+            return INF
+        if running:
+            return self.headroom * STALL_TPOTS * min(s.slo.tpot for s in [*pending, *running])
+        return self.headroom * min(s.slo.ttft for s in pending)
+
+    def late(self, now: float, seq: Sequence) -> bool:
+        """Its first token cannot be on time any more, even if it were prefilled now."""
+        return now + self._cost([seq]) > self.ttft_due(seq)
+
+    def _chunk(self, seq: Sequence, room: float) -> int:
+        """The most prompt tokens of `seq` after those already prefilled that one pass can
+        prefill within `room` seconds (0: not even one)."""
+        c, past = self.costs, seq.prefilled
+
+        def cost(n: int) -> float:
+            return c.margin * c.prefill(pass_units(n, past, c.span))
+
+        lo, hi = 0, seq.num_todo
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= room else (lo, mid - 1)
+        return lo
+
+    def _prefill_next(
+        self, now: float, pending: list[Sequence], running: list[Sequence]
+    ) -> SchedulerOutput | None:
+        """The next prefill pass, or None when the running rows must decode first. Requests
+        that can still get their first token on time go first (earliest deadline first), then
+        late ones; a prompt too long for the room left (the rows' next token, the longest
+        planned pause) is prefilled a chunk at a time, each chunk as large as the room allows."""
+        pending = sorted(pending, key=lambda s: (self.late(now, s), self.ttft_due(s)))
+        head = pending[0]
+        cap = self.longest_pass(pending, running)
+        room = min(self.decode_room(now, running), cap) if self.chunked else INF
+        whole = self._cost([head])
+        scoring = head.sampling.prompt_logprobs is not None  # needs every position in one pass
+        if not head.prefilled and (whole <= room or scoring):
+            group = self._group(now, [s for s in pending if not s.prefilled], running)
+            return SchedulerOutput(now, prefill=self.prefill_passes(group, now))
+        after = self.room_after_decode(now, running) if running else -INF
+        if whole <= min(cap, after):
+            return None  # the whole prompt fits right after the rows' next token
+        n, least = self._chunk(head, room), min(MIN_CHUNK, head.num_todo)
+        if n < least:
+            # too little room: the rows decode first if they have not since the last prefill
+            # pass, or if their token leaves room for a chunk; else it goes on at the least
+            # size (decode and chunks alternate when decoding alone takes up the pace)
+            decoded = all(s.token_times and s.token_times[-1] > self.prefilled_at for s in running)
+            if running and (not decoded or self._chunk(head, min(cap, after)) >= least):
+                return None
+            n = least
+        end = head.prefilled + n
+        chunks = {head: end} if end < head.num_prompt_tokens else {}
+        return SchedulerOutput(now, prefill=[[head]], chunks=chunks)
 
     def _step_cost(self, tokens: list[int]) -> float:
         """Estimated seconds of one micro-step on these examples (padded to the longest)."""
@@ -321,7 +401,8 @@ class Scheduler:
         d = c.margin * c.decode(len(seqs))
         room = min(self.headroom * STALL_TPOTS * s.slo.tpot - d for s in seqs)
         for s in newcomers:
-            room = min(room, self.headroom * s.slo.ttft - c.margin * c.prefill(s.num_prompt_tokens))
+            first = min(self._cost([s]), self.longest_pass(newcomers, running))  # (or chunks)
+            room = min(room, self.headroom * s.slo.ttft - first)
         return room
 
     def prefill_slack(
@@ -334,7 +415,7 @@ class Scheduler:
         c, slack, t = self.costs, INF, now
         rows, room = len(running), self.decode_room(now, running)
         for group in self.prefill_passes(newcomers, now):
-            p = c.margin * c.prefill(prefill_units(group))
+            p = self._cost(group)
             if rows and p > room:  # the rows need a token before this pass
                 d = c.margin * c.decode(rows)
                 t, room = t + d, self.headroom * min(r.slo.tpot for r in running + newcomers) - d
@@ -385,8 +466,9 @@ class Scheduler:
         training: Training | None = None,
     ) -> SchedulerOutput:
         if newcomers:
-            group = self._group(now, newcomers, running)
-            return SchedulerOutput(now, prefill=self.prefill_passes(group, now))
+            out = self._prefill_next(now, newcomers, running)
+            if out is not None:
+                return out
         if running:
             return SchedulerOutput(now, decode=list(running))
         if training is not None:  # (immediate) an arrival waits at most one segment
@@ -395,6 +477,6 @@ class Scheduler:
 
     def queue_stats(self, now: float) -> dict:
         """For the metrics: waiting and running requests, and the waiting ones' slack."""
-        waiting = sorted(self.waiting, key=self.ttft_due)
+        waiting = self.prefilling + sorted(self.waiting, key=self.ttft_due)
         slack = self.prefill_slack(now, waiting, self.running) if waiting else None
-        return {"waiting": len(waiting), "running": len(self.running), "slack": slack}
+        return {"waiting": len(self.waiting), "running": self.num_running, "slack": slack}

@@ -68,6 +68,10 @@ class Sequence:
         self.arrival = time.monotonic()
         self.admitted: float | None = None  # prefill start
         self.slack_at_admission: float | None = None  # seconds left before the TTFT target
+        self.prefilled = 0  # prompt tokens whose KV is computed (chunked prefill, prefix cache)
+        self.cached_tokens = 0  # of those, taken from the prefix cache
+        self.chunks = 0  # prefill passes its prompt took (more than 1: chunked)
+        self.note: str | None = None  # why its first token came late, if the scheduler knew
         self.token_times: list[float] = []
         self.finish_reason: str | None = None  # eos, stop, length, context, cancelled, error
         self.error: str | None = None
@@ -82,6 +86,11 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def num_todo(self) -> int:
+        """Prompt tokens still to prefill."""
+        return len(self.prompt_ids) - self.prefilled
 
     @property
     def num_tokens(self) -> int:
@@ -155,6 +164,9 @@ class Sequence:
             "tokens_per_s": len(gaps) / decode_time if gaps and decode_time > 0 else None,
             "deferred": None if self.admitted is None else self.admitted - self.arrival,
             "slack_at_admission": self.slack_at_admission,
+            "prefill_chunks": self.chunks,
+            "cached_tokens": self.cached_tokens,
+            "note": self.note,
             "slo": {"ttft": self.slo.ttft, "tpot": self.slo.tpot},
             "total": end - self.arrival,
             "adapter": self.adapter,
@@ -171,6 +183,7 @@ class Sequence:
             "usage": {
                 "prompt_tokens": self.num_prompt_tokens,
                 "completion_tokens": len(self.output_ids),
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
             },
             "stats": self.stats(),
             **self.logprob_fields(),

@@ -44,6 +44,7 @@ from .walk import TrainingPass
 
 log = logging.getLogger("fineinfer")
 KEEP_CHECKPOINTS = 2
+EVAL_SAMPLE = 16  # held-out examples the automatic validation passes before the last score
 
 
 class MicroStep(NamedTuple):
@@ -111,7 +112,7 @@ class Trainer:
         if records is not None:
             lines = (json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
             atomic_write(job.folder / RECORDS, "".join(lines))
-            job.source = {"records": RECORDS}
+            job.source = {**(source or {}), "records": RECORDS}
         self._write_job(job)
         self.jobs[job_id] = job
         self.queue.append(job)
@@ -134,6 +135,7 @@ class Trainer:
                     job.state = JobState.INTERRUPTED
                     job.step = checkpoint_step(last) if last else 0
                     job.loss_history = [p for p in job.loss_history if p[0] <= job.step]
+                    job.eval_history = [p for p in job.eval_history if p[0] <= job.step]
                     self._write_job(job)
             except Exception:
                 log.exception("job record %s does not read; skipped", folder)
@@ -308,17 +310,21 @@ class Trainer:
         job.loss_history.append((job.step, job.loss_sum / job.batch_tokens))
         self.adapters.trained(job.adapter, job.step)
         last = job.step >= job.total_steps
-        if job.dataset.val and (last or (p.eval_every and job.step % p.eval_every == 0)):
-            job.eval_loss = self._eval(job)
+        if job.dataset.val and (last or job.step % job.eval_every == 0):
+            # the pass runs whole, here: with eval_every 0, the passes before the last score a
+            # sample, so that requests wait less (docs/design.md, "Training length")
+            sample = not last and not p.eval_every
+            job.eval_loss = self._eval(job, EVAL_SAMPLE if sample else None)
+            job.eval_history.append((job.step, job.eval_loss))
         if last:
             self._finish(job, JobState.DONE)
         elif job.step % p.checkpoint_every == 0:
             self._save_checkpoint(job)
             self._write_job(job)
 
-    def _eval(self, job: Job) -> float:
+    def _eval(self, job: Job, limit: int | None = None) -> float:
         total = n = 0
-        val = job.dataset.val
+        val = job.dataset.val[:limit]
         for i in range(0, len(val), job.params.micro_batch_size):
             s, k = self.runner.eval_loss(
                 collate(val[i : i + job.params.micro_batch_size], self.pad_id)
@@ -461,6 +467,7 @@ class Trainer:
             "lr_scheduler": job.lr_scheduler.state_dict() if job.lr_scheduler else None,
             "loss_history": job.loss_history,
             "eval_loss": job.eval_loss,
+            "eval_history": job.eval_history,
             "tokens_done": job.tokens_done,
             "samples_done": job.samples_done,
             "rng": torch.get_rng_state(),
@@ -483,6 +490,7 @@ class Trainer:
             job.lr_scheduler.load_state_dict(state["lr_scheduler"])
         job.loss_history = [tuple(p) for p in state["loss_history"]]
         job.eval_loss = state["eval_loss"]
+        job.eval_history = [tuple(p) for p in state.get("eval_history") or []]
         job.tokens_done, job.samples_done = state["tokens_done"], state["samples_done"]
         torch.set_rng_state(state["rng"])
 

@@ -10,11 +10,19 @@ from .client import FineInferError
 
 HELP = """\
 %fineinfer status                      engine state, model, adapters
-%fineinfer tune NAME --data PATH [--epochs N] [--max-steps N] [--rank R] [--alpha A] [--lr X]
-           [--batch-size N] [--micro-batch-size N] [--max-length N] [--val-fraction F]
+%fineinfer tune NAME --data PATH|VAR [--epochs N] [--max-steps N] [--rank R] [--alpha A]
+           [--lr X] [--batch-size N] [--micro-batch-size N] [--max-length N] [--val-fraction F]
            [--warmup-steps N] [--eval-every N] [--checkpoint-every N] [--seed N]
            [--target-modules a,b]      start training at once; shows a live job widget
-           (--records VAR instead of --data: a list of {"prompt", "completion"} records)
+           --data: a .jsonl, .txt, .json, .csv or .parquet file, a datasets save_to_disk
+           folder, or a variable: a DataFrame, a Dataset/DatasetDict, a list of dicts
+           (--records VAR: the same, always a variable)
+           [--text-column C] [--prompt-column C] [--completion-column C] [--messages-column C]
+           without --epochs or --max-steps a small data set trains several epochs
+%fineinfer eval NAME [--data PATH|VAR] [--compare base,OTHER] [--limit N] [--max-new-tokens N]
+                                       held-out loss, perplexity, exact-match and contains
+                                       rates, side by side (default data: the examples its
+                                       job held out with --val-fraction)
 %fineinfer jobs                        every job and its progress
 %fineinfer wait NAME_OR_ID [--timeout S]   block until the job has finished
 %fineinfer stop | resume | cancel NAME_OR_ID
@@ -30,6 +38,7 @@ HELP = """\
                                        nodes (accelerate / torchrun); prints the commands
 %fineinfer dashboard                   live engine dashboard
 %fineinfer connect URL [--token T]     use another server (found on its own otherwise)
+%fineinfer restart [--timeout S]       shut the engine down, load the model again, wait for it
 %fineinfer help
 
 %%generate [--adapter NAME | --compare base,NAME,...] [--max-new-tokens N] [--temperature T]
@@ -58,6 +67,12 @@ TRAIN_OPTIONS = {  # flag -> (TrainParams field, type)
     "--checkpoint-every": ("checkpoint_every", int),
     "--seed": ("seed", int),
     "--target-modules": ("target_modules", modules),
+}
+COLUMN_OPTIONS = {  # flag -> the part of a record it names (engine/sources.py)
+    "--text-column": "text",
+    "--prompt-column": "prompt",
+    "--completion-column": "completion",
+    "--messages-column": "messages",
 }
 SAMPLING_OPTIONS = {
     "--max-new-tokens": ("max_new_tokens", int),
@@ -94,9 +109,19 @@ def _line_parser() -> tuple[_Parser, dict]:
         sub.add_parser(command, prog=f"%fineinfer {command}")
     tune = sub.add_parser("tune", prog="%fineinfer tune")
     tune.add_argument("name")
-    source = tune.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="a .jsonl or .txt file (relative to the notebook)")
-    source.add_argument("--records", help="a variable holding a list of records")
+    evaluate = sub.add_parser("eval", prog="%fineinfer eval")
+    evaluate.add_argument("name")
+    evaluate.add_argument("--compare", default="base", help="comma-separated; 'none' for none")
+    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    for parser_, required in ((tune, True), (evaluate, False)):
+        source = parser_.add_mutually_exclusive_group(required=required)
+        source.add_argument(
+            "--data", help="a file or folder (relative to the notebook), or a variable"
+        )
+        source.add_argument("--records", help="a variable: a DataFrame, Dataset or list of dicts")
+        for flag, part in COLUMN_OPTIONS.items():
+            parser_.add_argument(flag, dest=f"column_{part}", metavar="COLUMN")
     for flag, (dest, kind) in TRAIN_OPTIONS.items():
         tune.add_argument(flag, dest=dest, type=kind)
     for command in ("stop", "resume", "cancel", "wait"):
@@ -112,6 +137,8 @@ def _line_parser() -> tuple[_Parser, dict]:
     export.add_argument("name")
     export.add_argument("path", nargs="?")
     export.add_argument("--to", choices=("gguf", "vllm"), default="gguf")
+    restart = sub.add_parser("restart", prog="%fineinfer restart")
+    restart.add_argument("--timeout", type=float, default=600)
     export_job = sub.add_parser("export-job", prog="%fineinfer export-job")
     export_job.add_argument("job", metavar="NAME_OR_ID")
     export_job.add_argument("path", nargs="?")
@@ -179,6 +206,22 @@ def train_params(args: argparse.Namespace) -> dict:
     """The TrainParams fields a `tune` line set."""
     params = {dest: getattr(args, dest) for dest, _ in TRAIN_OPTIONS.values()}
     return {k: v for k, v in params.items() if v is not None}
+
+
+def column_map(args: argparse.Namespace) -> dict:
+    """{"prompt": "question", ...} from the --<part>-column flags given."""
+    parts = {part: getattr(args, f"column_{part}") for part in COLUMN_OPTIONS.values()}
+    return {k: v for k, v in parts.items() if v}
+
+
+def compared(args: argparse.Namespace) -> list[str]:
+    """--compare: the models beside the adapter ("none": no other)."""
+    names = [n.strip() for n in args.compare.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    if not names or len(set(names)) != len(names):
+        raise FineInferError("eval: --compare takes distinct names, e.g. base or base,other")
+    return names
 
 
 def _split(line: str) -> list[str]:

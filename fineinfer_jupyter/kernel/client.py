@@ -129,23 +129,59 @@ class FineInferClient:
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"jobs/{_quote(job_id)}")
 
-    def tune(self, adapter: str, data=None, *, records: list[dict] | None = None, **params) -> dict:
+    def tune(
+        self,
+        adapter: str,
+        data=None,
+        *,
+        records=None,
+        columns: dict | None = None,
+        **params,
+    ) -> dict:
         """Start a LoRA fine-tuning job; returns the Job at once.
 
-        `data` is a .jsonl/.txt path (relative paths resolve against the current directory,
-        then go to the server absolute; it refuses paths outside its root) or a list of
-        records. `params` are TrainParams fields (max_steps, r, learning_rate, ...).
+        `data` is a path (.jsonl, .txt, .json, .csv, .parquet or a datasets save_to_disk
+        folder; relative paths resolve against the current directory, then go to the server
+        absolute: the server reads the file, and refuses paths outside its root) or the data
+        itself: a list of records, a pandas DataFrame, a datasets Dataset or DatasetDict, a
+        pyarrow Table (sent as records, at most 16 MiB as JSON). `columns` names the columns
+        that hold the parts of a record ({"prompt": "question", "completion": "answer"}, or
+        "text" or "messages"). `params` are TrainParams fields (max_steps, r, ...).
         """
-        body: dict = {"adapter": adapter}
-        if isinstance(data, list):
-            records = data
-        elif data is not None:
-            body["data"] = str(Path(data).expanduser().resolve())
-        if records is not None:
-            body["records"] = records
+        body: dict = {"adapter": adapter, **_data_fields(data, records, columns)}
         if params:
             body["params"] = params
         return self._json("POST", "jobs", body)
+
+    def evaluate(
+        self,
+        adapter: str,
+        data=None,
+        *,
+        records=None,
+        columns: dict | None = None,
+        compare=("base",),
+        limit: int | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = 600,
+    ) -> dict:
+        """Did it learn? Loss and perplexity of `adapter` and of the models in `compare` on
+        `data` (as for tune) or, without data, on the examples its job held out
+        (val_fraction); for question/answer data also the exact-match and contains rates of
+        greedy answers, and a few rows side by side. Waits for the answer."""
+        body: dict = {**_data_fields(data, records, columns), "compare": list(compare or [])}
+        if limit is not None:
+            body["limit"] = limit
+        if max_new_tokens is not None:
+            body["max_new_tokens"] = max_new_tokens
+        path = f"adapters/{_quote(adapter)}/eval"
+        with self._open("POST", path, body, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def restart(self) -> dict:
+        """Shut the engine down and load the model again (the server keeps running); returns
+        the status at once (loading: see wait_ready)."""
+        return self._json("POST", "engine/restart")
 
     def stop(self, job_id: str) -> dict:
         return self._json("POST", f"jobs/{_quote(job_id)}/stop")
@@ -297,6 +333,22 @@ def _request_body(prompt, messages, adapter, sampling) -> dict:
         body["adapter"] = adapter
     body.update({k: v for k, v in sampling.items() if v is not None})
     return body
+
+
+def _data_fields(data, records, columns) -> dict:
+    """ "data" (an absolute path) or "records" (rows of a table), and "columns"."""
+    from .tables import records_of
+
+    out: dict = {}
+    if data is not None and not isinstance(data, (str, Path)):
+        data, records = None, data
+    if data is not None:
+        out["data"] = _absolute(data)
+    if records is not None:
+        out["records"] = records_of(records, "records")
+    if columns:
+        out["columns"] = columns
+    return out
 
 
 def _absolute(path: str | Path) -> str:

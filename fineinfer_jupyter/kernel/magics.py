@@ -9,18 +9,21 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
 
-from .args import HELP, HelpShown, parse_generate, parse_line, train_params
+from .args import HELP, HelpShown, column_map, compared, parse_generate, parse_line, train_params
 from .client import ACTIVE_STATES, FineInferClient, FineInferError
 from .render import (
     compare_bundle,
+    eval_lines,
     export_lines,
     footer,
     job_export_lines,
     job_line,
+    length_note,
     status_lines,
     table,
 )
@@ -82,15 +85,53 @@ class FineInferMagics(Magics):
 
     def _tune(self, args) -> None:
         params = train_params(args)
+        job = self.client.tune(args.name, **self._data(args), columns=column_map(args), **params)
+        examples = f" on {job['examples']} examples" if job.get("examples") else ""
+        print(
+            f"{job['id']}: training {job['adapter']!r}{examples}, {job['total_steps']} steps"
+            + length_note(job)
+        )
+        self._show_job(job)
+
+    def _eval(self, args) -> None:
+        result = self.client.evaluate(
+            args.name,
+            **self._data(args),
+            columns=column_map(args),
+            compare=compared(args),
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+        )
+        print("\n".join(eval_lines(result)))
+
+    def _data(self, args) -> dict:
+        """{"data": path} or {"records": a variable's value}: --records names a variable;
+        --data a file or folder if there is one, else a variable of that name."""
+        command = args.command
         if args.records is not None:
             if args.records not in self.shell.user_ns:
-                raise FineInferError(f"tune: --records: no variable named {args.records!r}")
-            job = self.client.tune(args.name, records=self.shell.user_ns[args.records], **params)
-        else:
-            job = self.client.tune(args.name, args.data, **params)
-        examples = f" on {job['examples']} examples" if job.get("examples") else ""
-        print(f"{job['id']}: training {job['adapter']!r}{examples}, {job['total_steps']} steps")
-        self._show_job(job)
+                raise FineInferError(f"{command}: --records: no variable named {args.records!r}")
+            return {"records": self._rows(args.records)}
+        if args.data is None:
+            return {}
+        if Path(args.data).expanduser().exists() or not args.data.isidentifier():
+            return {"data": args.data}
+        if args.data not in self.shell.user_ns:
+            raise FineInferError(
+                f"{command}: --data: no file or folder and no variable named {args.data!r}"
+            )
+        return {"records": self._rows(args.data)}
+
+    def _rows(self, name: str) -> list[dict]:
+        from .tables import records_of
+
+        return records_of(self.shell.user_ns[name], name)
+
+    def _restart(self, args) -> None:
+        self.client.restart()
+        print("restarting the engine: loading the model again…", flush=True)
+        status = self.client.wait_ready(timeout=args.timeout)
+        print(status_lines(status, self.client.url)[0].replace(": ready", ": ready again"))
 
     def _show_job(self, job: dict) -> None:
         from .widgets import JobWidget

@@ -53,10 +53,66 @@ def job_line(job: dict) -> str:
     if job.get("loss") is not None:
         line += f" · loss {job['loss']:.4g}"
     if job.get("eval_loss") is not None:
-        line += f" · eval loss {job['eval_loss']:.4g}"
+        line += f" · validation loss {job['eval_loss']:.4g}"
+    if job.get("loss_falling"):
+        line += f" · {STILL_FALLING}"
     if job.get("error"):
         line += f" · {job['error']}"
     return line
+
+
+STILL_FALLING = "loss still falling: more steps may help"
+
+
+def length_note(job: dict) -> str:
+    """How the job's length was chosen, when the user did not choose it."""
+    if not job.get("auto_length"):
+        return ""
+    epochs = job.get("epochs") or 0
+    if epochs <= 1:
+        return " (1 epoch)"
+    return f" ({epochs:.3g} epochs: a small data set is seen several times; set --epochs or --max-steps)"
+
+
+def eval_lines(result: dict) -> list[str]:
+    """An evaluation: one row per model, then a few examples with every model's answer."""
+    lines = [f"{result['adapter']} on {result['examples']} examples ({result['data']}):"]
+    rows = []
+    for m in result["models"]:
+        rows.append(
+            (
+                m["model"],
+                _g(m["loss"]),
+                _g(m["perplexity"]),
+                _rate(m["exact_match"], m["answers"]),
+                _rate(m["contains"], m["answers"]),
+            )
+        )
+    header = ("model", "loss", "perplexity", "exact match", "contains")
+    lines += ["  " + r for r in table(header, rows).splitlines()]
+    width = max((len(m["model"]) for m in result["models"]), default=4)
+    width = max(width, len("reference"))
+    for row in result["rows"]:
+        lines += [
+            "",
+            _one_line(row["prompt"]),
+            f"  {'reference'.ljust(width)}  {_one_line(row['reference'])}",
+        ]
+        lines += [f"  {n.ljust(width)}  {_one_line(a)}" for n, a in row["answers"].items()]
+    return lines
+
+
+def _g(v) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def _rate(rate, n: int) -> str:
+    return "–" if rate is None else f"{round(rate * n)}/{n} ({100 * rate:.0f}%)"
+
+
+def _one_line(text: str, limit: int = 120) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def export_lines(result: dict) -> list[str]:
@@ -96,6 +152,12 @@ def footer(done: dict | None, adapter: str | None) -> str:
         parts.append(f"{stats['tokens_per_s']:.1f} tokens/s")
     deferred = stats.get("deferred") or 0.0
     parts.append(f"deferred {deferred:.2f} s" if deferred >= 0.005 else "not deferred")
+    if stats.get("cached_tokens"):
+        parts.append(f"{stats['cached_tokens']} prompt tokens cached")
+    if (stats.get("prefill_chunks") or 0) > 1:
+        parts.append(f"prefilled in {stats['prefill_chunks']} chunks")
+    if stats.get("note"):
+        parts.append(f"late: {stats['note']}")
     parts.append(f"finish: {done.get('finish_reason')}")
     return "[" + " · ".join(parts) + "]"
 

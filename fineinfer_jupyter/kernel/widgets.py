@@ -15,6 +15,7 @@ import time
 import ipywidgets as w
 
 from .client import ACTIVE_STATES, FineInferClient, FineInferError
+from .render import STILL_FALLING
 
 BAR_STYLE = {"running": "info", "done": "success", "failed": "danger"}
 
@@ -109,12 +110,18 @@ class JobWidget(_Poller):
         elif job["state"] in ACTIVE_STATES:
             parts.append(f"ETA {_secs(job.get('eta_s'))}")
         if job.get("eval_loss") is not None:
-            parts.append(f"eval loss {_num(job['eval_loss'])}")
+            parts.append(f"validation loss {_num(job['eval_loss'])}")
+        if job.get("loss_falling"):
+            parts.append(f"<b>{STILL_FALLING}</b>")
         if job.get("error"):
             parts.append(f"<span style='color:#c00'>{_e(job['error'])}</span>")
         self.stats.value = "&nbsp;" + " · ".join(parts)
         losses = [p[1] for p in job.get("loss_history") or []]
-        self.spark.value = f"loss {sparkline(losses, width=240)}" if len(losses) > 1 else ""
+        evals = [p[1] for p in job.get("eval_history") or []]
+        lines = [f"loss {sparkline(losses, width=240)}"] if len(losses) > 1 else []
+        if len(evals) > 1:
+            lines.append(f"validation loss {sparkline(evals, width=240)}")
+        self.spark.value = " &nbsp; ".join(lines)
 
     def show_error(self, message: str) -> None:
         self.stats.value = f"&nbsp;<span style='color:#c00'>{_e(message)}</span>"
@@ -180,6 +187,7 @@ class Dashboard(_Poller):
             ),
             ("loss", _num(train.get("loss")), series.get("loss")),
             _offload_row(offload, series.get("offload_bytes_per_s")),
+            _prefix_row(m.get("prefix_cache") or {}),
             (
                 "memory",
                 f"{_bytes(memory.get('rss_bytes'))} RAM · {_bytes(memory.get('device_bytes'))} device",
@@ -194,6 +202,17 @@ class Dashboard(_Poller):
         )
         self.body.value = f"<table style='font-size:12px'>{cells}</table>"
         self.error.value = ""
+
+
+def _prefix_row(prefix: dict) -> tuple:
+    """The prefix cache: its bytes against its budget, hit rate and prompt tokens saved."""
+    if not prefix.get("budget_bytes"):
+        return ("prefix cache", "off", None)
+    value = (
+        f"{_bytes(prefix.get('bytes'))} of {_bytes(prefix.get('budget_bytes'))} · "
+        f"hit rate {_pct(prefix.get('hit_rate'))} · {prefix.get('tokens_saved', 0)} tokens saved"
+    )
+    return ("prefix cache", value, None)
 
 
 def _offload_row(offload: dict, points) -> tuple:

@@ -138,6 +138,19 @@ class FineInferApp(ExtensionApp):
         unless you set a policy), so other programs slow the engine only in proportion to the
         cores they take.""",
     ).tag(config=True)
+    prefix_cache_bytes = Int(
+        None,
+        allow_none=True,
+        help="""Bytes of finished requests' KV cache kept on the device so that a prompt that
+        starts the same way (a chat resending its history) prefills only the rest; least
+        recently used out first. Default: an eighth of the free memory at start, at most 2 GiB.
+        0: no prefix cache.""",
+    ).tag(config=True)
+    chunked_prefill = Bool(
+        True,
+        help="""Prefill a long prompt in chunks between the running answers' tokens, so that
+        they keep their pace. False: every prompt in one pass.""",
+    ).tag(config=True)
     load_at_start = Bool(
         True,
         help="""Load the model in the background when the server starts. When False, it loads
@@ -145,11 +158,12 @@ class FineInferApp(ExtensionApp):
         it is ready, routes that need the model answer 503.""",
     ).tag(config=True)
 
-    @validate("memory_budget")
+    @validate("memory_budget", "prefix_cache_bytes")
     def _bytes(self, proposal):
         value = proposal["value"]
         if value is not None and value < 0:
-            raise TraitError(f"memory_budget must be >= 0 bytes, not {value}")
+            name = proposal["trait"].name
+            raise TraitError(f"{name} must be >= 0 bytes, not {value}")
         return value
 
     @validate("ttft", "tpot")
@@ -181,6 +195,7 @@ class FineInferApp(ExtensionApp):
         """EngineConfig's fields, from the traits."""
         names = ("model", "device", "dtype", "quantize", "data_dir", "cache_dir", "policy")
         names += ("offload", "memory_budget", "heterogeneous")
+        names += ("prefix_cache_bytes", "chunked_prefill")
         limits = (
             "max_queue",
             "max_new_tokens_cap",

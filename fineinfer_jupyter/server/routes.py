@@ -76,7 +76,12 @@ class JobsHandler(FineInferHandler):
         params = validate.train_params(req.params)
         with validate.params_errors():
             job = await self.host.run(
-                engine.tune, req.adapter, req.data, params, data_field=req.data_field
+                engine.tune,
+                req.adapter,
+                req.data,
+                params,
+                columns=req.columns,
+                data_field=req.data_field,
             )
         self.set_header("Location", url_path_join(self.base_url, API, "jobs", job["id"]))
         self.reply(job, 201)
@@ -197,6 +202,31 @@ class AdapterExportHandler(FineInferHandler):
         validate.adapter_name(name)
         to, path = validate.adapter_export_request(self.body, self.host.root_dir)
         self.reply(await self.host.run(engine.export_adapter, name, to, path))
+
+
+class AdapterEvalHandler(FineInferHandler):
+    auth_resource = f"{RESOURCE}:adapters"
+
+    @web.authenticated
+    @authorized(action="execute")
+    async def post(self, name: str):
+        """Held-out loss and perplexity, exact-match and contains rates of greedy answers, of
+        the adapter and the models in "compare", side by side (engine/evaluate.py)."""
+        engine = self.host.require()
+        validate.adapter_name(name)
+        req = validate.eval_request(self.body, self.host.root_dir)
+        self.reply(
+            await self.host.run(
+                engine.evaluate,
+                name,
+                req.data,
+                columns=req.columns,
+                compare=req.compare,
+                limit=req.limit,
+                max_new_tokens=req.max_new_tokens,
+                data_field=req.data_field,
+            )
+        )
 
 
 class EngineRestartHandler(FineInferHandler):
@@ -321,6 +351,7 @@ def handlers() -> list[tuple[str, type]]:
         (f"adapters/{name}", AdapterHandler),
         (f"adapters/{name}/save", AdapterSaveHandler),
         (f"adapters/{name}/export", AdapterExportHandler),
+        (f"adapters/{name}/eval", AdapterEvalHandler),
         ("events", EventsHandler),
         ("engine/restart", EngineRestartHandler),
         ("openapi.json", OpenAPIHandler),

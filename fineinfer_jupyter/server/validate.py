@@ -22,7 +22,8 @@ SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry lone ones; nothing c
 PATH_MAX, NAME_MAX = 4095, 255  # bytes in a path, in one of its parts (Linux)
 ROLES = ("system", "user", "assistant", "tool")
 JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-DATA_SUFFIXES = (".jsonl", ".txt")
+DATA_SUFFIXES = (".jsonl", ".txt", ".json", ".csv", ".parquet")  # engine/sources.py
+DATA_KINDS = "a .jsonl, .txt, .json, .csv or .parquet file or a save_to_disk folder"
 ADAPTER_FILES = {  # what PEFT and the engine write into an adapter folder
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -344,30 +345,85 @@ class JobRequest:
     data: str | list[dict]  # a path (resolved under the root) or records
     data_field: str  # "data" or "records"
     params: dict
+    columns: dict | None = None  # {"prompt": "question", ...}: engine/sources.py
 
 
-JOB_FIELDS = ("adapter", "data", "records", "params")
+JOB_FIELDS = ("adapter", "data", "records", "params", "columns")
 
 
 def job_request(raw: bytes, root_dir: str) -> JobRequest:
-    """POST api/jobs: {"adapter", "data": path} or {"adapter", "records"}, optional "params"."""
+    """POST api/jobs: {"adapter", "data": path} or {"adapter", "records"}, optional "params"
+    and "columns"."""
     body = Body(raw)
     body.only(*JOB_FIELDS)
     adapter = adapter_name(body.get("adapter", "string", required=True), "adapter")
+    data, data_field = data_source(body, root_dir, required=True)
+    params = body.get("params", "object", default={})
+    return JobRequest(adapter, data, data_field, params, columns(body))
+
+
+def data_source(body: Body, root_dir: str, *, required: bool):
+    """(a data file or folder under the root, "data") or (records, "records"); (None, "data")
+    when neither is given and none is required."""
     path, records = body.get("data", "string"), body.get("records", "array")
-    if (path is None) == (records is None):
-        raise bad("data", "send either data (a .jsonl or .txt file under the root) or records")
-    if path is not None:
-        file = resolve_path(root_dir, path, "data")
-        with os_errors("data", path):
-            if not file.is_file():
-                raise bad("data", f"{shown(path)} is not a file")
-        if file.suffix not in DATA_SUFFIXES:
-            raise bad("data", f"{shown(path)}: expected a .jsonl or .txt file")
-        data, data_field = str(file), "data"
-    else:
-        data, data_field = records, "records"
-    return JobRequest(adapter, data, data_field, body.get("params", "object", default={}))
+    if path is not None and records is not None or (required and path is None and not records):
+        raise bad("data", f"send either data ({DATA_KINDS} under the root) or records")
+    if path is None:
+        return records, "records" if records is not None else "data"
+    file = resolve_path(root_dir, path, "data")
+    with os_errors("data", path):
+        if file.is_dir():
+            saved = ("dataset_info.json", "dataset_dict.json")
+            if not any((file / name).is_file() for name in saved):
+                raise bad("data", f"{shown(path)} is a folder but not a datasets save_to_disk one")
+        elif not file.is_file():
+            raise bad("data", f"{shown(path)} is not a file")
+        elif file.suffix not in DATA_SUFFIXES:
+            raise bad("data", f"{shown(path)}: expected {DATA_KINDS}")
+    return str(file), "data"
+
+
+def columns(body: Body) -> dict | None:
+    """ "columns": {"text" | "prompt" | "completion" | "messages": column name}."""
+    from ..engine.sources import DataError, check_columns
+
+    value = body.get("columns", "object")
+    try:
+        return check_columns(value) or None
+    except DataError as e:
+        raise bad(None, str(e)) from None
+
+
+EVAL_FIELDS = ("data", "records", "columns", "compare", "limit", "max_new_tokens")
+
+
+@dataclass
+class EvalRequest:
+    data: str | list[dict] | None  # None: the adapter's held-out examples
+    data_field: str
+    columns: dict | None
+    compare: list[str]
+    limit: int
+    max_new_tokens: int | None
+
+
+def eval_request(raw: bytes, root_dir: str) -> EvalRequest:
+    """POST api/adapters/<name>/eval: optional data or records, columns, "compare" (models to
+    put beside it, ["base"] by default), "limit" (examples), "max_new_tokens"."""
+    body = Body(raw)
+    body.only(*EVAL_FIELDS)
+    data, data_field = data_source(body, root_dir, required=False)
+    compare = body.get("compare", "array", default=["base"])
+    if not all(isinstance(c, str) for c in compare) or len(compare) > 8:
+        raise bad("compare", 'must be a list of at most 8 names ("base" or adapters)')
+    compare = [_adapter(c) or "base" for c in compare]
+    limit = body.get("limit", "integer", default=32)
+    if not 1 <= limit <= 1024:
+        raise bad("limit", "must be an integer in [1, 1024]")
+    max_new_tokens = body.get("max_new_tokens", "integer")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise bad("max_new_tokens", "must be an integer >= 1")
+    return EvalRequest(data, data_field, columns(body), compare, limit, max_new_tokens)
 
 
 def train_params(params: dict):

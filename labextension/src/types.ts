@@ -42,6 +42,15 @@ export interface IOffload {
   shared_bytes?: number; // not fetched for training: an inference pass had the layer
 }
 
+/** The prefix cache: finished requests' KV kept for prompts that start the same way. */
+export interface IPrefixCache {
+  budget_bytes: number; // 0: off
+  bytes: number;
+  entries: number;
+  hit_rate: number | null; // hits / lookups
+  tokens_saved: number; // prompt tokens not prefilled again
+}
+
 export interface IMetrics {
   time: number; // server clock, seconds
   state: EngineState;
@@ -55,6 +64,7 @@ export interface IMetrics {
     loss: number | null;
   } | null;
   offload: IOffload;
+  prefix_cache?: IPrefixCache;
   series?: ISeries; // one point per second over the last five minutes
 }
 
@@ -78,6 +88,8 @@ export interface IJob {
   samples_per_s: number | null;
   eta_s: number | null;
   estimating: boolean; // running, no optimizer step measured yet
+  eval_loss?: number | null; // validation loss (val_fraction), the latest
+  loss_falling?: boolean | null; // done with the loss still falling: more steps may help
 }
 
 export interface IAdapter {

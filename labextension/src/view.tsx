@@ -5,7 +5,7 @@ import * as React from 'react';
 import { Chart } from './chart';
 import { fmtBytes, fmtCount, fmtNumber, fmtSeconds } from './format';
 import { FineInferModel, SeriesKey } from './model';
-import { ExportFormat, IAdapter, IJob, IStatus } from './types';
+import { ExportFormat, IAdapter, IJob, IPrefixCache, IStatus } from './types';
 
 const CHARTS: { key: SeriesKey; title: string; format: (v: number) => string; zero?: boolean }[] = [
   { key: 'inference_tokens_per_s', title: 'Inference tokens/s', format: v => fmtNumber(v) },
@@ -84,11 +84,25 @@ function Dashboard({ model }: { model: FineInferModel }): JSX.Element {
               />
             )
           )}
+          <div className="fi-Detail" data-testid="fi-prefix-cache">
+            {prefixText(model.metrics?.prefix_cache)}
+          </div>
         </Section>
       )}
       {up && <Jobs model={model} />}
       {up && <Adapters model={model} />}
     </div>
+  );
+}
+
+function prefixText(p: IPrefixCache | undefined): string {
+  if (!p?.budget_bytes) {
+    return 'Prefix cache: off';
+  }
+  const rate = p.hit_rate === null ? '–' : `${Math.round(100 * p.hit_rate)}%`;
+  return (
+    `Prefix cache: ${fmtBytes(p.bytes)} of ${fmtBytes(p.budget_bytes)} · hit rate ${rate}` +
+    ` · ${fmtCount(p.tokens_saved)} tokens saved`
   );
 }
 
@@ -227,10 +241,20 @@ function Job({ job, model }: { job: IJob; model: FineInferModel }): JSX.Element 
         <span>
           loss <span data-testid="fi-job-loss">{fmtNumber(job.loss, 3)}</span>
         </span>
+        {job.eval_loss !== null && job.eval_loss !== undefined && (
+          <span>
+            val loss <span data-testid="fi-job-eval-loss">{fmtNumber(job.eval_loss, 3)}</span>
+          </span>
+        )}
         {job.state === 'running' && (
           <span>{job.estimating ? 'estimating eta' : `eta ${fmtSeconds(job.eta_s)}`}</span>
         )}
       </div>
+      {job.loss_falling && (
+        <div className="fi-Detail" data-testid="fi-job-falling">
+          loss still falling: more steps may help
+        </div>
+      )}
       {job.error && (
         <div className="fi-Detail fi-mod-error" data-testid="fi-job-error">
           {job.error}
