@@ -1,3 +1,7 @@
+# isort: off
+import fineinfer_jupyter.engine  # noqa: F401 (first: bitsandbytes then loads without Hub kernels, bnbguard.py)
+
+# isort: on
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model

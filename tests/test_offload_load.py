@@ -169,7 +169,7 @@ CHILD = textwrap.dedent(
         f.write("5")  # the peak starts again from what is resident now
     base = peak()
     config = EngineConfig(model=folder, data_dir=tmp, cache_dir=tmp, offload=offload,
-                          memory_budget=budget, policy="immediate")
+                          memory_budget=budget, policy="immediate", dtype="float32")
     with Engine(config, thread=False) as e:
         load = peak()
         for p in ("Hello there", "The quick brown fox"):

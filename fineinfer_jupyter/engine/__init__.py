@@ -4,9 +4,11 @@ Importing the package does not import torch: `Engine` loads it on first use, aft
 threads.set_wait_policy() has set how OpenMP threads wait (read once, when torch starts).
 """
 
+from .bnbguard import install as guard_bitsandbytes
 from .threads import set_wait_policy
 
 set_wait_policy()
+guard_bitsandbytes()  # before anything imports peft, which imports bitsandbytes
 
 from .config import (  # noqa: E402
     EngineConfig,

@@ -8,6 +8,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+QUANTIZE = ("none", "nf4", "int8")  # quant.py (which imports torch; this module must not)
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
 OFFLOAD_MODES = ("none", "cpu", "disk")
 ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # fullmatch: no trailing newline
@@ -156,6 +157,7 @@ class EngineConfig:
     model: str = "default"
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"  # the frozen base's linear layers: "none", "nf4" or "int8" (quant.py)
     data_dir: str | Path | None = (
         None  # adapters, checkpoints, jobs; default ~/.local/share/fineinfer
     )
@@ -198,6 +200,13 @@ class EngineConfig:
         check(is_int(self.max_queue) and self.max_queue >= 1, "max_queue", "must be >= 1")
         check(
             self.offload in OFFLOAD_MODES, "offload", f"must be one of {', '.join(OFFLOAD_MODES)}"
+        )
+        check(self.quantize in QUANTIZE, "quantize", f"must be one of {', '.join(QUANTIZE)}")
+        check(
+            self.quantize == "none" or self.offload == "none",
+            "offload",
+            f"cannot move {self.quantize} layers yet (their quantization state stays behind); "
+            "use offload='none' or quantize='none'",
         )
         check(
             self.threads is None or (is_int(self.threads) and 1 <= self.threads <= 1024),

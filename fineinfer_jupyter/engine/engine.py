@@ -42,6 +42,7 @@ from .features import features
 from .metrics import Metrics
 from .models import build_tiny, default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
+from .quant import weight_bytes
 from .request import Completion, RequestStream, check_messages, check_token_ids, is_token_ids
 from .sequence import Sequence
 
@@ -409,6 +410,12 @@ class Engine:
         <data_dir>/<model>-<hash>/jobs/<id>/export/. Returns {"job", "path", "files",
         "processes", "base_model", "commands"}."""
         c = self._ready_core()
+        check(
+            self.config.quantize == "none",
+            "job",
+            f"the engine's base is quantized ({self.config.quantize}); an exported job trains a "
+            "full-precision base and would not give this job's losses (not supported yet)",
+        )
 
         def get():
             job = c.trainer.get(job_id)
@@ -663,14 +670,18 @@ class Engine:
             offload=self.config.offload,
             memory_budget=self.config.memory_budget,
             offload_cold=self.config.offload_cold,
+            quantize=self.config.quantize,
         )
         self.model_info = {
             "name": loaded.name,
             "path": loaded.path,
             "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."),
+            "dtype_reason": loaded.dtype_reason,
             "parameters": loaded.parameters,
             "max_context": loaded.max_context,
+            "quantize": self.config.quantize,
+            "weight_bytes": weight_bytes(loaded.model)["total"],  # the base's, as loaded
         }
         progress("calibrating")
         self.core = core.build(self.config, loaded, self.metrics)

@@ -21,6 +21,8 @@ import torch
 
 from .config import check
 from .offload import LayerOffload, Weights, over_budget
+from .precision import auto_cpu_dtype, single_rows_by_mv
+from .quant import check_quantize, logical_shape, quantize_base
 from .storage import atomic_dir
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -57,6 +59,7 @@ class LoadedModel:
     max_context: int
     offload: LayerOffload | None = None  # the decoder layers over the memory budget, if any
     shapes: dict[str, tuple] | None = None  # every parameter's shape as loaded (offloaded too)
+    dtype_reason: str = ""  # how the dtype was chosen (status, the sidebar; precision.py)
 
     def __post_init__(self):
         if self.shapes is None:
@@ -166,15 +169,19 @@ def load_model(
     offload: str = "none",
     memory_budget: int | None = None,
     offload_cold: bool = False,
+    quantize: str = "none",
 ) -> LoadedModel:
     """The model on `device`; with `offload` "cpu" or "disk", the decoder layers over
     `memory_budget` bytes go to host memory or to per-layer files under
     <cache_dir>/offload/ instead, from the checkpoint's files one layer at a time: they are
     never on the device (docs/design.md, "Layer offload")."""
     progress = progress or (lambda _: None)
+    check_quantize(quantize)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     name, folder = prepare(spec, cache_dir=cache_dir, progress=progress)
+    auto = dtype == "auto" and dev.type == "cpu"  # precision.py decides, from the config
+    why = f"auto: {str(dt).removeprefix('torch.')} on {dev.type}" if dtype == "auto" else "set"
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     streamed = offload != "none" and folder is not None
     with (
@@ -185,10 +192,14 @@ def load_model(
         source = None
         if folder is None:
             model, tokenizer = build_tiny()
+            if auto:
+                dt, why = auto_cpu_dtype(model.config)
             model = model.to(dtype=dt)  # built in host memory; offloaded before it moves
         else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+            if auto:
+                dt, why = auto_cpu_dtype(AutoConfig.from_pretrained(folder, local_files_only=True))
             progress(f"loading {name} from {folder}")
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             if offload == "none":
@@ -216,9 +227,14 @@ def load_model(
                 source=source,
             )
     model = model.to(device=dev, dtype=dt).eval()  # (offloaded layers: nothing left to move)
+    if quantize != "none":  # (shapes, above, are the unpacked ones)
+        progress(f"quantizing {name}'s linear layers to {quantize}")
+        quantize_base(model, quantize, dev)  # quant.py; the head, embeddings, norms stay in dt
+    if dt == torch.bfloat16 and dev.type == "cpu":
+        single_rows_by_mv(model)  # precision.py: a bf16 decode at batch 1 by torch.mv
     path = str(folder) if folder is not None else None
     context = max_context(model.config, tokenizer)
-    return LoadedModel(model, tokenizer, name, path, dev, dt, context, off, shapes)
+    return LoadedModel(model, tokenizer, name, path, dev, dt, context, off, shapes, why)
 
 
 def _stack(model):
@@ -383,8 +399,8 @@ def shape_hash(model: torch.nn.Module | dict[str, tuple]) -> str:
     """8 hex digits of a hash of the model's parameters' names and shapes (before any adapter
     is added; or of such {name: shape}). An exported job's train.py computes the same
     (engine/job_export.py)."""
-    if isinstance(model, torch.nn.Module):
-        model = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if isinstance(model, torch.nn.Module):  # (a 4-bit parameter: its unpacked shape)
+        model = {n: logical_shape(p) for n, p in model.named_parameters()}
     shapes = sorted(model.items())
     return hashlib.sha256(repr(shapes).encode()).hexdigest()[:8]
 

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from . import logprobs
 from .batch import Batch
+from .quant import logical_numel
 from .sequence import Sequence
 from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
 
@@ -209,11 +210,12 @@ class Runner:
         if not self.walk.supported:
             return [1.0, 2.0]
         off, stack = self.walk.offload, self.walk.stack
-        # (an offloaded layer's parameters are empty between fetches: its record has the count)
+        # (an offloaded layer's parameters are empty between fetches: its record has the count;
+        # a 4-bit layer's are packed: counted unpacked)
         layer = (
             off.numel[0]
             if off is not None
-            else sum(p.numel() for p in stack.layers[0].parameters())
+            else sum(logical_numel(p) for p in stack.layers[0].parameters())
         )
         head = sum(p.numel() for p in self.walk.causal_lm.lm_head.parameters()) / max(layer, 1)
         forward = [1.0] * self.walk.num_layers + [max(head, 0.1)]

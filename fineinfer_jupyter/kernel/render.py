@@ -15,10 +15,16 @@ def status_lines(status: dict, url: str) -> list[str]:
     model = status.get("model") or {}
     if model:
         size = f" · {model['parameters'] / 1e6:.1f}M parameters" if model.get("parameters") else ""
+        if model.get("quantize") not in (None, "none"):
+            size = f" · {model['quantize']}{size}"
+        if model.get("weight_bytes"):
+            size += f" · {model['weight_bytes'] / 2**20:.0f} MiB of weights"
         lines.append(
             f"model {model.get('name')} · {model.get('device')} · {model.get('dtype')}{size}"
             f" · policy {status.get('policy')}"
         )
+        if str(model.get("dtype_reason", "")).startswith("auto: "):
+            lines.append(f"dtype {model['dtype_reason']}")
     threads = status.get("threads")
     if threads:
         lines.append(

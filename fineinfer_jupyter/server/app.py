@@ -14,6 +14,7 @@ from .host import EngineHost
 # engine.config.POLICIES, repeated: importing the engine here would load torch while the server
 # starts (a test checks that the two agree)
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
+QUANTIZE = ("none", "nf4", "int8")  # engine.config.QUANTIZE, likewise
 
 
 class FineInferApp(ExtensionApp):
@@ -32,7 +33,18 @@ class FineInferApp(ExtensionApp):
         config=True
     )
     dtype = Unicode(
-        "auto", help='Model weights\' dtype: "auto" (float32 on CPU), "float32", "bfloat16", ...'
+        "auto",
+        help="""Model weights' dtype: "float32", "bfloat16", ... or "auto": bfloat16 on a GPU;
+        on a CPU bfloat16 where it has bf16 matrix units (AMX, AVX512-BF16) and a probe at load
+        measures it faster, else float32 (status says which and why).""",
+    ).tag(config=True)
+    quantize = Enum(
+        QUANTIZE,
+        default_value="none",
+        help="""The frozen base's linear layers in 4-bit NF4 or int8 (bitsandbytes, QLoRA):
+        about 1/7 (NF4) or 1/4 (int8) of their float32 bytes; embeddings, norms and the head
+        stay in `dtype`, LoRA adapters and their optimizer in float32. Needs
+        `pip install 'fineinfer-jupyter[quant]'`; not with `offload`.""",
     ).tag(config=True)
     data_dir = Unicode(
         None,
@@ -181,7 +193,7 @@ class FineInferApp(ExtensionApp):
 
     def engine_config(self) -> dict:
         """EngineConfig's fields, from the traits."""
-        names = ("model", "device", "dtype", "data_dir", "cache_dir", "policy")
+        names = ("model", "device", "dtype", "quantize", "data_dir", "cache_dir", "policy")
         names += ("offload", "memory_budget", "heterogeneous")
         names += ("prefix_cache_bytes", "chunked_prefill")
         limits = (

@@ -20,7 +20,10 @@ export interface IStatus {
     path: string;
     device: string;
     dtype: string;
+    dtype_reason?: string; // how "auto" chose, or "set"
     parameters: number;
+    quantize?: 'none' | 'nf4' | 'int8';
+    weight_bytes?: number; // the base's weights as loaded
   } | null;
   policy: string;
   adapters: string[];

@@ -5,7 +5,7 @@ import * as React from 'react';
 import { Chart } from './chart';
 import { fmtBytes, fmtCount, fmtNumber, fmtSeconds } from './format';
 import { FineInferModel, SeriesKey } from './model';
-import { ExportFormat, IAdapter, IJob, IPrefixCache } from './types';
+import { ExportFormat, IAdapter, IJob, IPrefixCache, IStatus } from './types';
 
 const CHARTS: { key: SeriesKey; title: string; format: (v: number) => string; zero?: boolean }[] = [
   { key: 'inference_tokens_per_s', title: 'Inference tokens/s', format: v => fmtNumber(v) },
@@ -14,6 +14,13 @@ const CHARTS: { key: SeriesKey; title: string; format: (v: number) => string; ze
   { key: 'slack', title: 'Deferral slack', format: fmtSeconds },
   { key: 'offload_bytes_per_s', title: 'Offload', format: v => `${fmtBytes(v)}/s` }
 ];
+
+/** "cpu · float32 · nf4 · 135M params · 91 MB": quantization and weight bytes when known. */
+function modelLine(info: NonNullable<IStatus['model']>): string {
+  const quant = info.quantize && info.quantize !== 'none' ? ` · ${info.quantize}` : '';
+  const bytes = info.weight_bytes ? ` · ${fmtBytes(info.weight_bytes)}` : '';
+  return `${info.device} · ${info.dtype}${quant} · ${fmtCount(info.parameters)} params${bytes}`;
+}
 
 function offloadTitle(model: FineInferModel): string {
   const o = model.metrics?.offload;
@@ -127,8 +134,8 @@ function Engine({ model }: { model: FineInferModel }): JSX.Element {
           {info?.name ?? '—'}
         </dd>
         <dt>Device</dt>
-        <dd data-testid="fi-device">
-          {info ? `${info.device} · ${info.dtype} · ${fmtCount(info.parameters)} params` : '—'}
+        <dd data-testid="fi-device" title={info?.dtype_reason}>
+          {info ? modelLine(info) : '—'}
         </dd>
         {lacking.length > 0 && (
           <>

@@ -1,0 +1,124 @@
+"""dtype "auto" on a CPU: bfloat16 where the CPU has bf16 matrix units and a short probe at load
+measures bf16 faster, else float32 (docs/design.md, "Base weight formats").
+
+oneDNN runs bf16 matmuls on AMX tiles or AVX512-BF16 dot products; without them (AVX2-only
+CPUs) bf16 is emulated and slower than fp32. The probe times a linear layer of the model's shape
+(hidden size -> MLP width, from its config, before the weights load) on a prefill-sized block
+of rows in both dtypes: a 64-wide test model or a CPU whose bf16 path is slow stays float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of bf16 matrix units
+MIN_HIDDEN = 256  # narrower models: per-op overheads, not matmuls, set the pace
+MIN_GAIN = 1.2  # bf16 must be this much faster on the probe to be chosen
+PROBE_ROWS = 128
+
+
+def cpu_bf16_units() -> list[str]:
+    """The CPU's bf16 matrix-unit flags (empty: none, or not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return [f for f in BF16_FLAGS if f in flags]
+
+
+def widths(config) -> tuple[int, int]:
+    """(hidden size, MLP width) of a transformers config: the probe's matmul shape."""
+    text = config.get_text_config()
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    return hidden, int(getattr(text, "intermediate_size", 0) or 4 * hidden)
+
+
+def measure(out_features: int, in_features: int, rows: int = PROBE_ROWS, repeats: int = 5):
+    """Seconds of one forward of `rows` rows through an (out x in) linear layer in float32 and
+    in bfloat16 (the best of `repeats`, after a warm-up): (fp32, bf16)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=gen)
+    x = torch.randn(rows, in_features, generator=gen)
+    times = []
+    for dt in (torch.float32, torch.bfloat16):
+        wd, xd = w.to(dt), x.to(dt)
+        with torch.inference_mode():
+            torch.nn.functional.linear(xd, wd)
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                torch.nn.functional.linear(xd, wd)
+                best = min(best, time.perf_counter() - t)
+        times.append(best)
+    return times[0], times[1]
+
+
+def auto_cpu_dtype(
+    config,
+    *,
+    units: Callable[[], list[str]] | None = None,
+    probe: Callable[[int, int], tuple[float, float]] | None = None,
+) -> tuple[torch.dtype, str]:
+    """(dtype, why) for dtype "auto" on a CPU, decided from the model's config before its
+    weights load (units, probe: this module's, or a test's)."""
+    units, probe = units or cpu_bf16_units, probe or measure
+    flags = units()
+    if not flags:
+        return (
+            torch.float32,
+            "auto: float32 (this CPU has no bf16 matrix units: no amx_bf16 or avx512_bf16)",
+        )
+    hidden, inner = widths(config)
+    if hidden < MIN_HIDDEN:
+        return (
+            torch.float32,
+            f"auto: float32 (hidden size {hidden} < {MIN_HIDDEN}: bf16 units do not pay)",
+        )
+    fp32, bf16 = probe(inner, hidden)
+    gain = fp32 / max(bf16, 1e-9)
+    has = ", ".join(flags)
+    if gain < MIN_GAIN:
+        return (
+            torch.float32,
+            f"auto: float32 (CPU has {has}, but bf16 measured only {gain:.2f}x fp32's speed at load)",
+        )
+    return (
+        torch.bfloat16,
+        f"auto: bfloat16 (CPU has {has}; a {PROBE_ROWS}-row {hidden}x{inner} matmul measured {gain:.1f}x faster at load)",
+    )
+
+
+class RowLinear(torch.nn.Linear):
+    """nn.Linear whose one-row inference forward is a matrix-vector product (torch.mv).
+
+    In bf16 on a CPU, F.linear on a single row (a decode at batch 1) takes oneDNN's matmul
+    path, ~1.8x slower than fp32's; torch.mv's bf16 kernel is as fast as fp32's linear, on half
+    the bytes (docs/benchmarks.md, "bf16 on the CPU's matrix units"). More rows, or a forward
+    that needs gradients, run F.linear as before. The module stays an nn.Linear (PEFT wraps it,
+    state_dict and offload see the same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.in_features or (torch.is_grad_enabled() and x.requires_grad):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        y = torch.mv(self.weight, x.reshape(-1))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def single_rows_by_mv(model: torch.nn.Module) -> int:
+    """Make the model's plain linear layers RowLinear, in place (a bf16 model on a CPU)."""
+    n = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.__class__ = RowLinear
+            n += 1
+    return n

@@ -1,0 +1,116 @@
+"""dtype "auto" on a CPU (precision.py) and bf16 mixed precision through the engine."""
+
+import pytest
+import torch
+from conftest import PROMPTS, run_until_done
+from test_training import FAST, RECORDS, train_to_end
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fineinfer_jupyter.engine import precision
+from fineinfer_jupyter.engine.config import EngineConfig
+from fineinfer_jupyter.engine.engine import Engine
+from fineinfer_jupyter.engine.models import load_model
+
+AGREE = 0.5  # the tiny random model's greedy tokens, bf16 vs fp32, that must agree (seen: below)
+LOSS_REL = 0.15  # bf16 mixed-precision losses within 15% of fp32's at every step
+
+
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory):
+    """A 256-wide one-layer Llama saved as a Hugging Face folder (wide enough for the probe)."""
+    from transformers import ByT5Tokenizer
+
+    tok = ByT5Tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wide")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_auto_falls_back_to_fp32_without_bf16_units_or_when_the_probe_is_not_faster(
+    wide_folder, monkeypatch
+):
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: [])
+    loaded = load_model(str(wide_folder), device="cpu", dtype="auto")
+    assert loaded.dtype == torch.float32
+    assert "no bf16 matrix units" in loaded.dtype_reason
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(precision, "measure", lambda out, inp: (1.0, 0.95))  # barely faster
+    loaded = load_model(str(wide_folder), device="cpu", dtype="auto")
+    assert loaded.dtype == torch.float32 and "1.05x" in loaded.dtype_reason
+    monkeypatch.setattr(precision, "measure", lambda out, inp: (1.0, 0.25))
+    loaded = load_model(str(wide_folder), device="cpu", dtype="auto")
+    assert loaded.dtype == torch.bfloat16 and "4.0x faster" in loaded.dtype_reason
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    forced = load_model(str(wide_folder), device="cpu", dtype="float32")  # dtype still forces
+    assert forced.dtype == torch.float32 and forced.dtype_reason == "set"
+
+
+def test_auto_keeps_a_narrow_model_in_fp32_and_the_probe_measures_both_dtypes(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["amx_bf16"])
+    tiny = load_model("tiny")
+    assert tiny.dtype == torch.float32 and "hidden size 64 < 256" in tiny.dtype_reason
+    fp32, bf16 = precision.measure(128, 64, rows=8, repeats=1)
+    assert fp32 > 0 and bf16 > 0
+
+
+def greedy(dtype, tmp_path, prompts, n):
+    config = EngineConfig(model="tiny", data_dir=tmp_path / dtype, policy="immediate", dtype=dtype)
+    with Engine(config, thread=False) as e:
+        streams = [e.generate(p, max_new_tokens=n, ignore_eos=True) for p in prompts]
+        run_until_done(e, streams)
+        return [s.final["token_ids"] for s in streams]
+
+
+def test_bf16_engine_tokens_agree_with_fp32_on_a_fixed_prompt_set(tmp_path):
+    prompts = PROMPTS + ["Once upon a time", "def main():", "Colorless green ideas", "Q: 2+2?"]
+    fp32, bf16 = greedy("float32", tmp_path, prompts, 16), greedy("bfloat16", tmp_path, prompts, 16)
+    same = sum(a == b for x, y in zip(fp32, bf16) for a, b in zip(x, y)) / sum(map(len, fp32))
+    first = sum(x[0] == y[0] for x, y in zip(fp32, bf16)) / len(prompts)
+    print(f"bf16 vs fp32 greedy agreement: {same:.0%} of tokens, {first:.0%} of first tokens")
+    assert same >= AGREE and first >= 0.75
+
+
+def test_bf16_lora_training_is_mixed_precision_and_follows_the_fp32_losses(tmp_path):
+    params = dict(FAST, max_steps=10)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        config = EngineConfig(
+            model="tiny", data_dir=tmp_path / dtype, policy="immediate", dtype=dtype
+        )
+        with Engine(config, thread=False) as e:
+            job = e.tune("herb", RECORDS, **params)
+            while e.job(job["id"])["step"] < 1:
+                e.iterate()
+            model, opt = e.core.runner.model, e.core.trainer.current.optimizer
+            lora = [p for n, p in model.named_parameters() if ".herb." in n]
+            assert lora and {p.dtype for p in lora} == {torch.float32}  # fp32 master weights
+            states = [t for s in opt.state.values() for t in s.values() if t.dim() > 0]
+            assert states and {t.dtype for t in states} == {torch.float32}
+            base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+            assert base == {getattr(torch, dtype)}
+            losses[dtype] = [loss for _, loss in train_to_end(e, job["id"])["loss_history"]]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=LOSS_REL)
+    assert losses["bfloat16"][-1] < 0.5 * losses["bfloat16"][0]
+
+
+def test_a_bf16_cpu_model_decodes_one_row_by_mv_with_linears_results_and_gradients():
+    loaded = load_model("tiny", dtype="bfloat16")
+    layer = loaded.model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, precision.RowLinear) and isinstance(layer, torch.nn.Linear)
+    x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        row = layer(x)
+        assert row.shape == (1, 1, layer.out_features)
+        ref = torch.nn.functional.linear(x, layer.weight)
+    assert torch.allclose(row.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    x.requires_grad_()
+    layer(x).sum().backward()  # a training forward takes F.linear: the gradient reaches x
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert type(load_model("tiny").model.model.layers[0].mlp.up_proj) is torch.nn.Linear
