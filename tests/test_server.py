@@ -299,7 +299,11 @@ async def test_generate_streams_text_in_several_chunks_before_the_final_stats(re
     done = events[-1]
     assert (done["finish_reason"], done["usage"]) == (
         "length",
-        {"prompt_tokens": 11, "completion_tokens": 48},
+        {
+            "prompt_tokens": 11,
+            "completion_tokens": 48,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
     )
     assert {"ttft", "tpot_mean", "tokens_per_s", "deferred", "total"} <= set(done["stats"])
     engine = ready_api.app.host.engine
