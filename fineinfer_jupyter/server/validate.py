@@ -503,12 +503,7 @@ def adapter_save_request(raw: bytes, root_dir: str, data_dir: Path) -> Path:
     body = Body(raw)
     body.only(*ADAPTER_SAVE_FIELDS)
     value = body.get("path", "string", required=True)
-    path = resolve_path(root_dir, value, "path", must_exist=False)
-    if path == Path(root_dir).resolve():
-        raise bad("path", "give a folder below the root directory, not the root itself")
-    data = _resolved(data_dir)
-    if path == data or data in path.parents:
-        raise bad("path", f"{shown(value)} is in the engine's data directory; save elsewhere")
+    path = new_folder(root_dir, data_dir, value, "save")
     if len(os.fsencode(path.name)) > NAME_MAX - len(".tmp"):
         raise bad("path", f"is too long (at most {NAME_MAX - 4} bytes for the folder's name)")
     with os_errors("path", value):
@@ -586,13 +581,19 @@ def job_export_request(raw: bytes, root_dir: str, data_dir: Path) -> tuple[Path 
     value = body.get("path", "string")
     if value is None:
         return None, processes
+    return new_folder(root_dir, data_dir, value, "export"), processes
+
+
+def new_folder(root_dir: str, data_dir: Path, value: str, verb: str) -> Path:
+    """`path` for a folder that a request writes: below the root (not the root itself) and
+    outside the engine's data directory, which is the engine's own."""
     path = resolve_path(root_dir, value, "path", must_exist=False)
     if path == Path(root_dir).resolve():
         raise bad("path", "give a folder below the root directory, not the root itself")
     data = _resolved(data_dir)
     if path == data or data in path.parents:
-        raise bad("path", f"{shown(value)} is in the engine's data directory; export elsewhere")
-    return path, processes
+        raise bad("path", f"{shown(value)} is in the engine's data directory; {verb} elsewhere")
+    return path
 
 
 def resolve_path(root_dir: str, value: str, field_name: str, *, must_exist: bool = True) -> Path:
