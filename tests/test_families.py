@@ -13,6 +13,7 @@ import torch
 from families import FAMILIES, WALKED, WINDOW, save
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_training import RECORDS
+from test_walk import walk_logits
 from transformers import DynamicCache
 
 from fineinfer_jupyter.engine import export
@@ -84,12 +85,6 @@ def two_adapters(model):
     peft = get_peft_model(copy.deepcopy(model), config, adapter_name="one")
     peft.add_adapter("two", config)
     return peft.eval()
-
-
-def walk_logits(walk, ids, mask, positions, cache, rows):
-    hidden = walk.embed(ids)
-    p = walk.begin(hidden, mask=mask, position_ids=positions, cache=cache, adapters=rows)
-    return walk.head(p, walk.layers(p, hidden, 0, walk.num_layers))
 
 
 @pytest.mark.parametrize("case", WALKED_CASES, ids=ids_of)
