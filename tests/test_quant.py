@@ -11,7 +11,7 @@ from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.models import load_model
 from fineinfer_jupyter.engine.quant import weight_bytes
 
-pytest.importorskip("bitsandbytes")
+bnb = pytest.importorskip("bitsandbytes")
 
 FIRST_STEPS_REL = 0.10  # NF4's first losses within 10% of fp32's on the tiny model
 
@@ -30,7 +30,7 @@ def test_nf4_cuts_the_linear_weights_to_under_a_quarter_and_keeps_the_head_in_th
     assert a["total"] - a["linear"] == b["total"] - b["linear"]  # embeddings, norms, head
     assert nf4.model.lm_head.weight.dtype == torch.float32
     assert nf4.parameters == full.parameters  # counted unpacked
-    assert type(nf4.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert isinstance(nf4.model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
 
 
 def test_a_job_on_an_nf4_base_follows_fp32_then_serves_while_training_and_loads_with_peft(

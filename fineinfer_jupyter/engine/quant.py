@@ -86,14 +86,119 @@ def _quantized(b, lin: torch.nn.Linear, kind: str, device: torch.device) -> torc
     else:
         q.weight = b.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
     if kind == "nf4":
-        # On AVX512-BF16 CPUs bitsandbytes repacks a layer's weight for its bf16 kernel at the
-        # first no-grad forward (absmax rounded to bf16), and unpacks it at every state_dict():
-        # the base would drift with each adapter save, and a training forward through a packed
-        # weight has no backward (gradients would not reach earlier layers). Kept unpacked.
+        # bitsandbytes' own repack at a no-grad forward would round the double-quantized absmax
+        # again at every state_dict() and leave training forwards without a backward: off, and
+        # the layer is packed once, here, by pack_for_cpu instead (after .to(), which quantizes).
         q.support_avx512bf16_for_cpu = False
     if bias is not None:
         q.bias = torch.nn.Parameter(bias.data, requires_grad=False)
-    return q.to(device)  # quantizes
+    q = q.to(device)  # quantizes
+    return pack_for_cpu(q) if kind == "nf4" else q
+
+
+# -- NF4 on CPUs with AVX512-BF16: one packed copy, a fast kernel for inference, a backward ------
+
+
+def pack_for_cpu(q: torch.nn.Module) -> torch.nn.Module:
+    """Repack an NF4 layer's weight, once, into the layout of bitsandbytes' AVX512-BF16 CPU kernel
+    (nibbles reordered in blocks of 32 rows, absmax un-nested and rounded to bf16), if this CPU
+    has one and the shape fits; the layer becomes a PackedLinear4bit. The packed copy is the only
+    one: it is the base from here on (docs/design.md, "Base weight formats")."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16
+
+    state = q.weight.quant_state
+    n, k = state.shape
+    if q.weight.device.type != "cpu" or not has_avx512bf16() or n % 32 or k % state.blocksize:
+        return q
+    q.weight.data, q.weight.quant_state = _convert_weight_packed_for_cpu(q.weight.data, state)
+    q.quant_state = q.weight.quant_state
+    q.__class__ = _packed_class(type(q))
+    return q
+
+
+def dequantize_packed(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """The [N, K] weight a packed layer stands for (exactly: codes x bf16 absmax, in fp32)."""
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    n, k = state.shape
+    codes = _packed_codes(packed, n, k)
+    code = _get_4bit_code(state.quant_type, packed.device)
+    scale = state.absmax.T.float().unsqueeze(-1)  # [N, K / blocksize, 1]
+    w = code[codes.long()].view(n, k // state.blocksize, state.blocksize) * scale
+    return w.view(n, k).to(dtype)
+
+
+def _packed_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The [N, K] 4-bit codes of a packed weight: each 32-byte group holds, for 32 rows and two
+    columns, the first 16 rows' codes in its low nibbles and the last 16 rows' in its high ones."""
+    p = packed.view(n // 32, k // 2, 32)
+    both = torch.cat([p & 0xF, p >> 4], dim=-1).view(n // 32, k // 2, 32, 2)
+    return both.permute(0, 2, 1, 3).reshape(n, k)
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """x @ W.T with W dequantized from the packed copy, again in the backward (not kept)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, state):
+        ctx.packed, ctx.state = packed, state
+        return torch.nn.functional.linear(x, dequantize_packed(packed, state, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ dequantize_packed(ctx.packed, ctx.state, grad.dtype), None, None
+
+
+def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """No grad (serving, evaluation): bitsandbytes' packed kernel, which computes in bf16 (its
+    input rounded to bf16). With grad (training): the plain dequantize-and-matmul path, from the
+    same packed copy, in the input's dtype, with a backward."""
+    state = self.weight.quant_state
+    if torch.is_grad_enabled():
+        out = _PackedMatmul.apply(x, self.weight.data, state)
+    else:
+        out = torch.ops.bitsandbytes.gemv_4bit.default(
+            x, self.weight.data, state.shape, state.absmax, state.code, state.blocksize
+        )
+    if self.bias is not None:
+        out = out + self.bias.to(out.dtype)
+    return out
+
+
+def _packed_save(self, destination, prefix, keep_vars):
+    """state_dict() without touching the layer: the weight in bitsandbytes' plain layout (the same
+    codes, absmax not nested, in fp32: lossless), never the lossy unpack that re-nests absmax."""
+    from bitsandbytes.functional import QuantState
+
+    state = self.weight.quant_state
+    n, k = state.shape
+    codes = _packed_codes(self.weight.data, n, k).to(torch.uint8)
+    destination[prefix + "weight"] = ((codes[:, ::2] << 4) | codes[:, 1::2]).view(-1, 1)
+    if self.bias is not None:
+        destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+    plain = QuantState(
+        absmax=state.absmax.T.reshape(-1).float(),
+        shape=state.shape,
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=getattr(state, "original_dtype", state.dtype),
+    )
+    for key, value in plain.as_dict(packed=True).items():
+        destination[prefix + "weight." + key] = value
+
+
+_PACKED: dict[type, type] = {}
+
+
+def _packed_class(base: type) -> type:
+    if base not in _PACKED:
+        _PACKED[base] = type(
+            "PackedLinear4bit",
+            (base,),
+            {"forward": _packed_forward, "_save_to_state_dict": _packed_save},
+        )
+    return _PACKED[base]
 
 
 def quantized_kind(model: torch.nn.Module) -> str:
