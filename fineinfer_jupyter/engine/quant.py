@@ -117,23 +117,26 @@ def pack_for_cpu(q: torch.nn.Module) -> torch.nn.Module:
 
 
 def dequantize_packed(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
-    """The [N, K] weight a packed layer stands for (exactly: codes x bf16 absmax, in fp32)."""
-    from bitsandbytes.backends.utils import _get_4bit_code
-
+    """The [N, K] weight a packed layer stands for (codes x bf16 absmax, exactly), by
+    bitsandbytes' own CPU dequantize kernel on the plain layout."""
     n, k = state.shape
-    codes = _packed_codes(packed, n, k)
-    code = _get_4bit_code(state.quant_type, packed.device)
-    scale = state.absmax.T.float().unsqueeze(-1)  # [N, K / blocksize, 1]
-    w = code[codes.long()].view(n, k // state.blocksize, state.blocksize) * scale
-    return w.view(n, k).to(dtype)
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        plain_layout(packed, n, k), _plain_absmax(state), state.blocksize, state.quant_type,
+        (n, k), dtype,
+    )  # fmt: skip
 
 
-def _packed_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The [N, K] 4-bit codes of a packed weight: each 32-byte group holds, for 32 rows and two
-    columns, the first 16 rows' codes in its low nibbles and the last 16 rows' in its high ones."""
-    p = packed.view(n // 32, k // 2, 32)
-    both = torch.cat([p & 0xF, p >> 4], dim=-1).view(n // 32, k // 2, 32, 2)
-    return both.permute(0, 2, 1, 3).reshape(n, k)
+def plain_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """bitsandbytes' plain [N, K/2] layout (two columns' codes a byte, the first high) of a
+    packed weight, whose 32-byte groups hold two columns of 32 rows: rows 0-15 in the low
+    nibbles, rows 16-31 in the high ones. Each byte pair becomes one int16, remixed at once."""
+    x = packed.view(torch.int16).view(n // 32, k // 2, 16)
+    y = ((x & 0x0F) << 4) | ((x >> 8) & 0x0F) | ((x & 0xF0) << 8) | ((x >> 4) & 0x0F00)
+    return y.view(torch.uint8).view(n // 32, k // 2, 16, 2).permute(0, 3, 2, 1).reshape(n, k // 2)
+
+
+def _plain_absmax(state) -> torch.Tensor:
+    return state.absmax.T.reshape(-1).float()  # packed: [K / blocksize, N] in bf16
 
 
 class _PackedMatmul(torch.autograd.Function):
@@ -172,12 +175,11 @@ def _packed_save(self, destination, prefix, keep_vars):
 
     state = self.weight.quant_state
     n, k = state.shape
-    codes = _packed_codes(self.weight.data, n, k).to(torch.uint8)
-    destination[prefix + "weight"] = ((codes[:, ::2] << 4) | codes[:, 1::2]).view(-1, 1)
+    destination[prefix + "weight"] = plain_layout(self.weight.data, n, k).view(-1, 1)
     if self.bias is not None:
         destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
     plain = QuantState(
-        absmax=state.absmax.T.reshape(-1).float(),
+        absmax=_plain_absmax(state),
         shape=state.shape,
         code=state.code,
         blocksize=state.blocksize,
