@@ -42,21 +42,26 @@ def quantize_base(model: torch.nn.Module, kind: str, device: torch.device) -> in
     check_quantize(kind)
     if kind == "none":
         return 0
-    b = bnb()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if type(m) is torch.nn.Linear and m is not head
-    ]
-    for name, lin in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quantized(b, lin, kind, device))
+    count = _quantize_linears(model, kind, device, skip=head)
     # PEFT reads these to wrap the layers with its bitsandbytes LoRA layers (lora/bnb.py)
     model.is_loaded_in_4bit = kind == "nf4"
     model.is_loaded_in_8bit = kind == "int8"
     model.fineinfer_quantize = kind
+    return count
+
+
+def _quantize_linears(root: torch.nn.Module, kind: str, device, skip=None) -> int:
+    b = bnb()
+    targets = [
+        (name, m)
+        for name, m in root.named_modules()
+        if type(m) is torch.nn.Linear and m is not skip
+    ]
+    for name, lin in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, _quantized(b, lin, kind, device))
     return len(targets)
 
 
