@@ -5,7 +5,9 @@ Applied once at load, before any adapter: every nn.Linear of the model except th
 becomes a bitsandbytes Linear4bit (NF4, double quantization) or Linear8bitLt, computing in the
 model's dtype. Embeddings, norms and the head stay in that dtype; PEFT wraps the quantized
 layers with its own bitsandbytes LoRA layers, whose weights (and so gradients and optimizer
-state) stay in fp32.
+state) stay in fp32. On CPUs with AVX512-BF16, NF4 layers are packed once for bitsandbytes'
+fast kernel (pack_for_cpu): no-grad forwards use it, training forwards dequantize the same
+packed copy, and state_dict() never changes it.
 """
 
 from __future__ import annotations
