@@ -7,6 +7,7 @@ the executor never changes the scheduler's queues or its cost model. It owns the
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -49,17 +50,29 @@ class Executor:
         self.versions: dict[Sequence, int] = {}  # its adapter's weights version at its pin
         self.span = attention_span(runner.config)  # (the cost model's prefill units)
 
-    def calibrate(self, slo: Slo) -> list[Timing]:
+    def calibrate(self, slo: Slo) -> tuple[list[Timing], list[tuple[int, int, float]]]:
         """Time prefill, decode and (forward and backward) training passes once, so the
         scheduler plans with this machine's figures from the first iteration on (this also
-        warms the kernels up)."""
-        timings, sampling = [], SamplingParams(max_new_tokens=2)
+        warms the kernels up). Prefill probes come apart, as (new tokens, past tokens,
+        seconds): short ones, a longer one, and a chunk of that length after earlier tokens,
+        from which the cost model measures attention (CostModel.calibrate_prefill)."""
+        timings, probes, sampling = [], [], SamplingParams(max_new_tokens=2)
         token = min(self.tokenizer.eos_ids, default=0)
-        for n in (16, 16, 64):
-            seq = Sequence([token] * n, sampling=sampling, slo=slo)
-            start = time.perf_counter()
-            cache, mask, _ = self.runner.prefill([seq])
-            timings.append(Timing("prefill", n, time.perf_counter() - start))
+        text = self.runner.config.get_text_config()
+        context = getattr(text, "max_position_embeddings", None) or 1024
+        size = min(256, context // 4)  # (a long prompt is planned from these two)
+        chunk = (size, min(768, context - size))  # a chunk after earlier tokens: attention
+        for n, past in ((16, 0), (16, 0), (64, 0), (64, 0), (size, 0), (size, 0), chunk):
+            probe = Sequence([token] * (past + n), sampling=sampling, slo=slo)
+            cache = self.runner.prefill([probe], end=past)[0] if past else None
+            probe.prefilled = past
+            for _ in range(2 if past else 1):  # (twice: the least of two is less noisy)
+                kept = copy.deepcopy(cache)  # (a pass extends the cache it is given)
+                start = time.perf_counter()
+                made = self.runner.prefill([probe], cache=kept)
+                probes.append((n, past, time.perf_counter() - start))
+            if n == 64:  # (the decode probes extend it)
+                seq, (cache, mask, _) = probe, made
         batch = Batch()
         batch.join([seq], cache, mask)
         seq.output_ids.append(0)
@@ -77,7 +90,7 @@ class Executor:
         if off is not None:  # what fetching a layer costs, too
             timings += [Timing("fetch", f.bytes, f.seconds) for f in off.take()]
             off.take_shared()
-        return timings
+        return timings, probes
 
     def _fetch_seconds(self) -> float:
         off = self.runner.walk.offload
