@@ -196,19 +196,25 @@ def true_prefill(new: int, past: int, per_token: float, per_pair: float) -> floa
     )
 
 
+SHORT = [(16, 0), (16, 0), (64, 0), (64, 0)]
+PROBES = SHORT + [(256, 0), (256, 0), (256, 512), (256, 512)]  # as Executor.calibrate times
+GROWN = SHORT + [(256, 0)] * 2 + [(512, 0)] * 2 + [(1024, 0)] * 2 + [(1024, 2048)] * 2
+
+
 @pytest.mark.parametrize(
     "per_token, per_pair",
     [(0.0003, 7.5e-8), (0.0025, 8e-8), (0.0003, 1e-9)],
     ids=["bf16-like", "fp32-like", "attention-cheap"],
 )
+@pytest.mark.parametrize("probed", [PROBES, GROWN], ids=["256", "grown to 1024"])
 def test_calibration_measures_attention_so_long_prefills_are_estimated_within_20_percent(
-    per_token, per_pair
+    per_token, per_pair, probed
 ):
-    """The probes the executor times at load (16, 64 and 256 tokens, and 256 after 768): the
-    estimate of a 4,096-token pass and of a 512-token chunk after 3,584 tokens is within 20%
+    """The probes the executor times at load (16, 64, 256 tokens (doubled while fast), a chunk
+    of that size after twice as many tokens): the estimate of a 4,096-token pass and of a 512-token chunk after 3,584 tokens is within 20%
     of the truth whatever attention costs against the matrix products (the config's FLOP
     count, 3,072, is only the prior), where 16- and 64-token probes alone overstated it."""
-    probes = [(n, p, true_prefill(n, p, per_token, per_pair)) for n, p in PROBES]
+    probes = [(n, p, true_prefill(n, p, per_token, per_pair)) for n, p in probed]
     costs = CostModel()
     costs.span = 3072.0
     costs.calibrate_prefill(probes)
@@ -221,9 +227,6 @@ def test_calibration_measures_attention_so_long_prefills_are_estimated_within_20
     assert old.prefill(pass_units(4096, 0, 3072.0)) > 1.5 * true_prefill(
         4096, 0, per_token, per_pair
     )
-
-
-PROBES = [(16, 0), (16, 0), (64, 0), (64, 0), (256, 0), (256, 0), (256, 768), (256, 768)]
 
 
 def test_the_engine_calibrates_its_attention_span_on_the_loaded_model(data_dir):

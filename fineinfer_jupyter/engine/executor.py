@@ -27,6 +27,7 @@ from .sequence import Sequence
 from .training import Trainer
 
 log = logging.getLogger("fineinfer")
+GROW_BELOW = 0.2  # seconds: a calibration probe this fast is doubled (Executor.calibrate)
 
 
 class Executor:
@@ -56,23 +57,23 @@ class Executor:
         warms the kernels up). Prefill probes come apart, as (new tokens, past tokens,
         seconds): short ones, a longer one, and a chunk of that length after earlier tokens,
         from which the cost model measures attention (CostModel.calibrate_prefill)."""
-        timings, probes, sampling = [], [], SamplingParams(max_new_tokens=2)
-        token = min(self.tokenizer.eos_ids, default=0)
+        timings, probes = [], []
+        for n in (16, 16, 64, 64):
+            probes.append(self._probe(n, 0, slo))
+        seq, (cache, mask, _) = self._probed  # (the decode probes extend it)
+        # a longer pass, twice as long while it takes little time (matrix units, a GPU: the
+        # cost per token keeps falling with the size), then a chunk of that size after twice
+        # as many tokens: what long prompts are planned from
         text = self.runner.config.get_text_config()
         context = getattr(text, "max_position_embeddings", None) or 1024
-        size = min(256, context // 4)  # (a long prompt is planned from these two)
-        chunk = (size, min(768, context - size))  # a chunk after earlier tokens: attention
-        for n, past in ((16, 0), (16, 0), (64, 0), (64, 0), (size, 0), (size, 0), chunk):
-            probe = Sequence([token] * (past + n), sampling=sampling, slo=slo)
-            cache = self.runner.prefill([probe], end=past)[0] if past else None
-            probe.prefilled = past
-            for _ in range(2 if past else 1):  # (twice: the least of two is less noisy)
-                kept = copy.deepcopy(cache)  # (a pass extends the cache it is given)
-                start = time.perf_counter()
-                made = self.runner.prefill([probe], cache=kept)
-                probes.append((n, past, time.perf_counter() - start))
-            if n == 64:  # (the decode probes extend it)
-                seq, (cache, mask, _) = probe, made
+        size = min(256, context // 4)
+        while True:
+            probes += [self._probe(size, 0, slo) for _ in range(2)]
+            fast = min(seconds for _, _, seconds in probes[-2:]) < GROW_BELOW
+            if not fast or size >= 1024 or 6 * size > context:
+                break
+            size *= 2
+        probes += self._probe(size, min(2 * size, context - size), slo, repeat=2)
         batch = Batch()
         batch.join([seq], cache, mask)
         seq.output_ids.append(0)
@@ -91,6 +92,22 @@ class Executor:
             timings += [Timing("fetch", f.bytes, f.seconds) for f in off.take()]
             off.take_shared()
         return timings, probes
+
+    def _probe(self, n: int, past: int, slo: Slo, repeat: int = 1):
+        """Time a prefill pass of n tokens after `past` tokens (their KV computed first): one
+        (n, past, seconds), or a list of `repeat` of them."""
+        token = min(self.tokenizer.eos_ids, default=0)
+        probe = Sequence([token] * (past + n), sampling=SamplingParams(max_new_tokens=2), slo=slo)
+        cache = self.runner.prefill([probe], end=past)[0] if past else None
+        probe.prefilled = past
+        out = []
+        for _ in range(repeat):
+            kept = copy.deepcopy(cache)  # (a pass extends the cache it is given)
+            start = time.perf_counter()
+            made = self.runner.prefill([probe], cache=kept)
+            out.append((n, past, time.perf_counter() - start))
+        self._probed = probe, made
+        return out if repeat > 1 else out[0]
 
     def _fetch_seconds(self) -> float:
         off = self.runner.walk.offload

@@ -24,7 +24,9 @@ tokens is planned longer than STALL_TPOTS * tpot.
 Chunked prefill: no prefill pass is planned longer than that pause either (with no running rows:
 than a first-token target), nor longer than the running rows' room before their next token; a prompt that does not fit is prefilled in chunks
 (each attends to the earlier ones through its KV cache) between the rows' decodes. A request
-whose first token cannot be on time any more yields to those that still can be.
+whose first token cannot be on time any more yields to those that still can be; one that can be
+on time only if its chunks take more than the rows' pace leaves them takes up to their longest
+planned pause (the rows fall behind their pace, as one pass would have made them, less far).
 """
 
 from __future__ import annotations
