@@ -67,7 +67,8 @@ def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
     Their ratio is the span. The FLOP count (`prior`, attention_span) does not hold across
     dtypes (bf16 matrix units speed up the matrix products, not attention), and a slope fitted
     on short prompts alone overstates long ones; the prior stays where the probes say nothing
-    (noise), and bounds the result within 16x either way."""
+    (noise), and bounds the result within 8x either way (a noisy probe could otherwise make
+    long prompts look far dearer)."""
     once: dict[int, float] = {}
     after: dict[tuple[int, int], float] = {}  # (the least of repeated probes)
     for new, past, seconds in probes:
@@ -88,7 +89,7 @@ def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
         if per_token <= 0:
             return prior
         span = per_token * new * past / extra
-        return span if math.isinf(prior) else min(max(span, prior / 16), prior * 16)
+        return span if math.isinf(prior) else min(max(span, prior / 8), prior * 8)
     return prior
 
 
