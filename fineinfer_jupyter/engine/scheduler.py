@@ -403,7 +403,10 @@ class Scheduler:
             return INF
         d = self.costs.margin * self.costs.decode(len(running))
         longest = self.headroom * STALL_TPOTS
-        due = min(s.token_times[-1] + longest * s.slo.tpot for s in running if s.token_times)
+        due = min(
+            (s.token_times[-1] + longest * s.slo.tpot for s in running if s.token_times),
+            default=INF,
+        )
         return due - now - d
 
     def _step_cost(self, tokens: list[int]) -> float:
