@@ -277,12 +277,6 @@ def chat_entry(e: dict, *, top: bool) -> dict:
     return out
 
 
-def usage(final: dict) -> dict:
-    u = final["usage"]
-    total = u["prompt_tokens"] + u["completion_tokens"]
-    return {**u, "total_tokens": total}
-
-
 def handlers() -> list[tuple[str, type]]:
     routes = [
         ("models", ModelsHandler),
