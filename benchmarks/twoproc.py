@@ -133,10 +133,26 @@ class Trainer:
             else:
                 self.info = rec
 
-    def at(self, t: float) -> tuple[int, int]:
-        """(tokens, samples) trained by wall-clock time t (micro-batches finished by then)."""
-        done = [(tok, s) for when, tok, s, _ in self.progress if when <= t]
-        return done[-1] if done else (0, 0)
+    def at(self, t: float) -> tuple[float, float]:
+        """(tokens, samples) trained by wall-clock time t: linear between the progress lines
+        around it (the loop runs without pauses between its lines, but for SIGSTOP: a window
+        starts on a line and waits for the line after its end before stopping the trainer)."""
+        points = self.progress
+        after = next((i for i, p in enumerate(points) if p[0] >= t), None)
+        if after is None or after == 0:
+            p = points[-1] if after is None else points[0]
+            return float(p[1]), float(p[2])
+        (t0, k0, s0, _), (t1, k1, s1, _) = points[after - 1], points[after]
+        f = (t - t0) / max(t1 - t0, 1e-9)
+        return k0 + f * (k1 - k0), s0 + f * (s1 - s0)
+
+    def next_line(self, after: float, timeout: float = 120.0) -> None:
+        """Wait for a progress line stamped after `after` (wall clock)."""
+        deadline = time.monotonic() + timeout
+        while not (self.progress and self.progress[-1][0] > after):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the trainer stopped reporting (exit code {self.proc.poll()})")
+            time.sleep(0.02)
 
     def steps(self) -> int:
         return self.progress[-1][3] if self.progress else 0
@@ -274,6 +290,7 @@ class TwoProc:
                 self.start(args, logs)
             else:
                 self.signal(signal.SIGCONT)
+                self.trainer.next_line(time.time())  # the window starts on a micro-batch's end
             pids = [self.server.proc.pid, self.trainer.proc.pid]
             with PeakRss(pids) as peak:
                 start, wall = time.monotonic(), time.time()
@@ -286,9 +303,9 @@ class TwoProc:
                     threads.append(threading.Thread(target=fill, args=job, daemon=True))
                     threads[-1].start()
                 time.sleep(max(0.0, start + duration - time.monotonic()))
-                time.sleep(0.5)  # the trainer's line for a micro-batch ending at the window's end
-                tokens1, samples1 = self.trainer.at(wall + duration)
+                self.trainer.next_line(wall + duration)
                 self.trainer.proc.send_signal(signal.SIGSTOP)  # the rest drains without it
+                tokens1, samples1 = self.trainer.at(wall + duration)
                 for t in threads:
                     t.join()
             self.server.proc.send_signal(signal.SIGSTOP)
@@ -374,6 +391,7 @@ def main() -> None:
     ap.add_argument("--gaps", help="mean arrival gaps per load (skips the calibration)")
     ap.add_argument("--background", type=int, default=1, help="the busy neighbours' count")
     ap.add_argument("--no-quiet", action="store_true", help="only windows with the neighbours")
+    ap.add_argument("--no-alone", action="store_true", help="no windows of training alone")
     ap.add_argument("--engine", default=",".join(ENGINE_SETUPS), help="engine setups")
     ap.add_argument("--twoproc", default="2p-defaults=0/0,2p-split=1/1", help="see the top")
     ap.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
@@ -423,7 +441,7 @@ def main() -> None:
     began = time.monotonic()
     try:
         for r in range(args.rounds):
-            for bg in backgrounds:  # the engine's training alone: the same in every load
+            for bg in backgrounds if not args.no_alone else []:  # the same at every load
                 w = engine_window(args, "deferred", [], bg, slo, params)
                 windows.setdefault(("-", bg, "training alone"), []).append(w)
             for load, bg in cells:
@@ -442,6 +460,8 @@ def main() -> None:
                         f"{time.monotonic() - began:.0f} s in",
                         flush=True,
                     )
+    except (KeyboardInterrupt, SystemExit) as e:  # (timeout's SIGTERM): what was measured
+        print(f"stopped early ({e!r}): the table has the windows that ended", flush=True)
     finally:
         for t in twoprocs:
             t.close()
