@@ -47,9 +47,12 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).parent))
 import coserve  # noqa: E402
 from common import OUT, Neighbours, table  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 from fineinfer_jupyter.engine import Slo, TrainParams  # noqa: E402
 from fineinfer_jupyter.engine.models import default_gguf, prepare  # noqa: E402
+from fineinfer_jupyter.engine.precision import auto_cpu_dtype  # noqa: E402
+from fineinfer_jupyter.engine.threads import WAIT  # noqa: E402
 
 HERE = Path(__file__).parent
 BENCH_CACHE = Path.home() / ".cache" / "fineinfer-bench"
@@ -102,6 +105,13 @@ class PeakRss:
         self.peak = max(self.peak, sum(rss(p) for p in self.pids))
 
 
+def user_env(**extra: str) -> dict:
+    """This process's environment without the OpenMP waiting settings the engine's import put
+    there (GOMP_SPINCOUNT, KMP_BLOCKTIME): the two processes run as a user would start them."""
+    env = {k: v for k, v in os.environ.items() if k not in WAIT}
+    return {**env, **extra}
+
+
 def free_port() -> int:
     import socket
 
@@ -117,7 +127,7 @@ class Trainer:
         cmd = [sys.executable, str(HERE / "peft_trainer.py"), "--model", model, "--dtype", dtype]
         if threads:
             cmd += ["--threads", str(threads)]
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        env = user_env(PYTHONPATH=str(HERE.parent))
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env
         )
@@ -175,7 +185,9 @@ class Server:
             cmd += (
                 ["--n_threads", str(threads), "--n_threads_batch", str(threads)] if threads else []
             )
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=user_env()
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -414,9 +426,14 @@ def main() -> None:
         max_steps=100_000,
         checkpoint_every=100_000,
     )
-    prepare(args.model)
     engine_setups = [s for s in args.engine.split(",") if s]
     twoprocs = [parse_twoproc(s) for s in args.twoproc.split(",") if s]
+    _, folder = prepare(args.model)
+    # the trainer's dtype "auto" is the engine's choice, decided here on a quiet machine (the
+    # trainer's own probe would run beside llama-server's spinning threads and pick float32)
+    dtype = auto_cpu_dtype(AutoConfig.from_pretrained(folder))[0] if folder else "float32"
+    for t in twoprocs:
+        t.dtype = str(dtype).removeprefix("torch.") if t.dtype == "auto" else t.dtype
     if (
         twoprocs
         and not args.llama_server.exists()
