@@ -461,8 +461,10 @@ def main() -> None:
             for bg in backgrounds if not args.no_alone else []:  # the same at every load
                 w = engine_window(args, "deferred", [], bg, slo, params)
                 windows.setdefault(("-", bg, "training alone"), []).append(w)
-            for load, bg in cells:
-                requests = coserve.trace(args.duration, gaps[load], seed=r)
+            for c, (load, bg) in enumerate(cells):
+                # a trace per round and cell, the same for every setup in it (different prompts
+                # in every cell: llama-server keeps its slots' prompt caches between windows)
+                requests = coserve.trace(args.duration, gaps[load], seed=1000 * r + c)
                 for setup in setups:
                     if setup in procs:
                         w = procs[setup].window(args, requests, args.duration, bg, logs)
