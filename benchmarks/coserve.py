@@ -83,7 +83,7 @@ def window(engine: Engine, requests, duration: float, train: bool, params: Train
     job = None
     if train:
         job = engine.core.trainer.jobs[engine.tune("bench", str(DATA), params)["id"]]
-        while job.step < 1:  # past the job's start-up and first optimizer step
+        while job.samples_done < 1:  # past the job's start-up and first micro-step
             time.sleep(0.05)
     busy0 = dict(engine.metrics.busy)
     samples0, tokens0 = (job.samples_done, job.tokens_done) if job else (0, 0)

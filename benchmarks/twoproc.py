@@ -33,6 +33,7 @@ import ctypes
 import gc
 import http.client
 import json
+import math
 import os
 import signal
 import subprocess
@@ -133,6 +134,7 @@ class Trainer:
         )
         self.info: dict = {}
         self.progress: list[tuple[float, int, int, int]] = []  # (t, tokens, samples, steps)
+        self.pauses: list[list[float]] = []  # [SIGSTOP, SIGCONT] wall-clock times
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -143,20 +145,33 @@ class Trainer:
             else:
                 self.info = rec
 
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+        self.pauses.append([time.time(), math.inf])
+
+    def cont(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        if self.pauses and self.pauses[-1][1] == math.inf:
+            self.pauses[-1][1] = time.time()
+
+    def active(self, t: float) -> float:
+        """Wall-clock time t on the trainer's own clock, which stands still while it is stopped."""
+        return t - sum(min(t, b) - a for a, b in self.pauses if a < t)
+
     def at(self, t: float) -> tuple[float, float]:
         """(tokens, samples) trained by wall-clock time t: linear between the progress lines
-        around it (the loop runs without pauses between its lines, but for SIGSTOP: a window
-        starts on a line and waits for the line after its end before stopping the trainer)."""
-        points = self.progress
+        around it, on the trainer's own clock (a micro-batch can span a pause)."""
+        points = [(self.active(p[0]), p[1], p[2]) for p in self.progress]
+        t = self.active(t)
         after = next((i for i, p in enumerate(points) if p[0] >= t), None)
         if after is None or after == 0:
             p = points[-1] if after is None else points[0]
             return float(p[1]), float(p[2])
-        (t0, k0, s0, _), (t1, k1, s1, _) = points[after - 1], points[after]
+        (t0, k0, s0), (t1, k1, s1) = points[after - 1], points[after]
         f = (t - t0) / max(t1 - t0, 1e-9)
         return k0 + f * (k1 - k0), s0 + f * (s1 - s0)
 
-    def next_line(self, after: float, timeout: float = 120.0) -> None:
+    def next_line(self, after: float, timeout: float = 300.0) -> None:
         """Wait for a progress line stamped after `after` (wall clock)."""
         deadline = time.monotonic() + timeout
         while not (self.progress and self.progress[-1][0] > after):
@@ -268,6 +283,7 @@ class TwoProc:
     server: Server | None = None
     trainer: Trainer | None = None
     info: dict = field(default_factory=dict)
+    windows: list = field(default_factory=list)
 
     def start(self, args, logs: Path) -> None:
         gguf = default_gguf() if self.weights == "q4_1" else F32_GGUF
@@ -278,7 +294,7 @@ class TwoProc:
         self.trainer = Trainer(
             args.model, self.dtype, self.torch_threads, logs / f"{slug}.trainer.log"
         )
-        while self.trainer.steps() < 1:  # past start-up and the first optimizer step
+        while not self.trainer.progress:  # past start-up and the first micro-batch
             if self.trainer.proc.poll() is not None:
                 raise SystemExit(f"the trainer exited; see {logs / f'{slug}.trainer.log'}")
             time.sleep(0.1)
@@ -290,6 +306,17 @@ class TwoProc:
                 p.proc.send_signal(sig)
 
     def close(self) -> None:
+        """Count every window's training now that the lines after their ends are in (the
+        trainer runs until its next line first), then end both processes."""
+        if self.trainer and self.trainer.proc.poll() is None and self.windows:
+            self.trainer.cont()
+            try:
+                self.trainer.next_line(time.time())
+            except SystemExit:
+                pass
+            self.trainer.stop()
+            for w in self.windows:
+                self.count(w)
         self.signal(signal.SIGCONT)
         for p in (self.server, self.trainer):
             if p and p.proc.poll() is None:
@@ -301,12 +328,11 @@ class TwoProc:
             if self.server is None:
                 self.start(args, logs)
             else:
-                self.signal(signal.SIGCONT)
-                self.trainer.next_line(time.time())  # the window starts on a micro-batch's end
+                self.server.proc.send_signal(signal.SIGCONT)
+                self.trainer.cont()
             pids = [self.server.proc.pid, self.trainer.proc.pid]
             with PeakRss(pids) as peak:
                 start, wall = time.monotonic(), time.time()
-                tokens0, samples0 = self.trainer.at(wall)
                 threads, results = [], [None] * len(requests)
                 for i, (at, messages, n) in enumerate(requests):
                     time.sleep(max(0.0, start + at - time.monotonic()))
@@ -315,20 +341,19 @@ class TwoProc:
                     threads.append(threading.Thread(target=fill, args=job, daemon=True))
                     threads[-1].start()
                 time.sleep(max(0.0, start + duration - time.monotonic()))
-                self.trainer.next_line(wall + duration)
-                self.trainer.proc.send_signal(signal.SIGSTOP)  # the rest drains without it
-                tokens1, samples1 = self.trainer.at(wall + duration)
+                self.trainer.stop()  # the requests still running finish without it
                 for t in threads:
                     t.join()
             self.server.proc.send_signal(signal.SIGSTOP)
-        return {
-            "samples": samples1 - samples0,
-            "train_tokens": tokens1 - tokens0,
-            "busy": {"prefill": 0.0, "decode": 0.0},
-            "results": results,
-            "timeline": [],
-            "rss": peak.peak,
-        }
+        w = {"busy": {"prefill": 0.0, "decode": 0.0}, "results": results, "timeline": []}
+        w["rss"], w["span"] = peak.peak, (wall, wall + duration)
+        self.windows.append(w)
+        self.count(w)  # so far: the end of the window is known once a later line is in (close)
+        return w
+
+    def count(self, w: dict) -> None:
+        (k0, s0), (k1, s1) = (self.trainer.at(t) for t in w["span"])
+        w["train_tokens"], w["samples"] = k1 - k0, s1 - s0
 
 
 def parse_twoproc(spec: str) -> TwoProc:
