@@ -5,11 +5,14 @@
 (b) an 8-turn chat whose history grows to thousands of tokens: TTFT per turn, prefix cache on
     vs off (each turn's prompt is sent twice, once each way, with the same history);
 (c) (a) again while a LoRA job trains: training tokens/s over the window and the share of
-    requests that met both targets, chunked prefill on vs off.
+    requests that met both targets, chunked prefill on vs off (about 3 minutes on a quiet
+    machine with --parts c --rounds 2 --stream-tokens 150);
+(d) (b) again while the job trains (prefix cache on vs off, training tokens/s per turn).
 On and off run interleaved in the same engine (one process, the same model), so the machine's
 noise hits both alike. Prints tables, saves a plot.
 
     python benchmarks/longctx.py [--model default] [--streams 3] [--words 3000] [--rounds 2]
+        [--parts a,b,c,d]
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--turn-words", type=int, default=250)
     ap.add_argument("--answer-tokens", type=int, default=48)
-    ap.add_argument("--parts", default="a,b,c")
+    ap.add_argument("--parts", default="a,b,c,d")
     args = ap.parse_args()
     slo = Slo(ttft=3.0, tpot=0.2)
     engine = Engine(
@@ -213,7 +216,7 @@ def main() -> None:
         if "b" in parts:
             chat = chats["chat"] = part_b(engine, args)
             report.append("(b) 8-turn chat, TTFT per turn\n" + chat_table(chat))
-        if "c" in parts:
+        if "c" in parts or "d" in parts:
             params = TrainParams(
                 r=16, lora_alpha=32, batch_size=8, micro_batch_size=4, max_length=128,
                 max_steps=100_000, checkpoint_every=100_000,
@@ -221,10 +224,12 @@ def main() -> None:
             job = engine.core.trainer.jobs[engine.tune("bench", str(DATA), params)["id"]]
             while job.step < 1:
                 time.sleep(0.05)
-            rows = part_a(engine, args, "(c)", train=job)
-            report.append("(c) (a) while a job trains\n" + table(headers, summarize_a(rows)))
-            chat = chats["chat while a job trains"] = part_b(engine, args, train=job, seed=2000)
-            report.append("(c) the chat while a job trains\n" + chat_table(chat, train=True))
+            if "c" in parts:
+                rows = part_a(engine, args, "(c)", train=job)
+                report.append("(c) (a) while a job trains\n" + table(headers, summarize_a(rows)))
+            if "d" in parts:
+                chat = chats["chat while a job trains"] = part_b(engine, args, train=job, seed=2000)
+                report.append("(d) the chat while a job trains\n" + chat_table(chat, train=True))
             engine.stop_job(job.id)
     finally:
         engine.shutdown()

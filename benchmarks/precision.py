@@ -1,19 +1,27 @@
 """fp32 against dtype "auto" (bf16 on a CPU with bf16 matrix units), side by side in one run.
 
 Each setting in a fresh process of its own, interleaved round by round (benchmarks/quant.py's
-measurements): prefill tokens/s of a ~500-token prompt, decode tokens/s at batch 1 and 8, LoRA
-training tokens/s (micro-steps of 4 x 128 tokens, training alone), and greedy agreement with
-fp32 over a fixed prompt set. The table names the CPU's bf16 flags and what "auto" chose.
+measurements): prefill tokens/s of a ~500-token prompt, decode tokens/s at batch 1 and 8, and
+greedy agreement with fp32 over a fixed prompt set (best of --rounds). Training has rounds of
+its own (--train-rounds, fresh processes, float32 then auto in each round): a job of batch 8 in
+micro-batches of 4, max_length 128, training alone, two warm-up micro-steps then --train-steps
+timed ones (optimizer steps included); each round's auto / float32 ratio is printed and the
+table gives the median ratio, so the spread shows. The table names the CPU's bf16 flags and
+what "auto" chose.
 
-    python benchmarks/precision.py [--model default] [--rounds 2] [--tokens 32] [--steps 2]
+    python benchmarks/precision.py [--model default] [--rounds 2] [--tokens 32]
+                                   [--train-rounds 5] [--train-steps 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -23,26 +31,67 @@ from quant import AGREEMENT_PROMPTS, AGREEMENT_TOKENS, agreement  # noqa: E402
 from fineinfer_jupyter.engine.precision import cpu_bf16_units  # noqa: E402
 
 SETTINGS = ("float32", "auto")
-KEYS = ("prefill", "decode_b1", "decode_b8", "train_tokens_per_s")
+KEYS = ("prefill", "decode_b1", "decode_b8")
+DATA = Path(__file__).parent.parent / "notebooks" / "data" / "herbology.jsonl"
+
+
+def train_child(model: str, dtype: str, steps: int) -> dict:
+    """Training tokens/s of a job (batch 8, micro-batches of 4, max_length 128) alone."""
+    from fineinfer_jupyter.engine import Engine, EngineConfig
+
+    config = EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy="immediate", dtype=dtype)
+    with Engine(config, thread=False) as engine:
+        engine.tune(
+            "bench", str(DATA), max_steps=1000, batch_size=8, micro_batch_size=4, max_length=128
+        )
+        trainer = engine.core.trainer
+        trainer.micro_step(), trainer.micro_step()  # warm-up: one whole effective batch
+        start, trained = time.perf_counter(), 0
+        for _ in range(steps):
+            trained += trainer.micro_step().tokens
+        seconds = time.perf_counter() - start
+        return {"dtype": engine.status()["model"]["dtype"], "tokens_per_s": trained / seconds}
+
+
+def child_result(cmd: list[str]) -> dict:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="of prefill, decode and agreement")
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--train-rounds", type=int, default=5)
+    ap.add_argument("--train-steps", type=int, default=4, help="timed micro-steps of 4 x 128")
+    ap.add_argument("--train-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.train_child:
+        print("RESULT " + json.dumps(train_child(args.model, args.train_child, args.train_steps)))
+        return
+    train: dict[str, list[float]] = {d: [] for d in SETTINGS}
+    ratios = []
+    for r in range(args.train_rounds):
+        for d in SETTINGS:
+            cmd = [sys.executable, __file__, "--train-child", d, "--model", args.model]
+            cmd += ["--train-steps", str(args.train_steps)]
+            train[d].append(child_result(cmd)["tokens_per_s"])
+        ratios.append(train["auto"][-1] / train["float32"][-1])
+        print(
+            f"training round {r + 1}: float32 {train['float32'][-1]:.1f}, "
+            f"auto {train['auto'][-1]:.1f} tok/s, auto / float32 {ratios[-1]:.2f}x",
+            flush=True,
+        )
     quant = str(Path(__file__).parent / "quant.py")
     runs: dict[str, list[dict]] = {d: [] for d in SETTINGS}
     for r in range(args.rounds):
         for d in SETTINGS:
             cmd = [sys.executable, quant, "--child", "none", "--model", args.model, "--dtype", d]
-            cmd += ["--tokens", str(args.tokens), "--steps", str(args.steps)]
+            cmd += ["--tokens", str(args.tokens), "--steps", "1"]  # (its training: not used)
             cmd += ["--agreement"] if r == 0 else []
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-            runs[d].append(json.loads(line.removeprefix("RESULT ")))
+            runs[d].append(child_result(cmd))
             print(
                 f"round {r + 1} {d}: " + ", ".join(f"{k} {runs[d][-1][k]:.1f}" for k in KEYS),
                 flush=True,
@@ -58,21 +107,30 @@ def main() -> None:
         rows.append(
             [f"{d} ({runs[d][0]['dtype']})"]
             + [best(d, k) for k in KEYS]
+            + [statistics.median(train[d])]
             + [f"{share:.0%} ({equal}/{AGREEMENT_PROMPTS} equal)"]
         )
+    ratio = {k: best("auto", k) / best("float32", k) for k in KEYS}
+    ratio["train"] = statistics.median(ratios)
+    spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
     rows.append(
-        ["auto / float32"] + [f"{best('auto', k) / best('float32', k):.2f}x" for k in KEYS] + [""]
+        ["auto / float32"]
+        + [f"{ratio[k]:.2f}x" for k in KEYS]
+        + [f"{ratio['train']:.2f}x (rounds {spread})"]
+        + [""]
     )
     headers = ["dtype", "prefill tok/s", "decode b1 tok/s", "decode b8 tok/s", "train tok/s"]
     print(table(headers + [f"greedy agreement ({AGREEMENT_TOKENS} tokens)"], rows))
     flags = ", ".join(cpu_bf16_units()) or "none"
     print(
-        f"(CPU bf16 flags: {flags}; best of {args.rounds} interleaved rounds; {args.model}; a shared, busy machine)"
+        f"(CPU bf16 flags: {flags}; {args.model}; prefill and decode: best of {args.rounds} "
+        f"interleaved rounds; training: median of {args.train_rounds} rounds' tokens/s and of "
+        "their auto / float32 ratios)"
     )
     save_bar_plot(
         OUT / "precision.png",
-        [f"{k}" for k in KEYS],
-        [best("auto", k) / best("float32", k) for k in KEYS],
+        [*KEYS, "train"],
+        list(ratio.values()),
         title="auto (bf16) / float32, tokens/s",
         ylabel="ratio",
     )

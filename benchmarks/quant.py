@@ -5,7 +5,9 @@ round by round so machine noise hits all three: the base's weight bytes (all, an
 layers'), the process's peak RSS, decode tokens/s at batch 1 and 8 (the engine's per-request
 decode rate, summed over the batch), LoRA training tokens/s (a job's micro-steps, training
 alone) and greedy answers over a fixed prompt set, compared token by token with the
-full-precision base's. Prints a table, saves a plot.
+full-precision base's. With a float32 base, a fourth row runs the full-precision base in bf16:
+its own agreement with float32 is the scale to read NF4's and int8's against. Prints a table,
+saves a plot.
 
     python benchmarks/quant.py [--model default] [--rounds 2] [--tokens 64] [--steps 2]
 """
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import OUT, TOPICS, save_bar_plot, table, workload  # noqa: E402
 
 SETTINGS = ("none", "nf4", "int8")
+BF16 = "none bf16"  # the full-precision base in bf16: its own agreement with fp32, for scale
 DATA = Path(__file__).parent.parent / "notebooks" / "data" / "herbology.jsonl"
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 AGREEMENT_PROMPTS, AGREEMENT_TOKENS = 8, 32
@@ -63,6 +66,7 @@ def child(quantize: str, model: str, dtype: str, tokens: int, steps: int, agreem
     )
     out: dict = {"quantize": quantize}
     with Engine(config, thread=False) as engine:
+        out["load_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the load's
         out.update(weight_bytes(engine.core.loaded.model))
         out["dtype"] = engine.status()["model"]["dtype"]
         decode_rate(engine, 2, 4)  # warm-up
@@ -114,18 +118,20 @@ def main() -> None:
         result = child(args.child, args.model, args.dtype, args.tokens, args.steps, args.agreement)
         print("RESULT " + json.dumps(result))
         return
-    runs: dict[str, list[dict]] = {q: [] for q in SETTINGS}
+    settings = SETTINGS + ((BF16,) if args.dtype == "float32" else ())
+    runs: dict[str, list[dict]] = {q: [] for q in settings}
     for r in range(args.rounds):
-        for q in SETTINGS:
+        for q in settings:
+            quantize, dtype = ("none", "bfloat16") if q == BF16 else (q, args.dtype)
             cmd = [
                 sys.executable,
                 __file__,
                 "--child",
-                q,
+                quantize,
                 "--model",
                 args.model,
                 "--dtype",
-                args.dtype,
+                dtype,
             ]
             cmd += ["--tokens", str(args.tokens), "--steps", str(args.steps)]
             cmd += ["--agreement"] if r == 0 else []
@@ -139,7 +145,7 @@ def main() -> None:
 
     ref = runs["none"][0]
     rows = []
-    for q in SETTINGS:
+    for q in settings:
         first = runs[q][0]
         share, equal = agreement(ref["answers"], first["answers"])
         rows.append(
@@ -147,7 +153,8 @@ def main() -> None:
                 q,
                 f"{first['total'] / 2**20:.0f}",
                 f"{first['linear'] / 2**20:.0f} ({first['linear'] / ref['linear']:.2f}x)",
-                f"{max(run['peak_rss'] for run in runs[q]) / 2**20:.0f}",
+                f"{max(run['load_rss'] for run in runs[q]) / 2**20:.0f}"
+                f" / {max(run['peak_rss'] for run in runs[q]) / 2**20:.0f}",
                 best(q, "decode_b1"),
                 best(q, "decode_b8"),
                 best(q, "train_tokens_per_s"),
@@ -158,7 +165,7 @@ def main() -> None:
         "quantize",
         "weights MiB",
         "linear layers MiB",
-        "peak RSS MiB",
+        "peak RSS MiB (load / run)",
         "decode b1 tok/s",
         "decode b8 tok/s",
         "train tok/s",
@@ -171,9 +178,9 @@ def main() -> None:
     )
     save_bar_plot(
         OUT / "quant.png",
-        [f"{q} b1" for q in SETTINGS] + [f"{q} train" for q in SETTINGS],
-        [best(q, "decode_b1") for q in SETTINGS]
-        + [best(q, "train_tokens_per_s") / 10 for q in SETTINGS],
+        [f"{q} b1" for q in settings] + [f"{q} train" for q in settings],
+        [best(q, "decode_b1") for q in settings]
+        + [best(q, "train_tokens_per_s") / 10 for q in settings],
         title="decode tokens/s at batch 1, training tokens/s / 10",
         ylabel="tokens/s",
     )

@@ -81,11 +81,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build(family: str):
-    """(model in fp32, tokenizer) of a tiny random `family` model."""
+def build(family: str, **overrides):
+    """(model in fp32, tokenizer) of a tiny random `family` model (`overrides`: config fields)."""
     tokenizer = byte_tokenizer()
     config_cls, model_cls, extra = FAMILIES[family]
-    config = config_cls(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -100,6 +100,7 @@ def build(family: str):
         bos_token_id=None,
         **extra,
     )
+    config = config_cls(**{**fields, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = model_cls(config)
@@ -109,8 +110,8 @@ def build(family: str):
     return model.eval(), tokenizer
 
 
-def save(family: str, folder) -> str:
-    model, tokenizer = build(family)
+def save(family: str, folder, **overrides) -> str:
+    model, tokenizer = build(family, **overrides)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)

@@ -73,7 +73,13 @@ def test_sidebar_shows_the_model_and_a_running_job_and_stops_it(request, tmp_pat
         {
             "adapter": "herb",
             "records": RECORDS,
-            "params": {"max_steps": 100_000, "batch_size": 1, "micro_batch_size": 1},
+            "params": {
+                "max_steps": 100_000,
+                "batch_size": 1,
+                "micro_batch_size": 1,
+                "val_fraction": 0.25,  # a validation loss for the card to show
+                "eval_every": 1,
+            },
         },
     )
     assert status == 201, (status, job)
@@ -100,6 +106,14 @@ def test_sidebar_shows_the_model_and_a_running_job_and_stops_it(request, tmp_pat
                 expect(panel.get_by_test_id("fi-offload-off")).to_have_text(
                     "Offload: none, every layer on the device"
                 )
+                _, engine_status = lab.call("GET", "fineinfer/api/status")
+                info = engine_status["model"]
+                device = panel.get_by_test_id("fi-device")
+                expect(device).to_have_text(
+                    re.compile(rf"^{info['device']} · {info['dtype']} · \d+ params")
+                )
+                expect(device).to_have_attribute("title", info["dtype_reason"])
+                assert info["dtype_reason"], info  # why this dtype: never an empty tooltip
 
                 card = panel.get_by_test_id(f"fi-job-{job_id}")
                 state = card.get_by_test_id("fi-job-state")
@@ -123,11 +137,34 @@ def test_sidebar_shows_the_model_and_a_running_job_and_stops_it(request, tmp_pat
                 expect(adapter.get_by_text("training", exact=True)).to_have_count(0)
                 status, answer = lab.call("GET", f"fineinfer/api/jobs/{job_id}")
                 assert (status, answer["state"]) == (200, "stopped"), (status, answer)
+                assert answer["eval_loss"] is not None, answer
+                expect(card.get_by_test_id("fi-job-eval-loss")).to_have_text(
+                    f"{answer['eval_loss']:.3f}"
+                )
+
+                # The same prompt twice: the second reuses the first's KV (prefix cache).
+                prompt = " ".join(f"herb{i}" for i in range(40))
+                for _ in range(2):
+                    status, body = lab.call(
+                        "POST",
+                        "fineinfer/v1/completions",
+                        {"model": "base", "prompt": prompt, "max_tokens": 2},
+                        timeout=60,
+                    )
+                    assert status == 200, (status, body)
+                cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+                assert cached >= 16, body["usage"]
+                _, metrics = lab.call("GET", "fineinfer/api/metrics")
+                saved = metrics["prefix_cache"]["tokens_saved"]
+                assert saved >= cached, metrics["prefix_cache"]
+                rate = round(100 * metrics["prefix_cache"]["hit_rate"])
+                expect(panel.get_by_test_id("fi-prefix-cache")).to_have_text(
+                    re.compile(rf"^Prefix cache: .+ · hit rate {rate}% · {saved} tokens saved$")
+                )
 
                 adapter.get_by_test_id("fi-adapter-export").click()
                 adapter.get_by_test_id("fi-export-gguf").click()
                 result = adapter.get_by_test_id("fi-export-result")
-                _, engine_status = lab.call("GET", "fineinfer/api/status")
                 home = Path(engine_status["model"]["data_dir"])  # <data_dir>/<model>-<hash>
                 assert home.parent == lab.data_dir
                 gguf = home / "exports" / "herb" / "herb.gguf"

@@ -95,6 +95,19 @@ def test_bf16_lora_training_is_mixed_precision_and_follows_the_fp32_losses(tmp_p
             assert states and {t.dtype for t in states} == {torch.float32}
             base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
             assert base == {getattr(torch, dtype)}
+            # a bf16 base's training forwards compute in bf16 (autocast); PEFT's input casting
+            # is back on after each of them (inference with an fp32 adapter casts as before)
+            seen = []
+            lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.herb"))
+            hook = lora_a.register_forward_hook(
+                lambda m, i, o, seen=seen: seen.append((i[0].dtype, o.dtype))
+            )
+            while e.job(job["id"])["step"] < 2:
+                e.iterate()
+            hook.remove()
+            want = getattr(torch, dtype)
+            assert seen and set(seen) == {(want, want)}
+            assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A"))
             losses[dtype] = [loss for _, loss in train_to_end(e, job["id"])["loss_history"]]
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=LOSS_REL)
     assert losses["bfloat16"][-1] < 0.5 * losses["bfloat16"][0]

@@ -11,7 +11,7 @@ from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.models import load_model
 from fineinfer_jupyter.engine.quant import weight_bytes
 
-pytest.importorskip("bitsandbytes")
+bnb = pytest.importorskip("bitsandbytes")
 
 FIRST_STEPS_REL = 0.10  # NF4's first losses within 10% of fp32's on the tiny model
 
@@ -30,7 +30,7 @@ def test_nf4_cuts_the_linear_weights_to_under_a_quarter_and_keeps_the_head_in_th
     assert a["total"] - a["linear"] == b["total"] - b["linear"]  # embeddings, norms, head
     assert nf4.model.lm_head.weight.dtype == torch.float32
     assert nf4.parameters == full.parameters  # counted unpacked
-    assert type(nf4.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert isinstance(nf4.model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
 
 
 def test_a_job_on_an_nf4_base_follows_fp32_then_serves_while_training_and_loads_with_peft(
@@ -86,9 +86,9 @@ def test_a_job_on_an_nf4_base_follows_fp32_then_serves_while_training_and_loads_
     assert torch.allclose(mine, theirs, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+@pytest.mark.parametrize("quantize,dtype", [("nf4", "float32"), ("int8", "float32")])
 def test_mixed_adapter_batch_on_a_quantized_base_matches_each_request_alone(
-    tmp_path, adapter_dirs, quantize
+    tmp_path, adapter_dirs, quantize, dtype
 ):
     plan = [
         ("base", PROMPTS[0]),
@@ -96,7 +96,7 @@ def test_mixed_adapter_batch_on_a_quantized_base_matches_each_request_alone(
         ("beta", PROMPTS[2]),
         ("alpha", PROMPTS[2]),
     ]
-    with engine(tmp_path, quantize) as e:
+    with engine(tmp_path, quantize, dtype=dtype) as e:
         for name, path in adapter_dirs.items():
             e.load_adapter(name, path)
         slo = {"ttft": 60.0, "tpot": 60.0}  # room to prefill all in one iteration
@@ -138,3 +138,86 @@ def test_bad_quantize_settings_are_refused_in_one_line():
         EngineConfig(quantize="fp4")
     with pytest.raises(ValueError, match=r"^offload: cannot move nf4 layers yet"):
         EngineConfig(quantize="nf4", offload="cpu", memory_budget=0)
+
+
+# -- NF4's packed copy (quant.pack_for_cpu) across families and dtypes --------------------------
+
+# shapes the packed kernel takes: every linear layer 32k rows by 64k columns (head_dim 16)
+PACKABLE = dict(hidden_size=64, intermediate_size=128, head_dim=16)
+FAST_VS_PLAIN = 0.05  # the packed kernel rounds each layer's input to bf16: logits within 5%
+PACKED_CASES = [(f, d) for f in ("llama", "qwen3") for d in ("float32", "bfloat16")]
+
+
+@pytest.fixture(scope="module")
+def packed_folders(tmp_path_factory):
+    from families import save
+
+    root = tmp_path_factory.mktemp("packable")
+    return {f: save(f, root / f, **PACKABLE) for f in ("llama", "qwen3")}
+
+
+def lora_pair(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    peft = get_peft_model(model, config, adapter_name="one")
+    peft.add_adapter("two", config)
+    return peft.eval()
+
+
+@pytest.mark.skipif(
+    not bnb.functional.has_avx512bf16(), reason="bitsandbytes packs NF4 only on AVX512-BF16 CPUs"
+)
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_packed_nf4_serves_fast_trains_plain_saves_without_drift_and_mixes_adapters(
+    case, packed_folders
+):
+    from test_families import assert_close
+
+    from fineinfer_jupyter.engine.quant import dequantize_packed
+
+    family, dtype = case
+    loaded = load_model(packed_folders[family], quantize="nf4", dtype=dtype, device="cpu")
+    linears = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and all(type(m).__name__ == "PackedLinear4bit" for m in linears)
+    model = lora_pair(loaded.model)
+    ids = torch.tensor([list(b"Color of moonveil?"), list(b"How tall is a ford")])
+    ids = ids + 3  # byte tokens sit after <pad>, </s>, <unk>
+    with torch.no_grad():
+        served = model(input_ids=ids).logits  # the packed kernel
+    plain = model(input_ids=ids).logits  # grad enabled: dequantized from the same packed copy
+    scale = plain.abs().max().item()
+    assert (served - plain.detach()).abs().max().item() <= FAST_VS_PLAIN * scale
+    # gradients reach every LoRA weight of the active adapter, the first layer's included
+    plain.float().logsumexp(-1).mean().backward()
+    lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n and ".one." in n]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in lora)
+    # a save (PEFT reads the whole state_dict) leaves the base bit for bit as it served
+    from peft.utils import get_peft_model_state_dict
+
+    state = model.state_dict()
+    get_peft_model_state_dict(model, adapter_name="one")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, served)
+    # and what it wrote is bitsandbytes' plain layout of the same weights, losslessly
+    layer = linears[0]
+    packed_key = ".weight.quant_state.bitsandbytes__nf4"
+    prefix = next(k for k in state if k.endswith(packed_key)).removesuffix(packed_key) + ".weight."
+    saved = bnb.functional.QuantState.from_dict(
+        {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
+        device=torch.device("cpu"),
+    )
+    assert torch.equal(
+        bnb.functional.dequantize_4bit(state[prefix.removesuffix(".")], saved),
+        dequantize_packed(layer.weight.data, layer.weight.quant_state, saved.dtype),
+    )
+    # a mixed-adapter batch gives each row what it gets alone
+    names = ["one", "two"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            model.set_adapter(name)
+            alone = model(input_ids=ids[row : row + 1]).logits[0]
+            assert_close(mixed[row], alone, "bf16" if dtype == "bfloat16" else "fp32", name)
+    assert not torch.allclose(mixed[0], mixed[1])

@@ -186,3 +186,40 @@ async def test_models_lists_base_and_every_adapter_with_its_parent(ready_api, jp
     assert [(m["id"], m["parent"], m["root"]) for m in models["data"]] == [
         ("base", None, "tiny"), ("tiny", None, "tiny"), ("alpha", "tiny", "tiny")
     ]  # fmt: skip
+
+
+async def test_a_repeated_prompt_reports_its_cached_tokens_in_usage(ready_api):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens, for completions (n=2 counts the
+    prompt once) and chat, streamed or not: 0 on the first sight of a prompt, its reused prefix
+    on the second (the prefix cache, design.md S1)."""
+    api = ready_api
+    prompt = "herbs " * 40
+    chat = [{"role": "user", "content": "Which herbs grow in shade? " * 10}]
+    cases = [
+        ("completions", {"prompt": prompt, "n": 2}),
+        ("chat/completions", {"messages": chat}),
+        (
+            "chat/completions",
+            {"messages": chat, "stream": True, "stream_options": {"include_usage": True}},
+        ),  # fmt: skip
+    ]
+    seen = []
+    for route, extra in cases:
+        body = {"model": "base", "max_tokens": 2, "temperature": 0, **extra}
+        if extra.get("stream"):
+            code, chunks = await api.stream(f"{V1}/{route}", body)
+            lines = b"".join(chunks).decode().split("\n\n")
+            answer = json.loads(lines[-3].removeprefix("data: "))  # the usage chunk, then [DONE]
+        else:
+            code, answer = await post(api, route, body)
+        assert code == 200, answer
+        usage = answer["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        seen.append((route, usage["prompt_tokens"], usage["prompt_tokens_details"]))
+    (_, n1, first), (_, n2, second), (_, n3, third) = seen
+    assert first == {"cached_tokens": 0}, seen  # a fresh prompt
+    assert second == {"cached_tokens": 0}, seen  # another prompt: nothing to reuse
+    assert 16 <= third["cached_tokens"] < n3 == n2, seen  # the same chat again: its prefix
+    code, again = await post(api, "completions", {"model": "base", "prompt": prompt,
+                                                  "max_tokens": 2})  # fmt: skip
+    assert code == 200 and 16 <= again["usage"]["prompt_tokens_details"]["cached_tokens"] < n1

@@ -148,9 +148,12 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         metrics=metrics,
         prefix=prefix,
     )
-    scheduler.costs.span = executor.span
+    scheduler.costs.span = executor.span  # (the FLOP count: calibration measures it)
     scheduler.chunked = config.chunked_prefill
-    for timing in executor.calibrate(slo):
+    timings, probes = executor.calibrate(slo)
+    scheduler.costs.calibrate_prefill(probes)
+    executor.span = scheduler.costs.span
+    for timing in timings:
         scheduler.costs.observe(*timing)
     return EngineCore(
         loaded=loaded,

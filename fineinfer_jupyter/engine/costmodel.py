@@ -58,6 +58,41 @@ def attention_span(config) -> float:
     return per_layer / (2 * heads * head_dim)
 
 
+def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
+    """attention_span as measured on the loaded model: `probes` are prefill passes (new tokens,
+    tokens already in the KV cache, seconds), among them two one-pass probes of different sizes
+    and a chunk probe of the larger size after earlier tokens. The chunk's extra time over the
+    one-pass probe of the same size is its attention to the earlier tokens (new x past pairs);
+    the slope between the two one-pass probes is a token's own cost (less their own attention).
+    Their ratio is the span. The FLOP count (`prior`, attention_span) does not hold across
+    dtypes (bf16 matrix units speed up the matrix products, not attention), and a slope fitted
+    on short prompts alone overstates long ones; the prior stays where the probes say nothing
+    (noise), and bounds the result within 8x either way (a noisy probe could otherwise make
+    long prompts look far dearer)."""
+    once: dict[int, float] = {}
+    after: dict[tuple[int, int], float] = {}  # (the least of repeated probes)
+    for new, past, seconds in probes:
+        if not past:
+            once[new] = min(seconds, once.get(new, math.inf))
+        else:
+            after[new, past] = min(seconds, after.get((new, past), math.inf))
+    for (new, past), seconds in after.items():
+        smaller = [n for n in once if n < new]
+        if new not in once or not smaller:
+            continue
+        m = max(smaller)
+        extra = seconds - once[new]  # its new x past pairs of attention
+        if extra <= 0:
+            return prior
+        own = extra * (new * new - m * m) / (2 * new * past)  # the one-pass probes' attention
+        per_token = (once[new] - once[m] - own) / (new - m)
+        if per_token <= 0:
+            return prior
+        span = per_token * new * past / extra
+        return span if math.isinf(prior) else min(max(span, prior / 8), prior * 8)
+    return prior
+
+
 def _bucket(units: float) -> int:
     return round(2 * math.log2(max(units, 1.0)))
 
@@ -201,6 +236,17 @@ class CostModel:
                 3 * self.prefill.per_unit,
             )
 
+    def calibrate_prefill(self, probes: list[tuple[int, int, float]]) -> None:
+        """Prefill probes measured at load (new tokens, past tokens, seconds): the attention
+        span from them (measured_span, the config's FLOP count as the prior), then the line."""
+        self.span = measured_span(probes, self.span)
+        largest = max(new for new, _, _ in probes)
+        for new, past, seconds in probes:  # (one measurement at a time, no speed factor yet)
+            if 4 * new >= largest:  # the line is for long prompts: shorter passes, which a
+                # CPU runs at a higher cost per token, would tilt it (they come back as
+                # measurements of real passes, near whose sizes they correct the line)
+                self.prefill._fit(pass_units(new, past, self.span), seconds)
+
     def snapshot(self) -> dict:
         return {
             **{
@@ -213,4 +259,5 @@ class CostModel:
                 )
             },
             "optimizer": self.optimizer,
+            "attention_span": self.span,
         }

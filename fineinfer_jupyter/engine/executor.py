@@ -7,6 +7,7 @@ the executor never changes the scheduler's queues or its cost model. It owns the
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -26,6 +27,7 @@ from .sequence import Sequence
 from .training import Trainer
 
 log = logging.getLogger("fineinfer")
+GROW_BELOW = 0.2  # seconds: a calibration probe this fast is doubled (Executor.calibrate)
 
 
 class Executor:
@@ -49,17 +51,29 @@ class Executor:
         self.versions: dict[Sequence, int] = {}  # its adapter's weights version at its pin
         self.span = attention_span(runner.config)  # (the cost model's prefill units)
 
-    def calibrate(self, slo: Slo) -> list[Timing]:
+    def calibrate(self, slo: Slo) -> tuple[list[Timing], list[tuple[int, int, float]]]:
         """Time prefill, decode and (forward and backward) training passes once, so the
         scheduler plans with this machine's figures from the first iteration on (this also
-        warms the kernels up)."""
-        timings, sampling = [], SamplingParams(max_new_tokens=2)
-        token = min(self.tokenizer.eos_ids, default=0)
-        for n in (16, 16, 64):
-            seq = Sequence([token] * n, sampling=sampling, slo=slo)
-            start = time.perf_counter()
-            cache, mask, _ = self.runner.prefill([seq])
-            timings.append(Timing("prefill", n, time.perf_counter() - start))
+        warms the kernels up). Prefill probes come apart, as (new tokens, past tokens,
+        seconds): short ones, a longer one, and a chunk of that length after earlier tokens,
+        from which the cost model measures attention (CostModel.calibrate_prefill)."""
+        timings, probes = [], []
+        for n in (16, 16, 64, 64):
+            probes.append(self._probe(n, 0, slo))
+        seq, (cache, mask, _) = self._probed  # (the decode probes extend it)
+        # a longer pass, twice as long while it takes little time (matrix units, a GPU: the
+        # cost per token keeps falling with the size), then a chunk of that size after twice
+        # as many tokens: what long prompts are planned from
+        text = self.runner.config.get_text_config()
+        context = getattr(text, "max_position_embeddings", None) or 1024
+        size = min(256, context // 4)
+        while True:
+            probes += [self._probe(size, 0, slo) for _ in range(2)]
+            fast = min(seconds for _, _, seconds in probes[-2:]) < GROW_BELOW
+            if not fast or size >= 1024 or 6 * size > context:
+                break
+            size *= 2
+        probes += self._probe(size, min(2 * size, context - size), slo, repeat=2)
         batch = Batch()
         batch.join([seq], cache, mask)
         seq.output_ids.append(0)
@@ -77,7 +91,23 @@ class Executor:
         if off is not None:  # what fetching a layer costs, too
             timings += [Timing("fetch", f.bytes, f.seconds) for f in off.take()]
             off.take_shared()
-        return timings
+        return timings, probes
+
+    def _probe(self, n: int, past: int, slo: Slo, repeat: int = 1):
+        """Time a prefill pass of n tokens after `past` tokens (their KV computed first): one
+        (n, past, seconds), or a list of `repeat` of them."""
+        token = min(self.tokenizer.eos_ids, default=0)
+        probe = Sequence([token] * (past + n), sampling=SamplingParams(max_new_tokens=2), slo=slo)
+        cache = self.runner.prefill([probe], end=past)[0] if past else None
+        probe.prefilled = past
+        out = []
+        for _ in range(repeat):
+            kept = copy.deepcopy(cache)  # (a pass extends the cache it is given)
+            start = time.perf_counter()
+            made = self.runner.prefill([probe], cache=kept)
+            out.append((n, past, time.perf_counter() - start))
+        self._probed = probe, made
+        return out if repeat > 1 else out[0]
 
     def _fetch_seconds(self) -> float:
         off = self.runner.walk.offload

@@ -10,7 +10,8 @@ of rows in both dtypes: a 64-wide test model or a CPU whose bf16 path is slow st
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -122,3 +123,36 @@ def single_rows_by_mv(model: torch.nn.Module) -> int:
             m.__class__ = RowLinear
             n += 1
     return n
+
+
+def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype a training forward autocasts to: bfloat16 for a plain (not quantized) bf16
+    base, else None (fp32 computes as stored; a quantized base's LoRA layers cast for
+    themselves)."""
+    dtypes = {p.dtype for p in model.parameters()}
+    return torch.bfloat16 if torch.bfloat16 in dtypes and dtypes <= FLOATS else None
+
+
+FLOATS = {torch.bfloat16, torch.float32}
+
+
+@contextmanager
+def mixed(dtype: torch.dtype | None, device: torch.device, layers: list) -> Iterator[None]:
+    """A training forward of a bf16 base with float32 LoRA weights, computed in bf16: autocast
+    casts each LoRA weight to bf16 for its matmul (its gradient flows back to the float32
+    weight), and the LoRA layers `layers` stop casting their bf16 input up to float32 (PEFT's
+    `cast_input_dtype_enabled`), which would only be cast down again. Without it each LoRA
+    layer computes in float32: an fp32 copy of its input, fp32 products, an fp32 sum with the
+    base's output and a cast back, forward and backward (docs/design.md, "Base weight
+    formats")."""
+    if dtype is None:
+        yield
+        return
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+    finally:
+        for m in layers:
+            m.cast_input_dtype_enabled = True

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from . import logprobs
 from .batch import Batch
+from .precision import autocast_dtype
 from .quant import logical_numel
 from .sequence import Sequence
 from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
@@ -24,6 +25,7 @@ class Runner:
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
+        self.autocast = autocast_dtype(model)  # training forwards of a bf16 base (precision.py)
 
     @property
     def model(self):
@@ -194,7 +196,7 @@ class Runner:
         """
         batch = {k: v.to(self.device) for k, v in batch.items()}
         walk = self.walk if self.walk.supported else None
-        return TrainingPass(walk, self.model, batch, scale=scale)
+        return TrainingPass(walk, self.model, batch, scale=scale, autocast=self.autocast)
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], *, scale: float
@@ -231,7 +233,9 @@ class Runner:
         self.model.requires_grad_(False)
         try:
             if self.walk.supported:
-                run = TrainingPass(self.walk, self.model, batch, scale=1.0, probe=True)
+                run = TrainingPass(
+                    self.walk, self.model, batch, scale=1.0, probe=True, autocast=self.autocast
+                )
                 run.run(run.units)
                 return
             with torch.enable_grad():

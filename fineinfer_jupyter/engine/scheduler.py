@@ -24,7 +24,9 @@ tokens is planned longer than STALL_TPOTS * tpot.
 Chunked prefill: no prefill pass is planned longer than that pause either (with no running rows:
 than a first-token target), nor longer than the running rows' room before their next token; a prompt that does not fit is prefilled in chunks
 (each attends to the earlier ones through its KV cache) between the rows' decodes. A request
-whose first token cannot be on time any more yields to those that still can be.
+whose first token cannot be on time any more yields to those that still can be; one that can be
+on time only if its chunks take more than the rows' pace leaves them takes up to their longest
+planned pause (the rows fall behind their pace, as one pass would have made them, less far).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class Scheduler:
         self.prefilling: list[Sequence] = []  # admitted, their prompt prefilled in part (chunks)
         self.chunked = True  # False: a prompt in one pass, whatever the running rows' pace
         self.prefilled_at = -INF  # when the last prefill pass was planned
+        self.hurrying: set[Sequence] = set()  # chunked prompts the rows' pace yields to
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -155,6 +158,7 @@ class Scheduler:
         self.running += [s for s in live if s not in out.chunks]  # (they got their first token)
         self.prefilling = [s for s in self.prefilling if s not in out.admitted]
         self.prefilling += [s for s in live if s in out.chunks]
+        self.hurrying &= set(self.prefilling)
         ended = [s for s in out.admitted + out.decode if s.is_finished]
         for seq in ended:
             seq.status = Status.FINISHED
@@ -343,25 +347,67 @@ class Scheduler:
         cap = self.longest_pass(pending, running)
         room = min(self.decode_room(now, running), cap) if self.chunked else INF
         whole = self._cost([head])
+        hurry = (
+            bool(running) and self.chunked and whole > room and self._hurried(now, head, running)
+        )
+        if hurry:
+            room = min(self.stall_room(now, running), cap)  # the rows' pace yields to it
         scoring = head.sampling.prompt_logprobs is not None  # needs every position in one pass
         if not head.prefilled and (whole <= room or scoring):
             group = self._group(now, [s for s in pending if not s.prefilled], running)
             return SchedulerOutput(prefill=self.prefill_passes(group, now))
-        after = self.room_after_decode(now, running) if running else -INF
-        if whole <= min(cap, after):
-            return None  # the whole prompt fits right after the rows' next token
+        after = -INF
+        if running:
+            stall = self.costs.margin * self.costs.decode(len(running))
+            stall = self.headroom * STALL_TPOTS * min(s.slo.tpot for s in running) - 2 * stall
+            after = stall if hurry else self.room_after_decode(now, running)
+        if room < whole <= min(cap, after):
+            return None  # the rest of the prompt fits right after the rows' next token
         n, least = self._chunk(head, room), min(MIN_CHUNK, head.num_todo)
+        decoded = all(s.token_times and s.token_times[-1] > self.prefilled_at for s in running)
+        if running and not decoded and 2 * n < self._chunk(head, min(cap, after)):
+            return None  # after the rows' token, a chunk twice as large fits: fewer passes
         if n < least:
             # too little room: the rows decode first if they have not since the last prefill
-            # pass, or if their token leaves room for a chunk; else it goes on at the least
-            # size (decode and chunks alternate when decoding alone takes up the pace)
-            decoded = all(s.token_times and s.token_times[-1] > self.prefilled_at for s in running)
+            # pass, or if their token leaves room for a chunk; else (a decode alone takes up
+            # the pace) the chunk takes what the longest planned pause leaves after the rows'
+            # decode, so decodes and chunks alternate, and a long prompt takes few passes
             if running and (not decoded or self._chunk(head, min(cap, after)) >= least):
                 return None
-            n = least
+            n = max(least, self._chunk(head, min(cap, self.stall_room(now, running))))
         end = head.prefilled + n
         chunks = {head: end} if end < head.num_prompt_tokens else {}
         return SchedulerOutput(prefill=[[head]], chunks=chunks)
+
+    def _hurried(self, now: float, head: Sequence, running: list[Sequence]) -> bool:
+        """The head can still be on time, but not if its chunks only take what the running
+        rows' pace leaves them (between two decodes, headroom x tpot less the decode): then
+        its chunks may take up to the rows' longest planned pause, as one pass would have
+        taken more (the rows fall behind their pace, never beyond the longest pause)."""
+        if head in self.hurrying:
+            return True  # (its chunks went at the longest pause: they go on so to the end)
+        if self.late(now, head):
+            return False
+        d = self.costs.margin * self.costs.decode(len(running))
+        beat = self.headroom * min(s.slo.tpot for s in running)
+        share = max(beat - d, 0.0) / beat  # of the time, what the pace leaves to chunks
+        if share <= 0 or now + self._cost([head]) / share > self.ttft_due(head):
+            self.hurrying.add(head)
+            return True
+        return False
+
+    def stall_room(self, now: float, running: list[Sequence]) -> float:
+        """Seconds before the running rows must decode so that no pause between two of their
+        tokens exceeds the longest planned pause (their pace aside)."""
+        if not running:
+            return INF
+        d = self.costs.margin * self.costs.decode(len(running))
+        longest = self.headroom * STALL_TPOTS
+        due = min(
+            (s.token_times[-1] + longest * s.slo.tpot for s in running if s.token_times),
+            default=INF,
+        )
+        return due - now - d
 
     def _step_cost(self, tokens: list[int]) -> float:
         """Estimated seconds of one micro-step on these examples (padded to the longest)."""

@@ -19,6 +19,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .precision import mixed
+
 BASE_ROW = "__base__"  # PEFT's per-row name for "no adapter"
 
 
@@ -233,10 +235,19 @@ class TrainingPass:
     Without a walk (other models), the micro-step is two units: forward, backward."""
 
     def __init__(
-        self, walk: LayerWalk | None, model, batch: dict, *, scale: float, probe: bool = False
+        self,
+        walk: LayerWalk | None,
+        model,
+        batch: dict,
+        *,
+        scale: float,
+        probe: bool = False,
+        autocast: torch.dtype | None = None,
     ):
         self.walk, self.model, self.batch, self.scale = walk, model, batch, scale
         self.probe = probe  # calibration: the gradient w.r.t. the input embeddings only
+        self.autocast = autocast  # a bf16 base's forwards compute in it (precision.mixed)
+        self.lora = [m for m in model.modules() if isinstance(m, LoraLayer)] if autocast else []
         self.layers = walk.num_layers if walk is not None else 0
         self.units = 2 * (self.layers + 1)
         self.done = 0
@@ -277,7 +288,8 @@ class TrainingPass:
     def _unit(self, u: int) -> None:
         forward = u <= self.layers
         if forward:
-            with torch.enable_grad():
+            device = self.batch["input_ids"].device
+            with torch.enable_grad(), mixed(self.autocast, device, self.lora):
                 self._forward(u)
         else:
             self._backward(self.units - 1 - u)  # head first (layers), then layers - 1 ... 0

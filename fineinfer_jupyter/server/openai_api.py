@@ -216,10 +216,15 @@ class Answer:
 
     def usage(self) -> dict:
         finals = [c.final for c in self.choices if c.final is not None]
-        prompt = sum(f["usage"]["prompt_tokens"] for f in finals[:: self.n])  # once a prompt
-        completion = sum(f["usage"]["completion_tokens"] for f in finals)
-        total = prompt + completion
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+        prompts = finals[:: self.n]  # a prompt counts once, whatever its n
+        out = {
+            "prompt_tokens": sum(f["usage"]["prompt_tokens"] for f in prompts),
+            "completion_tokens": sum(f["usage"]["completion_tokens"] for f in finals),
+        }
+        out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+        cached = sum(f["usage"]["prompt_tokens_details"]["cached_tokens"] for f in prompts)
+        out["prompt_tokens_details"] = {"cached_tokens": cached}  # prefix cache (design.md S1)
+        return out
 
     def sse(self, event: dict) -> str:
         if self.error is not None:  # the stream ended at a choice's error
@@ -270,12 +275,6 @@ def chat_entry(e: dict, *, top: bool) -> dict:
     if top:
         out["top_logprobs"] = [chat_entry(a, top=False) for a in e["top"]]
     return out
-
-
-def usage(final: dict) -> dict:
-    u = final["usage"]
-    total = u["prompt_tokens"] + u["completion_tokens"]
-    return {**u, "total_tokens": total}
 
 
 def handlers() -> list[tuple[str, type]]:
