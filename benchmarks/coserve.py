@@ -126,10 +126,13 @@ def train_tokens_in(steps: list[dict], t0: float, t1: float) -> float:
         return step["duration"] if step["kind"] == "train" else step.get("train") or 0.0
 
     ends = [i for i, step in enumerate(steps) if step["kind"] == "train" and step["rows"]]
-    if len(ends) < 2:
+    if not ends:
         return 0.0
-    seconds = sum(train(step) for step in steps[ends[0] + 1 : ends[-1] + 1])
-    tokens = sum(steps[i]["tokens"] for i in ends[1:])
+    # the rate from the micro-steps after the first (the job's start-up is in the first), or,
+    # when none ended after it (a window whose training arrivals cut into pieces), the first's
+    first = 0 if len(ends) == 1 else ends[0] + 1
+    seconds = sum(train(step) for step in steps[first : ends[-1] + 1])
+    tokens = sum(steps[i]["tokens"] for i in (ends if len(ends) == 1 else ends[1:]))
     inside = sum(
         train(s)
         * max(0.0, min(t1, s["start"] + s["duration"]) - max(t0, s["start"]))
