@@ -12,6 +12,11 @@ it is when a compile, an indexer or a browser tab runs beside the notebook.
 
     python benchmarks/coserve.py [--model default] [--duration 40] [--rounds 3] [--gap 1.0]
                                  [--background 0]
+
+A window's training tokens are the seconds of training inside it times the tokens per second of
+training (train_tokens_in): counting micro-steps that ended in it was off by up to a micro-step
+at each end. benchmarks/twoproc.py runs these windows at three loads beside a two-process
+baseline (llama.cpp's server and a PEFT training script).
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def window(engine: Engine, requests, duration: float, train: bool, params: Train
     job = None
     if train:
         job = engine.core.trainer.jobs[engine.tune("bench", str(DATA), params)["id"]]
-        while job.step < 1:  # past the job's start-up and first optimizer step
+        while job.samples_done < 1:  # past the job's start-up and first micro-step
             time.sleep(0.05)
     busy0 = dict(engine.metrics.busy)
     samples0, tokens0 = (job.samples_done, job.tokens_done) if job else (0, 0)
@@ -88,27 +93,53 @@ def window(engine: Engine, requests, duration: float, train: bool, params: Train
         time.sleep(max(0.0, start + at - time.monotonic()))
         streams.append(engine.generate(messages, max_new_tokens=n))
     time.sleep(max(0.0, start + duration - time.monotonic()))
-    samples, train_tokens = (
-        (job.samples_done - samples0, job.tokens_done - tokens0) if job else (0, 0)
-    )
+    samples, counted = (job.samples_done - samples0, job.tokens_done - tokens0) if job else (0, 0)
     busy = {k: engine.metrics.busy[k] - busy0[k] for k in busy0}
-    timeline = [
-        {**step, "start": step["start"] - wall}
-        for step in engine.metrics.timeline
-        if step["start"] >= wall
-    ]
     costs = engine.core.scheduler.costs.snapshot()
     if job:
         engine.stop_job(job.id)  # what is still queued (all of exclusive's) drains without training
     results = [s.result() for s in streams]
+    steps = list(engine.metrics.timeline)  # now with the iteration that spanned the window's end
+    timeline = [
+        {**step, "start": step["start"] - wall}
+        for step in steps
+        if wall <= step["start"] < wall + duration
+    ]
     return {
         "samples": samples,
-        "train_tokens": train_tokens,
+        "train_tokens": train_tokens_in(steps, wall, wall + duration) if job else 0,
+        "train_tokens_counted": counted,
         "busy": busy,
         "results": results,
         "timeline": timeline,
         "costs": costs,
     }
+
+
+def train_tokens_in(steps: list[dict], t0: float, t1: float) -> float:
+    """Training tokens in [t0, t1]: the seconds of training inside it (timeline iterations,
+    clipped at both ends) times the tokens per second of training of the micro-steps the
+    timeline saw end. Counting the micro-steps that ended inside a window instead is off by up to
+    one micro-step (seconds of work, whole for fineinfer, in units for deferred) at each end."""
+
+    def train(step: dict) -> float:
+        return step["duration"] if step["kind"] == "train" else step.get("train") or 0.0
+
+    ends = [i for i, step in enumerate(steps) if step["kind"] == "train" and step["rows"]]
+    if not ends:
+        return 0.0
+    # the rate from the micro-steps after the first (the job's start-up is in the first), or,
+    # when none ended after it (a window whose training arrivals cut into pieces), the first's
+    first = 0 if len(ends) == 1 else ends[0] + 1
+    seconds = sum(train(step) for step in steps[first : ends[-1] + 1])
+    tokens = sum(steps[i]["tokens"] for i in (ends if len(ends) == 1 else ends[1:]))
+    inside = sum(
+        train(s)
+        * max(0.0, min(t1, s["start"] + s["duration"]) - max(t0, s["start"]))
+        / max(s["duration"], 1e-9)
+        for s in steps
+    )
+    return tokens / max(seconds, 1e-9) * inside
 
 
 def summarize(windows: list[dict], duration: float, slo: Slo) -> dict:
