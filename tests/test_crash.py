@@ -50,6 +50,13 @@ def start_job(server: JupyterProcess, **params) -> dict:
     return job
 
 
+# Seconds from SIGTERM to exit that "stops in seconds" allows: the engine's part is bounded by
+# its own give-up (2 s when stuck) and logged; the rest is Jupyter's cleanup and the interpreter
+# unloading torch, transformers and bitsandbytes, which took 2-5 s here on a quiet machine and
+# more under load. A server that waits for the job (minutes) or the stuck thread (forever) fails.
+EXIT_BOUND = 10.0
+
+
 def terminate(server: JupyterProcess) -> float:
     """Seconds from SIGTERM to the process's exit."""
     start = time.monotonic()
@@ -79,7 +86,7 @@ def test_sigterm_while_a_job_trains_stops_the_server_in_seconds_and_keeps_its_pr
         until(first, f"fineinfer/api/jobs/{job['id']}", lambda j: j["step"] == 3)
         seconds = terminate(first)
         print(f"sigterm while training: exit after {seconds:.2f} s")
-        assert seconds < 5, first.log_tail()
+        assert seconds < EXIT_BOUND, first.log_tail()
     finally:
         first.stop()
     monkeypatch.delenv(HOLD_STEP)
@@ -141,7 +148,7 @@ def test_sigterm_stops_the_server_in_seconds_even_when_the_engine_thread_is_stuc
             assert time.monotonic() < deadline, (status, body, process.log_tail())
         seconds = terminate(process)
         print(f"sigterm with the engine thread stuck: exit after {seconds:.2f} s")
-        assert seconds < 5, process.log_tail()
+        assert seconds < EXIT_BOUND, process.log_tail()
         assert "the engine thread did not stop within 2 s" in process.log.read_text()
     finally:
         process.stop()
