@@ -200,6 +200,19 @@ def plot(path: Path, runs: dict[str, dict], duration: float) -> None:
     plt.close(fig)
 
 
+def job_params() -> TrainParams:
+    """The co-serving job's shape (twoproc.py's plain PEFT trainer uses the same one)."""
+    return TrainParams(
+        r=16,
+        lora_alpha=32,
+        batch_size=8,
+        micro_batch_size=4,
+        max_length=128,
+        max_steps=100_000,
+        checkpoint_every=100_000,
+    )
+
+
 def calibrate_gap(args, slo: Slo, params: TrainParams) -> float:
     """The mean gap between arrivals at which inference alone keeps this machine busy
     `args.busy` of the time: machines of this kind differ 2x in speed, so a fixed gap is a
@@ -250,15 +263,7 @@ def main() -> None:
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the background processes die too
     slo = Slo(ttft=args.ttft, tpot=args.tpot)
-    params = TrainParams(
-        r=16,
-        lora_alpha=32,
-        batch_size=8,
-        micro_batch_size=4,
-        max_length=128,
-        max_steps=100_000,
-        checkpoint_every=100_000,
-    )
+    params = job_params()
     if args.busy:
         args.gap = calibrate_gap(args, slo, params)
     slices = [trace(args.duration, args.gap, seed=r) for r in range(args.rounds)]

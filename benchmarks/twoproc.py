@@ -50,7 +50,7 @@ import coserve  # noqa: E402
 from common import OUT, Neighbours, table  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from fineinfer_jupyter.engine import Slo, TrainParams  # noqa: E402
+from fineinfer_jupyter.engine import Slo  # noqa: E402
 from fineinfer_jupyter.engine.models import default_gguf, prepare  # noqa: E402
 from fineinfer_jupyter.engine.precision import auto_cpu_dtype  # noqa: E402
 from fineinfer_jupyter.engine.threads import WAIT  # noqa: E402
@@ -442,15 +442,7 @@ def main() -> None:
     args.loads = args.loads.split(",")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     slo = Slo(ttft=args.ttft, tpot=args.tpot)
-    params = TrainParams(
-        r=16,
-        lora_alpha=32,
-        batch_size=8,
-        micro_batch_size=4,
-        max_length=128,
-        max_steps=100_000,
-        checkpoint_every=100_000,
-    )
+    params = coserve.job_params()
     engine_setups = [s for s in args.engine.split(",") if s]
     twoprocs = [parse_twoproc(s) for s in args.twoproc.split(",") if s]
     _, folder = prepare(args.model)
