@@ -197,8 +197,8 @@ def true_prefill(new: int, past: int, per_token: float, per_pair: float) -> floa
 
 
 SHORT = [(16, 0), (16, 0), (64, 0), (64, 0)]
-PROBES = SHORT + [(256, 0), (256, 0), (256, 512), (256, 512)]  # as Executor.calibrate times
-GROWN = SHORT + [(256, 0)] * 2 + [(512, 0)] * 2 + [(1024, 0)] * 2 + [(1024, 2048)] * 2
+PROBES = SHORT + [(256, 0), (256, 0), (256, 512), (256, 512), (512, 0)]  # as Executor.calibrate
+GROWN = SHORT + [(256, 0)] * 2 + [(512, 0)] * 2 + [(1024, 0)] * 2 + [(1024, 2048)] * 2 + [(2048, 0)]
 
 
 @pytest.mark.parametrize(
@@ -227,6 +227,53 @@ def test_calibration_measures_attention_so_long_prefills_are_estimated_within_20
     assert old.prefill(pass_units(4096, 0, 3072.0)) > 1.5 * true_prefill(
         4096, 0, per_token, per_pair
     )
+
+
+def calibrated(per_token=0.0003, per_pair=7.5e-8) -> CostModel:
+    costs = CostModel()
+    costs.span = 3072.0
+    costs.calibrate_prefill([(n, p, true_prefill(n, p, per_token, per_pair)) for n, p in GROWN])
+    return costs
+
+
+def test_short_passes_slowed_by_training_do_not_inflate_a_long_prompts_estimate():
+    """Recorded timings: while a job trains, the streams' 10-token prompts take 5x their line
+    (their fixed cost: a LoRA's per-layer overhead, cold caches) while long passes run at the
+    usual speed. The long prompt's estimate stays within 20% of one pass (it was 5x: the speed
+    factor of any size scaled it), and the short ones' estimate follows them."""
+    costs, truth = calibrated(), true_prefill(4096, 0, 0.0003, 7.5e-8)
+    long = pass_units(4096, 0, costs.span)
+    assert costs.prefill(long) == pytest.approx(truth, rel=0.2)
+    short = pass_units(10, 0, costs.span)
+    for _ in range(3):
+        costs.observe("prefill", short, 5 * true_prefill(10, 0, 0.0003, 7.5e-8))
+    assert costs.prefill(long) == pytest.approx(truth, rel=0.2)
+    assert costs.prefill(short) == pytest.approx(5 * true_prefill(10, 0, 0.0003, 7.5e-8), rel=0.1)
+
+
+def test_a_slowdown_measured_on_chunks_carries_to_the_rest_of_a_long_prompt():
+    """Chunks of 512 tokens measured 2x slower than calibrated (a neighbour): within three
+    chunks, a chunk of comparable size is estimated at the new speed, and so is the rest of
+    the prompt in one pass (the speed of the longest passes measured)."""
+    costs = calibrated()
+    for k in range(3):
+        units = pass_units(512, 512 * k, costs.span)
+        costs.observe("prefill", units, 2 * true_prefill(512, 512 * k, 0.0003, 7.5e-8))
+    chunk = costs.prefill(pass_units(512, 1536, costs.span))
+    assert chunk == pytest.approx(2 * true_prefill(512, 1536, 0.0003, 7.5e-8), rel=0.2)
+    rest = costs.prefill(pass_units(2560, 1536, costs.span))
+    assert rest == pytest.approx(2 * true_prefill(2560, 1536, 0.0003, 7.5e-8), rel=0.25)
+
+
+def test_many_small_chunks_measured_do_not_tilt_the_long_prefill_line():
+    """40 chunks of 96 tokens (a prompt chunked into a slow machine's pace) weigh as one size
+    among the probes: the estimate of a 4,096-token pass stays within 20% of the truth."""
+    costs = calibrated(per_token=0.0025, per_pair=8e-8)
+    for k in range(40):
+        units = pass_units(96, 96 * k, costs.span)
+        costs.observe("prefill", units, true_prefill(96, 96 * k, 0.0025, 8e-8))
+    estimate = costs.prefill(pass_units(4096, 0, costs.span))
+    assert estimate == pytest.approx(true_prefill(4096, 0, 0.0025, 8e-8), rel=0.2)
 
 
 def test_the_engine_calibrates_its_attention_span_on_the_loaded_model(data_dir):
