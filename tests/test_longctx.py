@@ -159,6 +159,50 @@ def test_a_long_prompt_that_one_pass_keeps_on_time_is_on_time_in_chunks():
         assert max(gaps) <= STALL_TPOTS * s.slo.tpot + 1e-9
 
 
+def streams_and_a_long_prompt_while_a_job_trains(chunked: bool, prompt_tokens: int):
+    """benchmarks/longctx.py part (c) in the fake clock: 3 streams (decode 0.08 s, pace 0.2 s), a
+    long prompt 2 s in, a job training in micro-steps of 12 units in the streams' slack."""
+    from test_scheduler import FakeTraining
+
+    training = FakeTraining(tokens_per_example=100, micro=4, batch=8, units=12)
+    sim = Sim(training=training, slo=Slo(ttft=3.0, tpot=0.2))
+    sim.sched.costs.set_units([1.0] * 12)
+    sim.sched.chunked = chunked
+    streams = [sim.request(at=0.01 * i, prompt_tokens=20, new_tokens=150) for i in range(3)]
+    long = sim.request(at=2.0, prompt_tokens=prompt_tokens, new_tokens=4)
+    sim.run(until=60.0)
+    end = max(s.token_times[-1] for s in streams)
+    trained = sum(n for t, n in sim.trained if t < end)
+    return sim, streams, long, trained
+
+
+def test_a_prompt_one_pass_keeps_on_time_is_on_time_in_chunks_while_a_job_trains():
+    """2.2 s in one pass against a 3 s target: its chunks go at the rows' longest pause
+    (hurrying), it is on time, no stream waits beyond the longest pause, and the job trains
+    as much in the window as with one pass."""
+    sim, streams, long, trained = streams_and_a_long_prompt_while_a_job_trains(True, 550)
+    _, _, one, trained_once = streams_and_a_long_prompt_while_a_job_trains(False, 550)
+    assert long.token_times[0] - long.arrival <= long.slo.ttft and long.note is None
+    assert 1 < long.chunks <= 5
+    for s in streams:
+        gaps = [b - a for a, b in zip(s.token_times, s.token_times[1:])]
+        assert max(gaps) <= STALL_TPOTS * s.slo.tpot + 1e-9
+    assert trained >= trained_once > 0
+
+
+def test_a_late_prompts_chunks_follow_the_streams_pace_and_take_turns_with_training():
+    """4.8 s in one pass against a 3 s target: late whatever runs. Its chunks take only the
+    room the streams' pace leaves (they stay on pace: one pass stalled them 4.8 s), training
+    segments alternate with its chunks, and the job trains no less than with one pass."""
+    sim, streams, long, trained = streams_and_a_long_prompt_while_a_job_trains(True, 1200)
+    _, streams_once, _, trained_once = streams_and_a_long_prompt_while_a_job_trains(False, 1200)
+    assert "prefilled in chunks" in long.note and len(long.token_times) == 4
+    assert all(on_pace(s) for s in streams) and not any(on_pace(s) for s in streams_once)
+    during = [k for t, k, _ in sim.log if long.admitted <= t < long.token_times[0]]
+    assert "train" in during
+    assert trained >= trained_once > 0
+
+
 def test_when_a_decode_alone_takes_up_the_pace_chunks_fill_the_longest_pause_after_it():
     """Decoding 2 rows (0.125 s) takes longer than their pace: each chunk takes what the longest
     planned pause (0.9 x 4 x tpot = 0.375 s) leaves after the rows' decode, 0.25 s = 256
