@@ -94,7 +94,7 @@ class Scheduler:
         self.chunked = True  # False: a prompt in one pass, whatever the running rows' pace
         self.prefilled_at = -INF  # when the last prefill pass was planned
         self.hurrying: set[Sequence] = set()  # chunked prompts the rows' pace yields to
-        self.owed = False  # a late prompt's chunk ran: training's turn (deferred)
+        self.owed = 0.0  # seconds of the late prompt's chunk that ran last: training's turn
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -131,9 +131,14 @@ class Scheduler:
         out = self._plan(now, training)
         if out.prefill:
             self.prefilled_at = now
-            self.owed = any(self.late(now, s) for s in out.chunks)
+            c = self.costs
+            self.owed = sum(
+                c.margin * c.prefill(pass_units(end - s.prefilled, s.prefilled, c.span))
+                for s, end in out.chunks.items()
+                if self.late(now, s)
+            )
         elif out.train_units:
-            self.owed = False
+            self.owed = 0.0
         for seq in out.admitted:
             if seq.status is not Status.WAITING:
                 continue  # a chunked prompt going on
@@ -188,14 +193,13 @@ class Scheduler:
     ) -> SchedulerOutput:
         micro = self._micro_step(training, self._ceiling(newcomers, running))
         # a prompt whose first token is late whatever runs (chunked) does not hold training
-        # back: its chunks and training segments take turns in the rows' room
+        # back: its chunks and training segments (as long as its last chunk) take turns
         late = [s for s in newcomers if self.chunked and self.late(now, s)]
         on_time = [s for s in newcomers if s not in late]
         prefill_slack = self.prefill_slack(now, on_time, running) if on_time else INF
         decode_room = self.decode_room(now, running)
-        n = self._units_within(micro, min(prefill_slack, decode_room), self.max_segment)
-        if late and not on_time and not self.owed:
-            n = 0  # the late prompt's turn
+        segment = min(self.max_segment, self.owed) if late and not on_time else self.max_segment
+        n = self._units_within(micro, min(prefill_slack, decode_room), segment) if segment else 0
         if len(self.waiting) > len(newcomers) - len(self.prefilling):
             n = 0  # the batch is full and requests wait for a row: finish the running ones first
         elif not newcomers and not running:
@@ -385,10 +389,10 @@ class Scheduler:
             if running and (not decoded or self._chunk(head, min(cap, after)) >= least):
                 return None
             d = self.costs.margin * self.costs.decode(len(running)) if running else INF
-            if not hurry and d < self.headroom * min(s.slo.tpot for s in running or pending):
-                return None  # the rows are behind their pace and can catch up: a prompt
-                # not hurrying waits (its chunks follow the rows' mean pace, not their
-                # longest pause)
+            if not hurry and 2 * d <= self.headroom * min(s.slo.tpot for s in running or pending):
+                return None  # the rows are behind their pace and catch up at least as fast as
+                # they fell behind: a prompt not hurrying waits (its chunks follow the rows'
+                # mean pace, not their longest pause)
             n = max(least, self._chunk(head, min(cap, self.stall_room(now, running))))
         end = head.prefilled + n
         chunks = {head: end} if end < head.num_prompt_tokens else {}
