@@ -26,6 +26,10 @@ PER_BUCKET = 16  # recent samples kept per size bucket (sizes within a factor of
 RECENT = 3  # measurements the speed factor is the median of
 NEAR = 6  # size buckets (a factor of 8): a speed measured at one size holds within this of it
 SHARE_WEIGHT = 0.3  # how much one measured micro-step moves the units' shares
+# a one-row pass with nothing in its KV cache attends causally (SDPA's is_causal kernel); a
+# chunk (or a padded group) attends through a mask, with K/V repeated per query group: per
+# pair of tokens the mask costs ~1.5x (this CPU, SmolLM2-135M: 1.4x fp32, 1.6x bf16)
+CAUSAL = 1.5
 
 
 def prefill_units(seqs, span: float = math.inf, end: int | None = None) -> float:
@@ -34,13 +38,16 @@ def prefill_units(seqs, span: float = math.inf, end: int | None = None) -> float
     one-row pass up to that prompt position), plus their attention to the tokens before them."""
     past = max(s.prefilled for s in seqs)
     new = end - past if end is not None else max(s.num_todo for s in seqs)
-    return len(seqs) * pass_units(new, past, span)
+    return len(seqs) * pass_units(new, past, span, causal=len(seqs) == 1)
 
 
-def pass_units(new: int, past: int, span: float) -> float:
+def pass_units(new: int, past: int, span: float, *, causal: bool = True) -> float:
     """A row of `new` tokens after `past` tokens already in the KV cache, in tokens: each new
     token's attention to the earlier ones is counted as tokens' worth, a token attending to
-    `span` tokens as one more (attention_span)."""
+    `span` tokens as one more (attention_span); a one pass's causal attention to itself
+    (`causal`, nothing in the KV cache) as CAUSAL x fewer."""
+    if not past and causal:
+        return new * (1 + new / (2 * CAUSAL * span))
     return new * (1 + (past + new / 2) / span)
 
 
@@ -65,8 +72,8 @@ def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
     tokens already in the KV cache, seconds), among them two one-pass probes of different sizes
     and a chunk probe of the larger size after earlier tokens. The chunk's extra time over the
     one-pass probe of the same size is its attention to the earlier tokens (new x past pairs);
-    the slope between the two one-pass probes is a token's own cost (less their own attention).
-    Their ratio is the span. The FLOP count (`prior`, attention_span) does not hold across
+    the slope between the two one-pass probes is a token's own cost (less their own causal
+    attention, CAUSAL x cheaper per pair). Their ratio is the span. The FLOP count (`prior`, attention_span) does not hold across
     dtypes (bf16 matrix units speed up the matrix products, not attention), and a slope fitted
     on short prompts alone overstates long ones; the prior stays where the probes say nothing
     (noise), and bounds the result within 8x either way (a noisy probe could otherwise make
@@ -83,14 +90,15 @@ def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
         if new not in once or not smaller:
             continue
         m = max(smaller)
-        extra = seconds - once[new]  # its new x past pairs of attention
+        extra = seconds - once[new]  # its attention to the past, less the once probe's own
         if extra <= 0:
             return prior
-        own = extra * (new * new - m * m) / (2 * new * past)  # the one-pass probes' attention
+        per_pair = extra / (new * (past + new * (1 - 1 / CAUSAL) / 2))  # (through the mask)
+        own = per_pair * (new * new - m * m) / (2 * CAUSAL)  # the one-pass probes' attention
         per_token = (once[new] - once[m] - own) / (new - m)
         if per_token <= 0:
             return prior
-        span = per_token * new * past / extra
+        span = per_token / per_pair
         return span if math.isinf(prior) else min(max(span, prior / 8), prior * 8)
     return prior
 
