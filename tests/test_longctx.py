@@ -97,6 +97,14 @@ def test_a_chunked_prompt_in_the_engine_gives_hf_generates_tokens(stepped):
     assert not stepped.core.executor.partial and not stepped.core.scheduler.prefilling
 
 
+def on_mean_pace(s: Sequence) -> bool:
+    """Its mean time per output token met the target (what the benchmarks count), and no pause
+    between two tokens was longer than the longest planned pause."""
+    t = s.token_times
+    gaps = [b - a for a, b in zip(t, t[1:])]
+    return (t[-1] - t[0]) / len(gaps) <= s.slo.tpot and max(gaps) <= STALL_TPOTS * s.slo.tpot + 1e-9
+
+
 def long_prompt_during_streams(streams=3, prompt_tokens=1500, ttft=1.0):
     sim = Sim(policy="immediate", slo=Slo(ttft=ttft, tpot=0.3))
     running = [sim.request(at=0.1 * i, prompt_tokens=40, new_tokens=60) for i in range(streams)]
@@ -111,7 +119,7 @@ def test_a_long_prompt_arriving_during_streams_never_stalls_them_beyond_the_long
     for s in running:
         gaps = [b - a for a, b in zip(s.token_times, s.token_times[1:])]
         assert max(gaps) <= STALL_TPOTS * s.slo.tpot + 1e-9
-        assert on_pace(s)
+        assert on_mean_pace(s)
     assert len(long.token_times) == 3 and long.chunks > 1  # prefilled, in chunks
     assert "prefilled in chunks" in long.note  # its first token could not be on time: why
     pauses = [b - a for a, b in zip(long.token_times, long.token_times[1:])]
@@ -191,13 +199,15 @@ def test_a_prompt_one_pass_keeps_on_time_is_on_time_in_chunks_while_a_job_trains
 
 
 def test_a_late_prompts_chunks_follow_the_streams_pace_and_take_turns_with_training():
-    """4.8 s in one pass against a 3 s target: late whatever runs. Its chunks take only the
-    room the streams' pace leaves (they stay on pace: one pass stalled them 4.8 s), training
-    segments alternate with its chunks, and the job trains no less than with one pass."""
+    """4.8 s in one pass against a 3 s target: late whatever runs. Its chunks go at the
+    streams' longest pause only when they are on their pace, so they catch up in between (their
+    mean pace holds: one pass stalled them 4.8 s), training segments alternate with its chunks,
+    and the job trains no less than with one pass."""
     sim, streams, long, trained = streams_and_a_long_prompt_while_a_job_trains(True, 1200)
     _, streams_once, _, trained_once = streams_and_a_long_prompt_while_a_job_trains(False, 1200)
     assert "prefilled in chunks" in long.note and len(long.token_times) == 4
-    assert all(on_pace(s) for s in streams) and not any(on_pace(s) for s in streams_once)
+    assert long.chunks <= 10  # at the longest pause: 17 in the pace's room alone
+    assert all(on_mean_pace(s) for s in streams) and not any(on_pace(s) for s in streams_once)
     during = [k for t, k, _ in sim.log if long.admitted <= t < long.token_times[0]]
     assert "train" in during
     assert trained >= trained_once > 0

@@ -364,7 +364,17 @@ class Scheduler:
         hurry = (
             bool(running) and self.chunked and whole > room and self._hurried(now, head, running)
         )
-        if hurry:
+        # a late prompt's chunks go at the rows' longest pause too, but only while the rows
+        # are on their pace: they catch up between two chunks (their mean pace holds), and the
+        # prompt takes few chunks (each pays a fixed cost and re-reads the KV cache)
+        wide = hurry or (
+            bool(running)
+            and self.chunked
+            and whole > room
+            and self.late(now, head)
+            and self.decode_room(now, running) >= 0
+        )
+        if wide:
             room = min(self.stall_room(now, running), cap)  # the rows' pace yields to it
         scoring = head.sampling.prompt_logprobs is not None  # needs every position in one pass
         if not head.prefilled and (whole <= room or scoring):
@@ -374,7 +384,7 @@ class Scheduler:
         if running:
             stall = self.costs.margin * self.costs.decode(len(running))
             stall = self.headroom * STALL_TPOTS * min(s.slo.tpot for s in running) - 2 * stall
-            after = stall if hurry else self.room_after_decode(now, running)
+            after = stall if wide else self.room_after_decode(now, running)
         if room < whole <= min(cap, after):
             return None  # the rest of the prompt fits right after the rows' next token
         n, least = self._chunk(head, room), min(MIN_CHUNK, head.num_todo)
