@@ -26,7 +26,9 @@ than a first-token target), nor longer than the running rows' room before their 
 (each attends to the earlier ones through its KV cache) between the rows' decodes. A request
 whose first token cannot be on time any more yields to those that still can be; one that can be
 on time only if its chunks take more than the rows' pace leaves them takes up to their longest
-planned pause (the rows fall behind their pace, as one pass would have made them, less far).
+planned pause (the rows fall behind their pace, as one pass would have made them, less far). A
+late one takes that pause only while the rows are on their pace (they catch up in between: their
+mean pace holds), and under `deferred` takes turns with training segments.
 """
 
 from __future__ import annotations
