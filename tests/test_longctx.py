@@ -213,6 +213,27 @@ def test_a_late_prompts_chunks_follow_the_streams_pace_and_take_turns_with_train
     assert trained >= trained_once > 0
 
 
+def test_a_prompt_one_pass_just_keeps_on_time_hurries_though_the_margin_says_late():
+    """2.3 s in one pass, arriving during a training segment, against a 2.7 s plan (3 s
+    target, 10% headroom): with the cost model's 15% margin it would end late and go the late
+    path (its chunks taking turns with training). By the bare estimate it can be on time: it
+    hurries, gets its first token within the target, no stream waits beyond the longest
+    pause."""
+    from test_scheduler import FakeTraining
+
+    sim = Sim(training=FakeTraining(100, micro=4, batch=8, units=12), slo=Slo(ttft=3.0, tpot=0.2))
+    costs = sim.sched.costs
+    costs.set_units([1.0] * 12)
+    costs.margin, costs.decode = 1.15, LinearCost(0.05, 0.0)
+    streams = [sim.request(at=0.01 * i, prompt_tokens=20, new_tokens=150) for i in range(3)]
+    long = sim.request(at=2.0, prompt_tokens=575, new_tokens=4)
+    sim.run(until=60.0)
+    assert long.token_times[0] - long.arrival <= long.slo.ttft
+    for s in streams:
+        gaps = [b - a for a, b in zip(s.token_times, s.token_times[1:])]
+        assert max(gaps) <= STALL_TPOTS * s.slo.tpot + 1e-9
+
+
 def test_when_a_decode_alone_takes_up_the_pace_chunks_fill_the_longest_pause_after_it():
     """Decoding 2 rows (0.125 s) takes longer than their pace: each chunk takes what the longest
     planned pause (0.9 x 4 x tpot = 0.375 s) leaves after the rows' decode, 0.25 s = 256

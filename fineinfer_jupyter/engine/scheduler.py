@@ -137,7 +137,7 @@ class Scheduler:
             self.owed = sum(
                 c.margin * c.prefill(pass_units(end - s.prefilled, s.prefilled, c.span))
                 for s, end in out.chunks.items()
-                if self.late(now, s)
+                if s not in self.hurrying and self.late(now, s)
             )
         elif out.train_units:
             self.owed = 0.0
@@ -149,7 +149,7 @@ class Scheduler:
             seq.admitted = now
             seq.slack_at_admission = seq.ttft_deadline - now
             whole = self._cost([seq])
-            if seq in out.chunks and now + whole > seq.ttft_deadline:
+            if seq in out.chunks and seq not in self.hurrying and now + whole > seq.ttft_deadline:
                 seq.note = (
                     f"its {seq.num_todo} prompt tokens take ~{whole:.1f} s to prefill, more "
                     f"than its {seq.slo.ttft:g} s time-to-first-token target leaves: prefilled "
@@ -196,7 +196,9 @@ class Scheduler:
         micro = self._micro_step(training, self._ceiling(newcomers, running))
         # a prompt whose first token is late whatever runs (chunked) does not hold training
         # back: its chunks and training segments (as long as its last chunk) take turns
-        late = [s for s in newcomers if self.chunked and self.late(now, s)]
+        late = [
+            s for s in newcomers if self.chunked and s not in self.hurrying and self.late(now, s)
+        ]
         on_time = [s for s in newcomers if s not in late]
         prefill_slack = self.prefill_slack(now, on_time, running) if on_time else INF
         decode_room = self.decode_room(now, running)
@@ -417,8 +419,10 @@ class Scheduler:
         taken more (the rows fall behind their pace, never beyond the longest pause)."""
         if head in self.hurrying:
             return True  # (its chunks went at the longest pause: they go on so to the end)
-        if self.late(now, head):
-            return False
+        c = self.costs
+        if now + c.prefill(prefill_units([head], c.span)) > self.ttft_due(head):
+            return False  # late even by the bare estimate (the margin would hand a prompt that
+            # one pass just keeps on time to the late path, which is twice as slow)
         d = self.costs.margin * self.costs.decode(len(running))
         beat = self.headroom * min(s.slo.tpot for s in running)
         share = max(beat - d, 0.0) / beat  # of the time, what the pace leaves to chunks
