@@ -73,11 +73,11 @@ def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
     and a chunk probe of the larger size after earlier tokens. The chunk's extra time over the
     one-pass probe of the same size is its attention to the earlier tokens (new x past pairs);
     the slope between the two one-pass probes is a token's own cost (less their own causal
-    attention, CAUSAL x cheaper per pair). Their ratio is the span. The FLOP count (`prior`, attention_span) does not hold across
-    dtypes (bf16 matrix units speed up the matrix products, not attention), and a slope fitted
-    on short prompts alone overstates long ones; the prior stays where the probes say nothing
-    (noise), and bounds the result within 8x either way (a noisy probe could otherwise make
-    long prompts look far dearer)."""
+    attention, CAUSAL x cheaper per pair). Their ratio is the span. The FLOP count (`prior`,
+    attention_span) does not hold across dtypes (bf16 matrix units speed up the matrix
+    products, not attention), and a slope fitted on short prompts alone overstates long ones;
+    the prior stays where the probes say nothing (noise), and bounds the result within 8x
+    either way (a noisy probe could otherwise make long prompts look far dearer)."""
     once: dict[int, float] = {}
     after: dict[tuple[int, int], float] = {}  # (the least of repeated probes)
     for new, past, seconds in probes:
