@@ -11,8 +11,9 @@ import weakref
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 NAME = "chunk_sdpa"  # config._attn_implementation of the models that use it (models.py)
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -31,10 +32,12 @@ def chunk_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' `sdpa_attention_forward` (same arguments, same result), split where
-    `splits` says the split is exact."""
+    """transformers' sdpa attention function (same arguments, same result), split where
+    `splits` says the split is exact; otherwise the "sdpa" entry of transformers' table, so
+    that its overrides (a training forward's attention in float32, precision.py) hold here."""
     if not splits(query, key, attention_mask, dropout, kwargs):
-        return sdpa_attention_forward(
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]  # (with its overrides: precision.attention_in_fp32)
+        return sdpa(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     return split_attention(query, key, value, scaling), None
@@ -57,14 +60,15 @@ def splits(query, key, mask, dropout, kwargs) -> bool:
     )
 
 
-_seen: list = [None, False]  # (weakref to the last mask checked, its verdict)
+_seen: tuple = (None, 0, 0, False)  # (the last mask checked (weakref), q, k, its verdict)
 
 
 def _plain_causal(mask: torch.Tensor, q: int, k: int) -> bool:
     """Whether `mask` ([B, 1, q, k] booleans) lets query i see keys 0 .. k - q + i, no more, no
     less, in every row. A pass's layers share its mask, so the verdict is kept for that tensor."""
-    ref, verdict = _seen
-    if ref is not None and ref() is mask:
+    global _seen
+    ref, q_seen, k_seen, verdict = _seen
+    if ref is not None and ref() is mask and (q_seen, k_seen) == (q, k):
         return verdict
     verdict = (
         mask.dtype == torch.bool
@@ -72,7 +76,7 @@ def _plain_causal(mask: torch.Tensor, q: int, k: int) -> bool:
         and mask.shape[1:] == (1, q, k)
         and torch.equal(mask, torch.ones(q, k, dtype=torch.bool).tril(k - q).expand_as(mask))
     )
-    _seen[:] = [weakref.ref(mask), verdict]
+    _seen = (weakref.ref(mask), q, k, verdict)  # (replaced whole: one assignment)
     return verdict
 
 
