@@ -102,7 +102,7 @@ def record_estimates(engine: Engine) -> None:
         c = sched.costs
         for seq in out.admitted:
             if seq.request_id not in ESTIMATES:
-                ESTIMATES[seq.request_id] = c.prefill(prefill_units([seq], c.span))
+                ESTIMATES[seq.request_id] = c.prefill(prefill_units([seq], c.span, split=c.split))
         return out
 
     sched.schedule = _schedule

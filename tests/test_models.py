@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fineinfer_jupyter.engine import models
+from fineinfer_jupyter.engine.attention import NAME as CHUNK_SDPA
 from fineinfer_jupyter.engine.models import (
     LoadedModel,
     load_model,
@@ -43,7 +44,7 @@ def test_tiny_fields(tiny):
         torch.device("cpu"),
         torch.float32,
     )
-    assert not model.training and model.config._attn_implementation == "sdpa"
+    assert not model.training and model.config._attn_implementation == CHUNK_SDPA
     assert model.config.vocab_size == len(tok) and model.get_output_embeddings().weight.shape[
         0
     ] == len(tok)
@@ -98,7 +99,7 @@ def test_hf_folder_round_trip(tiny, tmp_path):
     assert loaded.tokenizer.chat_template == tiny.tokenizer.chat_template
     a, b = tiny.model.state_dict(), loaded.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert loaded.model.config._attn_implementation == "sdpa" and not loaded.model.training
+    assert loaded.model.config._attn_implementation == CHUNK_SDPA and not loaded.model.training
 
 
 def test_dtype_is_applied():

@@ -149,6 +149,7 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         prefix=prefix,
     )
     scheduler.costs.span = executor.span  # (the FLOP count: calibration measures it)
+    scheduler.costs.split = executor.split
     scheduler.chunked = config.chunked_prefill
     timings, probes = executor.calibrate(slo)
     scheduler.costs.calibrate_prefill(probes)

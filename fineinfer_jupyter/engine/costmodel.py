@@ -28,26 +28,33 @@ NEAR = 6  # size buckets (a factor of 8): a speed measured at one size holds wit
 SHARE_WEIGHT = 0.3  # how much one measured micro-step moves the units' shares
 # a one-row pass with nothing in its KV cache attends causally (SDPA's is_causal kernel); a
 # chunk (or a padded group) attends through a mask, with K/V repeated per query group: per
-# pair of tokens the mask costs ~1.5x (this CPU, SmolLM2-135M: 1.4x fp32, 1.6x bf16)
+# pair of tokens the mask costs ~1.5x (this CPU, SmolLM2-135M: 1.4x fp32, 1.6x bf16), unless
+# the chunk's attention is split (attention.py: no mask over the earlier keys, causal over its
+# own: a one pass's cost per pair; `split`)
 CAUSAL = 1.5
 
 
-def prefill_units(seqs, span: float = math.inf, end: int | None = None) -> float:
+def prefill_units(
+    seqs, span: float = math.inf, end: int | None = None, *, split: bool = False
+) -> float:
     """The work of a prefill pass, in tokens: every row's new tokens padded to the longest
     (a chunk or a cache hit computes only the tokens after those already in its KV; `end`: a
     one-row pass up to that prompt position), plus their attention to the tokens before them."""
     past = max(s.prefilled for s in seqs)
     new = end - past if end is not None else max(s.num_todo for s in seqs)
-    return len(seqs) * pass_units(new, past, span, causal=len(seqs) == 1)
+    return len(seqs) * pass_units(new, past, span, causal=len(seqs) == 1, split=split)
 
 
-def pass_units(new: int, past: int, span: float, *, causal: bool = True) -> float:
+def pass_units(
+    new: int, past: int, span: float, *, causal: bool = True, split: bool = False
+) -> float:
     """A row of `new` tokens after `past` tokens already in the KV cache, in tokens: each new
     token's attention to the earlier ones is counted as tokens' worth, a token attending to
-    `span` tokens as one more (attention_span); a one pass's causal attention to itself
-    (`causal`, nothing in the KV cache) as CAUSAL x fewer."""
-    if not past and causal:
-        return new * (1 + new / (2 * CAUSAL * span))
+    `span` tokens as one more (attention_span, in a masked pass's pairs); a one pass's causal
+    attention to itself (`causal`, nothing in the KV cache) as CAUSAL x fewer, and so a one-row
+    chunk's attention where chunks' attention is `split` (attention.py)."""
+    if causal and (split or not past):
+        return new * (1 + (past + new / 2) / (CAUSAL * span))
     return new * (1 + (past + new / 2) / span)
 
 
@@ -67,13 +74,17 @@ def attention_span(config) -> float:
     return per_layer / (2 * heads * head_dim)
 
 
-def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
+def measured_span(
+    probes: list[tuple[int, int, float]], prior: float, *, split: bool = False
+) -> float:
     """attention_span as measured on the loaded model: `probes` are prefill passes (new tokens,
     tokens already in the KV cache, seconds), among them two one-pass probes of different sizes
     and a chunk probe of the larger size after earlier tokens. The chunk's extra time over the
     one-pass probe of the same size is its attention to the earlier tokens (new x past pairs);
     the slope between the two one-pass probes is a token's own cost (less their own causal
-    attention, CAUSAL x cheaper per pair). Their ratio is the span. The FLOP count (`prior`,
+    attention, CAUSAL x cheaper per pair; a `split` chunk's attention costs as much per pair
+    as theirs, so its extra time is its new x past pairs, CAUSAL x cheaper than the span's
+    masked pairs). Their ratio is the span. The FLOP count (`prior`,
     attention_span) does not hold across dtypes (bf16 matrix units speed up the matrix
     products, not attention), and a slope fitted on short prompts alone overstates long ones;
     the prior stays where the probes say nothing (noise), and bounds the result within 8x
@@ -93,7 +104,10 @@ def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
         extra = seconds - once[new]  # its attention to the past, less the once probe's own
         if extra <= 0:
             return prior
-        per_pair = extra / (new * (past + new * (1 - 1 / CAUSAL) / 2))  # (through the mask)
+        if split:  # (a masked pair's cost, which the span is counted in)
+            per_pair = CAUSAL * extra / (new * past)
+        else:  # (through the mask)
+            per_pair = extra / (new * (past + new * (1 - 1 / CAUSAL) / 2))
         own = per_pair * (new * new - m * m) / (2 * CAUSAL)  # the one-pass probes' attention
         per_token = (once[new] - once[m] - own) / (new - m)
         if per_token <= 0:
@@ -192,6 +206,7 @@ class CostModel:
         self.optimizer = 0.0  # seconds of an optimizer step, added to a batch's last micro-step
         self.margin = 1.15  # plan with estimates padded against noise
         self.span = math.inf  # a prefill's attention cost (prefill_units; set from the model)
+        self.split = False  # chunks' attention split (attention.py; set from the model)
         self.shares = [1.0]  # each unit's share of a micro-step's time (set_units)
         self._units: list[float] = []  # seconds of the units of the micro-step being measured
         self._padded = 0
@@ -266,13 +281,13 @@ class CostModel:
     def calibrate_prefill(self, probes: list[tuple[int, int, float]]) -> None:
         """Prefill probes measured at load (new tokens, past tokens, seconds): the attention
         span from them (measured_span, the config's FLOP count as the prior), then the line."""
-        self.span = measured_span(probes, self.span)
+        self.span = measured_span(probes, self.span, split=self.split)
         largest = max(new for new, _, _ in probes)
         for new, past, seconds in probes:  # (one measurement at a time, no speed factor yet)
             if 4 * new >= largest:  # the line is for long prompts: shorter passes, which a
                 # CPU runs at a higher cost per token, would tilt it (they come back as
                 # measurements of real passes, near whose sizes they correct the line)
-                self.prefill._fit(pass_units(new, past, self.span), seconds)
+                self.prefill._fit(pass_units(new, past, self.span, split=self.split), seconds)
 
     def snapshot(self) -> dict:
         return {

@@ -14,6 +14,7 @@ import time
 import torch
 
 from .adapters import AdapterStore
+from .attention import chunks_split
 from .batch import Batch
 from .config import SamplingParams, Slo
 from .costmodel import attention_span, prefill_units
@@ -50,6 +51,7 @@ class Executor:
         self.prefix = prefix or PrefixCache(0)  # KV of finished requests, by token prefix
         self.versions: dict[Sequence, int] = {}  # its adapter's weights version at its pin
         self.span = attention_span(runner.config)  # (the cost model's prefill units)
+        self.split = chunks_split(runner.config, runner.device)  # (and how chunks attend)
 
     def calibrate(self, slo: Slo) -> tuple[list[Timing], list[tuple[int, int, float]]]:
         """Time prefill, decode and (forward and backward) training passes once, so the
@@ -183,7 +185,7 @@ class Executor:
             past = self.partial.pop(group[0], (None,))[0] if len(group) == 1 else None
             try:
                 cache, mask, logits = self.runner.prefill(group, also, cache=past, end=end)
-                units = prefill_units(group, self.span, end)
+                units = prefill_units(group, self.span, end, split=self.split)
                 for seq in group:
                     seq.prefilled, seq.chunks = end or seq.num_prompt_tokens, seq.chunks + 1
                 tokens = [] if end is not None else self.runner.sample(logits, group)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import NAME as CHUNK_SDPA
 from .config import check
 from .offload import LayerOffload, Weights, over_budget
 from .precision import auto_cpu_dtype, single_rows_by_mv
@@ -285,7 +286,7 @@ def load_without_layers(
             folder,
             local_files_only=True,
             dtype=dt,
-            attn_implementation="sdpa",
+            attn_implementation=attention(folder),
             device_map=device_map,
             offload_folder=scratch,
         )
@@ -313,14 +314,15 @@ def _mkdir(path: Path) -> Path:
 
 
 def attention(folder: Path) -> str:
-    """torch's scaled_dot_product_attention where the model supports it, else transformers'
-    eager attention (Gemma2: sdpa has no attention-logit soft-capping)."""
+    """torch's scaled_dot_product_attention where the model supports it (as attention.py's
+    chunk attention: transformers' sdpa, but a pass with earlier KV split in two), else
+    transformers' eager attention (Gemma2: sdpa has no attention-logit soft-capping)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+    return CHUNK_SDPA if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
 
 
 def max_context(config, tokenizer) -> int:
@@ -357,7 +359,7 @@ def build_tiny():
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        attn_implementation="sdpa",
+        attn_implementation=CHUNK_SDPA,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -135,7 +135,8 @@ class Scheduler:
             self.prefilled_at = now
             c = self.costs
             self.owed = sum(
-                c.margin * c.prefill(pass_units(end - s.prefilled, s.prefilled, c.span))
+                c.margin
+                * c.prefill(pass_units(end - s.prefilled, s.prefilled, c.span, split=c.split))
                 for s, end in out.chunks.items()
                 if s not in self.hurrying and self.late(now, s)
             )
@@ -323,7 +324,7 @@ class Scheduler:
     def _cost(self, seqs: list[Sequence]) -> float:
         """Estimated seconds of one prefill pass over the rest of these prompts (with margin)."""
         c = self.costs
-        return c.margin * c.prefill(prefill_units(seqs, c.span))
+        return c.margin * c.prefill(prefill_units(seqs, c.span, split=c.split))
 
     def longest_pass(self, pending: list[Sequence], running: list[Sequence] = ()) -> float:
         """The longest prefill pass planned: with running rows, the longest planned pause
@@ -345,7 +346,7 @@ class Scheduler:
         c, past = self.costs, seq.prefilled
 
         def cost(n: int) -> float:
-            return c.margin * c.prefill(pass_units(n, past, c.span))
+            return c.margin * c.prefill(pass_units(n, past, c.span, split=c.split))
 
         lo, hi = 0, seq.num_todo
         while lo < hi:
@@ -420,7 +421,7 @@ class Scheduler:
         if head in self.hurrying:
             return True  # (its chunks went at the longest pause: they go on so to the end)
         c = self.costs
-        if now + c.prefill(prefill_units([head], c.span)) > self.ttft_due(head):
+        if now + c.prefill(prefill_units([head], c.span, split=c.split)) > self.ttft_due(head):
             return False  # late even by the bare estimate (the margin would hand a prompt that
             # one pass just keeps on time to the late path, which is twice as slow)
         d = self.costs.margin * self.costs.decode(len(running))
