@@ -127,3 +127,24 @@ def test_a_bf16_cpu_model_decodes_one_row_by_mv_with_linears_results_and_gradien
     layer(x).sum().backward()  # a training forward takes F.linear: the gradient reaches x
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert type(load_model("tiny").model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_a_small_one_row_product_runs_on_one_thread_and_a_large_one_on_all(monkeypatch):
+    # torch's bf16 matrix-vector kernel opens a parallel region for any size: a layer's weight
+    # under ROW_PARALLEL_MIN multiplies on the calling thread, the count is restored after
+    layer = load_model("tiny", dtype="bfloat16").model.model.layers[0].self_attn.k_proj
+    x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
+    seen, mv = [], torch.mv
+    monkeypatch.setattr(torch, "mv", lambda w, v: seen.append(torch.get_num_threads()) or mv(w, v))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            small = layer(x)
+            monkeypatch.setattr(precision, "ROW_PARALLEL_MIN", layer.weight.numel())
+            large = layer(x)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(small, large)
+    assert torch.equal(small, mv(layer.weight, x.reshape(-1)).view(1, 1, -1))

@@ -97,22 +97,41 @@ def auto_cpu_dtype(
     )
 
 
+ROW_PARALLEL_MIN = 1 << 22  # weights this large (elements) have a one-row product on all threads
+
+
 class RowLinear(torch.nn.Linear):
     """nn.Linear whose one-row inference forward is a matrix-vector product (torch.mv).
 
     In bf16 on a CPU, F.linear on a single row (a decode at batch 1) takes oneDNN's matmul
     path, ~1.8x slower than fp32's; torch.mv's bf16 kernel is as fast as fp32's linear, on half
-    the bytes (docs/benchmarks.md, "bf16 on the CPU's matrix units"). More rows, or a forward
-    that needs gradients, run F.linear as before. The module stays an nn.Linear (PEFT wraps it,
-    state_dict and offload see the same parameters)."""
+    the bytes (docs/benchmarks.md, "bf16 on the CPU's matrix units"). That kernel opens a
+    parallel region for every product whatever its size (one dot product per row, grain 1):
+    each wakes the sleeping OpenMP workers, which costs more than a layer's product saves (far
+    more when a neighbour holds a core), so a weight under ROW_PARALLEL_MIN elements multiplies
+    on the calling thread alone; a larger one (a head over a big vocabulary) uses every
+    thread. More rows, or a forward that needs gradients, run F.linear as before. The module
+    stays an nn.Linear (PEFT wraps it, state_dict and offload see the same parameters)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features or (torch.is_grad_enabled() and x.requires_grad):
             return torch.nn.functional.linear(x, self.weight, self.bias)
-        y = torch.mv(self.weight, x.reshape(-1))
-        if self.bias is not None:
-            y = y + self.bias
+        y = row_product(self.weight, self.bias, x)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """weight @ x + bias for one row x, by torch.mv; on one thread for a small weight."""
+    threads = torch.get_num_threads()
+    if threads > 1 and weight.numel() < ROW_PARALLEL_MIN:
+        torch.set_num_threads(1)  # (~0.3 us a change)
+        try:
+            y = torch.mv(weight, x.reshape(-1))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        y = torch.mv(weight, x.reshape(-1))
+    return y if bias is None else y + bias
 
 
 def single_rows_by_mv(model: torch.nn.Module) -> int:
