@@ -148,3 +148,55 @@ def test_a_small_one_row_product_runs_on_one_thread_and_a_large_one_on_all(monke
         torch.set_num_threads(threads)
     assert torch.equal(small, large)
     assert torch.equal(small, mv(layer.weight, x.reshape(-1)).view(1, 1, -1))
+
+
+def test_a_bf16_decode_at_batch_1_runs_on_one_thread_but_its_head_and_larger_batches_on_all(
+    monkeypatch,
+):
+    from fineinfer_jupyter.engine.batch import Batch
+    from fineinfer_jupyter.engine.config import SamplingParams, Slo
+    from fineinfer_jupyter.engine.runner import Runner
+    from fineinfer_jupyter.engine.sequence import Sequence
+
+    loaded = load_model("tiny", dtype="bfloat16")
+    runner = Runner(loaded.model, device=loaded.device)
+    head = loaded.model.lm_head
+    monkeypatch.setattr(precision, "ROW_PARALLEL_MIN", head.weight.numel())  # the head is large
+    seen = {"layer": [], "head": []}  # the thread count in layer 0 and in the head's product
+    layer = loaded.model.model.layers[0]
+    layer.register_forward_pre_hook(lambda *_: seen["layer"].append(torch.get_num_threads()))
+    mv = torch.mv
+
+    def spy(w, v):
+        if w is head.weight:
+            seen["head"].append(torch.get_num_threads())
+        return mv(w, v)
+
+    monkeypatch.setattr(torch, "mv", spy)
+
+    def decode(rows: int) -> torch.Tensor:
+        seqs = [
+            Sequence([5, 6, 7], sampling=SamplingParams(max_new_tokens=4), slo=Slo())
+            for _ in range(rows)
+        ]
+        batch = Batch()
+        for s in seqs:
+            cache, mask, _ = runner.prefill([s])
+            s.output_ids.append(8)
+            batch.join([s], cache, mask)
+        seen["layer"].clear(), seen["head"].clear()
+        return runner.decode(batch)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one = decode(1)
+        assert seen["layer"] == [1] and seen["head"] == [2]  # one thread, the head all
+        assert torch.get_num_threads() == 2
+        two = decode(2)
+        assert seen["layer"] == [2] and seen["head"] == []  # (two rows: F.linear)
+        torch.set_num_threads(1)
+        assert torch.equal(decode(1), one)  # the same tokens' logits on any thread count
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(two[0], one[0], atol=2e-2 * one.abs().max(), rtol=0)  # bf16 tolerance

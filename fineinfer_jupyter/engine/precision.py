@@ -121,17 +121,43 @@ class RowLinear(torch.nn.Linear):
 
 
 def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """weight @ x + bias for one row x, by torch.mv; on one thread for a small weight."""
+    """weight @ x + bias for one row x, by torch.mv: on one thread for a weight under
+    ROW_PARALLEL_MIN, else on every thread (those of the pass, in a `one_row_pass`)."""
     threads = torch.get_num_threads()
-    if threads > 1 and weight.numel() < ROW_PARALLEL_MIN:
-        torch.set_num_threads(1)  # (~0.3 us a change)
+    want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass_threads or threads)
+    if want == threads:
+        y = torch.mv(weight, x.reshape(-1))
+    else:
+        torch.set_num_threads(want)  # (~0.3 us a change)
         try:
             y = torch.mv(weight, x.reshape(-1))
         finally:
             torch.set_num_threads(threads)
-    else:
-        y = torch.mv(weight, x.reshape(-1))
     return y if bias is None else y + bias
+
+
+_pass_threads: int | None = None  # the thread count outside the one_row_pass running
+
+
+@contextmanager
+def one_row_pass(rows: bool) -> Iterator[None]:
+    """A one-row inference pass (a decode at batch 1) of a model with RowLinear layers (`rows`)
+    on one thread: each of its ops (attention over one query, a norm of one row, a layer's
+    product) is too small to pay for waking the other threads, and only a RowLinear weight of
+    ROW_PARALLEL_MIN or more (the head) uses them all (docs/benchmarks.md, "bf16 on the CPU's
+    matrix units"). Other models, and other passes, keep the thread count."""
+    global _pass_threads
+    threads = torch.get_num_threads()
+    if not rows or threads == 1 or _pass_threads is not None:
+        yield
+        return
+    torch.set_num_threads(1)
+    _pass_threads = threads
+    try:
+        yield
+    finally:
+        _pass_threads = None
+        torch.set_num_threads(threads)
 
 
 def single_rows_by_mv(model: torch.nn.Module) -> int:

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from . import logprobs
 from .batch import Batch
-from .precision import autocast_dtype
+from .precision import RowLinear, autocast_dtype, one_row_pass
 from .quant import logical_numel
 from .sequence import Sequence
 from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
@@ -26,6 +26,7 @@ class Runner:
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
         self.autocast = autocast_dtype(model)  # training forwards of a bf16 base (precision.py)
+        self.rows = any(isinstance(m, RowLinear) for m in model.modules())  # a bf16 base on a CPU
 
     @property
     def model(self):
@@ -134,15 +135,17 @@ class Runner:
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
         mask = batch.grow()
-        logits = self.forward(
-            ids,
-            mask=mask,
-            position_ids=positions,
-            cache=batch.cache,
-            adapters=[s.pinned for s in seqs],
-            keep=1,
-            also=also,
-        )
+        # (precision.py; not with a training unit in between: it keeps every thread)
+        with one_row_pass(self.rows and len(seqs) == 1 and also is None):
+            logits = self.forward(
+                ids,
+                mask=mask,
+                position_ids=positions,
+                cache=batch.cache,
+                adapters=[s.pinned for s in seqs],
+                keep=1,
+                also=also,
+            )
         return logits[:, -1].float()  # [B, V]
 
     @torch.no_grad()
