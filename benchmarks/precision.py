@@ -122,8 +122,13 @@ def main() -> None:
     flags = ", ".join(cpu_bf16_units()) or "none"
     print(
         f"(CPU bf16 flags: {flags}; {args.model}; prefill and decode: best of {args.rounds} "
-        f"interleaved rounds; training: median of {args.train_rounds} rounds' tokens/s and of "
-        "their auto / float32 ratios)"
+        "interleaved rounds; "
+        + (
+            f"training: median of {args.train_rounds} rounds' tokens/s and of their auto / "
+            "float32 ratios)"
+            if ratios
+            else "no training rounds)"
+        )
     )
     save_bar_plot(
         OUT / "precision.png",
