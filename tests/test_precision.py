@@ -200,3 +200,42 @@ def test_a_bf16_decode_at_batch_1_runs_on_one_thread_but_its_head_and_larger_bat
     finally:
         torch.set_num_threads(threads)
     assert torch.allclose(two[0], one[0], atol=2e-2 * one.abs().max(), rtol=0)  # bf16 tolerance
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_a_bf16_prefill_takes_one_thread_only_where_calibration_measured_it_faster(
+    monkeypatch, faster
+):
+    from types import SimpleNamespace
+
+    from fineinfer_jupyter.engine import runner as runner_module
+    from fineinfer_jupyter.engine.config import SamplingParams, Slo
+    from fineinfer_jupyter.engine.runner import Runner
+    from fineinfer_jupyter.engine.sequence import Sequence
+
+    loaded = load_model("tiny", dtype="bfloat16")
+    runner = Runner(loaded.model, device=loaded.device)
+    now, seen, forward = [0.0], [], runner.forward
+
+    def timed(*args, **kwargs):  # a pass takes 1 s on the faster count, 2 s on the other
+        seen.append(torch.get_num_threads())
+        now[0] += 1.0 if seen[-1] == faster else 2.0
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", timed)
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner.choose_prefill_threads(tokens=8)
+        assert sorted(seen[1:]) == [1, 1, 2, 2]  # after a warm-up, each count twice
+        assert runner.prefill_threads == (1 if faster == 1 else None)
+        seen.clear()
+        seq = Sequence([5, 6, 7], sampling=SamplingParams(max_new_tokens=2), slo=Slo())
+        runner.prefill([seq])
+        assert seen == [faster] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    fp32 = Runner(load_model("tiny", dtype="float32").model, device=loaded.device)
+    fp32.choose_prefill_threads(tokens=8)  # float32: nothing measured, every thread kept
+    assert fp32.prefill_threads is None and fp32.prefill_seconds == {}

@@ -122,7 +122,7 @@ class RowLinear(torch.nn.Linear):
 
 def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """weight @ x + bias for one row x, by torch.mv: on one thread for a weight under
-    ROW_PARALLEL_MIN, else on every thread (those of the pass, in a `one_row_pass`)."""
+    ROW_PARALLEL_MIN, else on every thread (the count outside a `fewer_threads` block)."""
     threads = torch.get_num_threads()
     want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass_threads or threads)
     if want == threads:
@@ -136,22 +136,23 @@ def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
     return y if bias is None else y + bias
 
 
-_pass_threads: int | None = None  # the thread count outside the one_row_pass running
+_pass_threads: int | None = None  # the thread count outside the fewer_threads block running
 
 
 @contextmanager
-def one_row_pass(rows: bool) -> Iterator[None]:
-    """A one-row inference pass (a decode at batch 1) of a model with RowLinear layers (`rows`)
-    on one thread: each of its ops (attention over one query, a norm of one row, a layer's
-    product) is too small to pay for waking the other threads, and only a RowLinear weight of
-    ROW_PARALLEL_MIN or more (the head) uses them all (docs/benchmarks.md, "bf16 on the CPU's
-    matrix units"). Other models, and other passes, keep the thread count."""
+def fewer_threads(n: int | None) -> Iterator[None]:
+    """The block on n threads where n is below the count (None: the count as it is), except a
+    RowLinear product of ROW_PARALLEL_MIN or more inside it (a head over a big vocabulary),
+    which uses the count. For a bf16 model's inference passes on a CPU, whose parallel regions
+    are too short to pay for waking the other threads: a one-row pass (Runner.decode), and a
+    prefill where calibration measured one thread faster (Runner.choose_prefill_threads;
+    docs/benchmarks.md, "bf16 on the CPU's matrix units")."""
     global _pass_threads
     threads = torch.get_num_threads()
-    if not rows or threads == 1 or _pass_threads is not None:
+    if n is None or n >= threads or _pass_threads is not None:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     _pass_threads = threads
     try:
         yield
