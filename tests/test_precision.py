@@ -239,3 +239,34 @@ def test_a_bf16_prefill_takes_one_thread_only_where_calibration_measured_it_fast
     fp32 = Runner(load_model("tiny", dtype="float32").model, device=loaded.device)
     fp32.choose_prefill_threads(tokens=8)  # float32: nothing measured, every thread kept
     assert fp32.prefill_threads is None and fp32.prefill_seconds == {}
+
+
+def test_a_bf16_model_multiplies_many_rows_by_a_prepacked_weight_until_the_weight_moves(
+    monkeypatch,
+):
+    import copy
+
+    loaded = load_model("tiny", dtype="bfloat16")
+    layer = loaded.model.model.layers[0].mlp.down_proj
+    assert layer.packed is not None  # (a tiny model: its copies fit)
+    calls, pointwise = [], torch.ops.mkldnn._linear_pointwise
+    spy = lambda *a: calls.append(a[1]) or pointwise(*a)  # noqa: E731
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
+        assert calls == [layer.packed]
+        ref = torch.nn.functional.linear(x, layer.weight)
+        torch.testing.assert_close(got, ref, rtol=2**-6, atol=2**-6 * ref.abs().max().item())
+        twin = copy.deepcopy(layer)  # a copy has no packed weight, and multiplies as before
+        assert twin.packed is None and torch.equal(twin(x), ref)
+        layer.weight = torch.nn.Parameter(layer.weight * 2, requires_grad=False)  # moved
+        assert torch.equal(layer(x), 2 * ref) and len(calls) == 1
+    x.requires_grad_()
+    layer(x).sum().backward()  # a forward with gradients: F.linear
+    assert x.grad is not None and len(calls) == 1
+    small = load_model("tiny", dtype="bfloat16").model
+    for m in small.modules():
+        m.__dict__.pop("packed", None)
+    assert precision.prepack(small, available=1).startswith("not prepacked")  # no room
+    assert all(getattr(m, "packed", None) is None for m in small.modules())
