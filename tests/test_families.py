@@ -36,11 +36,11 @@ PROMPTS = ["The quick brown fox", "Hello there, tiny!", "1234567890ab", "Sing, O
 TRAIN = dict(r=8, lora_alpha=16, learning_rate=2e-2, batch_size=4, micro_batch_size=2)
 
 
-def assert_close(got, expected, dtype, what=""):
+def assert_close(got, expected, dtype, what="", ulps=None):
     """Equal up to a few rounding steps of `dtype` at the tensor's scale (bf16: 4 units in the
     last place of the largest value; the same computations in another order)."""
     scale = expected.abs().max().item()
-    ulps = 4 if dtype == "bf16" else 64
+    ulps = ulps or (4 if dtype == "bf16" else 64)
     torch.testing.assert_close(
         got, expected, rtol=ulps * EPS[dtype], atol=ulps * EPS[dtype] * scale, msg=what or None
     )
@@ -255,7 +255,9 @@ def test_a_job_trains_and_its_peft_folder_loads_in_peft_to_the_same_logits(
         mine = engine.core.runner.forward(
             ids, mask=torch.ones_like(ids), position_ids=None, adapters=["herb"]
         )
-    assert_close(mine, theirs, engine.case[1])
+    # per-row adapters (PEFT's mixed-batch path) round each LoRA output to bf16 before adding
+    # it, PEFT's plain forward adds in float32 and rounds once: a unit more per layer in bf16
+    assert_close(mine, theirs, engine.case[1], ulps=8)
 
 
 def test_the_adapter_exports_where_llama_cpp_names_the_modules_else_one_line(engine, trained):

@@ -1,15 +1,21 @@
 """dtype "auto" on a CPU (precision.py) and bf16 mixed precision through the engine."""
 
+import copy
+
 import pytest
 import torch
 from conftest import PROMPTS, run_until_done
+from families import WALKED, save
+from peft import LoraConfig, get_peft_model
 from test_training import FAST, RECORDS, train_to_end
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fineinfer_jupyter.engine import precision
 from fineinfer_jupyter.engine.config import EngineConfig
+from fineinfer_jupyter.engine.data import Example, collate
 from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.models import load_model
+from fineinfer_jupyter.engine.walk import LayerWalk, TrainingPass
 
 AGREE = 0.5  # the tiny random model's greedy tokens, bf16 vs fp32, that must agree (seen: below)
 LOSS_REL = 0.15  # bf16 mixed-precision losses within 15% of fp32's at every step
@@ -31,6 +37,13 @@ def wide_folder(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory):
+    """Each walked family's tiny random model, saved as a Hugging Face folder (families.py)."""
+    root = tmp_path_factory.mktemp("families")
+    return {f: save(f, root / f) for f in WALKED}
 
 
 def test_auto_falls_back_to_fp32_without_bf16_units_or_when_the_probe_is_not_faster(
@@ -127,6 +140,67 @@ def test_a_bf16_cpu_model_decodes_one_row_by_mv_with_linears_results_and_gradien
     layer(x).sum().backward()  # a training forward takes F.linear: the gradient reaches x
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert type(load_model("tiny").model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def _spy_attention(monkeypatch) -> list:
+    """(query dtype, grad enabled) of every torch sdpa call from here on."""
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        seen.append((query.dtype, torch.is_grad_enabled()))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen
+
+
+def _lora(model):
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(copy.deepcopy(model), config).eval()
+
+
+def _mixed_step(model, batch, autocast):
+    run = TrainingPass(LayerWalk(model), model, batch, scale=0.1, autocast=autocast)
+    run.run(run.units)
+    return run.loss_sum, {
+        n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.parametrize("family", WALKED)
+def test_bf16_training_attention_computes_in_fp32_and_follows_the_fp32_step_in_every_family(
+    family, family_folders, monkeypatch
+):
+    """A bf16 base's training forward (autocast) runs transformers' sdpa attention on float32
+    queries, keys and values (torch's bf16 CPU attention backward is 5-7x slower); inference
+    keeps bf16; the mixed-precision micro-step's loss and LoRA gradients follow fp32's."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    own = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    seen = _spy_attention(monkeypatch)
+    fp32 = _lora(load_model(family_folders[family], dtype="float32", device="cpu").model)
+    bf16 = _lora(load_model(family_folders[family], dtype="bfloat16", device="cpu").model)
+    examples = [
+        Example(list(range(3, 23)), [-100] * 5 + list(range(8, 23))),
+        Example(list(range(30, 42)), [-100] * 3 + list(range(33, 42))),
+    ]  # padded: the mask is given to the attention
+    batch = collate(examples, 0)
+    loss32, grads32 = _mixed_step(fp32, batch, None)
+    seen.clear()
+    loss16, grads16 = _mixed_step(bf16, batch, precision.autocast_dtype(bf16))
+    sdpa = bf16.config._attn_implementation == "sdpa"
+    assert set(seen) == ({(torch.float32, True)} if sdpa else set())  # (gemma2: eager)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is own  # put back after each unit
+    seen.clear()
+    with torch.no_grad():  # an inference forward of the same model: bf16 attention
+        bf16(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert set(seen) == ({(torch.bfloat16, False)} if sdpa else set())
+    assert loss16 == pytest.approx(loss32, rel=0.02)
+    assert grads16.keys() == grads32.keys() and grads16
+    for name, g in grads32.items():  # bf16 activations: a few percent of the largest
+        scale = g.abs().max().item()
+        torch.testing.assert_close(grads16[name], g, rtol=0.1, atol=0.1 * scale, msg=name)
 
 
 def test_a_small_one_row_product_runs_on_one_thread_and_a_large_one_on_all(monkeypatch):

@@ -7,10 +7,11 @@ longest) for a training micro-step), fitted by least squares over recent samples
 and corrected near sizes already measured. The optimizer step, which only the last micro-step
 of an effective batch runs, is estimated on its own.
 
-The machine's speed changes when other programs use it: each line also keeps a factor, the
-median of how far the last three measurements were off the line, so that estimates follow a
-slowdown (or its end) within two or three measurements; the line learns from measurements
-divided by the factor (the machine's shape of costs, apart from its speed of the moment).
+The machine's speed changes when other programs use it: each line also keeps a speed factor,
+the median of how far the last three measurements of about the same size (within 8x) were off
+the line, so that estimates follow a slowdown (or its end) within two or three measurements; a
+short pass, mostly fixed cost, says little about a long one. The line learns from measurements
+divided by that factor (the machine's shape of costs, apart from its speed of the moment).
 A training micro-step runs in units (walk.TrainingPass); each unit's share of the micro-step's
 time is learned from the units measured.
 """
@@ -23,7 +24,12 @@ from collections import deque
 
 PER_BUCKET = 16  # recent samples kept per size bucket (sizes within a factor of ~1.4)
 RECENT = 3  # measurements the speed factor is the median of
+NEAR = 6  # size buckets (a factor of 8): a speed measured at one size holds within this of it
 SHARE_WEIGHT = 0.3  # how much one measured micro-step moves the units' shares
+# a one-row pass with nothing in its KV cache attends causally (SDPA's is_causal kernel); a
+# chunk (or a padded group) attends through a mask, with K/V repeated per query group: per
+# pair of tokens the mask costs ~1.5x (this CPU, SmolLM2-135M: 1.4x fp32, 1.6x bf16)
+CAUSAL = 1.5
 
 
 def prefill_units(seqs, span: float = math.inf, end: int | None = None) -> float:
@@ -32,13 +38,16 @@ def prefill_units(seqs, span: float = math.inf, end: int | None = None) -> float
     one-row pass up to that prompt position), plus their attention to the tokens before them."""
     past = max(s.prefilled for s in seqs)
     new = end - past if end is not None else max(s.num_todo for s in seqs)
-    return len(seqs) * pass_units(new, past, span)
+    return len(seqs) * pass_units(new, past, span, causal=len(seqs) == 1)
 
 
-def pass_units(new: int, past: int, span: float) -> float:
+def pass_units(new: int, past: int, span: float, *, causal: bool = True) -> float:
     """A row of `new` tokens after `past` tokens already in the KV cache, in tokens: each new
     token's attention to the earlier ones is counted as tokens' worth, a token attending to
-    `span` tokens as one more (attention_span)."""
+    `span` tokens as one more (attention_span); a one pass's causal attention to itself
+    (`causal`, nothing in the KV cache) as CAUSAL x fewer."""
+    if not past and causal:
+        return new * (1 + new / (2 * CAUSAL * span))
     return new * (1 + (past + new / 2) / span)
 
 
@@ -63,12 +72,12 @@ def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
     tokens already in the KV cache, seconds), among them two one-pass probes of different sizes
     and a chunk probe of the larger size after earlier tokens. The chunk's extra time over the
     one-pass probe of the same size is its attention to the earlier tokens (new x past pairs);
-    the slope between the two one-pass probes is a token's own cost (less their own attention).
-    Their ratio is the span. The FLOP count (`prior`, attention_span) does not hold across
-    dtypes (bf16 matrix units speed up the matrix products, not attention), and a slope fitted
-    on short prompts alone overstates long ones; the prior stays where the probes say nothing
-    (noise), and bounds the result within 8x either way (a noisy probe could otherwise make
-    long prompts look far dearer)."""
+    the slope between the two one-pass probes is a token's own cost (less their own causal
+    attention, CAUSAL x cheaper per pair). Their ratio is the span. The FLOP count (`prior`,
+    attention_span) does not hold across dtypes (bf16 matrix units speed up the matrix
+    products, not attention), and a slope fitted on short prompts alone overstates long ones;
+    the prior stays where the probes say nothing (noise), and bounds the result within 8x
+    either way (a noisy probe could otherwise make long prompts look far dearer)."""
     once: dict[int, float] = {}
     after: dict[tuple[int, int], float] = {}  # (the least of repeated probes)
     for new, past, seconds in probes:
@@ -81,14 +90,15 @@ def measured_span(probes: list[tuple[int, int, float]], prior: float) -> float:
         if new not in once or not smaller:
             continue
         m = max(smaller)
-        extra = seconds - once[new]  # its new x past pairs of attention
+        extra = seconds - once[new]  # its attention to the past, less the once probe's own
         if extra <= 0:
             return prior
-        own = extra * (new * new - m * m) / (2 * new * past)  # the one-pass probes' attention
+        per_pair = extra / (new * (past + new * (1 - 1 / CAUSAL) / 2))  # (through the mask)
+        own = per_pair * (new * new - m * m) / (2 * CAUSAL)  # the one-pass probes' attention
         per_token = (once[new] - once[m] - own) / (new - m)
         if per_token <= 0:
             return prior
-        span = per_token * new * past / extra
+        span = per_token / per_pair
         return span if math.isinf(prior) else min(max(span, prior / 8), prior * 8)
     return prior
 
@@ -104,8 +114,8 @@ class LinearCost:
         # down when recent steps all have about the same size (a narrow range of sizes alone
         # cannot tell the fixed cost from the per-unit one)
         self.buckets: dict[int, deque[tuple[float, float]]] = {}
-        self.ratios: deque[float] = deque(maxlen=RECENT)  # measured / estimated, lately
-        self.factor = 1.0  # the machine's speed now against the line: median of ratios
+        # (units, measured / estimated) of the latest measurements: the speed factor's
+        self.ratios: deque[tuple[float, float]] = deque(maxlen=8 * RECENT)
 
     @property
     def samples(self) -> list[tuple[float, float]]:
@@ -115,7 +125,24 @@ class LinearCost:
         return self.fixed + self.per_unit * units
 
     def __call__(self, units: float) -> float:
-        return self.base(units) * self.factor
+        return self.base(units) * self.factor_at(units)
+
+    @property
+    def factor(self) -> float:
+        """The speed factor of the latest measurements, whatever their size (status)."""
+        return statistics.median(r for _, r in list(self.ratios)[-RECENT:]) if self.ratios else 1.0
+
+    def factor_at(self, units: float) -> float:
+        """The machine's speed now against the line, for work of this size: the median of the
+        last RECENT measurements within a factor of 8 of it. With none that near, that of the
+        latest measurements whose per-unit work outweighs their fixed cost (a short pass is
+        mostly fixed cost: Python, thread wake-ups, a LoRA's per-layer overhead while a job
+        trains, which a long pass pays once), else 1 (the line as measured)."""
+        b = _bucket(units)
+        near = [r for u, r in self.ratios if abs(_bucket(u) - b) <= NEAR]
+        if not near and units * self.per_unit > self.fixed:
+            near = [r for u, r in self.ratios if u * self.per_unit > self.fixed]
+        return statistics.median(near[-RECENT:]) if near else 1.0
 
     def base(self, units: float) -> float:
         """The line, corrected by how far the work measured at about this size was off it
@@ -124,29 +151,29 @@ class LinearCost:
         off = statistics.median(y - self.line(x) for x, y in near) if len(near) >= 2 else 0.0
         return max(0.0, self.line(units) + off)
 
-    def follow(self, seconds: float, estimate: float) -> None:
-        """A measurement against its estimate (without the factor): the factor follows, once
-        the line rests on measurements rather than on its prior."""
+    def follow(self, units: float, seconds: float, estimate: float) -> None:
+        """A measurement of work of `units` against its estimate (without the factor): the
+        factor follows, once the line rests on measurements rather than on its prior."""
         if estimate > 0 and seconds > 0 and len(self.samples) >= RECENT:
-            self.ratios.append(seconds / estimate)
-            self.factor = statistics.median(self.ratios)
+            self.ratios.append((units, seconds / estimate))
 
     def observe(self, units: float, seconds: float) -> None:
         """The factor follows; the line learns the measurement at the speed it now assumes."""
-        self.follow(seconds, self.base(units))
-        self._fit(units, seconds / self.factor)
+        self.follow(units, seconds, self.base(units))
+        self._fit(units, seconds / self.factor_at(units))
 
     def _fit(self, units: float, seconds: float) -> None:
         bucket = self.buckets.setdefault(_bucket(units), deque(maxlen=PER_BUCKET))
         bucket.append((float(units), seconds))
-        samples = self.samples
-        n = len(samples)
-        xs = [x for x, _ in samples]
-        ys = [y for _, y in samples]
-        mx, my = sum(xs) / n, sum(ys) / n
-        var = sum((x - mx) ** 2 for x in xs) / n
-        if n >= 3 and var > (0.1 * mx) ** 2:  # sizes spread enough to fit a line
-            slope = sum((x - mx) * (y - my) for x, y in samples) / (var * n)
+        # each size bucket weighs the same, however many samples it holds: many passes of one
+        # size (a long prompt's chunks) must not tilt the line longer ones are estimated from
+        points = [(x, y, 1 / len(b)) for b in self.buckets.values() for x, y in b]
+        w = sum(p for _, _, p in points)
+        mx = sum(x * p for x, _, p in points) / w
+        my = sum(y * p for _, y, p in points) / w
+        var = sum(p * (x - mx) ** 2 for x, _, p in points) / w
+        if len(points) >= 3 and var > (0.1 * mx) ** 2:  # sizes spread enough to fit a line
+            slope = sum(p * (x - mx) * (y - my) for x, y, p in points) / (var * w)
             if slope > 0:
                 self.per_unit, self.fixed = slope, max(0.0, my - slope * mx)
                 return
@@ -207,7 +234,7 @@ class CostModel:
         if not seconds:
             return
         share = sum(self.shares[first : first + len(seconds)])
-        self.train.follow(sum(seconds), self.train.base(padded) * share)
+        self.train.follow(padded, sum(seconds), self.train.base(padded) * share)
         if first == 0:
             self._units, self._padded = [], padded
         if first != len(self._units) or padded != self._padded:
@@ -216,7 +243,7 @@ class CostModel:
         self._units += seconds
         if len(self._units) == len(self.shares):
             total = sum(self._units)
-            self.train._fit(padded, total / self.train.factor)
+            self.train._fit(padded, total / self.train.factor_at(padded))
             measured = [t / total for t in self._units]
             self.shares = [
                 (1 - SHARE_WEIGHT) * old + SHARE_WEIGHT * new

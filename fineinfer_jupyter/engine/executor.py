@@ -55,8 +55,9 @@ class Executor:
         """Time prefill, decode and (forward and backward) training passes once, so the
         scheduler plans with this machine's figures from the first iteration on (this also
         warms the kernels up). Prefill probes come apart, as (new tokens, past tokens,
-        seconds): short ones, a longer one, and a chunk of that length after earlier tokens,
-        from which the cost model measures attention (CostModel.calibrate_prefill)."""
+        seconds): short ones, a longer one, a chunk of that length after earlier tokens, from
+        which the cost model measures attention (CostModel.calibrate_prefill), and the one
+        pass over those earlier tokens."""
         self.runner.choose_prefill_threads()  # (a bf16 model on a CPU: one thread may be faster)
         timings, probes = [], []
         for n in (16, 16, 64, 64):
@@ -74,7 +75,9 @@ class Executor:
             if not fast or size >= 1024 or 6 * size > context:
                 break
             size *= 2
-        probes += self._probe(size, min(2 * size, context - size), slo, repeat=2)
+        past = min(2 * size, context - size)
+        probes += self._probe(size, past, slo, repeat=2)
+        probes.append(self._setup)  # (its first `past` tokens: a one pass twice as long)
         batch = Batch()
         batch.join([seq], cache, mask)
         seq.output_ids.append(0)
@@ -99,7 +102,9 @@ class Executor:
         (n, past, seconds), or a list of `repeat` of them."""
         token = min(self.tokenizer.eos_ids, default=0)
         probe = Sequence([token] * (past + n), sampling=SamplingParams(max_new_tokens=2), slo=slo)
+        start = time.perf_counter()
         cache = self.runner.prefill([probe], end=past)[0] if past else None
+        self._setup = (past, 0, time.perf_counter() - start)
         probe.prefilled = past
         out = []
         for _ in range(repeat):

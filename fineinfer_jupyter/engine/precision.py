@@ -224,6 +224,45 @@ def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
 FLOATS = {torch.bfloat16, torch.float32}
 
 
+def _sdpa_upcast(inner: Callable) -> Callable:
+    """transformers' sdpa attention function `inner`, computed in float32 for a bf16 (or fp16)
+    CPU forward that records gradients: torch's CPU flash-attention backward in bf16 took 5-7x
+    its float32 time (docs/benchmarks.md, "bf16 on the CPU's matrix units", round 3), more than
+    all of a bf16 layer's matrix products. The output is cast back to the input's dtype."""
+
+    def sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+        low = query.dtype in (torch.bfloat16, torch.float16)
+        if not (low and query.device.type == "cpu" and torch.is_grad_enabled()):
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):  # (autocast would cast them down again)
+            out, weights = inner(
+                module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs
+            )
+        return out.to(query.dtype), weights
+
+    return sdpa
+
+
+@contextmanager
+def attention_in_fp32() -> Iterator[None]:
+    """transformers' "sdpa" attention computes in float32 for forwards that record gradients
+    on a CPU, for the block (`_sdpa_upcast`); no-grad forwards (inference) are unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
+
+    local = fns._local_mapping  # (a local override leaves transformers' global mapping alone)
+    before = local.get("sdpa")
+    fns["sdpa"] = _sdpa_upcast(fns["sdpa"])
+    try:
+        yield
+    finally:
+        if before is None:
+            del fns["sdpa"]
+        else:
+            fns["sdpa"] = before
+
+
 @contextmanager
 def mixed(dtype: torch.dtype | None, device: torch.device, layers: list) -> Iterator[None]:
     """A training forward of a bf16 base with float32 LoRA weights, computed in bf16: autocast
@@ -239,7 +278,7 @@ def mixed(dtype: torch.dtype | None, device: torch.device, layers: list) -> Iter
     for m in layers:
         m.cast_input_dtype_enabled = False
     try:
-        with torch.autocast(device.type, dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype), attention_in_fp32():
             yield
     finally:
         for m in layers:

@@ -26,7 +26,9 @@ than a first-token target), nor longer than the running rows' room before their 
 (each attends to the earlier ones through its KV cache) between the rows' decodes. A request
 whose first token cannot be on time any more yields to those that still can be; one that can be
 on time only if its chunks take more than the rows' pace leaves them takes up to their longest
-planned pause (the rows fall behind their pace, as one pass would have made them, less far).
+planned pause (the rows fall behind their pace, as one pass would have made them, less far). A
+late one takes that pause only while the rows are on their pace (they catch up in between: their
+mean pace holds), and under `deferred` takes turns with training segments.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class Scheduler:
         self.chunked = True  # False: a prompt in one pass, whatever the running rows' pace
         self.prefilled_at = -INF  # when the last prefill pass was planned
         self.hurrying: set[Sequence] = set()  # chunked prompts the rows' pace yields to
+        self.owed = 0.0  # seconds of the late prompt's chunk that ran last: training's turn
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -130,6 +133,14 @@ class Scheduler:
         out = self._plan(now, training)
         if out.prefill:
             self.prefilled_at = now
+            c = self.costs
+            self.owed = sum(
+                c.margin * c.prefill(pass_units(end - s.prefilled, s.prefilled, c.span))
+                for s, end in out.chunks.items()
+                if s not in self.hurrying and self.late(now, s)
+            )
+        elif out.train_units:
+            self.owed = 0.0
         for seq in out.admitted:
             if seq.status is not Status.WAITING:
                 continue  # a chunked prompt going on
@@ -138,7 +149,7 @@ class Scheduler:
             seq.admitted = now
             seq.slack_at_admission = seq.ttft_deadline - now
             whole = self._cost([seq])
-            if seq in out.chunks and now + whole > seq.ttft_deadline:
+            if seq in out.chunks and seq not in self.hurrying and now + whole > seq.ttft_deadline:
                 seq.note = (
                     f"its {seq.num_todo} prompt tokens take ~{whole:.1f} s to prefill, more "
                     f"than its {seq.slo.ttft:g} s time-to-first-token target leaves: prefilled "
@@ -183,9 +194,16 @@ class Scheduler:
         self, now: float, newcomers: list[Sequence], running: list[Sequence], training: Training
     ) -> SchedulerOutput:
         micro = self._micro_step(training, self._ceiling(newcomers, running))
-        prefill_slack = self.prefill_slack(now, newcomers, running)
+        # a prompt whose first token is late whatever runs (chunked) does not hold training
+        # back: its chunks and training segments (as long as its last chunk) take turns
+        late = [
+            s for s in newcomers if self.chunked and s not in self.hurrying and self.late(now, s)
+        ]
+        on_time = [s for s in newcomers if s not in late]
+        prefill_slack = self.prefill_slack(now, on_time, running) if on_time else INF
         decode_room = self.decode_room(now, running)
-        n = self._units_within(micro, min(prefill_slack, decode_room), self.max_segment)
+        segment = min(self.max_segment, self.owed) if late and not on_time else self.max_segment
+        n = self._units_within(micro, min(prefill_slack, decode_room), segment) if segment else 0
         if len(self.waiting) > len(newcomers) - len(self.prefilling):
             n = 0  # the batch is full and requests wait for a row: finish the running ones first
         elif not newcomers and not running:
@@ -350,7 +368,17 @@ class Scheduler:
         hurry = (
             bool(running) and self.chunked and whole > room and self._hurried(now, head, running)
         )
-        if hurry:
+        # a late prompt's chunks go at the rows' longest pause too, but only while the rows
+        # are on their pace: they catch up between two chunks (their mean pace holds), and the
+        # prompt takes few chunks (each pays a fixed cost and re-reads the KV cache)
+        wide = hurry or (
+            bool(running)
+            and self.chunked
+            and whole > room
+            and self.late(now, head)
+            and self.decode_room(now, running) >= 0
+        )
+        if wide:
             room = min(self.stall_room(now, running), cap)  # the rows' pace yields to it
         scoring = head.sampling.prompt_logprobs is not None  # needs every position in one pass
         if not head.prefilled and (whole <= room or scoring):
@@ -360,7 +388,7 @@ class Scheduler:
         if running:
             stall = self.costs.margin * self.costs.decode(len(running))
             stall = self.headroom * STALL_TPOTS * min(s.slo.tpot for s in running) - 2 * stall
-            after = stall if hurry else self.room_after_decode(now, running)
+            after = stall if wide else self.room_after_decode(now, running)
         if room < whole <= min(cap, after):
             return None  # the rest of the prompt fits right after the rows' next token
         n, least = self._chunk(head, room), min(MIN_CHUNK, head.num_todo)
@@ -374,6 +402,11 @@ class Scheduler:
             # decode, so decodes and chunks alternate, and a long prompt takes few passes
             if running and (not decoded or self._chunk(head, min(cap, after)) >= least):
                 return None
+            d = self.costs.margin * self.costs.decode(len(running)) if running else INF
+            if not hurry and 2 * d <= self.headroom * min(s.slo.tpot for s in running or pending):
+                return None  # the rows are behind their pace and catch up at least as fast as
+                # they fell behind: a prompt not hurrying waits (its chunks follow the rows'
+                # mean pace, not their longest pause)
             n = max(least, self._chunk(head, min(cap, self.stall_room(now, running))))
         end = head.prefilled + n
         chunks = {head: end} if end < head.num_prompt_tokens else {}
@@ -386,8 +419,10 @@ class Scheduler:
         taken more (the rows fall behind their pace, never beyond the longest pause)."""
         if head in self.hurrying:
             return True  # (its chunks went at the longest pause: they go on so to the end)
-        if self.late(now, head):
-            return False
+        c = self.costs
+        if now + c.prefill(prefill_units([head], c.span)) > self.ttft_due(head):
+            return False  # late even by the bare estimate (the margin would hand a prompt that
+            # one pass just keeps on time to the late path, which is twice as slow)
         d = self.costs.margin * self.costs.decode(len(running))
         beat = self.headroom * min(s.slo.tpot for s in running)
         share = max(beat - d, 0.0) / beat  # of the time, what the pace leaves to chunks

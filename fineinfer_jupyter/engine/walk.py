@@ -169,11 +169,16 @@ class LayerWalk:
                     also(i)
         return hidden
 
-    def head(self, p: Pass, hidden: torch.Tensor, keep: int = 0) -> torch.Tensor:
-        """Final norm and LM head; `keep` > 0: logits of the last `keep` positions only."""
+    def head(
+        self, p: Pass, hidden: torch.Tensor, keep: int = 0, at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final norm and LM head; `keep` > 0: logits of the last `keep` positions only; `at`
+        (a [B, S] bool mask): of those positions only, as rows [N, V]."""
         hidden = self.stack.norm(hidden)
         if keep:
             hidden = hidden[:, -keep:]
+        if at is not None:
+            hidden = hidden[at]
         lm_head = self.causal_lm.lm_head
         with self.rows(p, lm_head):
             logits = lm_head(hidden)
@@ -314,8 +319,11 @@ class TrainingPass:
             off = self.walk.offload
             with off.saved_tensors() if off is not None else nullcontext():
                 self.outputs.append(self.walk.layers(self.pass_, hidden, u, u + 1))
-        else:
-            self.loss = self._loss(self.walk.head(self.pass_, hidden))
+        else:  # the head's logits only where a label is: the loss needs no others
+            targets = next_tokens(self.batch["labels"])
+            at = targets != -100
+            logits = self.walk.head(self.pass_, hidden, at=at)
+            self.loss, self.labels = token_loss(logits, targets[at])
 
     def _backward(self, layer: int) -> None:
         if layer == self.layers or self.walk is None:  # the head (or the whole model)
@@ -332,12 +340,18 @@ class TrainingPass:
         return loss
 
 
+def next_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """What each position predicts: the next position's label (-100: nothing) [B, S]. The
+    labels shift, not the (large) logits, so neither forward nor backward copies a slice."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The sum of the token losses of a batch, and its number of label tokens."""
-    logits = logits.float()  # [B, S, V]; no copy in fp32
-    # position i predicts token i+1: shift the labels, not the (large) logits, so neither the
-    # forward nor the backward copies a [B, S-1, V] slice
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, S]
+    """The sum of the token losses of a batch, and its number of label tokens: logits [B, S, V]
+    and the batch's labels [B, S], or logits [N, V] of the labelled positions and their
+    targets [N] (TrainingPass: the head computes only those)."""
+    logits = logits.float()  # no copy in fp32
+    targets = next_tokens(labels) if labels.dim() == 2 else labels
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
