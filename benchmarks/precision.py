@@ -6,8 +6,8 @@ greedy agreement with fp32 over a fixed prompt set (best of --rounds). Training 
 its own (--train-rounds, fresh processes, float32 then auto in each round): a job of batch 8 in
 micro-batches of 4, max_length 128, training alone, two warm-up micro-steps then --train-steps
 timed ones (optimizer steps included); each round's auto / float32 ratio is printed and the
-table gives the median ratio, so the spread shows. The table names the CPU's bf16 flags and
-what "auto" chose.
+table gives the median ratio, so the spread shows (--train-rounds 0: prefill and decode only,
+about 3 minutes). The table names the CPU's bf16 flags and what "auto" chose.
 
     python benchmarks/precision.py [--model default] [--rounds 2] [--tokens 32]
                                    [--train-rounds 5] [--train-steps 4]
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--rounds", type=int, default=2, help="of prefill, decode and agreement")
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--train-rounds", type=int, default=5)
+    ap.add_argument("--train-rounds", type=int, default=5, help="0: inference only")
     ap.add_argument("--train-steps", type=int, default=4, help="timed micro-steps of 4 x 128")
     ap.add_argument("--train-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -107,29 +107,32 @@ def main() -> None:
         rows.append(
             [f"{d} ({runs[d][0]['dtype']})"]
             + [best(d, k) for k in KEYS]
-            + [statistics.median(train[d])]
+            + [statistics.median(train[d]) if train[d] else "-"]
             + [f"{share:.0%} ({equal}/{AGREEMENT_PROMPTS} equal)"]
         )
     ratio = {k: best("auto", k) / best("float32", k) for k in KEYS}
-    ratio["train"] = statistics.median(ratios)
-    spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
+    if ratios:
+        ratio["train"] = statistics.median(ratios)
+        spread = f"{ratio['train']:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
     rows.append(
-        ["auto / float32"]
-        + [f"{ratio[k]:.2f}x" for k in KEYS]
-        + [f"{ratio['train']:.2f}x (rounds {spread})"]
-        + [""]
+        ["auto / float32"] + [f"{ratio[k]:.2f}x" for k in KEYS] + [spread if ratios else "-"] + [""]
     )
     headers = ["dtype", "prefill tok/s", "decode b1 tok/s", "decode b8 tok/s", "train tok/s"]
     print(table(headers + [f"greedy agreement ({AGREEMENT_TOKENS} tokens)"], rows))
     flags = ", ".join(cpu_bf16_units()) or "none"
     print(
         f"(CPU bf16 flags: {flags}; {args.model}; prefill and decode: best of {args.rounds} "
-        f"interleaved rounds; training: median of {args.train_rounds} rounds' tokens/s and of "
-        "their auto / float32 ratios)"
+        "interleaved rounds; "
+        + (
+            f"training: median of {args.train_rounds} rounds' tokens/s and of their auto / "
+            "float32 ratios)"
+            if ratios
+            else "no training rounds)"
+        )
     )
     save_bar_plot(
         OUT / "precision.png",
-        [*KEYS, "train"],
+        list(ratio),
         list(ratio.values()),
         title="auto (bf16) / float32, tokens/s",
         ylabel="ratio",

@@ -202,3 +202,146 @@ def test_bf16_training_attention_computes_in_fp32_and_follows_the_fp32_step_in_e
     for name, g in grads32.items():  # bf16 activations: a few percent of the largest
         scale = g.abs().max().item()
         torch.testing.assert_close(grads16[name], g, rtol=0.1, atol=0.1 * scale, msg=name)
+
+
+def test_a_small_one_row_product_runs_on_one_thread_and_a_large_one_on_all(monkeypatch):
+    # torch's bf16 matrix-vector kernel opens a parallel region for any size: a layer's weight
+    # under ROW_PARALLEL_MIN multiplies on the calling thread, the count is restored after
+    layer = load_model("tiny", dtype="bfloat16").model.model.layers[0].self_attn.k_proj
+    x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
+    seen, mv = [], torch.mv
+    monkeypatch.setattr(torch, "mv", lambda w, v: seen.append(torch.get_num_threads()) or mv(w, v))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            small = layer(x)
+            monkeypatch.setattr(precision, "ROW_PARALLEL_MIN", layer.weight.numel())
+            large = layer(x)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(small, large)
+    assert torch.equal(small, mv(layer.weight, x.reshape(-1)).view(1, 1, -1))
+
+
+def test_a_bf16_decode_at_batch_1_runs_on_one_thread_but_its_head_and_larger_batches_on_all(
+    monkeypatch,
+):
+    from fineinfer_jupyter.engine.batch import Batch
+    from fineinfer_jupyter.engine.config import SamplingParams, Slo
+    from fineinfer_jupyter.engine.runner import Runner
+    from fineinfer_jupyter.engine.sequence import Sequence
+
+    loaded = load_model("tiny", dtype="bfloat16")
+    runner = Runner(loaded.model, device=loaded.device)
+    head = loaded.model.lm_head
+    monkeypatch.setattr(precision, "ROW_PARALLEL_MIN", head.weight.numel())  # the head is large
+    seen = {"layer": [], "head": []}  # the thread count in layer 0 and in the head's product
+    layer = loaded.model.model.layers[0]
+    layer.register_forward_pre_hook(lambda *_: seen["layer"].append(torch.get_num_threads()))
+    mv = torch.mv
+
+    def spy(w, v):
+        if w is head.weight:
+            seen["head"].append(torch.get_num_threads())
+        return mv(w, v)
+
+    monkeypatch.setattr(torch, "mv", spy)
+
+    def decode(rows: int) -> torch.Tensor:
+        seqs = [
+            Sequence([5, 6, 7], sampling=SamplingParams(max_new_tokens=4), slo=Slo())
+            for _ in range(rows)
+        ]
+        batch = Batch()
+        for s in seqs:
+            cache, mask, _ = runner.prefill([s])
+            s.output_ids.append(8)
+            batch.join([s], cache, mask)
+        seen["layer"].clear(), seen["head"].clear()
+        return runner.decode(batch)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one = decode(1)
+        assert seen["layer"] == [1] and seen["head"] == [2]  # one thread, the head all
+        assert torch.get_num_threads() == 2
+        two = decode(2)
+        assert seen["layer"] == [2] and seen["head"] == []  # (two rows: F.linear)
+        torch.set_num_threads(1)
+        assert torch.equal(decode(1), one)  # the same tokens' logits on any thread count
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(two[0], one[0], atol=2e-2 * one.abs().max(), rtol=0)  # bf16 tolerance
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_a_bf16_prefill_takes_one_thread_only_where_calibration_measured_it_faster(
+    monkeypatch, faster
+):
+    from types import SimpleNamespace
+
+    from fineinfer_jupyter.engine import runner as runner_module
+    from fineinfer_jupyter.engine.config import SamplingParams, Slo
+    from fineinfer_jupyter.engine.runner import Runner
+    from fineinfer_jupyter.engine.sequence import Sequence
+
+    loaded = load_model("tiny", dtype="bfloat16")
+    runner = Runner(loaded.model, device=loaded.device)
+    now, seen, forward = [0.0], [], runner.forward
+
+    def timed(*args, **kwargs):  # a pass takes 1 s on the faster count, 2 s on the other
+        seen.append(torch.get_num_threads())
+        now[0] += 1.0 if seen[-1] == faster else 2.0
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", timed)
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner.choose_prefill_threads(tokens=8)
+        assert sorted(seen[1:]) == [1, 1, 2, 2]  # after a warm-up, each count twice
+        assert runner.prefill_threads == (1 if faster == 1 else None)
+        seen.clear()
+        seq = Sequence([5, 6, 7], sampling=SamplingParams(max_new_tokens=2), slo=Slo())
+        runner.prefill([seq])
+        assert seen == [faster] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    fp32 = Runner(load_model("tiny", dtype="float32").model, device=loaded.device)
+    fp32.choose_prefill_threads(tokens=8)  # float32: nothing measured, every thread kept
+    assert fp32.prefill_threads is None and fp32.prefill_seconds == {}
+
+
+def test_a_bf16_model_multiplies_many_rows_by_a_prepacked_weight_until_the_weight_moves(
+    monkeypatch,
+):
+    import copy
+
+    loaded = load_model("tiny", dtype="bfloat16")
+    layer = loaded.model.model.layers[0].mlp.down_proj
+    assert layer.packed is not None  # (a tiny model: its copies fit)
+    calls, pointwise = [], torch.ops.mkldnn._linear_pointwise
+    spy = lambda *a: calls.append(a[1]) or pointwise(*a)  # noqa: E731
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
+        assert calls == [layer.packed]
+        ref = torch.nn.functional.linear(x, layer.weight)
+        torch.testing.assert_close(got, ref, rtol=2**-6, atol=2**-6 * ref.abs().max().item())
+        twin = copy.deepcopy(layer)  # a copy has no packed weight, and multiplies as before
+        assert twin.packed is None and torch.equal(twin(x), ref)
+        layer.weight = torch.nn.Parameter(layer.weight * 2, requires_grad=False)  # moved
+        assert torch.equal(layer(x), 2 * ref) and len(calls) == 1
+    x.requires_grad_()
+    layer(x).sum().backward()  # a forward with gradients: F.linear
+    assert x.grad is not None and len(calls) == 1
+    small = load_model("tiny", dtype="bfloat16").model
+    for m in small.modules():
+        m.__dict__.pop("packed", None)
+    assert precision.prepack(small, available=1).startswith("not prepacked")  # no room
+    assert all(getattr(m, "packed", None) is None for m in small.modules())

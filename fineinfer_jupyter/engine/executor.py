@@ -60,6 +60,7 @@ class Executor:
         seconds): short ones, a longer one, a chunk of that length after earlier tokens, from
         which the cost model measures attention (CostModel.calibrate_prefill), and the one
         pass over those earlier tokens."""
+        self.runner.choose_prefill_threads()  # (a bf16 model on a CPU: one thread may be faster)
         timings, probes = [], []
         for n in (16, 16, 64, 64):
             probes.append(self._probe(n, 0, slo))

@@ -22,7 +22,7 @@ import torch
 from .attention import NAME as CHUNK_SDPA
 from .config import check
 from .offload import LayerOffload, Weights, over_budget
-from .precision import auto_cpu_dtype, single_rows_by_mv
+from .precision import auto_cpu_dtype, prepack, single_rows_by_mv
 from .quant import check_quantize, logical_shape, quantize_base
 from .storage import atomic_dir
 
@@ -233,6 +233,8 @@ def load_model(
         quantize_base(model, quantize, dev)  # quant.py; the head, embeddings, norms stay in dt
     if dt == torch.bfloat16 and dev.type == "cpu":
         single_rows_by_mv(model)  # precision.py: a bf16 decode at batch 1 by torch.mv
+        if off is None:  # (offloaded weights come and go)
+            progress(prepack(model))  # precision.py: oneDNN's layout for several rows
     path = str(folder) if folder is not None else None
     context = max_context(model.config, tokenizer)
     return LoadedModel(model, tokenizer, name, path, dev, dt, context, off, shapes, why)

@@ -97,22 +97,80 @@ def auto_cpu_dtype(
     )
 
 
+ROW_PARALLEL_MIN = 1 << 22  # weights this large (elements) have a one-row product on all threads
+
+
 class RowLinear(torch.nn.Linear):
     """nn.Linear whose one-row inference forward is a matrix-vector product (torch.mv).
 
     In bf16 on a CPU, F.linear on a single row (a decode at batch 1) takes oneDNN's matmul
     path, ~1.8x slower than fp32's; torch.mv's bf16 kernel is as fast as fp32's linear, on half
-    the bytes (docs/benchmarks.md, "bf16 on the CPU's matrix units"). More rows, or a forward
-    that needs gradients, run F.linear as before. The module stays an nn.Linear (PEFT wraps it,
-    state_dict and offload see the same parameters)."""
+    the bytes (docs/benchmarks.md, "bf16 on the CPU's matrix units"). That kernel opens a
+    parallel region for every product whatever its size (one dot product per row, grain 1):
+    each wakes the sleeping OpenMP workers, which costs more than a layer's product saves (far
+    more when a neighbour holds a core), so a weight under ROW_PARALLEL_MIN elements multiplies
+    on the calling thread alone; a larger one (a head over a big vocabulary) uses every
+    thread. More rows multiply by the weight's oneDNN-blocked copy where `prepack` made one,
+    else (and an input that records gradients) by F.linear as before. The module stays an
+    nn.Linear (PEFT wraps it, state_dict and offload see the same parameters)."""
+
+    packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight (prepack)
+    packed_from: int = 0  # the data_ptr of the weight it was made from
+
+    def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) multiplies by F.linear
+        return {k: v for k, v in self.__dict__.items() if k not in ("packed", "packed_from")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features or (torch.is_grad_enabled() and x.requires_grad):
+        if torch.is_grad_enabled() and x.requires_grad:
             return torch.nn.functional.linear(x, self.weight, self.bias)
-        y = torch.mv(self.weight, x.reshape(-1))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        if x.numel() == self.in_features:
+            return row_product(self.weight, self.bias, x).view(*x.shape[:-1], self.out_features)
+        if self.packed is not None and self.weight.data_ptr() == self.packed_from:
+            return torch.ops.mkldnn._linear_pointwise(
+                x.contiguous(), self.packed, self.bias, "none", [], ""
+            )
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """weight @ x + bias for one row x, by torch.mv: on one thread for a weight under
+    ROW_PARALLEL_MIN, else on every thread (the count outside a `fewer_threads` block)."""
+    threads = torch.get_num_threads()
+    want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass_threads or threads)
+    if want == threads:
+        y = torch.mv(weight, x.reshape(-1))
+    else:
+        torch.set_num_threads(want)  # (~0.3 us a change)
+        try:
+            y = torch.mv(weight, x.reshape(-1))
+        finally:
+            torch.set_num_threads(threads)
+    return y if bias is None else y + bias
+
+
+_pass_threads: int | None = None  # the thread count outside the fewer_threads block running
+
+
+@contextmanager
+def fewer_threads(n: int | None) -> Iterator[None]:
+    """The block on n threads where n is below the count (None: the count as it is), except a
+    RowLinear product of ROW_PARALLEL_MIN or more inside it (a head over a big vocabulary),
+    which uses the count. For a bf16 model's inference passes on a CPU, whose parallel regions
+    are too short to pay for waking the other threads: a one-row pass (Runner.decode), and a
+    prefill where calibration measured one thread faster (Runner.choose_prefill_threads;
+    docs/benchmarks.md, "bf16 on the CPU's matrix units")."""
+    global _pass_threads
+    threads = torch.get_num_threads()
+    if n is None or n >= threads or _pass_threads is not None:
+        yield
+        return
+    torch.set_num_threads(n)
+    _pass_threads = threads
+    try:
+        yield
+    finally:
+        _pass_threads = None
+        torch.set_num_threads(threads)
 
 
 def single_rows_by_mv(model: torch.nn.Module) -> int:
@@ -123,6 +181,37 @@ def single_rows_by_mv(model: torch.nn.Module) -> int:
             m.__class__ = RowLinear
             n += 1
     return n
+
+
+PACK_SHARE = 0.25  # prepack only while the copies take at most this share of available memory
+
+
+def prepack(model: torch.nn.Module, available: int | None = None) -> str:
+    """Give each RowLinear a copy of its weight in oneDNN's blocked layout for its matrix
+    units, for no-grad forwards of more than one row (prefill, decodes of several rows,
+    evaluation): F.linear reorders the plain weight at every call; the blocked copy took 8% off
+    a 512-token bf16 prefill and 23% off a decode step at batch 8, with the same logits
+    (docs/benchmarks.md, "bf16 on the CPU's matrix units"). The copies cost the layers' weight
+    bytes again, so only when they fit in PACK_SHARE of the memory available (`available`
+    bytes; psutil's reading by default). A layer whose weight has moved since (a new tensor)
+    multiplies by F.linear again. Returns what it did, for the load's log."""
+    layers = [m for m in model.modules() if isinstance(m, RowLinear)]
+    size = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    if not layers or size > PACK_SHARE * available:
+        return f"not prepacked ({size / 2**20:.0f} MiB of copies > {PACK_SHARE:.0%} of available memory)"
+    try:
+        for m in layers:
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+            m.packed_from = m.weight.data_ptr()
+    except (RuntimeError, AttributeError) as e:  # a torch without oneDNN's bf16 linear
+        for m in layers:
+            m.packed = None
+        return f"not prepacked ({e})"
+    return f"prepacked {len(layers)} linear layers ({size / 2**20:.0f} MiB)"
 
 
 def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:

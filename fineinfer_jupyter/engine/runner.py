@@ -4,13 +4,15 @@ micro-step's forward and backward; walk.py has the pass over the layers they sha
 from __future__ import annotations
 
 import inspect
+import time
 
 import torch
 from transformers import DynamicCache
 
 from . import logprobs
 from .batch import Batch
-from .precision import autocast_dtype
+from .config import SamplingParams, Slo
+from .precision import RowLinear, autocast_dtype, fewer_threads
 from .quant import logical_numel
 from .sequence import Sequence
 from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
@@ -26,6 +28,9 @@ class Runner:
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
         self.autocast = autocast_dtype(model)  # training forwards of a bf16 base (precision.py)
+        self.rows = any(isinstance(m, RowLinear) for m in model.modules())  # a bf16 base on a CPU
+        self.prefill_threads: int | None = None  # (choose_prefill_threads)
+        self.prefill_seconds: dict = {}  # what choose_prefill_threads measured: {1: s, None: s}
 
     @property
     def model(self):
@@ -114,16 +119,17 @@ class Runner:
         scoring = any(s.sampling.prompt_logprobs is not None for s in seqs)
         if scoring and (any(start) or end is not None):
             raise ValueError("prompt logprobs need the whole prompt in one pass")
-        logits = self.forward(
-            ids,
-            mask=mask,
-            position_ids=positions,
-            cache=cache,
-            adapters=[s.pinned for s in seqs],
-            keep=0 if scoring else 1,  # every position's logits for the prompt's logprobs
-            kind="prefill",
-            also=also,
-        )
+        with fewer_threads(self.prefill_threads if also is None else None):
+            logits = self.forward(
+                ids,
+                mask=mask,
+                position_ids=positions,
+                cache=cache,
+                adapters=[s.pinned for s in seqs],
+                keep=0 if scoring else 1,  # every position's logits for the prompt's logprobs
+                kind="prefill",
+                also=also,
+            )
         if scoring:
             logprobs.score_prompts(logits, seqs, width)
         return cache, mask, logits[:, -1].float()  # [B, V]
@@ -134,16 +140,42 @@ class Runner:
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
         mask = batch.grow()
-        logits = self.forward(
-            ids,
-            mask=mask,
-            position_ids=positions,
-            cache=batch.cache,
-            adapters=[s.pinned for s in seqs],
-            keep=1,
-            also=also,
-        )
+        # one row of a bf16 model: one thread (precision.py; not with a training unit in
+        # between, which keeps every thread)
+        with fewer_threads(1 if self.rows and len(seqs) == 1 and also is None else None):
+            logits = self.forward(
+                ids,
+                mask=mask,
+                position_ids=positions,
+                cache=batch.cache,
+                adapters=[s.pinned for s in seqs],
+                keep=1,
+                also=also,
+            )
         return logits[:, -1].float()  # [B, V]
+
+    def choose_prefill_threads(self, tokens: int = 256, margin: float = 0.05) -> None:
+        """A bf16 model on a CPU (RowLinear layers): time a prefill pass of `tokens` tokens on
+        one thread and on the count (best of 2 each, after a warm-up) and prefill on one
+        thread from now on if that was `margin` faster. Its parallel regions are short, and
+        waking the other threads for each can cost more than they give (docs/benchmarks.md,
+        "bf16 on the CPU's matrix units"); float32's are long enough. Before the cost model's
+        probes, so they measure the passes as they will run."""
+        text = self.config.get_text_config()
+        tokens = min(tokens, (getattr(text, "max_position_embeddings", None) or 1024) // 4)
+        if not self.rows or torch.get_num_threads() == 1 or tokens < 1:
+            return
+        seq = Sequence([0] * tokens, sampling=SamplingParams(max_new_tokens=1), slo=Slo())
+        self.prefill_threads = None
+        self.prefill([seq])  # warm-up
+        seconds = {}
+        for n in (1, None, 1, None):
+            self.prefill_threads = n
+            start = time.perf_counter()
+            self.prefill([seq])
+            seconds[n] = min(seconds.get(n, float("inf")), time.perf_counter() - start)
+        self.prefill_threads = 1 if seconds[1] * (1 + margin) < seconds[None] else None
+        self.prefill_seconds = seconds
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
