@@ -278,7 +278,7 @@ def test_a_bf16_decode_at_batch_1_runs_on_one_thread_but_its_head_and_larger_bat
 
 
 @pytest.mark.parametrize("faster", [1, 2])
-def test_a_bf16_prefill_takes_one_thread_only_where_calibration_measured_it_faster(
+def test_a_bf16_prefill_takes_one_thread_only_up_to_the_size_calibration_measured_it_faster(
     monkeypatch, faster
 ):
     from types import SimpleNamespace
@@ -292,28 +292,40 @@ def test_a_bf16_prefill_takes_one_thread_only_where_calibration_measured_it_fast
     runner = Runner(loaded.model, device=loaded.device)
     now, seen, forward = [0.0], [], runner.forward
 
-    def timed(*args, **kwargs):  # a pass takes 1 s on the faster count, 2 s on the other
-        seen.append(torch.get_num_threads())
-        now[0] += 1.0 if seen[-1] == faster else 2.0
-        return forward(*args, **kwargs)
+    def timed(ids, **kwargs):  # up to 8 tokens a pass takes 1 s on `faster` threads, 2 s on
+        # the other count; longer passes are faster on two threads (their products scale)
+        seen.append((ids.shape[1], torch.get_num_threads()))
+        wins = faster if ids.shape[1] <= 8 else 2
+        now[0] += 1.0 if seen[-1][1] == wins else 2.0
+        return forward(ids, **kwargs)
 
     monkeypatch.setattr(runner, "forward", timed)
     monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        runner.choose_prefill_threads(tokens=8)
-        assert sorted(seen[1:]) == [1, 1, 2, 2]  # after a warm-up, each count twice
-        assert runner.prefill_threads == (1 if faster == 1 else None)
-        seen.clear()
-        seq = Sequence([5, 6, 7], sampling=SamplingParams(max_new_tokens=2), slo=Slo())
-        runner.prefill([seq])
-        assert seen == [faster] and torch.get_num_threads() == 2
+        runner.choose_prefill_threads(sizes=(8, 32))
+        probes = [(8, 1), (8, 1), (8, 2), (8, 2)]
+        if faster == 1:  # 8 tokens won on one thread: 32 measured too, and lost
+            probes += [(32, 1), (32, 1), (32, 2), (32, 2)]
+            assert sorted(seen[1:5]) == probes[:4] and sorted(seen[6:]) == probes[4:]
+        else:  # one thread lost at the smallest size: no larger size measured
+            assert sorted(seen[1:]) == probes
+        assert runner.one_thread_upto == (8 if faster == 1 else 0)
+        assert set(runner.prefill_seconds) == ({8, 32} if faster == 1 else {8})
+        for n in (3, 8, 9, 40):
+            seen.clear()
+            seq = Sequence(
+                list(range(5, 5 + n)), sampling=SamplingParams(max_new_tokens=2), slo=Slo()
+            )
+            runner.prefill([seq])
+            want = 1 if faster == 1 and n <= 8 else 2
+            assert seen == [(n, want)] and torch.get_num_threads() == 2, (n, seen)
     finally:
         torch.set_num_threads(threads)
     fp32 = Runner(load_model("tiny", dtype="float32").model, device=loaded.device)
-    fp32.choose_prefill_threads(tokens=8)  # float32: nothing measured, every thread kept
-    assert fp32.prefill_threads is None and fp32.prefill_seconds == {}
+    fp32.choose_prefill_threads(sizes=(8,))  # float32: nothing measured, every thread kept
+    assert fp32.one_thread_upto == 0 and fp32.prefill_seconds == {}
 
 
 def test_a_bf16_model_multiplies_many_rows_by_a_prepacked_weight_until_the_weight_moves(
@@ -324,6 +336,11 @@ def test_a_bf16_model_multiplies_many_rows_by_a_prepacked_weight_until_the_weigh
     loaded = load_model("tiny", dtype="bfloat16")
     layer = loaded.model.model.layers[0].mlp.down_proj
     assert layer.packed is not None  # (a tiny model: its copies fit)
+    rows = [m for m in loaded.model.modules() if isinstance(m, precision.RowLinear)]
+    # status reports the copies' bytes: one more copy of every RowLinear's weight
+    assert precision.prepacked_bytes(loaded.model) == sum(
+        m.weight.numel() * m.weight.element_size() for m in rows
+    )
     calls, pointwise = [], torch.ops.mkldnn._linear_pointwise
     spy = lambda *a: calls.append(a[1]) or pointwise(*a)  # noqa: E731
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
@@ -345,3 +362,5 @@ def test_a_bf16_model_multiplies_many_rows_by_a_prepacked_weight_until_the_weigh
         m.__dict__.pop("packed", None)
     assert precision.prepack(small, available=1).startswith("not prepacked")  # no room
     assert all(getattr(m, "packed", None) is None for m in small.modules())
+    assert precision.prepacked_bytes(small) == 0
+    assert precision.prepacked_bytes(load_model("tiny", dtype="float32").model) == 0

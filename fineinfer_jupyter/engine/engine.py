@@ -42,6 +42,7 @@ from .features import features
 from .metrics import Metrics
 from .models import build_tiny, default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
+from .precision import prepacked_bytes
 from .quant import weight_bytes
 from .request import Completion, RequestStream, check_messages, check_token_ids, is_token_ids
 from .sequence import Sequence
@@ -682,6 +683,7 @@ class Engine:
             "max_context": loaded.max_context,
             "quantize": self.config.quantize,
             "weight_bytes": weight_bytes(loaded.model)["total"],  # the base's, as loaded
+            "prepacked_bytes": prepacked_bytes(loaded.model),  # copies for speed (precision.py)
         }
         progress("calibrating")
         self.core = core.build(self.config, loaded, self.metrics)

@@ -214,6 +214,16 @@ def prepack(model: torch.nn.Module, available: int | None = None) -> str:
     return f"prepacked {len(layers)} linear layers ({size / 2**20:.0f} MiB)"
 
 
+def prepacked_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the blocked copies `prepack` made: memory beyond the base's weights, which
+    status reports beside them (`model.prepacked_bytes`)."""
+    return sum(
+        m.packed.numel() * m.packed.element_size()
+        for m in model.modules()
+        if isinstance(m, RowLinear) and m.packed is not None
+    )
+
+
 def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype a training forward autocasts to: bfloat16 for a plain (not quantized) bf16
     base, else None (fp32 computes as stored; a quantized base's LoRA layers cast for

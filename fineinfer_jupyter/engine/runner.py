@@ -29,8 +29,8 @@ class Runner:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
         self.autocast = autocast_dtype(model)  # training forwards of a bf16 base (precision.py)
         self.rows = any(isinstance(m, RowLinear) for m in model.modules())  # a bf16 base on a CPU
-        self.prefill_threads: int | None = None  # (choose_prefill_threads)
-        self.prefill_seconds: dict = {}  # what choose_prefill_threads measured: {1: s, None: s}
+        self.one_thread_upto = 0  # tokens: prefill passes up to this size on one thread
+        self.prefill_seconds: dict = {}  # choose_prefill_threads': {tokens: {1: s, None: s}}
 
     @property
     def model(self):
@@ -119,7 +119,8 @@ class Runner:
         scoring = any(s.sampling.prompt_logprobs is not None for s in seqs)
         if scoring and (any(start) or end is not None):
             raise ValueError("prompt logprobs need the whole prompt in one pass")
-        with fewer_threads(self.prefill_threads if also is None else None):
+        short = also is None and len(rows) * width <= self.one_thread_upto
+        with fewer_threads(1 if short else None):  # (choose_prefill_threads)
             logits = self.forward(
                 ids,
                 mask=mask,
@@ -154,28 +155,44 @@ class Runner:
             )
         return logits[:, -1].float()  # [B, V]
 
-    def choose_prefill_threads(self, tokens: int = 256, margin: float = 0.05) -> None:
-        """A bf16 model on a CPU (RowLinear layers): time a prefill pass of `tokens` tokens on
-        one thread and on the count (best of 2 each, after a warm-up) and prefill on one
-        thread from now on if that was `margin` faster. Its parallel regions are short, and
-        waking the other threads for each can cost more than they give (docs/benchmarks.md,
-        "bf16 on the CPU's matrix units"); float32's are long enough. Before the cost model's
-        probes, so they measure the passes as they will run."""
+    def choose_prefill_threads(
+        self, sizes: tuple[int, ...] = (256, 1024), margin: float = 0.05
+    ) -> None:
+        """A bf16 model on a CPU (RowLinear layers): time prefill passes of each of `sizes`
+        tokens (smallest first) on one thread and on the count (best of 2 each, after a
+        warm-up), and from now on prefill passes up to the largest size where one thread was
+        `margin` faster, and every smaller size was too, on one thread (`one_thread_upto`).
+        Their parallel regions are short, and waking the other threads for each can cost
+        more than they give (docs/benchmarks.md, "bf16 on the CPU's matrix units"); a long
+        pass's products are long enough to gain from every thread (a 4,103-token prompt on
+        one thread took 1.5x its two-thread time), and so are float32's. Before the cost
+        model's probes, so they measure the passes as they will run."""
         text = self.config.get_text_config()
-        tokens = min(tokens, (getattr(text, "max_position_embeddings", None) or 1024) // 4)
-        if not self.rows or torch.get_num_threads() == 1 or tokens < 1:
+        most = (getattr(text, "max_position_embeddings", None) or 1024) // 4
+        self.one_thread_upto = 0
+        if not self.rows or torch.get_num_threads() == 1:
             return
-        seq = Sequence([0] * tokens, sampling=SamplingParams(max_new_tokens=1), slo=Slo())
-        self.prefill_threads = None
-        self.prefill([seq])  # warm-up
-        seconds = {}
-        for n in (1, None, 1, None):
-            self.prefill_threads = n
-            start = time.perf_counter()
-            self.prefill([seq])
-            seconds[n] = min(seconds.get(n, float("inf")), time.perf_counter() - start)
-        self.prefill_threads = 1 if seconds[1] * (1 + margin) < seconds[None] else None
-        self.prefill_seconds = seconds
+        for tokens in sorted({min(n, most) for n in sizes if n > 0}):
+            seq = Sequence([0] * tokens, sampling=SamplingParams(max_new_tokens=1), slo=Slo())
+            self.prefill([seq])  # warm-up (on one thread up to the sizes already won)
+            seconds = {}
+            for n in (1, None, 1, None):
+                with fewer_threads(n):
+                    start = time.perf_counter()
+                    self._prefill_as_measured([seq])
+                    seconds[n] = min(seconds.get(n, float("inf")), time.perf_counter() - start)
+            self.prefill_seconds[tokens] = seconds
+            if seconds[1] * (1 + margin) >= seconds[None]:
+                return  # the count wins here: and at every larger size
+            self.one_thread_upto = tokens
+
+    def _prefill_as_measured(self, seqs: list[Sequence]) -> None:
+        """A prefill pass on the calling thread's count (choose_prefill_threads' probes)."""
+        upto, self.one_thread_upto = self.one_thread_upto, 0
+        try:
+            self.prefill(seqs)
+        finally:
+            self.one_thread_upto = upto
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
