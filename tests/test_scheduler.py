@@ -355,6 +355,18 @@ def test_a_micro_step_size_measured_slow_once_is_tried_again():
     assert pick() == 4
 
 
+def test_a_larger_micro_step_is_preferred_when_a_smaller_one_is_barely_faster():
+    # two examples are estimated 5% faster per token than four: too close to trust (the line
+    # is least sure of a step's fixed cost), so four; 20% faster is trusted
+    for two, expected in ((0.38, 4), (0.32, 2)):
+        sched = Scheduler(policy="deferred", costs=costs())
+        for _ in range(3):
+            for k, seconds in ((1, 0.25), (2, two), (3, 0.6), (4, 0.8)):
+                sched.costs.train.observe(k * 40, seconds)
+        out = sched.schedule(0.0, FakeTraining(tokens_per_example=40, micro=4, batch=8))
+        assert out.train_examples == expected
+
+
 def test_update_joins_admitted_requests_and_takes_finished_ones_out():
     sim = Sim(policy="immediate")
     a, b = sim.request(at=0.0, new_tokens=1), sim.request(at=0.0, new_tokens=3)
