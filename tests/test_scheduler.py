@@ -4,7 +4,7 @@ executor (no model)."""
 import pytest
 
 from fineinfer_jupyter.engine.config import SamplingParams, Slo
-from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost, prefill_units
+from fineinfer_jupyter.engine.costmodel import STALE_STEPS, CostModel, LinearCost, prefill_units
 from fineinfer_jupyter.engine.outputs import IterationKind, IterationResult, SchedulerOutput
 from fineinfer_jupyter.engine.scheduler import STALL_TPOTS, Scheduler
 from fineinfer_jupyter.engine.sequence import Sequence, Status
@@ -327,6 +327,44 @@ def test_the_most_efficient_micro_step_is_preferred_over_the_largest():
             sched.costs.train.observe(k * 40, seconds)
     out = sched.schedule(0.0, FakeTraining(tokens_per_example=40, micro=4, batch=8))
     assert out.kind is IterationKind.TRAIN and out.train_examples == 2 and out.train_units == 1
+
+
+def test_a_micro_step_size_measured_slow_once_is_tried_again():
+    # micro-steps of 4 examples once ran twice the machine's time (the job's start-up, a
+    # slowdown): the scheduler then picks 2, and must not trust that measurement forever (it
+    # never runs 4 again to correct it): after STALE_STEPS steps of other sizes it picks 4
+    sched = Scheduler(policy="deferred", costs=costs())
+    sched.costs.train = CostModel().train  # (the engine's train line)
+    line = LinearCost(0.1, 0.004)  # the machine: a fixed cost per micro-step, and per token
+    for k in (1, 2, 1, 2):
+        sched.costs.train.observe(40 * k, line(40 * k))
+    for _ in range(2):
+        sched.costs.train.observe(160, 2 * line(160))
+
+    def pick() -> int:
+        training = FakeTraining(tokens_per_example=40, micro=4, batch=8)
+        return sched.schedule(0.0, training).train_examples
+
+    for i in range(STALE_STEPS):
+        assert pick() == 2
+        sched.costs.train.observe(40 * (1 + i % 2), line(40 * (1 + i % 2)))
+    assert pick() == 4
+    for _ in range(2):  # measured again: what it costs now, without the old samples
+        sched.costs.train.observe(160, line(160))
+    assert sched.costs.train(160) == pytest.approx(line(160), rel=0.02)
+    assert pick() == 4
+
+
+def test_a_larger_micro_step_is_preferred_when_a_smaller_one_is_barely_faster():
+    # two examples are estimated 5% faster per token than four: too close to trust (the line
+    # is least sure of a step's fixed cost), so four; 20% faster is trusted
+    for two, expected in ((0.38, 4), (0.32, 2)):
+        sched = Scheduler(policy="deferred", costs=costs())
+        for _ in range(3):
+            for k, seconds in ((1, 0.25), (2, two), (3, 0.6), (4, 0.8)):
+                sched.costs.train.observe(k * 40, seconds)
+        out = sched.schedule(0.0, FakeTraining(tokens_per_example=40, micro=4, batch=8))
+        assert out.train_examples == expected
 
 
 def test_update_joins_admitted_requests_and_takes_finished_ones_out():

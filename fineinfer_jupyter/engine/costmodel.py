@@ -26,6 +26,9 @@ PER_BUCKET = 16  # recent samples kept per size bucket (sizes within a factor of
 RECENT = 3  # measurements the speed factor is the median of
 NEAR = 6  # size buckets (a factor of 8): a speed measured at one size holds within this of it
 SHARE_WEIGHT = 0.3  # how much one measured micro-step moves the units' shares
+# micro-steps after which a size not measured since stops bending the train line (its size is
+# the scheduler's choice: a size its offset made look slow would otherwise never run again)
+STALE_STEPS = 8
 # a one-row pass with nothing in its KV cache attends causally (SDPA's is_causal kernel); a
 # chunk (or a padded group) attends through a mask, with K/V repeated per query group: per
 # pair of tokens the mask costs ~1.5x (this CPU, SmolLM2-135M: 1.4x fp32, 1.6x bf16), unless
@@ -122,8 +125,11 @@ def _bucket(units: float) -> int:
 
 
 class LinearCost:
-    def __init__(self, fixed: float, per_unit: float):
+    def __init__(self, fixed: float, per_unit: float, *, stale: int | None = None):
         self.fixed, self.per_unit = fixed, per_unit  # priors, until measurements come in
+        # `stale`: after this many measurements, a size bucket not measured since no longer
+        # corrects the line near it, and its old samples go when it is measured again
+        self.stale, self.fits, self.fitted = stale, 0, {}  # (fitted: bucket -> its last fit)
         # samples are kept per size bucket, so that sizes seen a while ago still pin the line
         # down when recent steps all have about the same size (a narrow range of sizes alone
         # cannot tell the fixed cost from the per-unit one)
@@ -161,9 +167,12 @@ class LinearCost:
     def base(self, units: float) -> float:
         """The line, corrected by how far the work measured at about this size was off it
         (times are not quite linear: large steps can be slower per unit on a CPU)."""
-        near = self.buckets.get(_bucket(units), ())
+        near = () if self._stale(_bucket(units)) else self.buckets.get(_bucket(units), ())
         off = statistics.median(y - self.line(x) for x, y in near) if len(near) >= 2 else 0.0
         return max(0.0, self.line(units) + off)
+
+    def _stale(self, bucket: int) -> bool:
+        return self.stale is not None and self.fits - self.fitted.get(bucket, 0) >= self.stale
 
     def follow(self, units: float, seconds: float, estimate: float) -> None:
         """A measurement of work of `units` against its estimate (without the factor): the
@@ -177,11 +186,19 @@ class LinearCost:
         self._fit(units, seconds / self.factor_at(units))
 
     def _fit(self, units: float, seconds: float) -> None:
-        bucket = self.buckets.setdefault(_bucket(units), deque(maxlen=PER_BUCKET))
+        b = _bucket(units)
+        if self._stale(b):
+            self.buckets.pop(b, None)  # measured again after a while: what it says now
+        self.fits += 1
+        self.fitted[b] = self.fits
+        bucket = self.buckets.setdefault(b, deque(maxlen=PER_BUCKET))
         bucket.append((float(units), seconds))
         # each size bucket weighs the same, however many samples it holds: many passes of one
         # size (a long prompt's chunks) must not tilt the line longer ones are estimated from
-        points = [(x, y, 1 / len(b)) for b in self.buckets.values() for x, y in b]
+        # (a stale bucket no longer tilts it either)
+        points = [
+            (x, y, 1 / len(q)) for k, q in self.buckets.items() if not self._stale(k) for x, y in q
+        ]
         w = sum(p for _, _, p in points)
         mx = sum(x * p for x, _, p in points) / w
         my = sum(y * p for _, y, p in points) / w
@@ -202,7 +219,8 @@ class CostModel:
         f = 0.02 if gpu else 1.0  # priors: this CPU (docs/design.md), a GPU ~50x faster
         self.prefill = LinearCost(0.02 * f, 0.0045 * f)  # per prompt token
         self.decode = LinearCost(0.07 * f, 0.0045 * f)  # per row
-        self.train = LinearCost(0.05 * f, 0.0093 * f)  # per padded token of a micro-step
+        # per padded token of a micro-step (whose size the scheduler picks from this line)
+        self.train = LinearCost(0.05 * f, 0.0093 * f, stale=STALE_STEPS)
         self.optimizer = 0.0  # seconds of an optimizer step, added to a batch's last micro-step
         self.margin = 1.15  # plan with estimates padded against noise
         self.span = math.inf  # a prefill's attention cost (prefill_units; set from the model)

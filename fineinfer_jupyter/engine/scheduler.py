@@ -44,6 +44,7 @@ from .sequence import Sequence, Status
 INF = float("inf")
 STALL_TPOTS = 4.0  # the longest planned pause between two tokens, in units of the tpot target
 MIN_CHUNK = 64  # prompt tokens: a smaller chunk would pay its pass's fixed cost for too little
+LARGER_WITHIN = 0.93  # a larger micro-step is preferred while its estimated rate is this close
 
 
 class Training(Protocol):
@@ -450,8 +451,15 @@ class Scheduler:
         return self.costs.train(len(tokens) * max(tokens)) if tokens else 0.0
 
     def _best(self, tokens: list[int], most: int) -> int:
-        """The micro-step of at most `most` examples that trains the most tokens a second."""
-        return max(range(1, max(most, 1) + 1), key=lambda k: (self._rate(tokens[:k]), k))
+        """The micro-step of at most `most` examples that trains the most tokens a second: the
+        largest whose estimate is within LARGER_WITHIN of the best one. The train line is
+        least sure of a step's fixed cost (collating, each unit's Python, the optimizer step
+        as often) at the sizes not measured lately, and underestimated it there: steps of 2
+        examples estimated 3-6% faster per token than 4 measured 1.5x slower (docs/benchmarks.md,
+        "The light-load gap")."""
+        sizes = range(1, max(most, 1) + 1)
+        top = max(self._rate(tokens[:k]) for k in sizes)
+        return max(k for k in sizes if self._rate(tokens[:k]) >= LARGER_WITHIN * top)
 
     def _rate(self, tokens: list[int]) -> float:
         """Training tokens/s of one micro-step on these examples."""
