@@ -364,3 +364,70 @@ def test_a_bf16_model_multiplies_many_rows_by_a_prepacked_weight_until_the_weigh
     assert all(getattr(m, "packed", None) is None for m in small.modules())
     assert precision.prepacked_bytes(small) == 0
     assert precision.prepacked_bytes(load_model("tiny", dtype="float32").model) == 0
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_bf16_training_runs_on_one_thread_only_where_calibration_measured_it_faster(
+    tmp_path, monkeypatch, faster
+):
+    """A bf16 model's training units and optimizer step run on one thread when calibration's
+    training probe was faster there (short parallel regions), on the engine's count otherwise;
+    inference and the count after a unit are unchanged."""
+    from types import SimpleNamespace
+
+    from fineinfer_jupyter.engine import runner as runner_module
+    from fineinfer_jupyter.engine.runner import Runner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner = Runner(load_model("tiny", dtype="bfloat16").model, device=torch.device("cpu"))
+        now, seen, probe = [0.0], [], runner.train_probe
+
+        def timed(rows, length):  # 1 s on the faster count, 2 s on the other
+            seen.append(torch.get_num_threads())
+            now[0] += 1.0 if seen[-1] == faster else 2.0
+            return probe(rows, length)
+
+        monkeypatch.setattr(runner, "train_probe", timed)
+        monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+        runner.choose_train_threads()
+        assert sorted(seen[1:]) == [1, 1, 2, 2]  # after a warm-up, each count twice
+        assert runner.train_threads == (1 if faster == 1 else None)
+        assert torch.get_num_threads() == 2
+        fp32 = Runner(load_model("tiny", dtype="float32").model, device=torch.device("cpu"))
+        fp32.choose_train_threads()  # float32: nothing measured, every thread kept
+        assert fp32.train_threads is None and fp32.train_seconds == {}
+
+        # through an engine: the units and the optimizer step on the chosen count
+        monkeypatch.setattr(
+            Runner,
+            "choose_train_threads",
+            lambda self: setattr(self, "train_threads", runner.train_threads),
+        )
+        config = EngineConfig(
+            model="tiny", data_dir=tmp_path, policy="immediate", dtype="bfloat16", threads=2
+        )  # (a set count: the load follower leaves it alone on a busy machine)
+        with Engine(config, thread=False) as e:
+            job = e.tune("herb", RECORDS, **dict(FAST, max_steps=2))
+            layer = next(
+                m for n, m in e.core.runner.model.named_modules() if n.endswith("layers.0")
+            )
+            units = []
+            hook = layer.register_forward_hook(lambda *a: units.append(torch.get_num_threads()))
+            step = torch.optim.AdamW.step
+            steps = []
+
+            def counted(self, *a, **k):
+                steps.append(torch.get_num_threads())
+                return step(self, *a, **k)
+
+            monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+            while e.job(job["id"])["step"] < 1:
+                e.iterate()
+            hook.remove()
+            assert units and set(units) == {faster}
+            assert steps and set(steps) == {faster}
+            assert torch.get_num_threads() == 2  # the count is back after each unit
+    finally:
+        torch.set_num_threads(threads)

@@ -212,12 +212,17 @@ class Trainer:
             run = self.run
             first = run.done
             try:
-                seconds = run.run(units, sync=self.runner.sync)
+                with self.runner.training_threads():  # (Runner.choose_train_threads)
+                    seconds = run.run(units, sync=self.runner.sync)
             except Exception as e:
                 if is_oom(e) and self._retry_smaller(job, e):
                     return NO_PROGRESS
                 raise
-            step = self._end_micro_step(job) if run.finished else None
+            if run.finished:
+                with self.runner.training_threads():
+                    step = self._end_micro_step(job)
+            else:
+                step = None
         except Exception as e:
             self._fail(job, e)
             return NO_PROGRESS
