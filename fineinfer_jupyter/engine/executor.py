@@ -87,12 +87,10 @@ class Executor:
             start = time.perf_counter()
             self.runner.decode(batch)
             timings.append(Timing("decode", 1, time.perf_counter() - start))
-        self.runner.choose_train_threads()  # (a bf16 model on a CPU: one thread may be faster)
         for rows, length in ((1, 16), (1, 32), (2, 64)):  # a micro-step's fixed and per-token cost
             start = time.perf_counter()
             fetching = self._fetch_seconds()
-            with self.runner.training_threads():
-                self.runner.train_probe(rows, length)
+            self.runner.train_probe(rows, length)
             seconds = time.perf_counter() - start - (self._fetch_seconds() - fetching)
             timings.append(Timing("train", rows * length, seconds))
         off = self.runner.walk.offload

@@ -30,8 +30,6 @@ class Runner:
         self.autocast = autocast_dtype(model)  # training forwards of a bf16 base (precision.py)
         self.rows = any(isinstance(m, RowLinear) for m in model.modules())  # a bf16 base on a CPU
         self.one_thread_upto = 0  # tokens: prefill passes up to this size on one thread
-        self.train_threads: int | None = None  # 1: training units on one thread (calibrated)
-        self.train_seconds: dict = {}  # choose_train_threads': {1: s, None: s}
         self.prefill_seconds: dict = {}  # choose_prefill_threads': {tokens: {1: s, None: s}}
 
     @property
@@ -187,34 +185,6 @@ class Runner:
             if seconds[1] * (1 + margin) >= seconds[None]:
                 return  # the count wins here: and at every larger size
             self.one_thread_upto = tokens
-
-    def choose_train_threads(self, rows: int = 2, length: int = 128, margin: float = 0.05) -> None:
-        """A bf16 model on a CPU (RowLinear layers): time a training probe of rows x length
-        tokens (forward and backward, `train_probe`) on one thread and on the count (best of 2
-        each, after a warm-up), and run training units and the optimizer step on one thread
-        from now on (`train_threads`, `training_threads()`) if that was `margin` faster. A bf16
-        micro-step's parallel regions are short (its products ~6x faster than float32's, many
-        of them LoRA's small ones): on this machine's 2 cores one thread ran a micro-step of
-        4 x 68 tokens in 0.76 s against 0.86 s on two (docs/benchmarks.md, "bf16 on the CPU's
-        matrix units"); float32's gain from the second thread (1.39 -> 1.14 s). Before the
-        cost model's training probes, so they measure units as they will run."""
-        self.train_threads = None
-        if not self.rows or torch.get_num_threads() == 1:
-            return
-        self.train_probe(rows, length)  # warm-up
-        seconds = {}
-        for n in (1, None, 1, None):
-            with fewer_threads(n):
-                start = time.perf_counter()
-                self.train_probe(rows, length)
-                seconds[n] = min(seconds.get(n, float("inf")), time.perf_counter() - start)
-        self.train_seconds = seconds
-        self.train_threads = 1 if seconds[1] * (1 + margin) < seconds[None] else None
-
-    def training_threads(self):
-        """The block (training units, the optimizer step) on the calibrated training thread
-        count (choose_train_threads; the engine's count when nothing was chosen)."""
-        return fewer_threads(self.train_threads)
 
     def _prefill_as_measured(self, seqs: list[Sequence]) -> None:
         """A prefill pass on the calling thread's count (choose_prefill_threads' probes)."""

@@ -212,17 +212,12 @@ class Trainer:
             run = self.run
             first = run.done
             try:
-                with self.runner.training_threads():  # (Runner.choose_train_threads)
-                    seconds = run.run(units, sync=self.runner.sync)
+                seconds = run.run(units, sync=self.runner.sync)
             except Exception as e:
                 if is_oom(e) and self._retry_smaller(job, e):
                     return NO_PROGRESS
                 raise
-            if run.finished:
-                with self.runner.training_threads():
-                    step = self._end_micro_step(job)
-            else:
-                step = None
+            step = self._end_micro_step(job) if run.finished else None
         except Exception as e:
             self._fail(job, e)
             return NO_PROGRESS
