@@ -321,6 +321,13 @@ def test_a_bf16_prefill_takes_one_thread_only_up_to_the_size_calibration_measure
             runner.prefill([seq])
             want = 1 if faster == 1 and n <= 8 else 2
             assert seen == [(n, want)] and torch.get_num_threads() == 2, (n, seen)
+        # a chunk after earlier tokens attends to them: every thread, however short
+        seen.clear()
+        seq = Sequence(list(range(5, 13)), sampling=SamplingParams(max_new_tokens=2), slo=Slo())
+        cache, _, _ = runner.prefill([seq], end=4)
+        seq.prefilled = 4
+        runner.prefill([seq], cache=cache)
+        assert seen == [(4, 1 if faster == 1 else 2), (4, 2)], seen
     finally:
         torch.set_num_threads(threads)
     fp32 = Runner(load_model("tiny", dtype="float32").model, device=loaded.device)

@@ -119,7 +119,9 @@ class Runner:
         scoring = any(s.sampling.prompt_logprobs is not None for s in seqs)
         if scoring and (any(start) or end is not None):
             raise ValueError("prompt logprobs need the whole prompt in one pass")
-        short = also is None and len(rows) * width <= self.one_thread_upto
+        # (a pass after earlier tokens, a chunk or a prefix-cache hit, attends to them: its
+        # attention gains from every thread, whatever its own length)
+        short = also is None and not start[0] and len(rows) * width <= self.one_thread_upto
         with fewer_threads(1 if short else None):  # (choose_prefill_threads)
             logits = self.forward(
                 ids,
