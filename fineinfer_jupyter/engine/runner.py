@@ -176,25 +176,19 @@ class Runner:
             return
         for tokens in sorted({min(n, most) for n in sizes if n > 0}):
             seq = Sequence([0] * tokens, sampling=SamplingParams(max_new_tokens=1), slo=Slo())
-            self.prefill([seq])  # warm-up (on one thread up to the sizes already won)
+            # (each size is above one_thread_upto, the sizes already won: prefill itself
+            # keeps the count this block gives it)
+            self.prefill([seq])  # warm-up
             seconds = {}
             for n in (1, None, 1, None):
                 with fewer_threads(n):
                     start = time.perf_counter()
-                    self._prefill_as_measured([seq])
+                    self.prefill([seq])
                     seconds[n] = min(seconds.get(n, float("inf")), time.perf_counter() - start)
             self.prefill_seconds[tokens] = seconds
             if seconds[1] * (1 + margin) >= seconds[None]:
                 return  # the count wins here: and at every larger size
             self.one_thread_upto = tokens
-
-    def _prefill_as_measured(self, seqs: list[Sequence]) -> None:
-        """A prefill pass on the calling thread's count (choose_prefill_threads' probes)."""
-        upto, self.one_thread_upto = self.one_thread_upto, 0
-        try:
-            self.prefill(seqs)
-        finally:
-            self.one_thread_upto = upto
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
