@@ -134,12 +134,10 @@ class Scheduler:
         out = self._plan(now, training)
         if out.prefill:
             self.prefilled_at = now
-            c = self.costs
             self.owed = sum(
-                c.margin
-                * c.prefill(pass_units(end - s.prefilled, s.prefilled, c.span, split=c.split))
+                self._pass_cost(s, end - s.prefilled)
                 for s, end in out.chunks.items()
-                if s not in self.hurrying and self.late(now, s)
+                if self._lagging(now, s)
             )
         elif out.train_units:
             self.owed = 0.0
@@ -198,9 +196,7 @@ class Scheduler:
         micro = self._micro_step(training, self._ceiling(newcomers, running))
         # a prompt whose first token is late whatever runs (chunked) does not hold training
         # back: its chunks and training segments (as long as its last chunk) take turns
-        late = [
-            s for s in newcomers if self.chunked and s not in self.hurrying and self.late(now, s)
-        ]
+        late = [s for s in newcomers if self._lagging(now, s)]
         on_time = [s for s in newcomers if s not in late]
         prefill_slack = self.prefill_slack(now, on_time, running) if on_time else INF
         decode_room = self.decode_room(now, running)
@@ -341,19 +337,25 @@ class Scheduler:
         """Its first token cannot be on time any more, even if it were prefilled now."""
         return now + self._cost([seq]) > self.ttft_due(seq)
 
+    def _lagging(self, now: float, seq: Sequence) -> bool:
+        """A prompt to be chunked that is late and not hurrying: its chunks take turns with
+        training segments (`owed`), and it does not hold training back."""
+        return self.chunked and seq not in self.hurrying and self.late(now, seq)
+
     def _chunk(self, seq: Sequence, room: float) -> int:
         """The most prompt tokens of `seq` after those already prefilled that one pass can
         prefill within `room` seconds (0: not even one)."""
-        c, past = self.costs, seq.prefilled
-
-        def cost(n: int) -> float:
-            return c.margin * c.prefill(pass_units(n, past, c.span, split=c.split))
-
         lo, hi = 0, seq.num_todo
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if cost(mid) <= room else (lo, mid - 1)
+            lo, hi = (mid, hi) if self._pass_cost(seq, mid) <= room else (lo, mid - 1)
         return lo
+
+    def _pass_cost(self, seq: Sequence, n: int) -> float:
+        """Estimated seconds of a one-row pass over the next n prompt tokens of `seq`, after
+        those already prefilled (with margin)."""
+        c = self.costs
+        return c.margin * c.prefill(pass_units(n, seq.prefilled, c.span, split=c.split))
 
     def _prefill_next(
         self, now: float, pending: list[Sequence], running: list[Sequence]
