@@ -9,6 +9,7 @@ of rows in both dtypes: a 64-wide test model or a CPU whose bf16 path is slow st
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -274,23 +275,55 @@ def attention_in_fp32() -> Iterator[None]:
             fns["sdpa"] = before
 
 
+class ThreadFlag:
+    """A flag that is true except in the threads inside a block that turned it off: a LoRA
+    layer's `cast_input_dtype_enabled` during a bf16 training forward (`mixed`), which must not
+    change how an inference forward in another thread (the engine thread, beside the training
+    worker) computes the same layer. PEFT reads it as `not layer.cast_input_dtype_enabled`."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __bool__(self) -> bool:
+        return not getattr(self._local, "off", False)
+
+    def __deepcopy__(self, memo) -> ThreadFlag:
+        return self  # (a copied layer shares it)
+
+    def __reduce__(self):
+        return _cast_input, ()
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        self._local.off = True
+        try:
+            yield
+        finally:
+            self._local.off = False
+
+
+CAST_INPUT = ThreadFlag()  # every LoRA layer's cast_input_dtype_enabled, once `mixed` ran
+
+
+def _cast_input() -> ThreadFlag:
+    return CAST_INPUT
+
+
 @contextmanager
 def mixed(dtype: torch.dtype | None, device: torch.device, layers: list) -> Iterator[None]:
     """A training forward of a bf16 base with float32 LoRA weights, computed in bf16: autocast
     casts each LoRA weight to bf16 for its matmul (its gradient flows back to the float32
     weight), and the LoRA layers `layers` stop casting their bf16 input up to float32 (PEFT's
-    `cast_input_dtype_enabled`), which would only be cast down again. Without it each LoRA
-    layer computes in float32: an fp32 copy of its input, fp32 products, an fp32 sum with the
-    base's output and a cast back, forward and backward (docs/design.md, "Base weight
-    formats")."""
+    `cast_input_dtype_enabled`, here a flag that is off in this thread only: CAST_INPUT), which
+    would only be cast down again. Without it each LoRA layer computes in float32: an fp32 copy
+    of its input, fp32 products, an fp32 sum with the base's output and a cast back, forward and
+    backward (docs/design.md, "Base weight formats"). autocast and grad mode are per thread too;
+    attention_in_fp32 changes nothing for a no-grad forward in another thread."""
     if dtype is None:
         yield
         return
     for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        with torch.autocast(device.type, dtype=dtype), attention_in_fp32():
-            yield
-    finally:
-        for m in layers:
-            m.cast_input_dtype_enabled = True
+        if m.cast_input_dtype_enabled is not CAST_INPUT:
+            m.cast_input_dtype_enabled = CAST_INPUT
+    with CAST_INPUT.off(), torch.autocast(device.type, dtype=dtype), attention_in_fp32():
+        yield
