@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from fineinfer_jupyter.engine import walk
 from fineinfer_jupyter.engine.config import EngineConfig
 from fineinfer_jupyter.engine.engine import Engine
+from fineinfer_jupyter.engine.outputs import IterationResult
 from fineinfer_jupyter.engine.worker import train_thread_choice
 
 RECORDS = [
@@ -340,3 +341,77 @@ def test_a_bf16_training_forwards_cast_flag_is_off_in_its_own_thread_only():
     finally:
         leave.set()
         t.join()
+
+
+class Job:
+    """A fake job for the scheduler alone (Scheduler's Training protocol)."""
+
+    active, busy = True, False
+
+    def next_tokens(self):
+        return [40] * 4
+
+    def max_examples(self):
+        return 4
+
+    def in_progress(self):
+        return None
+
+
+def test_the_worker_gets_a_whole_micro_step_unless_the_requests_fall_behind():
+    from fineinfer_jupyter.engine.config import SamplingParams, Slo
+    from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
+    from fineinfer_jupyter.engine.scheduler import Scheduler
+    from fineinfer_jupyter.engine.sequence import Sequence
+
+    costs = CostModel()
+    costs.prefill, costs.decode = LinearCost(0.0, 0.004), LinearCost(0.08, 0.0)
+    costs.train, costs.margin = LinearCost(0.0, 0.005), 1.0
+    costs.set_units([1.0, 1.0, 2.0, 2.0])
+    sched = Scheduler(policy="deferred", costs=costs)
+    sched.split_training = True
+    job = Job()
+    out = sched.schedule(0.0, job)  # nothing to serve: a whole micro-step, on the worker
+    assert (out.worker_units, out.worker_examples, out.train_units) == (4, 4, 0)
+    seq = Sequence([1] * 50, sampling=SamplingParams(max_new_tokens=8), slo=Slo(ttft=1, tpot=0.3))
+    seq.arrival = 0.0
+    sched.add(seq)
+    out = sched.schedule(0.0, job)  # served as `immediate` serves it, the worker beside
+    assert out.prefill == [[seq]] and out.worker_units == 4
+    sched.update(out, IterationResult())
+    seq.output_ids.append(5)
+    seq.token_times.append(0.2)
+    job.busy = True
+    out = sched.schedule(0.25, job)
+    assert out.decode == [seq] and out.worker_units == 0  # (the worker is busy)
+    job.busy = False
+    assert sched.schedule(0.3, job).worker_units == 4  # on its pace
+    late = sched.schedule(0.2 + 4 * 0.3, job)  # its next token is overdue
+    assert late.decode == [seq] and late.worker_units == 0
+
+
+@pytest.mark.parametrize("dtype,alone", [("float32", 2), ("bfloat16", 1)])
+def test_the_worker_trains_on_every_thread_while_nothing_is_served_in_float32(
+    tmp_path, monkeypatch, dtype, alone
+):
+    counts = []
+    original = walk.TrainingPass._unit
+
+    def unit(run, u):
+        if threading.current_thread().name == "fineinfer-train":
+            counts.append(torch.get_num_threads())
+        return original(run, u)
+
+    monkeypatch.setattr(walk.TrainingPass, "_unit", unit)
+    model = save("llama", tmp_path / "model")
+    with Engine(config(model, tmp_path / "data", dtype=dtype), thread=False) as e:
+        e.tune("herb", RECORDS, **JOB)
+        e.iterate()  # nothing to serve: the whole micro-step
+        e.core.executor.settle()
+        assert counts and set(counts) == {alone}
+        counts.clear()
+        stream = e.generate(PROMPT, max_new_tokens=4)
+        e.iterate()  # a prefill, the next micro-step beside it on one thread
+        e.core.executor.settle()
+        assert counts and set(counts) == {1}
+        drive(e, [stream])

@@ -36,7 +36,9 @@ class TrainWorker:
 
     def __init__(self, wake: Callable[[], None] | None = None, *, threads: int = 1):
         self.wake = wake
-        self.threads = threads  # the worker's intra-op threads (the count is per OS thread)
+        # the worker's intra-op threads (the count is per OS thread); the engine thread changes
+        # it between iterations (Executor._worker_threads), a run takes it up at its next unit
+        self.threads = threads
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._future: Future | None = None  # the run handed over, until take()
         self._thread = threading.Thread(target=self._main, name="fineinfer-train", daemon=True)
