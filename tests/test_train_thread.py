@@ -448,3 +448,37 @@ def test_shutdown_waits_for_the_run_in_flight_and_the_job_resumes_from_its_check
         assert record["checkpoint"].endswith("checkpoint-000000")
         again.resume_job(job["id"])
         assert train_to_end(again, job["id"])["state"] == "done"
+
+
+def test_a_training_forwards_fp32_attention_holds_in_its_own_thread_only():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from fineinfer_jupyter.engine.precision import attention_in_fp32
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.bfloat16) for _ in range(3))
+    plain = sdpa_attention_forward(module, q, k, v, None)[0]
+    upcast = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None)[0]
+    assert not torch.equal(plain, upcast.to(torch.bfloat16))  # (the test can tell them apart)
+    inside, leave = threading.Event(), threading.Event()
+
+    def training():
+        with attention_in_fp32():
+            inside.set()
+            assert leave.wait(WAIT)
+
+    t = threading.Thread(target=training)
+    t.start()
+    assert inside.wait(WAIT)
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
+
+        with torch.enable_grad():  # another thread, gradients on: unchanged
+            assert torch.equal(fns["sdpa"](module, q, k, v, None)[0], plain)
+            with attention_in_fp32():  # in this thread's own block: float32
+                assert torch.equal(fns["sdpa"](module, q, k, v, None)[0], upcast.to(q.dtype))
+    finally:
+        leave.set()
+        t.join()

@@ -236,15 +236,20 @@ def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
 FLOATS = {torch.bfloat16, torch.float32}
 
 
+_upcasting = threading.local()  # .on: this thread is inside attention_in_fp32
+
+
 def _sdpa_upcast(inner: Callable) -> Callable:
     """transformers' sdpa attention function `inner`, computed in float32 for a bf16 (or fp16)
-    CPU forward that records gradients: torch's CPU flash-attention backward in bf16 took 5-7x
-    its float32 time (docs/benchmarks.md, "bf16 on the CPU's matrix units", round 3), more than
-    all of a bf16 layer's matrix products. The output is cast back to the input's dtype."""
+    CPU forward that records gradients inside `attention_in_fp32` (in that thread): torch's CPU
+    flash-attention backward in bf16 took 5-7x its float32 time (docs/benchmarks.md, "bf16 on
+    the CPU's matrix units", round 3), more than all of a bf16 layer's matrix products. The
+    output is cast back to the input's dtype. Anything else passes through unchanged."""
 
     def sdpa(module, query, key, value, attention_mask, *args, **kwargs):
         low = query.dtype in (torch.bfloat16, torch.float16)
-        if not (low and query.device.type == "cpu" and torch.is_grad_enabled()):
+        on = getattr(_upcasting, "on", False)
+        if not (on and low and query.device.type == "cpu" and torch.is_grad_enabled()):
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
@@ -254,25 +259,27 @@ def _sdpa_upcast(inner: Callable) -> Callable:
             )
         return out.to(query.dtype), weights
 
+    sdpa.upcasts = True
     return sdpa
 
 
 @contextmanager
 def attention_in_fp32() -> Iterator[None]:
     """transformers' "sdpa" attention computes in float32 for forwards that record gradients
-    on a CPU, for the block (`_sdpa_upcast`); no-grad forwards (inference) are unchanged."""
+    on a CPU, in this thread, for the block (`_sdpa_upcast`). The wrapper goes into
+    transformers' local mapping once and stays (a local override leaves its global mapping
+    alone): the block only switches it on for its own thread, so that a forward in another
+    thread (inference on the engine thread beside the training worker) never sees the table
+    change under it; no-grad forwards pass through unchanged anyway."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
 
-    local = fns._local_mapping  # (a local override leaves transformers' global mapping alone)
-    before = local.get("sdpa")
-    fns["sdpa"] = _sdpa_upcast(fns["sdpa"])
+    if not getattr(fns["sdpa"], "upcasts", False):
+        fns["sdpa"] = _sdpa_upcast(fns["sdpa"])
+    before, _upcasting.on = getattr(_upcasting, "on", False), True
     try:
         yield
     finally:
-        if before is None:
-            del fns["sdpa"]
-        else:
-            fns["sdpa"] = before
+        _upcasting.on = before
 
 
 class ThreadFlag:
