@@ -231,3 +231,20 @@ def test_the_engine_decodes_single_rows_by_int8_and_status_says_so(tmp_path, mon
     with Engine(base, thread=False) as e:
         info = e.status()["model"]
         assert (info["decode_weights"], info["int8_bytes"]) == ("base", 0)
+
+
+def test_the_server_setting_reaches_the_engine_and_the_status_line_says_int8():
+    from fineinfer_jupyter.engine import config
+    from fineinfer_jupyter.kernel.render import status_lines
+    from fineinfer_jupyter.server import app
+
+    assert app.DECODE_WEIGHTS == config.DECODE_WEIGHTS == int8rows.MODES
+    assert app.FineInferApp(decode_weights="base").engine_config()["decode_weights"] == "base"
+    assert app.FineInferApp().engine_config()["decode_weights"] == "auto"
+    why = "int8: 211 of 211 linear layers' one-row decode products (129 MiB of copies)"
+    model = {"name": "m", "decode_weights": "int8", "decode_weights_reason": why}
+    assert f"decode weights {why}" in status_lines({"model": model}, "url")
+    model = {"name": "m", "decode_weights": "base", "decode_weights_reason": "base: set"}
+    assert not any(
+        line.startswith("decode weights") for line in status_lines({"model": model}, "u")
+    )
