@@ -113,9 +113,12 @@ def test_auto_makes_copies_only_for_shapes_the_probe_measured_faster(tmp_path):
     precision.single_rows_by_mv(model)
     seen = []
 
-    def probe(out_features, in_features):
-        seen.append((out_features, in_features))
-        return (1.0, 0.5, 0.0) if in_features == 512 else (1.0, 1.0, 0.0)  # down_proj only
+    def probe(weight, int8):
+        assert torch.equal(
+            int8rows.dequantized(int8), int8rows.dequantized(int8rows.quantize(weight))
+        )
+        seen.append(tuple(weight.shape))
+        return (1.0, 0.5, 0.0) if weight.shape[1] == 512 else (1.0, 1.0, 0.0)  # down_proj only
 
     why = int8rows.make(model, "auto", probe=probe)
     assert why.startswith("int8: 1 of 8 linear layers") and "256x512 2.00x" in why, why
@@ -123,9 +126,10 @@ def test_auto_makes_copies_only_for_shapes_the_probe_measured_faster(tmp_path):
     assert [n for n, m in model.named_modules() if getattr(m, "int8", None) is not None] == [
         "model.layers.0.mlp.down_proj"
     ]
-    wrong = int8rows.make(model, "auto", probe=lambda o, i: (1.0, 0.5, 0.5))  # kernel wrong
+    wrong = int8rows.make(model, "auto", probe=lambda w, q: (1.0, 0.5, 0.5))  # kernel wrong
     assert wrong.startswith("base: int8 not faster") and int8rows.int8_bytes(model) == 0
-    mv, int8, error = int8rows.measure(64, 32, repeats=1)  # the real probe, on a small shape
+    w = torch.randn(64, 32, dtype=torch.bfloat16)
+    mv, int8, error = int8rows.measure(w, int8rows.quantize(w), repeats=1)  # the real probe
     assert mv > 0 and int8 > 0 and error < int8rows.TOLERANCE
 
 
