@@ -111,8 +111,10 @@ class RowLinear(torch.nn.Linear):
     each wakes the sleeping OpenMP workers, which costs more than a layer's product saves (far
     more when a neighbour holds a core), so a weight under ROW_PARALLEL_MIN elements multiplies
     on the calling thread alone; a larger one (a head over a big vocabulary) uses every
-    thread. More rows multiply by the weight's oneDNN-blocked copy where `prepack` made one,
-    else (and an input that records gradients) by F.linear as before. The module stays an
+    thread. Inside a one-row decode pass (`decoding`) one row multiplies by the weight's int8
+    copy where int8rows.py made one. More rows multiply by the weight's oneDNN-blocked copy
+    where `prepack` made one, else (and an input that records gradients) by F.linear as
+    before. The module stays an
     nn.Linear (PEFT wraps it, state_dict and offload see the same parameters)."""
 
     packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight (prepack)
