@@ -252,3 +252,28 @@ def test_the_server_setting_reaches_the_engine_and_the_status_line_says_int8():
     assert not any(
         line.startswith("decode weights") for line in status_lines({"model": model}, "u")
     )
+
+
+def test_a_decode_pass_on_one_thread_leaves_another_threads_forwards_in_bf16(monkeypatch):
+    import threading
+
+    loaded = load_model("tiny", dtype="bfloat16", decode_weights="int8")
+    layer = loaded.model.model.layers[0].mlp.up_proj
+    calls = int8_calls(monkeypatch)
+    x = torch.randn(1, layer.in_features, dtype=torch.bfloat16)
+    inside, other = threading.Event(), []
+
+    def elsewhere():  # e.g. a training or evaluation thread beside the engine's decode
+        inside.wait()
+        with torch.no_grad():
+            other.append(layer(x))
+
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    with torch.no_grad(), precision.decoding():
+        inside.set()
+        t.join()
+        mine = layer(x)
+    assert len(calls) == 1  # this thread's product only
+    assert torch.equal(other[0], torch.mv(layer.weight, x[0])[None])
+    assert not torch.equal(mine, other[0])
