@@ -57,18 +57,32 @@ def prefill_rate(engine, words: int = 400) -> float:
     return stream.final["usage"]["prompt_tokens"] / (time.perf_counter() - start)
 
 
-def child(quantize: str, model: str, dtype: str, tokens: int, steps: int, agreement: bool) -> dict:
+def child(
+    quantize: str,
+    model: str,
+    dtype: str,
+    tokens: int,
+    steps: int,
+    agreement: bool,
+    decode_weights: str = "auto",
+) -> dict:
     from fineinfer_jupyter.engine import Engine, EngineConfig
     from fineinfer_jupyter.engine.quant import weight_bytes
 
     config = EngineConfig(
-        model=model, data_dir=tempfile.mkdtemp(), policy="immediate", quantize=quantize, dtype=dtype
+        model=model,
+        data_dir=tempfile.mkdtemp(),
+        policy="immediate",
+        quantize=quantize,
+        dtype=dtype,
+        decode_weights=decode_weights,
     )
     out: dict = {"quantize": quantize}
     with Engine(config, thread=False) as engine:
         out["load_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the load's
         out.update(weight_bytes(engine.core.loaded.model))
         out["dtype"] = engine.status()["model"]["dtype"]
+        out["decode_weights"] = engine.status()["model"]["decode_weights"]
         decode_rate(engine, 2, 4)  # warm-up
         prefill_rate(engine, 40)
         out["prefill"] = prefill_rate(engine)
@@ -113,9 +127,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="training micro-steps (4 x 128 tokens)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--agreement", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--decode-weights", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        result = child(args.child, args.model, args.dtype, args.tokens, args.steps, args.agreement)
+        result = child(
+            args.child,
+            args.model,
+            args.dtype,
+            args.tokens,
+            args.steps,
+            args.agreement,
+            args.decode_weights,
+        )
         print("RESULT " + json.dumps(result))
         return
     settings = SETTINGS + ((BF16,) if args.dtype == "float32" else ())

@@ -9,6 +9,7 @@ of rows in both dtypes: a 64-wide test model or a CPU whose bf16 path is slow st
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -110,21 +111,30 @@ class RowLinear(torch.nn.Linear):
     each wakes the sleeping OpenMP workers, which costs more than a layer's product saves (far
     more when a neighbour holds a core), so a weight under ROW_PARALLEL_MIN elements multiplies
     on the calling thread alone; a larger one (a head over a big vocabulary) uses every
-    thread. More rows multiply by the weight's oneDNN-blocked copy where `prepack` made one,
-    else (and an input that records gradients) by F.linear as before. The module stays an
+    thread. Inside a one-row decode pass (`decoding`) one row multiplies by the weight's int8
+    copy where int8rows.py made one. More rows multiply by the weight's oneDNN-blocked copy
+    where `prepack` made one, else (and an input that records gradients) by F.linear as
+    before. The module stays an
     nn.Linear (PEFT wraps it, state_dict and offload see the same parameters)."""
 
     packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight (prepack)
     packed_from: int = 0  # the data_ptr of the weight it was made from
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 weight, scales): int8rows.py
+    int8_from: int = 0  # the data_ptr of the weight they were made from
 
     def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) multiplies by F.linear
-        return {k: v for k, v in self.__dict__.items() if k not in ("packed", "packed_from")}
+        copies = ("packed", "packed_from", "int8", "int8_from")
+        return {k: v for k, v in self.__dict__.items() if k not in copies}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         if x.numel() == self.in_features:
-            return row_product(self.weight, self.bias, x).view(*x.shape[:-1], self.out_features)
+            int8 = self.int8 if _decoding.on and self.weight.data_ptr() == self.int8_from else None
+            if int8 is not None and x.dtype != int8[1].dtype:
+                int8 = None
+            y = row_product(self.weight, self.bias, x, int8)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.packed is not None and self.weight.data_ptr() == self.packed_from:
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self.packed, self.bias, "none", [], ""
@@ -132,20 +142,49 @@ class RowLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """weight @ x + bias for one row x, by torch.mv: on one thread for a weight under
-    ROW_PARALLEL_MIN, else on every thread (the count outside a `fewer_threads` block)."""
+def row_product(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x: torch.Tensor,
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """weight @ x + bias for one row x, by torch.mv, or with `int8` (an int8 copy of the weight
+    and its per-row scales, int8rows.py) by torch's int8 weight-only kernel: on one thread for
+    a weight under ROW_PARALLEL_MIN, else on every thread (the count outside a `fewer_threads`
+    block)."""
     threads = torch.get_num_threads()
     want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass_threads or threads)
-    if want == threads:
-        y = torch.mv(weight, x.reshape(-1))
-    else:
+    if want != threads:
         torch.set_num_threads(want)  # (~0.3 us a change)
-        try:
+    try:
+        if int8 is None:
             y = torch.mv(weight, x.reshape(-1))
-        finally:
+        else:
+            y = torch._weight_int8pack_mm(x.reshape(1, -1), int8[0], int8[1]).view(-1)
+    finally:
+        if want != threads:
             torch.set_num_threads(threads)
     return y if bias is None else y + bias
+
+
+class _Decoding(threading.local):
+    on = False  # this thread runs a one-row decode pass (`decoding`)
+
+
+_decoding = _Decoding()
+
+
+@contextmanager
+def decoding(on: bool = True) -> Iterator[None]:
+    """The block is a one-row decode pass on this thread: its RowLinear products use their
+    int8 copies where int8rows.py made them (Runner.decode). Prefill, evaluation and training
+    forwards, and other threads, keep the bf16 weight."""
+    before = _decoding.on
+    _decoding.on = on
+    try:
+        yield
+    finally:
+        _decoding.on = before
 
 
 _pass_threads: int | None = None  # the thread count outside the fewer_threads block running
