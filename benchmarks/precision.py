@@ -1,8 +1,9 @@
 """fp32 against dtype "auto" (bf16 on a CPU with bf16 matrix units), side by side in one run.
 
 Each setting in a fresh process of its own, interleaved round by round (benchmarks/quant.py's
-measurements): prefill tokens/s of a ~500-token prompt, decode tokens/s at batch 1 and 8, and
-greedy agreement with fp32 over a fixed prompt set (best of --rounds). Training has rounds of
+measurements): prefill tokens/s of a ~500-token prompt (after another of its size: oneDNN
+builds bf16 kernels for each new size, and the first one's tokens/s has a column of its own),
+decode tokens/s at batch 1 and 8, and greedy agreement with fp32 over a fixed prompt set (best of --rounds). Training has rounds of
 its own (--train-rounds, fresh processes, float32 then auto in each round): a job of batch 8 in
 micro-batches of 4, max_length 128, training alone, two warm-up micro-steps then --train-steps
 timed ones (optimizer steps included); each round's auto / float32 ratio is printed and the
@@ -31,7 +32,7 @@ from quant import AGREEMENT_PROMPTS, AGREEMENT_TOKENS, agreement  # noqa: E402
 from fineinfer_jupyter.engine.precision import cpu_bf16_units  # noqa: E402
 
 SETTINGS = ("float32", "auto")
-KEYS = ("prefill", "decode_b1", "decode_b8")
+KEYS = ("prefill", "prefill_first", "decode_b1", "decode_b8")
 DATA = Path(__file__).parent.parent / "notebooks" / "data" / "herbology.jsonl"
 
 
@@ -117,7 +118,14 @@ def main() -> None:
     rows.append(
         ["auto / float32"] + [f"{ratio[k]:.2f}x" for k in KEYS] + [spread if ratios else "-"] + [""]
     )
-    headers = ["dtype", "prefill tok/s", "decode b1 tok/s", "decode b8 tok/s", "train tok/s"]
+    headers = [
+        "dtype",
+        "prefill tok/s",
+        "(first of its size)",
+        "decode b1 tok/s",
+        "decode b8 tok/s",
+    ]
+    headers += ["train tok/s"]
     print(table(headers + [f"greedy agreement ({AGREEMENT_TOKENS} tokens)"], rows))
     flags = ", ".join(cpu_bf16_units()) or "none"
     print(

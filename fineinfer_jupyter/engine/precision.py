@@ -97,6 +97,11 @@ def auto_cpu_dtype(
     )
 
 
+# several rows (more than this) multiply by a blocked copy in counts padded to a multiple of it:
+# oneDNN builds (JIT-compiles) a kernel for each new count of rows (and thread count), ~3 ms
+# a layer shape, ~12 ms for the default model's four at 500 rows, whose products take ~2 ms
+# once built: every new prompt length paid it (docs/design.md, "Base weight formats")
+ROW_BUCKET = 32
 ROW_PARALLEL_MIN = 1 << 22  # weights this large (elements) have a one-row product on all threads
 
 
@@ -126,10 +131,21 @@ class RowLinear(torch.nn.Linear):
         if x.numel() == self.in_features:
             return row_product(self.weight, self.bias, x).view(*x.shape[:-1], self.out_features)
         if self.packed is not None and self.weight.data_ptr() == self.packed_from:
-            return torch.ops.mkldnn._linear_pointwise(
-                x.contiguous(), self.packed, self.bias, "none", [], ""
-            )
+            return self._by_packed(x)
         return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def _by_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """x's rows times the blocked copy, their count padded up to a multiple of ROW_BUCKET
+        (zero rows, dropped after): oneDNN builds a kernel for every new count of rows."""
+        rows = x.numel() // self.in_features
+        flat = x.reshape(rows, self.in_features)
+        pad = -rows % ROW_BUCKET if rows > ROW_BUCKET else 0
+        if pad:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, pad))
+        y = torch.ops.mkldnn._linear_pointwise(
+            flat.contiguous(), self.packed, self.bias, "none", [], ""
+        )
+        return (y[:rows] if pad else y).view(*x.shape[:-1], self.out_features)
 
 
 def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
