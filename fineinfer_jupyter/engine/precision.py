@@ -9,6 +9,7 @@ of rows in both dtypes: a 64-wide test model or a CPU whose bf16 path is slow st
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -142,9 +143,10 @@ class RowLinear(torch.nn.Linear):
         pad = -rows % ROW_BUCKET if rows > ROW_BUCKET else 0
         if pad:
             flat = torch.nn.functional.pad(flat, (0, 0, 0, pad))
-        y = torch.ops.mkldnn._linear_pointwise(
-            flat.contiguous(), self.packed, self.bias, "none", [], ""
-        )
+        with wide(rows * self.in_features * self.out_features):
+            y = torch.ops.mkldnn._linear_pointwise(
+                flat.contiguous(), self.packed, self.bias, "none", [], ""
+            )
         return (y[:rows] if pad else y).view(*x.shape[:-1], self.out_features)
 
 
@@ -152,7 +154,7 @@ def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
     """weight @ x + bias for one row x, by torch.mv: on one thread for a weight under
     ROW_PARALLEL_MIN, else on every thread (the count outside a `fewer_threads` block)."""
     threads = torch.get_num_threads()
-    want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass_threads or threads)
+    want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass.threads or threads)
     if want == threads:
         y = torch.mv(weight, x.reshape(-1))
     else:
@@ -164,7 +166,11 @@ def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
     return y if bias is None else y + bias
 
 
-_pass_threads: int | None = None  # the thread count outside the fewer_threads block running
+class _Pass(threading.local):
+    threads: int | None = None  # the count outside the fewer_threads block this thread runs
+
+
+_pass = _Pass()  # (per thread: torch's thread count is, too)
 
 
 @contextmanager
@@ -175,17 +181,35 @@ def fewer_threads(n: int | None) -> Iterator[None]:
     are too short to pay for waking the other threads: a one-row pass (Runner.decode), and a
     prefill where calibration measured one thread faster (Runner.choose_prefill_threads;
     docs/benchmarks.md, "bf16 on the CPU's matrix units")."""
-    global _pass_threads
     threads = torch.get_num_threads()
-    if n is None or n >= threads or _pass_threads is not None:
+    if n is None or n >= threads or _pass.threads is not None:
         yield
         return
     torch.set_num_threads(n)
-    _pass_threads = threads
+    _pass.threads = threads
     try:
         yield
     finally:
-        _pass_threads = None
+        _pass.threads = None
+        torch.set_num_threads(threads)
+
+
+WIDE_MACS = 1 << 24  # multiply-adds: work this large uses every thread inside a one-thread pass
+
+
+@contextmanager
+def wide(macs: int) -> Iterator[None]:
+    """Inside a `fewer_threads` block, work of `macs` multiply-adds or more (a prefill's matrix
+    products and attention) on the count outside it, the rest (its elementwise ops, each a
+    parallel region too short to pay for waking the other threads) on the block's."""
+    if _pass.threads is None or macs < WIDE_MACS:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_pass.threads)
+    try:
+        yield
+    finally:
         torch.set_num_threads(threads)
 
 
