@@ -47,9 +47,12 @@ def decode_rate(engine, batch: int, n: int) -> float:
     return sum(s.final["stats"]["tokens_per_s"] for s in streams)
 
 
-def prefill_rate(engine, words: int = 400) -> float:
-    """Prompt tokens/s of one long prompt (~1.3 tokens a word), its first token included."""
-    text = " ".join(TOPICS[i % len(TOPICS)] for i in range(words // 2))
+def prefill_rate(engine, words: int = 400, reverse: bool = False) -> float:
+    """Prompt tokens/s of one long prompt (~1.3 tokens a word), its first token included;
+    `reverse`: its words in reverse order (another prompt of about the same length, which the
+    prefix cache does not match)."""
+    text = [TOPICS[i % len(TOPICS)] for i in range(words // 2)]
+    text = " ".join(reversed(text) if reverse else text)
     text = text[: engine.core.loaded.max_context // 2]  # a byte-level test model: fewer words
     stream = engine.generate(text, max_new_tokens=1, slo={"ttft": 600.0, "tpot": 600.0})
     start = time.perf_counter()
@@ -84,7 +87,9 @@ def child(
         out["dtype"] = engine.status()["model"]["dtype"]
         out["decode_weights"] = engine.status()["model"]["decode_weights"]
         decode_rate(engine, 2, 4)  # warm-up
-        prefill_rate(engine, 40)
+        # warm-up: a prompt of ~the same length (oneDNN builds its bf16 kernels for each new
+        # count of rows, in buckets of precision.ROW_BUCKET: a first prompt of a size pays it)
+        out["prefill_first"] = prefill_rate(engine, reverse=True)
         out["prefill"] = prefill_rate(engine)
         out["decode_b1"] = decode_rate(engine, 1, tokens)
         out["decode_b8"] = decode_rate(engine, 8, tokens)

@@ -98,6 +98,11 @@ def auto_cpu_dtype(
     )
 
 
+# several rows (more than this) multiply by a blocked copy in counts padded to a multiple of it:
+# oneDNN builds (JIT-compiles) a kernel for each new count of rows (and thread count), ~3 ms
+# a layer shape, ~12 ms for the default model's four at 500 rows, whose products take ~2 ms
+# once built: every new prompt length paid it (docs/design.md, "Base weight formats")
+ROW_BUCKET = 32
 ROW_PARALLEL_MIN = 1 << 22  # weights this large (elements) have a one-row product on all threads
 
 
@@ -136,10 +141,22 @@ class RowLinear(torch.nn.Linear):
             y = row_product(self.weight, self.bias, x, int8)
             return y.view(*x.shape[:-1], self.out_features)
         if self.packed is not None and self.weight.data_ptr() == self.packed_from:
-            return torch.ops.mkldnn._linear_pointwise(
-                x.contiguous(), self.packed, self.bias, "none", [], ""
-            )
+            return self._by_packed(x)
         return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def _by_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """x's rows times the blocked copy, their count padded up to a multiple of ROW_BUCKET
+        (zero rows, dropped after): oneDNN builds a kernel for every new count of rows."""
+        rows = x.numel() // self.in_features
+        flat = x.reshape(rows, self.in_features)
+        pad = -rows % ROW_BUCKET if rows > ROW_BUCKET else 0
+        if pad:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, pad))
+        with wide(rows * self.in_features * self.out_features):
+            y = torch.ops.mkldnn._linear_pointwise(
+                flat.contiguous(), self.packed, self.bias, "none", [], ""
+            )
+        return (y[:rows] if pad else y).view(*x.shape[:-1], self.out_features)
 
 
 def row_product(
@@ -153,7 +170,7 @@ def row_product(
     a weight under ROW_PARALLEL_MIN, else on every thread (the count outside a `fewer_threads`
     block)."""
     threads = torch.get_num_threads()
-    want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass_threads or threads)
+    want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass.threads or threads)
     if want != threads:
         torch.set_num_threads(want)  # (~0.3 us a change)
     try:
@@ -187,7 +204,11 @@ def decoding(on: bool = True) -> Iterator[None]:
         _decoding.on = before
 
 
-_pass_threads: int | None = None  # the thread count outside the fewer_threads block running
+class _Pass(threading.local):
+    threads: int | None = None  # the count outside the fewer_threads block this thread runs
+
+
+_pass = _Pass()  # (per thread: torch's thread count is, too)
 
 
 @contextmanager
@@ -198,17 +219,35 @@ def fewer_threads(n: int | None) -> Iterator[None]:
     are too short to pay for waking the other threads: a one-row pass (Runner.decode), and a
     prefill where calibration measured one thread faster (Runner.choose_prefill_threads;
     docs/benchmarks.md, "bf16 on the CPU's matrix units")."""
-    global _pass_threads
     threads = torch.get_num_threads()
-    if n is None or n >= threads or _pass_threads is not None:
+    if n is None or n >= threads or _pass.threads is not None:
         yield
         return
     torch.set_num_threads(n)
-    _pass_threads = threads
+    _pass.threads = threads
     try:
         yield
     finally:
-        _pass_threads = None
+        _pass.threads = None
+        torch.set_num_threads(threads)
+
+
+WIDE_MACS = 1 << 24  # multiply-adds: work this large uses every thread inside a one-thread pass
+
+
+@contextmanager
+def wide(macs: int) -> Iterator[None]:
+    """Inside a `fewer_threads` block, work of `macs` multiply-adds or more (a prefill's matrix
+    products and attention) on the count outside it, the rest (its elementwise ops, each a
+    parallel region too short to pay for waking the other threads) on the block's."""
+    if _pass.threads is None or macs < WIDE_MACS:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_pass.threads)
+    try:
+        yield
+    finally:
         torch.set_num_threads(threads)
 
 
