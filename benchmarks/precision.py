@@ -1,13 +1,18 @@
 """fp32 against dtype "auto" (bf16 on a CPU with bf16 matrix units), side by side in one run.
 
 Each setting in a fresh process of its own, interleaved round by round (benchmarks/quant.py's
-measurements): prefill tokens/s of a ~500-token prompt, decode tokens/s at batch 1 and 8, and
-greedy agreement with fp32 over a fixed prompt set (best of --rounds). Training has rounds of
-its own (--train-rounds, fresh processes, float32 then auto in each round): a job of batch 8 in
-micro-batches of 4, max_length 128, training alone, two warm-up micro-steps then --train-steps
-timed ones (optimizer steps included); each round's auto / float32 ratio is printed and the
-table gives the median ratio, so the spread shows (--train-rounds 0: prefill and decode only,
-about 3 minutes). The table names the CPU's bf16 flags and what "auto" chose.
+measurements): prefill tokens/s of a ~500-token prompt (after another of its size: oneDNN
+builds bf16 kernels for each new size, and the first one's tokens/s has a column of its own),
+decode tokens/s at batch 1 and 8, and greedy agreement with fp32 over a fixed prompt set (best
+of --rounds), for float32, "auto" and "auto" with decode_weights="base" (its one-row decodes
+without int8 copies: int8rows.py), so the int8 copies' gain and their agreement with bf16's own
+decodes show beside it. Training has rounds of its own (--train-rounds, fresh processes,
+float32 then auto in each round): a job of batch 8 in micro-batches of 4, max_length 128,
+training alone through the engine's own loop (its thread, the deferred policy), one effective
+batch of warm-up then --train-steps timed micro-steps (optimizer steps included); each round's
+auto / float32 ratio is printed and the table gives the median ratio, so the spread shows
+(--train-rounds 0: prefill and decode only, about 3 minutes). The table names the CPU's bf16
+and int8 flags and what "auto" chose.
 
     python benchmarks/precision.py [--model default] [--rounds 2] [--tokens 32]
                                    [--train-rounds 5] [--train-steps 4]
@@ -30,27 +35,49 @@ from quant import AGREEMENT_PROMPTS, AGREEMENT_TOKENS, agreement  # noqa: E402
 
 from fineinfer_jupyter.engine.precision import cpu_bf16_units  # noqa: E402
 
-SETTINGS = ("float32", "auto")
-KEYS = ("prefill", "decode_b1", "decode_b8")
+
+def int8_units() -> list[str]:
+    """The CPU's int8 matrix/dot-product flags (the int8 weight-only kernel's decode rows)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return [f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if f in flags]
+
+
+SETTINGS = ("float32", "auto")  # training's
+BASE = "auto, decode_weights=base"  # auto without one-row decodes' int8 copies (int8rows.py)
+INFERENCE = ("float32", "auto", BASE)  # prefill, decode and agreement's
+KEYS = ("prefill", "prefill_first", "decode_b1", "decode_b8")
 DATA = Path(__file__).parent.parent / "notebooks" / "data" / "herbology.jsonl"
 
 
 def train_child(model: str, dtype: str, steps: int) -> dict:
-    """Training tokens/s of a job (batch 8, micro-batches of 4, max_length 128) alone."""
+    """Training tokens/s of a job (batch 8, micro-batches of 4, max_length 128) alone, through
+    the engine's own loop (its thread, the deferred policy: how a user's job runs, with what
+    the engine does for training on its own, such as a training thread), after one effective
+    batch of warm-up: the tokens of the next `steps` micro-steps over their wall time."""
     from fineinfer_jupyter.engine import Engine, EngineConfig
 
-    config = EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy="immediate", dtype=dtype)
-    with Engine(config, thread=False) as engine:
-        engine.tune(
+    config = EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy="deferred", dtype=dtype)
+    with Engine(config) as engine:
+        engine.wait_ready()
+        job_id = engine.tune(
             "bench", str(DATA), max_steps=1000, batch_size=8, micro_batch_size=4, max_length=128
-        )
-        trainer = engine.core.trainer
-        trainer.micro_step(), trainer.micro_step()  # warm-up: one whole effective batch
-        start, trained = time.perf_counter(), 0
-        for _ in range(steps):
-            trained += trainer.micro_step().tokens
-        seconds = time.perf_counter() - start
-        return {"dtype": engine.status()["model"]["dtype"], "tokens_per_s": trained / seconds}
+        )["id"]
+        job = engine.core.trainer.jobs[job_id]  # (read only: its counters)
+
+        def after(step: int) -> tuple[float, int]:
+            while job.step < step:
+                time.sleep(0.01)
+            return time.perf_counter(), job.tokens_done
+
+        start, before = after(1)  # warm-up: one whole effective batch (2 micro-steps)
+        end, done = after(1 + steps // 2)
+        return {
+            "dtype": engine.status()["model"]["dtype"],
+            "tokens_per_s": (done - before) / (end - start),
+        }
 
 
 def child_result(cmd: list[str]) -> dict:
@@ -85,10 +112,21 @@ def main() -> None:
             flush=True,
         )
     quant = str(Path(__file__).parent / "quant.py")
-    runs: dict[str, list[dict]] = {d: [] for d in SETTINGS}
+    runs: dict[str, list[dict]] = {d: [] for d in INFERENCE}
     for r in range(args.rounds):
-        for d in SETTINGS:
-            cmd = [sys.executable, quant, "--child", "none", "--model", args.model, "--dtype", d]
+        for d in INFERENCE:
+            dtype, weights = ("auto", "base") if d == BASE else (d, "auto")
+            cmd = [
+                sys.executable,
+                quant,
+                "--child",
+                "none",
+                "--model",
+                args.model,
+                "--dtype",
+                dtype,
+            ]
+            cmd += ["--decode-weights", weights]
             cmd += ["--tokens", str(args.tokens), "--steps", "1"]  # (its training: not used)
             cmd += ["--agreement"] if r == 0 else []
             runs[d].append(child_result(cmd))
@@ -102,26 +140,31 @@ def main() -> None:
 
     ref = runs["float32"][0]["answers"]
     rows = []
-    for d in SETTINGS:
+    for d in INFERENCE:
         share, equal = agreement(ref, runs[d][0]["answers"])
         rows.append(
-            [f"{d} ({runs[d][0]['dtype']})"]
+            [f"{d} ({runs[d][0]['dtype']}, decode {runs[d][0]['decode_weights']})"]
             + [best(d, k) for k in KEYS]
-            + [statistics.median(train[d]) if train[d] else "-"]
+            + [statistics.median(train[d]) if train.get(d) else "-"]
             + [f"{share:.0%} ({equal}/{AGREEMENT_PROMPTS} equal)"]
         )
+    share, equal = agreement(runs[BASE][0]["answers"], runs["auto"][0]["answers"])
+    vs_base = f"auto vs {BASE}: {share:.0%} ({equal}/{AGREEMENT_PROMPTS} equal)"
     ratio = {k: best("auto", k) / best("float32", k) for k in KEYS}
+    int8_gain = {k: best("auto", k) / best(BASE, k) for k in KEYS}
     if ratios:
         ratio["train"] = statistics.median(ratios)
         spread = f"{ratio['train']:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
     rows.append(
         ["auto / float32"] + [f"{ratio[k]:.2f}x" for k in KEYS] + [spread if ratios else "-"] + [""]
     )
-    headers = ["dtype", "prefill tok/s", "decode b1 tok/s", "decode b8 tok/s", "train tok/s"]
+    rows.append([f"auto / {BASE}"] + [f"{int8_gain[k]:.2f}x" for k in KEYS] + ["-", vs_base])
+    headers = ["dtype", "prefill tok/s", "(first of its size)", "decode b1 tok/s"]
+    headers += ["decode b8 tok/s", "train tok/s"]
     print(table(headers + [f"greedy agreement ({AGREEMENT_TOKENS} tokens)"], rows))
-    flags = ", ".join(cpu_bf16_units()) or "none"
+    flags = ", ".join(cpu_bf16_units() + int8_units()) or "none"
     print(
-        f"(CPU bf16 flags: {flags}; {args.model}; prefill and decode: best of {args.rounds} "
+        f"(CPU bf16/int8 flags: {flags}; {args.model}; prefill and decode: best of {args.rounds} "
         "interleaved rounds; "
         + (
             f"training: median of {args.train_rounds} rounds' tokens/s and of their auto / "

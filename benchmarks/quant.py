@@ -47,9 +47,12 @@ def decode_rate(engine, batch: int, n: int) -> float:
     return sum(s.final["stats"]["tokens_per_s"] for s in streams)
 
 
-def prefill_rate(engine, words: int = 400) -> float:
-    """Prompt tokens/s of one long prompt (~1.3 tokens a word), its first token included."""
-    text = " ".join(TOPICS[i % len(TOPICS)] for i in range(words // 2))
+def prefill_rate(engine, words: int = 400, reverse: bool = False) -> float:
+    """Prompt tokens/s of one long prompt (~1.3 tokens a word), its first token included;
+    `reverse`: its words in reverse order (another prompt of about the same length, which the
+    prefix cache does not match)."""
+    text = [TOPICS[i % len(TOPICS)] for i in range(words // 2)]
+    text = " ".join(reversed(text) if reverse else text)
     text = text[: engine.core.loaded.max_context // 2]  # a byte-level test model: fewer words
     stream = engine.generate(text, max_new_tokens=1, slo={"ttft": 600.0, "tpot": 600.0})
     start = time.perf_counter()
@@ -57,20 +60,36 @@ def prefill_rate(engine, words: int = 400) -> float:
     return stream.final["usage"]["prompt_tokens"] / (time.perf_counter() - start)
 
 
-def child(quantize: str, model: str, dtype: str, tokens: int, steps: int, agreement: bool) -> dict:
+def child(
+    quantize: str,
+    model: str,
+    dtype: str,
+    tokens: int,
+    steps: int,
+    agreement: bool,
+    decode_weights: str = "auto",
+) -> dict:
     from fineinfer_jupyter.engine import Engine, EngineConfig
     from fineinfer_jupyter.engine.quant import weight_bytes
 
     config = EngineConfig(
-        model=model, data_dir=tempfile.mkdtemp(), policy="immediate", quantize=quantize, dtype=dtype
+        model=model,
+        data_dir=tempfile.mkdtemp(),
+        policy="immediate",
+        quantize=quantize,
+        dtype=dtype,
+        decode_weights=decode_weights,
     )
     out: dict = {"quantize": quantize}
     with Engine(config, thread=False) as engine:
         out["load_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the load's
         out.update(weight_bytes(engine.core.loaded.model))
         out["dtype"] = engine.status()["model"]["dtype"]
+        out["decode_weights"] = engine.status()["model"]["decode_weights"]
         decode_rate(engine, 2, 4)  # warm-up
-        prefill_rate(engine, 40)
+        # warm-up: a prompt of ~the same length (oneDNN builds its bf16 kernels for each new
+        # count of rows, in buckets of precision.ROW_BUCKET: a first prompt of a size pays it)
+        out["prefill_first"] = prefill_rate(engine, reverse=True)
         out["prefill"] = prefill_rate(engine)
         out["decode_b1"] = decode_rate(engine, 1, tokens)
         out["decode_b8"] = decode_rate(engine, 8, tokens)
@@ -113,9 +132,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="training micro-steps (4 x 128 tokens)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--agreement", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--decode-weights", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        result = child(args.child, args.model, args.dtype, args.tokens, args.steps, args.agreement)
+        result = child(
+            args.child,
+            args.model,
+            args.dtype,
+            args.tokens,
+            args.steps,
+            args.agreement,
+            args.decode_weights,
+        )
         print("RESULT " + json.dumps(result))
         return
     settings = SETTINGS + ((BF16,) if args.dtype == "float32" else ())

@@ -371,3 +371,62 @@ def test_a_bf16_model_multiplies_many_rows_by_a_prepacked_weight_until_the_weigh
     assert all(getattr(m, "packed", None) is None for m in small.modules())
     assert precision.prepacked_bytes(small) == 0
     assert precision.prepacked_bytes(load_model("tiny", dtype="float32").model) == 0
+
+
+def test_many_rows_multiply_in_counts_padded_to_a_bucket(
+    monkeypatch,
+):
+    loaded = load_model("tiny", dtype="bfloat16")
+    layer = loaded.model.model.layers[0].mlp.up_proj
+    seen, pointwise = [], torch.ops.mkldnn._linear_pointwise
+    spy = lambda *a: seen.append((a[0].shape[0], a[1].shape)) or pointwise(*a)  # noqa: E731
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    x = torch.randn(3, 15, layer.in_features, dtype=torch.bfloat16)  # 45 rows: padded to 64
+    with torch.no_grad():
+        got = layer(x)
+        assert got.shape == (3, 15, layer.out_features) and seen == [(64, layer.packed.shape)]
+        # each row's product is its own: the padding's zero rows change none of them
+        alone = torch.cat([layer(x[:, i : i + 1].reshape(3, 1, -1)) for i in range(15)], 1)
+        torch.testing.assert_close(got, alone.reshape(got.shape), rtol=2**-7, atol=1e-3)
+        seen.clear()
+        assert layer(x[:1, :8]).shape == (1, 8, layer.out_features)  # 8 rows: as they are
+        assert seen == [(8, layer.packed.shape)]
+
+
+def test_inside_a_one_thread_pass_large_work_runs_on_every_thread_and_only_in_its_own_thread(
+    monkeypatch,
+):
+    import threading
+
+    loaded = load_model("tiny", dtype="bfloat16")
+    layer = loaded.model.model.layers[0].mlp.up_proj
+    seen, pointwise = [], torch.ops.mkldnn._linear_pointwise
+    spy = lambda *a: seen.append(torch.get_num_threads()) or pointwise(*a)  # noqa: E731
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    x = torch.randn(1, 40, layer.in_features, dtype=torch.bfloat16)  # (padded to 64 rows)
+    large = 40 * layer.in_features * layer.out_features  # its multiply-adds
+    elsewhere = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad(), precision.fewer_threads(1):
+            layer(x)  # small work (under WIDE_MACS): the block's one thread
+            monkeypatch.setattr(precision, "WIDE_MACS", large)
+            layer(x)  # large enough: the count outside the block
+            assert torch.get_num_threads() == 1  # and back
+            with precision.wide(large):
+                assert torch.get_num_threads() == 2
+            # another thread (a training thread) is in no block: `wide` leaves its count alone
+            t = threading.Thread(target=lambda: elsewhere.append(_wide_count(large)))
+            t.start(), t.join()
+        layer(x)  # outside a block: as it is
+        assert seen == [1, 2, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert elsewhere == [3]
+
+
+def _wide_count(macs: int) -> int:
+    torch.set_num_threads(3)
+    with precision.wide(macs):
+        return torch.get_num_threads()

@@ -8,6 +8,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+DECODE_WEIGHTS = ("auto", "int8", "base")  # int8rows.MODES
 QUANTIZE = ("none", "nf4", "int8")  # quant.py (which imports torch; this module must not)
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
 OFFLOAD_MODES = ("none", "cpu", "disk")
@@ -159,6 +160,9 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "none"  # the frozen base's linear layers: "none", "nf4" or "int8" (quant.py)
+    # one-row decodes of a bf16 model on a CPU: "auto" (int8 copies of its linear weights where a
+    # probe at load measures them faster), "int8" (wherever the kernel takes them), "base"
+    decode_weights: str = "auto"
     data_dir: str | Path | None = (
         None  # adapters, checkpoints, jobs; default ~/.local/share/fineinfer
     )
@@ -211,6 +215,11 @@ class EngineConfig:
             f"must be one of {', '.join(TRAIN_THREAD)}",
         )
         check(self.quantize in QUANTIZE, "quantize", f"must be one of {', '.join(QUANTIZE)}")
+        check(
+            self.decode_weights in DECODE_WEIGHTS,
+            "decode_weights",
+            f"must be one of {', '.join(DECODE_WEIGHTS)}",
+        )
         check(
             self.quantize == "none" or self.offload == "none",
             "offload",

@@ -39,6 +39,7 @@ from .config import (
 )
 from .data import build_dataset, fingerprint, unchanged
 from .features import features
+from .int8rows import int8_bytes
 from .metrics import Metrics
 from .models import build_tiny, default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
@@ -679,6 +680,7 @@ class Engine:
             memory_budget=self.config.memory_budget,
             offload_cold=self.config.offload_cold,
             quantize=self.config.quantize,
+            decode_weights=self.config.decode_weights,
         )
         self.model_info = {
             "name": loaded.name,
@@ -691,6 +693,9 @@ class Engine:
             "quantize": self.config.quantize,
             "weight_bytes": weight_bytes(loaded.model)["total"],  # the base's, as loaded
             "prepacked_bytes": prepacked_bytes(loaded.model),  # copies for speed (precision.py)
+            "decode_weights": loaded.decode_reason.split(":")[0],  # "int8" | "base" (int8rows.py)
+            "decode_weights_reason": loaded.decode_reason,
+            "int8_bytes": int8_bytes(loaded.model),  # one-row decodes' copies (int8rows.py)
         }
         progress("calibrating")
         self.core = core.build(self.config, loaded, self.metrics)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import int8rows
 from .attention import NAME as CHUNK_SDPA
 from .config import check
 from .offload import LayerOffload, Weights, over_budget
@@ -61,6 +62,7 @@ class LoadedModel:
     offload: LayerOffload | None = None  # the decoder layers over the memory budget, if any
     shapes: dict[str, tuple] | None = None  # every parameter's shape as loaded (offloaded too)
     dtype_reason: str = ""  # how the dtype was chosen (status, the sidebar; precision.py)
+    decode_reason: str = "base: set"  # the weights one-row decodes use, and why (int8rows.py)
 
     def __post_init__(self):
         if self.shapes is None:
@@ -171,6 +173,7 @@ def load_model(
     memory_budget: int | None = None,
     offload_cold: bool = False,
     quantize: str = "none",
+    decode_weights: str = "base",
 ) -> LoadedModel:
     """The model on `device`; with `offload` "cpu" or "disk", the decoder layers over
     `memory_budget` bytes go to host memory or to per-layer files under
@@ -235,9 +238,21 @@ def load_model(
         single_rows_by_mv(model)  # precision.py: a bf16 decode at batch 1 by torch.mv
         if off is None:  # (offloaded weights come and go)
             progress(prepack(model))  # precision.py: oneDNN's layout for several rows
+    decode = (
+        "base: set"
+        if decode_weights == "base"
+        else "base: int8 copies are for a bf16 model on a CPU"
+    )
+    if off is not None and decode_weights != "base":
+        decode = "base: offloaded layers' weights come and go"
+    elif quantize != "none" and decode_weights != "base":
+        decode = f"base: the base is quantized ({quantize})"
+    elif dt == torch.bfloat16 and dev.type == "cpu":
+        decode = int8rows.make(model, decode_weights)  # one-row decodes' int8 copies
+        progress(f"decode weights {decode}")
     path = str(folder) if folder is not None else None
     context = max_context(model.config, tokenizer)
-    return LoadedModel(model, tokenizer, name, path, dev, dt, context, off, shapes, why)
+    return LoadedModel(model, tokenizer, name, path, dev, dt, context, off, shapes, why, decode)
 
 
 def _stack(model):

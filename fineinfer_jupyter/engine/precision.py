@@ -98,6 +98,11 @@ def auto_cpu_dtype(
     )
 
 
+# several rows (more than this) multiply by a blocked copy in counts padded to a multiple of it:
+# oneDNN builds (JIT-compiles) a kernel for each new count of rows (and thread count), ~3 ms
+# a layer shape, ~12 ms for the default model's four at 500 rows, whose products take ~2 ms
+# once built: every new prompt length paid it (docs/design.md, "Base weight formats")
+ROW_BUCKET = 32
 ROW_PARALLEL_MIN = 1 << 22  # weights this large (elements) have a one-row product on all threads
 
 
@@ -111,45 +116,99 @@ class RowLinear(torch.nn.Linear):
     each wakes the sleeping OpenMP workers, which costs more than a layer's product saves (far
     more when a neighbour holds a core), so a weight under ROW_PARALLEL_MIN elements multiplies
     on the calling thread alone; a larger one (a head over a big vocabulary) uses every
-    thread. More rows multiply by the weight's oneDNN-blocked copy where `prepack` made one,
-    else (and an input that records gradients) by F.linear as before. The module stays an
+    thread. Inside a one-row decode pass (`decoding`) one row multiplies by the weight's int8
+    copy where int8rows.py made one. More rows multiply by the weight's oneDNN-blocked copy
+    where `prepack` made one, else (and an input that records gradients) by F.linear as
+    before. The module stays an
     nn.Linear (PEFT wraps it, state_dict and offload see the same parameters)."""
 
     packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight (prepack)
     packed_from: int = 0  # the data_ptr of the weight it was made from
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 weight, scales): int8rows.py
+    int8_from: int = 0  # the data_ptr of the weight they were made from
 
     def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) multiplies by F.linear
-        return {k: v for k, v in self.__dict__.items() if k not in ("packed", "packed_from")}
+        copies = ("packed", "packed_from", "int8", "int8_from")
+        return {k: v for k, v in self.__dict__.items() if k not in copies}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         if x.numel() == self.in_features:
-            return row_product(self.weight, self.bias, x).view(*x.shape[:-1], self.out_features)
+            int8 = self.int8 if _decoding.on and self.weight.data_ptr() == self.int8_from else None
+            if int8 is not None and x.dtype != int8[1].dtype:
+                int8 = None
+            y = row_product(self.weight, self.bias, x, int8)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.packed is not None and self.weight.data_ptr() == self.packed_from:
-            return torch.ops.mkldnn._linear_pointwise(
-                x.contiguous(), self.packed, self.bias, "none", [], ""
-            )
+            return self._by_packed(x)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
+    def _by_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """x's rows times the blocked copy, their count padded up to a multiple of ROW_BUCKET
+        (zero rows, dropped after): oneDNN builds a kernel for every new count of rows."""
+        rows = x.numel() // self.in_features
+        flat = x.reshape(rows, self.in_features)
+        pad = -rows % ROW_BUCKET if rows > ROW_BUCKET else 0
+        if pad:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, pad))
+        with wide(rows * self.in_features * self.out_features):
+            y = torch.ops.mkldnn._linear_pointwise(
+                flat.contiguous(), self.packed, self.bias, "none", [], ""
+            )
+        return (y[:rows] if pad else y).view(*x.shape[:-1], self.out_features)
 
-def row_product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """weight @ x + bias for one row x, by torch.mv: on one thread for a weight under
-    ROW_PARALLEL_MIN, else on every thread (the count outside a `fewer_threads` block)."""
+
+def row_product(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x: torch.Tensor,
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """weight @ x + bias for one row x, by torch.mv, or with `int8` (an int8 copy of the weight
+    and its per-row scales, int8rows.py) by torch's int8 weight-only kernel: on one thread for
+    a weight under ROW_PARALLEL_MIN, else on every thread (the count outside a `fewer_threads`
+    block)."""
     threads = torch.get_num_threads()
-    want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass_threads or threads)
-    if want == threads:
-        y = torch.mv(weight, x.reshape(-1))
-    else:
+    want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass.threads or threads)
+    if want != threads:
         torch.set_num_threads(want)  # (~0.3 us a change)
-        try:
+    try:
+        if int8 is None:
             y = torch.mv(weight, x.reshape(-1))
-        finally:
+        else:
+            y = torch._weight_int8pack_mm(x.reshape(1, -1), int8[0], int8[1]).view(-1)
+    finally:
+        if want != threads:
             torch.set_num_threads(threads)
     return y if bias is None else y + bias
 
 
-_pass_threads: int | None = None  # the thread count outside the fewer_threads block running
+class _Decoding(threading.local):
+    on = False  # this thread runs a one-row decode pass (`decoding`)
+
+
+_decoding = _Decoding()
+
+
+@contextmanager
+def decoding(on: bool = True) -> Iterator[None]:
+    """The block is a one-row decode pass on this thread: its RowLinear products use their
+    int8 copies where int8rows.py made them (Runner.decode). Prefill, evaluation and training
+    forwards, and other threads, keep the bf16 weight."""
+    before = _decoding.on
+    _decoding.on = on
+    try:
+        yield
+    finally:
+        _decoding.on = before
+
+
+class _Pass(threading.local):
+    threads: int | None = None  # the count outside the fewer_threads block this thread runs
+
+
+_pass = _Pass()  # (per thread: torch's thread count is, too)
 
 
 @contextmanager
@@ -160,17 +219,35 @@ def fewer_threads(n: int | None) -> Iterator[None]:
     are too short to pay for waking the other threads: a one-row pass (Runner.decode), and a
     prefill where calibration measured one thread faster (Runner.choose_prefill_threads;
     docs/benchmarks.md, "bf16 on the CPU's matrix units")."""
-    global _pass_threads
     threads = torch.get_num_threads()
-    if n is None or n >= threads or _pass_threads is not None:
+    if n is None or n >= threads or _pass.threads is not None:
         yield
         return
     torch.set_num_threads(n)
-    _pass_threads = threads
+    _pass.threads = threads
     try:
         yield
     finally:
-        _pass_threads = None
+        _pass.threads = None
+        torch.set_num_threads(threads)
+
+
+WIDE_MACS = 1 << 24  # multiply-adds: work this large uses every thread inside a one-thread pass
+
+
+@contextmanager
+def wide(macs: int) -> Iterator[None]:
+    """Inside a `fewer_threads` block, work of `macs` multiply-adds or more (a prefill's matrix
+    products and attention) on the count outside it, the rest (its elementwise ops, each a
+    parallel region too short to pay for waking the other threads) on the block's."""
+    if _pass.threads is None or macs < WIDE_MACS:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_pass.threads)
+    try:
+        yield
+    finally:
         torch.set_num_threads(threads)
 
 

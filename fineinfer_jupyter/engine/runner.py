@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from . import logprobs
 from .batch import Batch
 from .config import SamplingParams, Slo
-from .precision import RowLinear, autocast_dtype, fewer_threads
+from .precision import RowLinear, autocast_dtype, decoding, fewer_threads
 from .quant import logical_numel
 from .sequence import Sequence
 from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
@@ -145,7 +145,9 @@ class Runner:
         mask = batch.grow()
         # one row of a bf16 model: one thread (precision.py; not with a training unit in
         # between, which keeps every thread)
-        with fewer_threads(1 if self.rows and len(seqs) == 1 and also is None else None):
+        one = self.rows and len(seqs) == 1
+        # (and its products by int8 copies where int8rows.py made them)
+        with fewer_threads(1 if one and also is None else None), decoding(one):
             logits = self.forward(
                 ids,
                 mask=mask,

@@ -25,6 +25,8 @@ def status_lines(status: dict, url: str) -> list[str]:
         )
         if str(model.get("dtype_reason", "")).startswith("auto: "):
             lines.append(f"dtype {model['dtype_reason']}")
+        if model.get("decode_weights") == "int8":  # one-row decodes by int8 copies (int8rows.py)
+            lines.append(f"decode weights {model.get('decode_weights_reason', 'int8')}")
     threads = status.get("threads")
     if threads:
         lines.append(

@@ -15,6 +15,7 @@ from .host import EngineHost
 # starts (a test checks that the two agree)
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
 QUANTIZE = ("none", "nf4", "int8")  # engine.config.QUANTIZE, likewise
+DECODE_WEIGHTS = ("auto", "int8", "base")  # engine.config.DECODE_WEIGHTS, likewise
 
 
 class FineInferApp(ExtensionApp):
@@ -45,6 +46,15 @@ class FineInferApp(ExtensionApp):
         about 1/7 (NF4) or 1/4 (int8) of their float32 bytes; embeddings, norms and the head
         stay in `dtype`, LoRA adapters and their optimizer in float32. Needs
         `pip install 'fineinfer-jupyter[quant]'`; not with `offload`.""",
+    ).tag(config=True)
+    decode_weights = Enum(
+        DECODE_WEIGHTS,
+        default_value="auto",
+        help="""Decodes of one row (batch 1) of a bfloat16 model on a CPU: "auto" multiplies
+        by int8 copies of its linear weights (per-row scales; torch's int8 weight-only kernel)
+        where a probe at load measures them faster, "int8" wherever the kernel takes them,
+        "base" by the bf16 weights. The copies cost half the layers' bf16 bytes again; prefill,
+        evaluation and training keep bf16 (status says which and why).""",
     ).tag(config=True)
     data_dir = Unicode(
         None,
@@ -201,6 +211,7 @@ class FineInferApp(ExtensionApp):
     def engine_config(self) -> dict:
         """EngineConfig's fields, from the traits."""
         names = ("model", "device", "dtype", "quantize", "data_dir", "cache_dir", "policy")
+        names += ("decode_weights",)
         names += ("offload", "memory_budget", "heterogeneous")
         names += ("prefix_cache_bytes", "chunked_prefill", "train_thread")
         limits = (

@@ -1,0 +1,158 @@
+"""Int8 weight-only copies of a bf16 base's linear weights for one-row decode passes on a CPU
+(EngineConfig.decode_weights; docs/design.md, "Base weight formats").
+
+A decode at batch 1 multiplies one row by every weight: torch's bf16 `mv` computes a float32
+dot product per output row and is compute-bound, while its int8 weight-only kernel
+(`torch._weight_int8pack_mm`: int8 weights, one bf16 scale per output row, bf16 activations)
+reads half the bytes and ran 1.4-1.5x faster on one thread (docs/benchmarks.md, "bf16 on the
+CPU's matrix units"). At two rows it ties oneDNN's blocked bf16 product and loses from four,
+so only one-row passes use it. The copies sit beside the bf16 weight as plain attributes of
+each `precision.RowLinear` (not parameters: state_dict, PEFT, adapters and export never see
+them); prefill, evaluation and training use the bf16 weight as before.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .precision import MIN_HIDDEN, PACK_SHARE, RowLinear
+
+MODES = ("auto", "int8", "base")
+MIN_GAIN = 1.05  # "auto": a shape's int8 product must be this much faster than mv at load
+K_MULTIPLE = 16  # the kernel reads each row in blocks of 16: other widths gave garbage or crashed
+TOLERANCE = 0.02  # of the largest output: the probe's check of the kernel against its reference
+
+
+def kernel() -> bool:
+    return hasattr(torch, "_weight_int8pack_mm")
+
+
+def takes(layer: torch.nn.Linear) -> bool:
+    """The kernel takes this layer's shape (its input width a multiple of K_MULTIPLE)."""
+    return layer.in_features % K_MULTIPLE == 0 and layer.weight.dtype == torch.bfloat16
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, bf16 scales): symmetric per output row, scale = the row's largest |w| / 127
+    rounded to bf16 first, so int8 x scale is exactly what the kernel multiplies by."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny)
+    scales = scales.to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+def dequantized(int8: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight the kernel multiplies by: the reference its products are checked
+    against."""
+    q, scales = int8
+    return q.float() * scales.float()[:, None]
+
+
+def measure(
+    weight: torch.Tensor, int8: tuple[torch.Tensor, torch.Tensor], repeats: int = 5
+) -> tuple[float, float, float]:
+    """(seconds of a one-row bf16 mv by `weight`, seconds of the int8 kernel's product by its
+    copy `int8`, the product's largest error over its largest output against the dequantized
+    reference), on one thread, for a random row: the best of `repeats` interleaved rounds of
+    process time, each of at least ~4M weights' work."""
+    x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    x = x.to(weight.dtype)
+    reps = max(2, (1 << 22) // weight.numel())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            ref = x.float() @ dequantized(int8).T
+            got = torch._weight_int8pack_mm(x, *int8).float()
+            error = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+            best = [float("inf"), float("inf")]
+            for _ in range(repeats):
+                for i, f in enumerate(
+                    (lambda: torch.mv(weight, x[0]), lambda: torch._weight_int8pack_mm(x, *int8))
+                ):
+                    f()
+                    t = time.process_time()
+                    for _ in range(reps):
+                        f()
+                    best[i] = min(best[i], (time.process_time() - t) / reps)
+    finally:
+        torch.set_num_threads(threads)
+    return best[0], best[1], error
+
+
+def make(
+    model: torch.nn.Module,
+    mode: str = "auto",
+    *,
+    available: int | None = None,
+    probe=None,
+) -> str:
+    """Give the model's RowLinear layers int8 copies for one-row decode passes where `mode`
+    asks ("int8": every layer the kernel takes; "auto": those whose shape measured MIN_GAIN
+    faster at load; "base": none), while the copies fit in PACK_SHARE of the memory available
+    (`available` bytes; psutil's reading by default). Returns "int8: ..." or "base: ..." with
+    why, for status (`model.decode_weights`)."""
+    if mode not in MODES:
+        raise ValueError(f"decode_weights: must be one of {', '.join(MODES)}")
+    layers = [m for m in model.modules() if isinstance(m, RowLinear)]
+    for m in layers:
+        m.int8 = None
+    if mode == "base":
+        return "base: set"
+    if not layers:
+        return "base: int8 copies are for a bf16 model on a CPU"
+    if not kernel():
+        return "base: this torch has no int8 weight-only kernel"
+    taken = [m for m in layers if takes(m)]
+    if not taken:
+        return f"base: no layer's input width is a multiple of {K_MULTIPLE} (the kernel's block)"
+    hidden = min(m.in_features for m in taken)
+    if mode == "auto" and hidden < MIN_HIDDEN:  # (tests' tiny bf16 models keep bf16's tokens)
+        return f"base: layers {hidden} wide < {MIN_HIDDEN}: per-op overheads set the pace"
+    size = sum(m.weight.numel() + 2 * m.out_features for m in taken)
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    if size > PACK_SHARE * available:
+        return f"base: {size / 2**20:.0f} MiB of int8 copies > {PACK_SHARE:.0%} of available memory"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (short elementwise passes: a busy neighbour stalls each region)
+    try:
+        copies = {m: quantize(m.weight) for m in taken}
+    finally:
+        torch.set_num_threads(threads)
+    why = ""
+    if mode == "auto":
+        probe = probe or measure
+        gains = {}
+        for m in taken:  # (each shape's first layer, on its own weights)
+            shape = (m.out_features, m.in_features)
+            if shape not in gains:
+                mv, int8, error = probe(m.weight.detach(), copies[m])
+                gains[shape] = mv / max(int8, 1e-12) if error < TOLERANCE else 0.0
+        taken = [m for m in taken if gains[(m.out_features, m.in_features)] >= MIN_GAIN]
+        shown = ", ".join(f"{o}x{i} {g:.2f}x" for (o, i), g in gains.items())
+        if not taken:
+            return f"base: int8 not faster than bf16 at load ({shown})"
+        why = f"; one-row int8 / bf16 speed at load: {shown}"
+        size = sum(m.weight.numel() + 2 * m.out_features for m in taken)
+    for m in taken:
+        m.int8 = copies[m]
+        m.int8_from = m.weight.data_ptr()
+    return (
+        f"int8: {len(taken)} of {len(layers)} linear layers' one-row decode products "
+        f"({size / 2**20:.0f} MiB of copies){why}"
+    )
+
+
+def int8_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the int8 copies `make` made (status: `model.int8_bytes`)."""
+    return sum(
+        m.int8[0].numel() + m.int8[1].numel() * m.int8[1].element_size()
+        for m in model.modules()
+        if isinstance(m, RowLinear) and m.int8 is not None
+    )
