@@ -6,7 +6,7 @@ and training alone, side by side in one run, windows interleaved.
                                       [--rounds 2] [--gap 1.5] [--background 0]
 
 Each window builds a fresh engine (EngineConfig.train_thread "on" or "off"; "auto" is on for a
-bf16 model this wide on a CPU with 2 threads, off in float32; everything else the same), starts coserve.py's job (r 16, batch 8 in micro-batches of 4, max_length 128, herbology),
+model this wide on a CPU with 2 threads; everything else the same), starts coserve.py's job (r 16, batch 8 in micro-batches of 4, max_length 128, herbology),
 then replays coserve.py's seeded trace (a request every `gap` seconds on average, 16-64 new
 tokens) for `duration` seconds; "alone" windows have no requests. Training tokens/s counts the
 tokens of the micro-steps that ended inside the window (off by up to one micro-step at each

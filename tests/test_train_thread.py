@@ -293,7 +293,7 @@ def test_the_worker_wakes_an_idle_engine_thread_and_shutdown_joins_it(tmp_path):
 
 
 def choice(setting="auto", device="cpu", offload=False, threads=2, hidden=576, **kw):
-    kw = {"policy": "deferred", "dtype": "bfloat16", **kw}
+    kw = {"policy": "deferred", **kw}
     return train_thread_choice(
         setting, device=device, offload=offload, threads=threads, hidden=hidden, **kw
     )
@@ -308,11 +308,10 @@ def test_auto_is_on_for_a_wide_cpu_model_with_two_threads_and_says_why_not_elsew
         (dict(device="cuda"), "on cuda"),
         (dict(offload=True), "offloaded"),
         (dict(policy="immediate"), "policy 'immediate'"),
-        (dict(dtype="float32"), "float32 base"),
     ]:
         on, why = choice(**kw)
         assert not on and reason in why, why
-    assert choice("on", hidden=32, threads=1, dtype="float32")[0]
+    assert choice("on", hidden=32, threads=1)[0]
     assert not choice("on", device="cuda")[0]
     assert not choice("off")[0]
     with Engine(EngineConfig(model="tiny", data_dir=tmp_path), thread=False) as e:

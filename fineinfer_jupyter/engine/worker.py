@@ -102,10 +102,9 @@ def train_thread_choice(
     threads: int,
     hidden: int,
     policy: str,
-    dtype: str = "bfloat16",
 ) -> tuple[bool, str]:
     """(on, why) for EngineConfig.train_thread, given the engine's device, whether layers are
-    offloaded, its intra-op threads, the model's hidden size, the policy and the base's dtype."""
+    offloaded, its intra-op threads, the model's hidden size and the policy."""
     if setting == "off":
         return False, "off (setting): training time-sliced in the engine thread"
     if policy != "deferred":
@@ -120,11 +119,6 @@ def train_thread_choice(
         return False, f"auto: off ({threads} intra-op thread: none to give training)"
     if hidden < MIN_HIDDEN:
         return False, f"auto: off (hidden size {hidden} < {MIN_HIDDEN}: per-op overheads rule)"
-    if dtype != "bfloat16":
-        return False, (
-            f"auto: off ({dtype} base: its passes on one thread beside training missed "
-            "time-per-token targets at medium load here; train_thread='on' forces it)"
-        )
     return True, (
         f"auto: on (CPU model {hidden} wide, {threads} threads: training on its own thread "
         "with one, inference on the rest)"
