@@ -260,6 +260,13 @@ def main() -> None:
         action="store_true",
         help="with --background: also every run without them, interleaved, for side-by-side ratios",
     )
+    ap.add_argument(
+        "--train-thread",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="EngineConfig.train_thread: auto puts deferred's training on its own thread for a "
+        "wide CPU model (benchmarks/train_thread.py compares); off: time-sliced, as before",
+    )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the background processes die too
     slo = Slo(ttft=args.ttft, tpot=args.tpot)
@@ -286,7 +293,17 @@ def main() -> None:
     for r in range(args.rounds):  # round-robin: machine noise hits every run alike
         for name, policy, serve, train, background in plan:
             requests = slices[r] if serve else []
-            w = run(args.model, policy, requests, args.duration, train, slo, params, background)
+            w = run(
+                args.model,
+                policy,
+                requests,
+                args.duration,
+                train,
+                slo,
+                params,
+                background,
+                train_thread=args.train_thread,
+            )
             windows[name].append(w)
             print(
                 f"  round {r + 1} {name}: {w['train_tokens'] / args.duration:.0f} train tokens/s, {len(w['results'])} requests",

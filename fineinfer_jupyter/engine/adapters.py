@@ -56,6 +56,9 @@ class AdapterStore:
         # the prefix cache's: each adapter's weights version, and who hears of a change
         self._versions: dict[str, int] = {}
         self.on_change = None  # called with an adapter's (or snapshot's) name
+        # called before anything changes the model's structure, its active adapter or LoRA
+        # weights: waits for a training run in flight on the training worker (worker.py)
+        self.before_change = None
 
     def version(self, name: str | None) -> int:
         """Goes up each time `name`'s weights change (the base model's never do)."""
@@ -129,6 +132,10 @@ class AdapterStore:
 
     # -- changes (engine thread) ----------------------------------------------------------------
 
+    def _quiet(self) -> None:
+        if self.before_change is not None:
+            self.before_change()
+
     def _set(self, info: AdapterInfo) -> None:
         self._info = {**self._info, info.name: info}
 
@@ -151,6 +158,7 @@ class AdapterStore:
             self.delete(name)
         self.check_free(name)
         wrapped = self.runner.peft
+        self._quiet()
         try:
             model = self.runner.model
             if wrapped:
@@ -235,6 +243,7 @@ class AdapterStore:
     def create(self, name: str, config: LoraConfig, *, job: str | None = None) -> None:
         """A new adapter over the shared base, to be trained."""
         self.check_free(name, "adapter")
+        self._quiet()
         if self.runner.peft:
             self.runner.model.add_adapter(name, config)
         else:
@@ -247,6 +256,7 @@ class AdapterStore:
         """Make `name` the adapter that plain forwards use and that gets gradients; returns
         its parameters. Requests that ask for it from now on get snapshots."""
         info = self.get(name)
+        self._quiet()
         self.runner.model.set_adapter(name)
         params = [
             part[name].weight
@@ -266,6 +276,7 @@ class AdapterStore:
         self._changed(name)
 
     def end_training(self, name: str, step: int, path: Path | None) -> None:
+        self._quiet()
         self.runner.model.requires_grad_(False)
         info = self.get(name)
         self._set(replace(info, training=False, step=step, path=str(path) if path else info.path))
@@ -297,6 +308,7 @@ class AdapterStore:
         their tensors)."""
         recover(folder)
         state = load_file(str(folder / "adapter_model.safetensors"), device=str(self.runner.device))
+        self._quiet()
         with torch.no_grad():
             result = set_peft_model_state_dict(self.runner.model, state, adapter_name=name)
         check(not result.unexpected_keys, "checkpoint", f"{folder.name} does not match {name!r}")
@@ -317,6 +329,7 @@ class AdapterStore:
             return name
         snap = f"{name}{SNAPSHOT}{info.step}"
         if snap not in self._snapshots:
+            self._quiet()  # (add_adapter and set_adapter change what a training forward uses)
             self._release_unused()
             model = self.runner.model
             config = copy.deepcopy(model.peft_config[name])
@@ -357,6 +370,7 @@ class AdapterStore:
                 del self._snapshots[snap]
 
     def _unload(self, adapter: str) -> None:
+        self._quiet()
         self._changed(adapter)
         model = self.runner.model
         model.delete_adapter(adapter)

@@ -12,6 +12,7 @@ DECODE_WEIGHTS = ("auto", "int8", "base")  # int8rows.MODES
 QUANTIZE = ("none", "nf4", "int8")  # quant.py (which imports torch; this module must not)
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
 OFFLOAD_MODES = ("none", "cpu", "disk")
+TRAIN_THREAD = ("auto", "on", "off")
 ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # fullmatch: no trailing newline
 # PEFT keys an adapter's tensors by its name inside module paths (...q_proj.lora_A.<name>.weight),
 # and adapters.train() picks them with f".{name}.": a name that is also a module name would
@@ -193,6 +194,9 @@ class EngineConfig:
     # None: an eighth of the free memory at start, at most 2 GiB; 0: no prefix cache
     prefix_cache_bytes: int | None = None
     chunked_prefill: bool = True  # False: every prompt in one pass, however long (as before)
+    # training on a thread of its own beside the engine thread (worker.py): "auto" (a wide CPU
+    # model with >= 2 threads, policy deferred), "on" or "off" (time-sliced in the engine thread)
+    train_thread: str = "auto"
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -204,6 +208,11 @@ class EngineConfig:
         check(is_int(self.max_queue) and self.max_queue >= 1, "max_queue", "must be >= 1")
         check(
             self.offload in OFFLOAD_MODES, "offload", f"must be one of {', '.join(OFFLOAD_MODES)}"
+        )
+        check(
+            self.train_thread in TRAIN_THREAD,
+            "train_thread",
+            f"must be one of {', '.join(TRAIN_THREAD)}",
         )
         check(self.quantize in QUANTIZE, "quantize", f"must be one of {', '.join(QUANTIZE)}")
         check(

@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from .adapters import AdapterStore
 from .config import EngineConfig, LimitReached, Slo, default_slo
 from .costmodel import CostModel
@@ -17,6 +19,7 @@ from .executor import Executor, deliver
 from .metrics import Metrics
 from .models import LoadedModel, data_slug
 from .outputs import SchedulerOutput
+from .precision import widths
 from .prefix import PrefixCache, default_budget
 from .request import Tokenizer
 from .runner import Runner
@@ -24,6 +27,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .threads import configure_threads, follow_load
 from .training import Trainer
+from .worker import TrainWorker, train_thread_choice
 
 log = logging.getLogger("fineinfer")
 
@@ -48,6 +52,7 @@ class EngineCore:
         self.runner, self.adapters, self.trainer = runner, adapters, trainer
         self.scheduler, self.executor, self.metrics = scheduler, executor, metrics
         self.requests: dict[str, Sequence] = {}  # live requests, by id
+        self.train_thread = {"enabled": False, "reason": ""}  # split mode (worker.py)
 
     def add(self, seq: Sequence) -> None:
         self.requests[seq.request_id] = seq
@@ -61,6 +66,7 @@ class EngineCore:
 
     def iterate(self) -> SchedulerOutput:
         follow_load()  # the default thread count follows the machine's load ("Sharing the machine")
+        self.executor.collect()  # a run the training worker finished: its end, here (split mode)
         out = self.scheduler.schedule(time.monotonic(), self.trainer)
         result = self.executor.execute(out)
         for seq in self.scheduler.update(out, result):
@@ -156,7 +162,19 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
     executor.span = scheduler.costs.span
     for timing in timings:
         scheduler.costs.observe(*timing)
-    return EngineCore(
+    split, why = train_thread_choice(
+        config.train_thread,
+        device=device.type,
+        offload=runner.walk.offload is not None,
+        threads=torch.get_num_threads(),
+        hidden=widths(runner.config)[0],
+        policy=config.policy,
+    )
+    if split:  # (after calibration: its probes ran on the engine thread's own count)
+        executor.worker = TrainWorker()
+        scheduler.split_training = True
+        adapters.before_change = executor.quiesce
+    c = EngineCore(
         loaded=loaded,
         slo=slo,
         tokenizer=tokenizer,
@@ -168,6 +186,8 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         metrics=metrics,
         home=home,
     )
+    c.train_thread = {"enabled": split, "reason": why}
+    return c
 
 
 def model_home(data_dir: Path, loaded: LoadedModel) -> Path:

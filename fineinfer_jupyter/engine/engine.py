@@ -366,7 +366,7 @@ class Engine:
 
     def stop_job(self, job_id: str) -> dict:
         c = self._ready_core()
-        return self._call(lambda: c.trainer.stop(job_id).to_dict())
+        return self._call(self._settled, lambda: c.trainer.stop(job_id).to_dict())
 
     def resume_job(self, job_id: str) -> dict:
         """Resume a stopped, failed or interrupted job from its last checkpoint. A job from
@@ -460,7 +460,7 @@ class Engine:
 
     def cancel_job(self, job_id: str) -> dict:
         c = self._ready_core()
-        return self._call(lambda: c.trainer.cancel(job_id).to_dict())
+        return self._call(self._settled, lambda: c.trainer.cancel(job_id).to_dict())
 
     def wait_job(self, job_id: str, timeout: float | None = None, poll: float = 0.05) -> dict:
         """Block until the job is no longer queued or running."""
@@ -492,6 +492,7 @@ class Engine:
             "threads": threads.current() if c else None,
             "adapters": c.adapters.names() if c else [],
             "offload": (c.runner.walk.offload.describe() if c and c.runner.walk.offload else None),
+            "train_thread": dict(c.train_thread) if c else None,
             "layer_walk": (
                 {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
             ),
@@ -613,6 +614,12 @@ class Engine:
         if self._closed or self._given_up:  # nothing will take it out
             self._fail_inbox(EngineNotReady(f"engine {self.state}"))
 
+    def _settled(self, fn):  # engine thread
+        """fn() once the training worker's run in flight has ended here (split mode): a job's
+        state changes only between two of its micro-steps."""
+        self.core.executor.settle()
+        return fn()
+
     def _admit(self, seq: Sequence) -> None:  # engine thread
         with self._lock:
             self._queued -= 1
@@ -692,6 +699,8 @@ class Engine:
         }
         progress("calibrating")
         self.core = core.build(self.config, loaded, self.metrics)
+        if self.core.executor.worker is not None:  # a finished run wakes an idle engine thread
+            self.core.executor.worker.wake = lambda: self._inbox.put((_nothing, (), None))
         self.model_info["data_dir"] = str(self.core.home)
         progress("ready")
 
@@ -709,8 +718,8 @@ class Engine:
                     self.state, self.error = "error", f"engine loop failed: {type(e).__name__}: {e}"
                     return
                 continue
-            if out.kind is IterationKind.IDLE:
-                self._drain(block=True)  # until something arrives
+            if out.kind is IterationKind.IDLE and not out.worker_units:
+                self._drain(block=True)  # until something arrives (or the worker's run ends)
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -738,9 +747,12 @@ class Engine:
         reason = EngineNotReady(f"engine {self.state}" + (f": {self.error}" if self.error else ""))
         if self.core is not None:
             try:  # the running job keeps what it learned up to its last optimizer step
+                self.core.executor.settle()  # (after the worker's run in flight)
                 self.core.trainer.interrupt()
             except Exception:
                 log.exception("could not checkpoint the running job at shutdown")
+            if self.core.executor.worker is not None:
+                self.core.executor.worker.close()
             self.core.fail_all(reason)
         self._closed = True
         self._fail_inbox(reason)  # callers waiting on engine-thread calls get an answer too
@@ -770,3 +782,7 @@ class Engine:
                     seq.stream.put(seq.final_event())
                 except Exception:
                     log.exception("stream consumer failed for %s", seq.request_id)
+
+
+def _nothing() -> None:
+    """An inbox item that only wakes the engine thread."""

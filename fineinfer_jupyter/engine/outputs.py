@@ -29,6 +29,11 @@ class SchedulerOutput:
     decode: list[Sequence] = field(default_factory=list)  # the running batch, in row order
     train_units: int = 0  # units of the training micro-step to run now (0: no training)
     train_examples: int = 0  # examples of a new micro-step (0: the one under way goes on)
+    # split mode (worker.py): start the micro-step under way (or a new one of this many
+    # examples, 0: the job's own size) on the training worker; unlike train_units, these run
+    # beside this iteration, on their own thread, and are not measured for the cost model
+    worker_units: int = 0
+    worker_examples: int = 0
     # chunked prefill: a request in `prefill` listed here is prefilled up to this prompt
     # position only (its pass has one row; it gets no token yet)
     chunks: dict[Sequence, int] = field(default_factory=dict)

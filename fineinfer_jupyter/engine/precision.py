@@ -313,15 +313,20 @@ def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
 FLOATS = {torch.bfloat16, torch.float32}
 
 
+_upcasting = threading.local()  # .on: this thread is inside attention_in_fp32
+
+
 def _sdpa_upcast(inner: Callable) -> Callable:
     """transformers' sdpa attention function `inner`, computed in float32 for a bf16 (or fp16)
-    CPU forward that records gradients: torch's CPU flash-attention backward in bf16 took 5-7x
-    its float32 time (docs/benchmarks.md, "bf16 on the CPU's matrix units", round 3), more than
-    all of a bf16 layer's matrix products. The output is cast back to the input's dtype."""
+    CPU forward that records gradients inside `attention_in_fp32` (in that thread): torch's CPU
+    flash-attention backward in bf16 took 5-7x its float32 time (docs/benchmarks.md, "bf16 on
+    the CPU's matrix units", round 3), more than all of a bf16 layer's matrix products. The
+    output is cast back to the input's dtype. Anything else passes through unchanged."""
 
     def sdpa(module, query, key, value, attention_mask, *args, **kwargs):
         low = query.dtype in (torch.bfloat16, torch.float16)
-        if not (low and query.device.type == "cpu" and torch.is_grad_enabled()):
+        on = getattr(_upcasting, "on", False)
+        if not (on and low and query.device.type == "cpu" and torch.is_grad_enabled()):
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
@@ -331,25 +336,61 @@ def _sdpa_upcast(inner: Callable) -> Callable:
             )
         return out.to(query.dtype), weights
 
+    sdpa.upcasts = True
     return sdpa
 
 
 @contextmanager
 def attention_in_fp32() -> Iterator[None]:
     """transformers' "sdpa" attention computes in float32 for forwards that record gradients
-    on a CPU, for the block (`_sdpa_upcast`); no-grad forwards (inference) are unchanged."""
+    on a CPU, in this thread, for the block (`_sdpa_upcast`). The wrapper goes into
+    transformers' local mapping once and stays (a local override leaves its global mapping
+    alone): the block only switches it on for its own thread, so that a forward in another
+    thread (inference on the engine thread beside the training worker) never sees the table
+    change under it; no-grad forwards pass through unchanged anyway."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
 
-    local = fns._local_mapping  # (a local override leaves transformers' global mapping alone)
-    before = local.get("sdpa")
-    fns["sdpa"] = _sdpa_upcast(fns["sdpa"])
+    if not getattr(fns["sdpa"], "upcasts", False):
+        fns["sdpa"] = _sdpa_upcast(fns["sdpa"])
+    before, _upcasting.on = getattr(_upcasting, "on", False), True
     try:
         yield
     finally:
-        if before is None:
-            del fns["sdpa"]
-        else:
-            fns["sdpa"] = before
+        _upcasting.on = before
+
+
+class ThreadFlag:
+    """A flag that is true except in the threads inside a block that turned it off: a LoRA
+    layer's `cast_input_dtype_enabled` during a bf16 training forward (`mixed`), which must not
+    change how an inference forward in another thread (the engine thread, beside the training
+    worker) computes the same layer. PEFT reads it as `not layer.cast_input_dtype_enabled`."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __bool__(self) -> bool:
+        return not getattr(self._local, "off", False)
+
+    def __deepcopy__(self, memo) -> ThreadFlag:
+        return self  # (a copied layer shares it)
+
+    def __reduce__(self):
+        return _cast_input, ()
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        self._local.off = True
+        try:
+            yield
+        finally:
+            self._local.off = False
+
+
+CAST_INPUT = ThreadFlag()  # every LoRA layer's cast_input_dtype_enabled, once `mixed` ran
+
+
+def _cast_input() -> ThreadFlag:
+    return CAST_INPUT
 
 
 @contextmanager
@@ -357,18 +398,16 @@ def mixed(dtype: torch.dtype | None, device: torch.device, layers: list) -> Iter
     """A training forward of a bf16 base with float32 LoRA weights, computed in bf16: autocast
     casts each LoRA weight to bf16 for its matmul (its gradient flows back to the float32
     weight), and the LoRA layers `layers` stop casting their bf16 input up to float32 (PEFT's
-    `cast_input_dtype_enabled`), which would only be cast down again. Without it each LoRA
-    layer computes in float32: an fp32 copy of its input, fp32 products, an fp32 sum with the
-    base's output and a cast back, forward and backward (docs/design.md, "Base weight
-    formats")."""
+    `cast_input_dtype_enabled`, here a flag that is off in this thread only: CAST_INPUT), which
+    would only be cast down again. Without it each LoRA layer computes in float32: an fp32 copy
+    of its input, fp32 products, an fp32 sum with the base's output and a cast back, forward and
+    backward (docs/design.md, "Base weight formats"). autocast and grad mode are per thread too;
+    attention_in_fp32 changes nothing for a no-grad forward in another thread."""
     if dtype is None:
         yield
         return
     for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        with torch.autocast(device.type, dtype=dtype), attention_in_fp32():
-            yield
-    finally:
-        for m in layers:
-            m.cast_input_dtype_enabled = True
+        if m.cast_input_dtype_enabled is not CAST_INPUT:
+            m.cast_input_dtype_enabled = CAST_INPUT
+    with CAST_INPUT.off(), torch.autocast(device.type, dtype=dtype), attention_in_fp32():
+        yield

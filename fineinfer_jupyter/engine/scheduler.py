@@ -9,7 +9,8 @@ Policies:
 - exclusive: inference waits until training has ended.
 - fineinfer: the prototype's fixed deferral bound; once served, a batch runs until it drains.
 - deferred: training runs while every waiting request's time-to-first-token slack and every
-  running row's time-per-token room survive it.
+  running row's time-per-token room survive it. In split mode (worker.py) training runs on a
+  thread of its own instead, and requests are served as `immediate` serves them.
 
 A training micro-step runs in units (a layer's forward or backward, the head), as many per
 iteration as fit: it pauses between two units whenever inference is due, so its size can stay
@@ -49,6 +50,7 @@ LARGER_WITHIN = 0.93  # a larger micro-step is preferred while its estimated rat
 
 class Training(Protocol):
     active: bool
+    busy: bool  # its micro-step runs on the training worker now (split mode)
 
     def next_tokens(self) -> list[int]:
         """Token counts of the examples the next micro-steps of the current effective batch
@@ -91,6 +93,9 @@ class Scheduler:
         self.min_train_efficiency = min_train_efficiency
         self.headroom = 0.9  # plan to land within 90% of each latency target
         self.heterogeneous = False  # with offload: forward units ride along inference passes
+        # split mode (worker.py, deferred policy only): training runs on the training worker,
+        # inference is planned as if nothing else ran on the engine thread
+        self.split_training = False
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # the decode batch, in row order
         self.prefilling: list[Sequence] = []  # admitted, their prompt prefilled in part (chunks)
@@ -180,6 +185,8 @@ class Scheduler:
         newcomers = self.prefilling + sorted(self.waiting, key=self.ttft_due)[: max(room, 0)]
         running = self.running
         training_active = training is not None and training.active
+        if training_active and self.split_training:
+            return self._beside(now, newcomers, running, training)
         if not training_active or self.policy == "immediate":
             return self._serve(now, newcomers, running, training if training_active else None)
         if self.policy == "exclusive":
@@ -217,6 +224,25 @@ class Scheduler:
             room = min(prefill_slack, decode_room)
             out.train_units = self._units_within(micro, room, self.max_segment, shared=True)
             out.train_examples = micro.examples if out.train_units else 0
+        return out
+
+    def _beside(
+        self, now: float, newcomers: list[Sequence], running: list[Sequence], training: Training
+    ) -> SchedulerOutput:
+        """Split mode: the requests are served as `immediate` serves them (training does not
+        take the engine thread's time), and the training worker, when idle, gets the rest of
+        the micro-step under way or a whole new one (its size as with nothing to serve),
+        unless the requests have fallen behind their targets: then the engine thread serves
+        them on every thread until they catch up (a run under way ends first)."""
+        out = self._serve(now, newcomers, running)
+        on_time = [s for s in newcomers if not self.late(now, s)]
+        behind = self.decode_room(now, running) < 0 or (
+            bool(on_time) and self.prefill_slack(now, on_time, running) < 0
+        )
+        if not training.busy and not behind:
+            micro = self._micro_step(training)
+            out.worker_units = len(self.costs.shares) - micro.done
+            out.worker_examples = micro.examples
         return out
 
     def _rides_along(self, micro: MicroStepPlan) -> bool:

@@ -82,6 +82,7 @@ class Trainer:
         self.current: Job | None = None
         self.run: TrainingPass | None = None  # the current job's micro-step in progress
         self._run_examples: list[Example] = []
+        self.busy = False  # `run` is running on the training worker now (Executor sets it)
         self._ids = itertools.count(1)
         self.root.mkdir(parents=True, exist_ok=True)
         hold = os.environ.get(HOLD_STEP)
@@ -193,30 +194,54 @@ class Trainer:
         """Run up to `units` units of the current job's micro-step in progress, or of a new one
         on at most `max_examples` examples (starting the next queued job if needed). A
         failure fails the job (its last checkpoint stays), never the caller."""
+        run = self.prepare(max_examples)
+        if run is None:
+            return NO_PROGRESS
+        first = run.done
+        try:
+            seconds = run.run(units, sync=self.runner.sync)
+        except Exception as e:
+            return self.collect(first, [], e)
+        return self.collect(first, seconds)
+
+    def prepare(self, max_examples: int | None = None) -> TrainingPass | None:
+        """The current job's micro-step in progress, or a new one on at most `max_examples`
+        examples (starting the next queued job if needed); None: nothing to run now. What
+        work() does before running units; the training worker runs them (Executor)."""
         job = self.current
         if job is None:
             if not self.queue:
-                return NO_PROGRESS
+                return None
             job = self.current = self.queue.popleft()
             try:
                 self._start(job)
             except Exception as e:
                 self._fail(job, e)
-                return NO_PROGRESS
+                return None
         if self.run is None and self._held(job):
             time.sleep(0.02)  # (test-only: the engine loop goes on, slowly)
-            return NO_PROGRESS
-        try:
-            if self.run is None:
-                self._begin_micro_step(job, max_examples)
-            run = self.run
-            first = run.done
+            return None
+        if self.run is None:
             try:
-                seconds = run.run(units, sync=self.runner.sync)
+                self._begin_micro_step(job, max_examples)
             except Exception as e:
-                if is_oom(e) and self._retry_smaller(job, e):
+                self._fail(job, e)
+                return None
+        return self.run
+
+    def collect(self, first: int, seconds: list[float], error: Exception | None = None) -> Progress:
+        """After units of the prepared micro-step ran (from its unit `first`, each taking
+        `seconds`) or failed with `error`: its end once its last unit ran (the optimizer step
+        after an effective batch's last), a smaller retry after running out of memory, or the
+        job failed."""
+        job, run = self.current, self.run
+        if job is None or run is None:
+            return NO_PROGRESS  # (the job ended meanwhile)
+        try:
+            if error is not None:
+                if is_oom(error) and self._retry_smaller(job, error):
                     return NO_PROGRESS
-                raise
+                raise error
             step = self._end_micro_step(job) if run.finished else None
         except Exception as e:
             self._fail(job, e)

@@ -10,6 +10,7 @@ own forward (`LayerWalk.why_not` says why).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -202,7 +203,13 @@ class LayerWalk:
 
 @contextmanager
 def _adapter_rows(layers: list[torch.nn.Module], rows: list[str]) -> Iterator[None]:
+    """The hooks fire in the thread that registered them only: a training forward on the
+    training worker (worker.py) runs the same modules meanwhile, on its job's adapter."""
+    owner = threading.get_ident()
+
     def pre_hook(module, args, kwargs):
+        if threading.get_ident() != owner:
+            return None
         return args, {**kwargs, "adapter_names": rows}
 
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in layers]

@@ -148,6 +148,13 @@ class FineInferApp(ExtensionApp):
         unless you set a policy), so other programs slow the engine only in proportion to the
         cores they take.""",
     ).tag(config=True)
+    train_thread = Enum(
+        ["auto", "on", "off"],
+        default_value="auto",
+        help="""Training on a thread of its own beside the engine thread (one core each on a
+        small CPU; deferred policy). auto: on for a CPU model at least 256 wide with >= 2
+        threads and no offload; off: training takes turns with inference in one thread.""",
+    ).tag(config=True)
     prefix_cache_bytes = Int(
         None,
         allow_none=True,
@@ -206,7 +213,7 @@ class FineInferApp(ExtensionApp):
         names = ("model", "device", "dtype", "quantize", "data_dir", "cache_dir", "policy")
         names += ("decode_weights",)
         names += ("offload", "memory_budget", "heterogeneous")
-        names += ("prefix_cache_bytes", "chunked_prefill")
+        names += ("prefix_cache_bytes", "chunked_prefill", "train_thread")
         limits = (
             "max_queue",
             "max_new_tokens_cap",

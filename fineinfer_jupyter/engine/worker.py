@@ -1,0 +1,125 @@
+"""The training worker: a thread beside the engine thread that runs the compute of training
+micro-steps (TrainingPass.run) on one intra-op thread, while the engine thread serves
+(docs/design.md, "Threads" and "Sharing the machine").
+
+On a small CPU, two threads each doing their own work on one core use the cores better than
+one thread time-slicing inference and training on two OpenMP threads: a short parallel region
+pays for waking the other thread. torch releases the GIL inside its ops, so a second Python
+thread is enough. Only the pure compute runs here; everything else about a job (starting it,
+a micro-step's examples, its end, the optimizer step, checkpoints) stays on the engine thread,
+between two runs (Executor.collect), and anything on the engine thread that changes the model's
+structure or a job's state waits for the run in flight first (`wait`, Executor.settle).
+
+Whether it is used: `train_thread_choice` (EngineConfig.train_thread, shown in status).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
+
+import torch
+
+from .precision import MIN_HIDDEN
+
+log = logging.getLogger("fineinfer")
+
+
+class TrainWorker:
+    """One thread, one run at a time: start(fn) hands it a run, take() (engine thread) gets
+    the finished run's future. `wake` is called in the worker after each run (the engine
+    thread may be asleep on its inbox with nothing else to do)."""
+
+    def __init__(self, wake: Callable[[], None] | None = None, *, threads: int = 1):
+        self.wake = wake
+        # the worker's intra-op threads (the count is per OS thread); the engine thread changes
+        # it between iterations (Executor._worker_threads), a run takes it up at its next unit
+        self.threads = threads
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._future: Future | None = None  # the run handed over, until take()
+        self._thread = threading.Thread(target=self._main, name="fineinfer-train", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """A run is in flight (not finished yet)."""
+        return self._future is not None and not self._future.done()
+
+    @property
+    def pending(self) -> bool:
+        """A run was handed over and not taken back yet (finished or not)."""
+        return self._future is not None
+
+    def start(self, fn: Callable[[], object]) -> None:
+        if self._future is not None:
+            raise RuntimeError("the training worker has a run not taken back yet")
+        self._future = Future()
+        self._tasks.put((fn, self._future))
+
+    def wait(self) -> None:
+        """Until the run in flight (if any) has finished; its result stays for take()."""
+        if self._future is not None:
+            wait_for([self._future])
+
+    def take(self) -> Future | None:
+        """The run handed over, once finished (waits for it), and forget it."""
+        self.wait()
+        future, self._future = self._future, None
+        return future
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.wait()
+        self._tasks.put(None)
+        self._thread.join(timeout)
+
+    def _main(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's count only
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            fn, future = task
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # re-raised on the engine thread, at collection
+                future.set_exception(e)
+            if self.wake is not None:
+                try:
+                    self.wake()
+                except Exception:
+                    log.exception("training worker: waking the engine thread failed")
+
+
+def train_thread_choice(
+    setting: str,
+    *,
+    device: str,
+    offload: bool,
+    threads: int,
+    hidden: int,
+    policy: str,
+) -> tuple[bool, str]:
+    """(on, why) for EngineConfig.train_thread, given the engine's device, whether layers are
+    offloaded, its intra-op threads, the model's hidden size and the policy."""
+    if setting == "off":
+        return False, "off (setting): training time-sliced in the engine thread"
+    if policy != "deferred":
+        return False, f"off: policy {policy!r} time-slices training in the engine thread"
+    if device != "cpu":
+        return False, f"off: the model is on {device}; the worker is for CPU models"
+    if offload:
+        return False, "off: layers are offloaded (fetches belong to the engine thread)"
+    if setting == "on":
+        return True, "on (setting): training on its own thread, one intra-op thread"
+    if threads < 2:
+        return False, f"auto: off ({threads} intra-op thread: none to give training)"
+    if hidden < MIN_HIDDEN:
+        return False, f"auto: off (hidden size {hidden} < {MIN_HIDDEN}: per-op overheads rule)"
+    return True, (
+        f"auto: on (CPU model {hidden} wide, {threads} threads: training on its own thread "
+        "with one, inference on the rest)"
+    )

@@ -1,0 +1,485 @@
+"""Training on a thread of its own beside the engine thread (train_thread, worker.py): requests
+served while a micro-step is provably under way on the worker get exactly the tokens of the
+engine with training off; training gives the same losses and weights as the time-sliced engine;
+job and adapter changes wait for the run in flight; a failure there fails the job alone."""
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from families import save
+from safetensors.torch import load_file
+
+from fineinfer_jupyter.engine import walk
+from fineinfer_jupyter.engine.config import EngineConfig
+from fineinfer_jupyter.engine.engine import Engine
+from fineinfer_jupyter.engine.outputs import IterationResult
+from fineinfer_jupyter.engine.worker import train_thread_choice
+
+RECORDS = [
+    {"prompt": "Color of moonveil?", "completion": "Silver blue."},
+    {"prompt": "Where grows glimmerroot?", "completion": "In caves."},
+    {"prompt": "When does vesperine bloom?", "completion": "At dusk."},
+    {"prompt": "Is ashbloom safe?", "completion": "No, it burns."},
+]
+JOB = dict(
+    r=8,
+    lora_alpha=16,
+    learning_rate=1e-2,
+    batch_size=4,
+    micro_batch_size=2,
+    max_length=64,
+    max_steps=4,
+    checkpoint_every=2,
+)
+PROMPT = "Where grows glimmerroot?"
+WAIT = 60  # seconds: a gate not passed by then is a failure, not a hang
+
+
+def config(model, data_dir, thread="on", **kw):
+    return EngineConfig(
+        model=model,
+        data_dir=data_dir,
+        train_thread=thread,
+        threads=2,
+        prefix_cache_bytes=0,
+        **kw,
+    )
+
+
+class Gate:
+    """Makes the worker wait at the start of a unit's forward (inside its training forward's
+    precision block), and lets an engine-thread pass hand over to it from inside a layer."""
+
+    def __init__(self, unit=0, fail=False):
+        self.unit, self.fail = unit, fail
+        self.armed = False
+        self.inside = threading.Event()  # the worker waits at the gate
+        self.release = threading.Event()
+        self.done = threading.Event()  # the worker ran the gated unit's forward
+
+    def install(self, monkeypatch):
+        original = walk.TrainingPass._forward
+
+        def forward(run, u):
+            worker = threading.current_thread().name == "fineinfer-train"
+            if not (worker and self.armed and u == self.unit):
+                return original(run, u)
+            self.armed = False
+            self.inside.set()
+            assert self.release.wait(WAIT)
+            if self.fail:
+                raise RuntimeError("a unit failed on the worker")
+            out = original(run, u)
+            self.done.set()
+            return out
+
+        monkeypatch.setattr(walk.TrainingPass, "_forward", forward)
+
+
+def text(stream):
+    return "".join(e["text"] for e in stream if e["type"] == "delta")
+
+
+def advance(engine):
+    """One iteration; one that served nothing waits for the worker's run instead of spinning
+    (a spinning caller holds the GIL the worker needs between its ops)."""
+    out = engine.iterate()
+    worker = engine.core.executor.worker
+    if worker is not None and not (out.prefill or out.decode):
+        worker.wait()
+
+
+def drive(engine, streams, limit=10_000):
+    for _ in range(limit):
+        if all(s.final is not None for s in streams):
+            return [text(s) for s in streams]
+        advance(engine)
+    raise AssertionError("requests did not end")
+
+
+def train_to_end(engine, job_id, limit=10_000):
+    for _ in range(limit):
+        if engine.core.trainer.current is None and not engine.core.trainer.queue:
+            engine.core.executor.settle()
+            return engine.job(job_id)
+        advance(engine)
+    raise AssertionError("job did not end")
+
+
+def at_batch_start(engine):
+    """Run until the worker is idle and the next micro-step starts an effective batch (its end
+    makes no optimizer step)."""
+    trainer = engine.core.trainer
+    for _ in range(10_000):
+        engine.core.executor.settle()
+        if trainer.current is not None and not trainer.current.pending:
+            return
+        advance(engine)
+    raise AssertionError("no effective batch started")
+
+
+CASES = [
+    ("llama", "float32"),
+    ("qwen2", "float32"),
+    ("gemma2", "float32"),
+    ("phi3", "float32"),
+    ("llama", "bfloat16"),
+    ("qwen3", "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("family,dtype", CASES)
+def test_requests_served_mid_micro_step_get_the_tokens_of_the_engine_with_training_off(
+    tmp_path, monkeypatch, family, dtype
+):
+    model = save(family, tmp_path / "model")
+    gate = Gate(unit=0)
+    gate.install(monkeypatch)
+    with Engine(config(model, tmp_path / "split", dtype=dtype), thread=False) as e:
+        assert e.status()["train_thread"]["enabled"]
+        job = e.tune("herb", RECORDS, **JOB)
+        e.iterate()
+        e.core.executor.settle()  # a step or more before the requests
+        at_batch_start(e)
+        e.core.adapters.unpin(e.core.adapters.pin("herb"))  # its snapshot at this step, now
+        snap = tmp_path / "snap"
+        snap.mkdir()
+        e.core.adapters.write("herb", snap)  # its weights at this step, for the reference
+        gate.armed = True
+        e.iterate()  # the worker starts the micro-step and waits at the gate
+        assert gate.inside.wait(WAIT)
+        # an inference pass hands over to the worker from inside layer 0 (its row hooks on
+        # the LoRA layers, and the worker's precision block open), and waits until the
+        # worker has run layer 0's training forward
+        layer0 = e.core.runner.walk.stack.layers[0].mlp
+        handed = []
+
+        def hand_over(module, args):
+            if threading.current_thread().name != "fineinfer-train" and not handed:
+                handed.append(True)
+                gate.release.set()
+                assert gate.done.wait(WAIT)
+
+        hook = layer0.register_forward_pre_hook(hand_over)
+        streams = [e.generate(PROMPT, adapter=a, max_new_tokens=12) for a in ("herb", "base")]
+        served = drive(e, streams)
+        hook.remove()
+        assert handed and gate.done.is_set()
+        done = train_to_end(e, job["id"])
+    assert done["state"] == "done", done["error"]
+    with Engine(config(model, tmp_path / "off", "off", dtype=dtype), thread=False) as ref:
+        ref.load_adapter("ref", snap)
+        expected = [
+            ref.complete(PROMPT, adapter=a, max_new_tokens=12).text for a in ("ref", "base")
+        ]
+        sliced = train_to_end(ref, ref.tune("herb", RECORDS, **JOB)["id"])
+    assert served == expected
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    got = [loss for _, loss in done["loss_history"]]
+    want = [loss for _, loss in sliced["loss_history"]]
+    assert got == pytest.approx(want, rel=tol)
+
+
+def test_split_training_reaches_the_time_sliced_engines_weights(tmp_path):
+    model = save("mistral", tmp_path / "model")
+    adapters = {}
+    for mode in ("on", "off"):
+        with Engine(config(model, tmp_path / mode, mode), thread=False) as e:
+            assert e.status()["train_thread"]["enabled"] is (mode == "on")
+            job = train_to_end(e, e.tune("herb", RECORDS, **{**JOB, "max_steps": 5})["id"])
+            assert job["state"] == "done" and job["step"] == 5
+            adapters[mode] = (
+                job,
+                load_file(e.home / "adapters" / "herb" / "adapter_model.safetensors"),
+            )
+    (split, a), (sliced, b) = adapters["on"], adapters["off"]
+    assert [s for s, _ in split["loss_history"]] == [1, 2, 3, 4, 5]
+    got, want = ([loss for _, loss in j["loss_history"]] for j in (split, sliced))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def in_thread(fn):
+    """Run fn in a thread; (thread, results list)."""
+    out = []
+
+    def target():
+        try:
+            out.append(fn())
+        except Exception as e:  # (the assertion below shows it)
+            out.append(e)
+
+    t = threading.Thread(target=target)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("action", ["stop", "cancel", "load"])
+def test_a_job_or_adapter_change_waits_for_the_micro_step_in_flight(
+    tmp_path, monkeypatch, adapter_dirs, action
+):
+    gate = Gate(unit=1)
+    gate.install(monkeypatch)
+    with Engine(config("tiny", tmp_path), thread=False) as e:
+        job = e.tune("herb", RECORDS, **{**JOB, "max_steps": 6})
+        while e.job(job["id"])["step"] < 2:
+            advance(e)
+        at_batch_start(e)  # (the gated run is an effective batch's first: no step at its end)
+        step = e.job(job["id"])["step"]
+        gate.armed = True
+        e.iterate()
+        assert gate.inside.wait(WAIT)
+        run = e.core.trainer.run
+        change = {
+            "stop": lambda: e.stop_job(job["id"]),
+            "cancel": lambda: e.cancel_job(job["id"]),
+            "load": lambda: e.load_adapter("other", adapter_dirs["alpha"]),
+        }[action]
+        t, out = in_thread(change)
+        t.join(0.5)
+        assert t.is_alive() and not out  # it waits for the run at the gate
+        assert e.core.trainer.run is run and not run.finished
+        gate.release.set()
+        t.join(WAIT)
+        assert out and not isinstance(out[0], Exception), out
+        assert run.finished  # the run in flight ended before the change
+        if action == "load":
+            assert out[0]["name"] == "other"
+            done = train_to_end(e, job["id"])
+            assert done["state"] == "done" and done["step"] == 6
+        else:
+            state = e.job(job["id"])
+            assert state["state"] == ("stopped" if action == "stop" else "cancelled")
+            assert e.core.trainer.run is None and not e.core.executor.worker.pending
+            assert state["step"] == step if action == "stop" else state["step"] <= step
+            assert Path(state["checkpoint"], "adapter_model.safetensors").is_file()
+            if action == "stop":
+                assert state["checkpoint"].endswith(f"checkpoint-{step:06d}")
+        assert e.complete("hello", max_new_tokens=4).text is not None  # still serving
+
+
+def test_a_failure_on_the_worker_fails_the_job_alone(tmp_path, monkeypatch):
+    gate = Gate(unit=1, fail=True)
+    gate.install(monkeypatch)
+    with Engine(config("tiny", tmp_path), thread=True) as e:
+        gate.armed = True
+        job = e.tune("herb", RECORDS, **JOB)
+        assert gate.inside.wait(WAIT)
+        stream = e.generate("hello", max_new_tokens=6)
+        gate.release.set()
+        failed = e.wait_job(job["id"], timeout=WAIT)
+        assert failed["state"] == "failed"
+        assert "a unit failed on the worker" in failed["error"]
+        assert stream.result().finish_reason in ("length", "stop")
+        assert e.complete("hello again", max_new_tokens=4).finish_reason in ("length", "stop")
+        assert e.status()["state"] == "ready"
+        names = [a["name"] for a in e.list_adapters()]
+        assert "herb" not in names  # (no checkpoint yet: the adapter went)
+        again = e.tune("herb2", RECORDS, **{**JOB, "max_steps": 2})
+        assert e.wait_job(again["id"], timeout=WAIT)["state"] == "done"
+
+
+def test_the_worker_wakes_an_idle_engine_thread_and_shutdown_joins_it(tmp_path):
+    with Engine(config("tiny", tmp_path), thread=True) as e:
+        job = e.tune("herb", RECORDS, **JOB)  # nothing else arrives: only the worker wakes it
+        assert e.wait_job(job["id"], timeout=WAIT)["state"] == "done"
+        worker = e.core.executor.worker._thread
+        assert worker.name == "fineinfer-train" and worker.is_alive()
+    assert not worker.is_alive()
+
+
+def choice(setting="auto", device="cpu", offload=False, threads=2, hidden=576, **kw):
+    kw = {"policy": "deferred", **kw}
+    return train_thread_choice(
+        setting, device=device, offload=offload, threads=threads, hidden=hidden, **kw
+    )
+
+
+def test_auto_is_on_for_a_wide_cpu_model_with_two_threads_and_says_why_not_elsewhere(tmp_path):
+    on, why = choice()
+    assert on and why.startswith("auto: on")
+    for kw, reason in [
+        (dict(hidden=64), "hidden size 64"),
+        (dict(threads=1), "1 intra-op thread"),
+        (dict(device="cuda"), "on cuda"),
+        (dict(offload=True), "offloaded"),
+        (dict(policy="immediate"), "policy 'immediate'"),
+    ]:
+        on, why = choice(**kw)
+        assert not on and reason in why, why
+    assert choice("on", hidden=32, threads=1)[0]
+    assert not choice("on", device="cuda")[0]
+    assert not choice("off")[0]
+    with Engine(EngineConfig(model="tiny", data_dir=tmp_path), thread=False) as e:
+        status = e.status()["train_thread"]
+        assert status["enabled"] is False and "hidden size" in status["reason"]
+        assert e.core.executor.worker is None
+    with pytest.raises(ValueError, match="train_thread"):
+        EngineConfig(model="tiny", train_thread="yes")
+
+
+def test_a_bf16_training_forwards_cast_flag_is_off_in_its_own_thread_only():
+    from peft import LoraConfig, get_peft_model
+
+    from fineinfer_jupyter.engine.precision import mixed
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)  # a plain (active adapter) inference forward: input cast to fp32
+    inside, leave = threading.Event(), threading.Event()
+
+    def training():
+        with mixed(torch.bfloat16, torch.device("cpu"), [layer]):
+            assert not layer.cast_input_dtype_enabled  # (in this thread)
+            inside.set()
+            assert leave.wait(WAIT)
+
+    t = threading.Thread(target=training)
+    t.start()
+    assert inside.wait(WAIT)
+    try:
+        assert layer.cast_input_dtype_enabled  # another thread still casts
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    finally:
+        leave.set()
+        t.join()
+
+
+class Job:
+    """A fake job for the scheduler alone (Scheduler's Training protocol)."""
+
+    active, busy = True, False
+
+    def next_tokens(self):
+        return [40] * 4
+
+    def max_examples(self):
+        return 4
+
+    def in_progress(self):
+        return None
+
+
+def test_the_worker_gets_a_whole_micro_step_unless_the_requests_fall_behind():
+    from fineinfer_jupyter.engine.config import SamplingParams, Slo
+    from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
+    from fineinfer_jupyter.engine.scheduler import Scheduler
+    from fineinfer_jupyter.engine.sequence import Sequence
+
+    costs = CostModel()
+    costs.prefill, costs.decode = LinearCost(0.0, 0.004), LinearCost(0.08, 0.0)
+    costs.train, costs.margin = LinearCost(0.0, 0.005), 1.0
+    costs.set_units([1.0, 1.0, 2.0, 2.0])
+    sched = Scheduler(policy="deferred", costs=costs)
+    sched.split_training = True
+    job = Job()
+    out = sched.schedule(0.0, job)  # nothing to serve: a whole micro-step, on the worker
+    assert (out.worker_units, out.worker_examples, out.train_units) == (4, 4, 0)
+    seq = Sequence([1] * 50, sampling=SamplingParams(max_new_tokens=8), slo=Slo(ttft=1, tpot=0.3))
+    seq.arrival = 0.0
+    sched.add(seq)
+    out = sched.schedule(0.0, job)  # served as `immediate` serves it, the worker beside
+    assert out.prefill == [[seq]] and out.worker_units == 4
+    sched.update(out, IterationResult())
+    seq.output_ids.append(5)
+    seq.token_times.append(0.2)
+    job.busy = True
+    out = sched.schedule(0.25, job)
+    assert out.decode == [seq] and out.worker_units == 0  # (the worker is busy)
+    job.busy = False
+    assert sched.schedule(0.3, job).worker_units == 4  # on its pace
+    late = sched.schedule(0.2 + 4 * 0.3, job)  # its next token is overdue
+    assert late.decode == [seq] and late.worker_units == 0
+
+
+@pytest.mark.parametrize("dtype,alone", [("float32", 2), ("bfloat16", 1)])
+def test_the_worker_trains_on_every_thread_while_nothing_is_served_in_float32(
+    tmp_path, monkeypatch, dtype, alone
+):
+    counts = []
+    original = walk.TrainingPass._unit
+
+    def unit(run, u):
+        if threading.current_thread().name == "fineinfer-train":
+            counts.append(torch.get_num_threads())
+        return original(run, u)
+
+    monkeypatch.setattr(walk.TrainingPass, "_unit", unit)
+    model = save("llama", tmp_path / "model")
+    with Engine(config(model, tmp_path / "data", dtype=dtype), thread=False) as e:
+        e.tune("herb", RECORDS, **JOB)
+        e.iterate()  # nothing to serve: the whole micro-step
+        e.core.executor.settle()
+        assert counts and set(counts) == {alone}
+        counts.clear()
+        stream = e.generate(PROMPT, max_new_tokens=4)
+        e.iterate()  # a prefill, the next micro-step beside it on one thread
+        e.core.executor.settle()
+        assert counts and set(counts) == {1}
+        drive(e, [stream])
+
+
+def test_shutdown_waits_for_the_run_in_flight_and_the_job_resumes_from_its_checkpoint(
+    tmp_path, monkeypatch
+):
+    gate = Gate(unit=1)
+    gate.install(monkeypatch)
+    e = Engine(config("tiny", tmp_path), thread=True)
+    gate.armed = True
+    job = e.tune("herb", RECORDS, **JOB)
+    assert gate.inside.wait(WAIT)
+    t, out = in_thread(e.shutdown)
+    t.join(0.5)
+    assert t.is_alive() and not out  # it waits for the run at the gate
+    gate.release.set()
+    t.join(WAIT)
+    assert out == [True]
+    with Engine(config("tiny", tmp_path), thread=False) as again:
+        record = again.job(job["id"])
+        assert record["state"] == "interrupted" and record["step"] == 0
+        assert record["checkpoint"].endswith("checkpoint-000000")
+        again.resume_job(job["id"])
+        assert train_to_end(again, job["id"])["state"] == "done"
+
+
+def test_a_training_forwards_fp32_attention_holds_in_its_own_thread_only():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from fineinfer_jupyter.engine.precision import attention_in_fp32
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.bfloat16) for _ in range(3))
+    plain = sdpa_attention_forward(module, q, k, v, None)[0]
+    upcast = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None)[0]
+    assert not torch.equal(plain, upcast.to(torch.bfloat16))  # (the test can tell them apart)
+    inside, leave = threading.Event(), threading.Event()
+
+    def training():
+        with attention_in_fp32():
+            inside.set()
+            assert leave.wait(WAIT)
+
+    t = threading.Thread(target=training)
+    t.start()
+    assert inside.wait(WAIT)
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
+
+        with torch.enable_grad():  # another thread, gradients on: unchanged
+            assert torch.equal(fns["sdpa"](module, q, k, v, None)[0], plain)
+            with attention_in_fp32():  # in this thread's own block: float32
+                assert torch.equal(fns["sdpa"](module, q, k, v, None)[0], upcast.to(q.dtype))
+    finally:
+        leave.set()
+        t.join()
