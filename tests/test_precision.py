@@ -393,40 +393,23 @@ def test_many_rows_multiply_in_counts_padded_to_a_bucket(
         assert seen == [(8, layer.packed.shape)]
 
 
-def test_inside_a_one_thread_pass_large_work_runs_on_every_thread_and_only_in_its_own_thread(
-    monkeypatch,
-):
+def test_a_one_thread_block_is_its_own_threads_and_leaves_another_threads_products_alone():
     import threading
 
-    loaded = load_model("tiny", dtype="bfloat16")
-    layer = loaded.model.model.layers[0].mlp.up_proj
-    seen, pointwise = [], torch.ops.mkldnn._linear_pointwise
-    spy = lambda *a: seen.append(torch.get_num_threads()) or pointwise(*a)  # noqa: E731
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
-    x = torch.randn(1, 40, layer.in_features, dtype=torch.bfloat16)  # (padded to 64 rows)
-    large = 40 * layer.in_features * layer.out_features  # its multiply-adds
-    elsewhere = []
+    seen = []
+
+    def elsewhere():  # a training worker's thread beside the engine thread's block
+        torch.set_num_threads(3)
+        seen.append((precision._pass.threads, torch.get_num_threads()))
+
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with torch.no_grad(), precision.fewer_threads(1):
-            layer(x)  # small work (under WIDE_MACS): the block's one thread
-            monkeypatch.setattr(precision, "WIDE_MACS", large)
-            layer(x)  # large enough: the count outside the block
-            assert torch.get_num_threads() == 1  # and back
-            with precision.wide(large):
-                assert torch.get_num_threads() == 2
-            # another thread (a training thread) is in no block: `wide` leaves its count alone
-            t = threading.Thread(target=lambda: elsewhere.append(_wide_count(large)))
+        with precision.fewer_threads(1):
+            assert precision._pass.threads == 2 and torch.get_num_threads() == 1
+            t = threading.Thread(target=elsewhere)
             t.start(), t.join()
-        layer(x)  # outside a block: as it is
-        assert seen == [1, 2, 2] and torch.get_num_threads() == 2
+        assert precision._pass.threads is None and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
-    assert elsewhere == [3]
-
-
-def _wide_count(macs: int) -> int:
-    torch.set_num_threads(3)
-    with precision.wide(macs):
-        return torch.get_num_threads()
+    assert seen == [(None, 3)]

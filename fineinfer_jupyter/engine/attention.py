@@ -15,8 +15,6 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .precision import wide
-
 NAME = "chunk_sdpa"  # config._attn_implementation of the models that use it (models.py)
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # extra arguments some families pass that change attention: soft-capping, sinks (gpt-oss)
@@ -37,14 +35,12 @@ def chunk_attention_forward(
     """transformers' sdpa attention function (same arguments, same result), split where
     `splits` says the split is exact; otherwise the "sdpa" entry of transformers' table, so
     that its overrides (a training forward's attention in float32, precision.py) hold here."""
-    b, h, q, d = query.shape
-    with wide(b * h * q * key.shape[2] * d):  # (a one-thread prefill: on every thread)
-        if not splits(query, key, attention_mask, dropout, kwargs):
-            sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]  # (its overrides: precision.attention_in_fp32)
-            return sdpa(
-                module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
-            )
-        return split_attention(query, key, value, scaling), None
+    if not splits(query, key, attention_mask, dropout, kwargs):
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]  # (with its overrides: precision.attention_in_fp32)
+        return sdpa(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    return split_attention(query, key, value, scaling), None
 
 
 def splits(query, key, mask, dropout, kwargs) -> bool:

@@ -152,10 +152,9 @@ class RowLinear(torch.nn.Linear):
         pad = -rows % ROW_BUCKET if rows > ROW_BUCKET else 0
         if pad:
             flat = torch.nn.functional.pad(flat, (0, 0, 0, pad))
-        with wide(rows * self.in_features * self.out_features):
-            y = torch.ops.mkldnn._linear_pointwise(
-                flat.contiguous(), self.packed, self.bias, "none", [], ""
-            )
+        y = torch.ops.mkldnn._linear_pointwise(
+            flat.contiguous(), self.packed, self.bias, "none", [], ""
+        )
         return (y[:rows] if pad else y).view(*x.shape[:-1], self.out_features)
 
 
@@ -229,25 +228,6 @@ def fewer_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         _pass.threads = None
-        torch.set_num_threads(threads)
-
-
-WIDE_MACS = 1 << 24  # multiply-adds: work this large uses every thread inside a one-thread pass
-
-
-@contextmanager
-def wide(macs: int) -> Iterator[None]:
-    """Inside a `fewer_threads` block, work of `macs` multiply-adds or more (a prefill's matrix
-    products and attention) on the count outside it, the rest (its elementwise ops, each a
-    parallel region too short to pay for waking the other threads) on the block's."""
-    if _pass.threads is None or macs < WIDE_MACS:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_pass.threads)
-    try:
-        yield
-    finally:
         torch.set_num_threads(threads)
 
 
