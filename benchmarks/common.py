@@ -61,8 +61,10 @@ def workload(
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    def fmt(v):  # (3 significant digits, but whole numbers from 1,000 up: never 1.03e+03)
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
