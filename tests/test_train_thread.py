@@ -293,7 +293,7 @@ def test_the_worker_wakes_an_idle_engine_thread_and_shutdown_joins_it(tmp_path):
 
 
 def choice(setting="auto", device="cpu", offload=False, threads=2, hidden=576, **kw):
-    kw = {"policy": "deferred", **kw}
+    kw = {"policy": "deferred", "dtype": torch.bfloat16, **kw}
     return train_thread_choice(
         setting, device=device, offload=offload, threads=threads, hidden=hidden, **kw
     )
@@ -308,10 +308,12 @@ def test_auto_is_on_for_a_wide_cpu_model_with_two_threads_and_says_why_not_elsew
         (dict(device="cuda"), "on cuda"),
         (dict(offload=True), "offloaded"),
         (dict(policy="immediate"), "policy 'immediate'"),
+        (dict(dtype=torch.float32), "a float32 base"),
     ]:
         on, why = choice(**kw)
         assert not on and reason in why, why
     assert choice("on", hidden=32, threads=1)[0]
+    assert choice("on", dtype=torch.float32)[0]
     assert not choice("on", device="cuda")[0]
     assert not choice("off")[0]
     with Engine(EngineConfig(model="tiny", data_dir=tmp_path), thread=False) as e:
@@ -395,10 +397,50 @@ def test_the_worker_gets_a_whole_micro_step_unless_the_requests_fall_behind():
     job.busy = True
     out = sched.schedule(0.25, job)
     assert out.decode == [seq] and out.worker_units == 0  # (the worker is busy)
+    assert not out.worker_hold  # on its pace: the run in flight goes on
     job.busy = False
     assert sched.schedule(0.3, job).worker_units == 4  # on its pace
     late = sched.schedule(0.2 + 4 * 0.3, job)  # its next token is overdue
-    assert late.decode == [seq] and late.worker_units == 0
+    assert late.decode == [seq] and late.worker_units == 0 and not late.worker_hold
+    job.busy = True
+    held = sched.schedule(0.2 + 4 * 0.3, job)  # overdue, a run in flight: it stops after its unit
+    assert held.decode == [seq] and held.worker_units == 0 and held.worker_hold
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_held_run_stops_after_its_unit_and_the_job_resumes_to_the_same_weights(
+    tmp_path, monkeypatch, dtype
+):
+    gate = Gate(unit=0)
+    gate.install(monkeypatch)
+    model = save("qwen2", tmp_path / "model")
+    adapters = {}
+    for mode in ("on", "off"):
+        with Engine(config(model, tmp_path / mode, mode, dtype=dtype), thread=False) as e:
+            job = e.tune("herb", RECORDS, **JOB)
+            if mode == "on":
+                gate.armed = True
+                e.iterate()  # nothing to serve: a whole micro-step handed to the worker
+                assert gate.inside.wait(WAIT)
+                run, worker = e.core.trainer.run, e.core.executor.worker
+                units = len(e.core.scheduler.costs.shares)
+                assert units > 2 and run.done == 0
+                worker.hold = True  # (what an iteration whose requests fell behind sets)
+                gate.release.set()
+                worker.wait()
+                assert run.done == 1 and not run.finished  # it stopped after the gated unit
+                e.core.executor.collect()
+                assert e.core.trainer.run is run and not e.core.trainer.busy
+                out = e.iterate()  # requests on time again: the rest of the same micro-step
+                assert out.worker_units == units - 1
+            done = train_to_end(e, job["id"])
+            assert done["state"] == "done" and done["step"] == JOB["max_steps"]
+            adapters[mode] = load_file(e.home / "adapters" / "herb" / "adapter_model.safetensors")
+    a, b = adapters["on"], adapters["off"]
+    assert a.keys() == b.keys()
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == "float32" else dict(rtol=2e-2, atol=1e-3)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol)
 
 
 @pytest.mark.parametrize("dtype,alone", [("float32", 2), ("bfloat16", 1)])

@@ -194,8 +194,8 @@ class EngineConfig:
     # None: an eighth of the free memory at start, at most 2 GiB; 0: no prefix cache
     prefix_cache_bytes: int | None = None
     chunked_prefill: bool = True  # False: every prompt in one pass, however long (as before)
-    # training on a thread of its own beside the engine thread (worker.py): "auto" (a wide CPU
-    # model with >= 2 threads, policy deferred), "on" or "off" (time-sliced in the engine thread)
+    # training on a thread of its own beside the engine thread (worker.py): "auto" (a wide bf16
+    # CPU model with >= 2 threads, policy deferred), "on" or "off" (time-sliced in the engine thread)
     train_thread: str = "auto"
 
     def __post_init__(self):

@@ -169,6 +169,7 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         threads=torch.get_num_threads(),
         hidden=widths(runner.config)[0],
         policy=config.policy,
+        dtype=loaded.dtype,
     )
     if split:  # (after calibration: its probes ran on the engine thread's own count)
         executor.worker = TrainWorker()

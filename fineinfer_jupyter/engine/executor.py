@@ -131,6 +131,7 @@ class Executor:
         result, start = IterationResult(), time.perf_counter()
         if self.worker is not None:  # its units' thread count, from its next unit on
             self.worker.threads = self._worker_threads(out)
+            self.worker.hold = out.worker_hold
         if out.worker_units:  # first: it runs beside this iteration's pass
             self._launch(out.worker_units, out.worker_examples)
         with self._beside_worker():
@@ -300,9 +301,9 @@ class Executor:
             return
         self._launched, sync, worker = run.done, self.runner.sync, self.worker
 
-        def compute():  # (in the worker) each unit on the count the engine thread last gave
-            seconds = []
-            while len(seconds) < units and not run.finished:
+        def compute():  # (in the worker) each unit on the count the engine thread last gave,
+            seconds = []  # until the engine thread holds it (one unit at least)
+            while len(seconds) < units and not run.finished and not (seconds and worker.hold):
                 if torch.get_num_threads() != worker.threads:
                     torch.set_num_threads(worker.threads)
                 seconds += run.run(1, sync=sync)

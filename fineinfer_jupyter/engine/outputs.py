@@ -34,6 +34,9 @@ class SchedulerOutput:
     # beside this iteration, on their own thread, and are not measured for the cost model
     worker_units: int = 0
     worker_examples: int = 0
+    # the worker's run in flight stops after the unit it is in (the requests fell behind: the
+    # engine thread serves them on every thread; the micro-step resumes later where it stopped)
+    worker_hold: bool = False
     # chunked prefill: a request in `prefill` listed here is prefilled up to this prompt
     # position only (its pass has one row; it gets no token yet)
     chunks: dict[Sequence, int] = field(default_factory=dict)

@@ -233,13 +233,16 @@ class Scheduler:
         take the engine thread's time), and the training worker, when idle, gets the rest of
         the micro-step under way or a whole new one (its size as with nothing to serve),
         unless the requests have fallen behind their targets: then the engine thread serves
-        them on every thread until they catch up (a run under way ends first)."""
+        them on every thread until they catch up (a run under way stops after its unit in
+        progress: `worker_hold`)."""
         out = self._serve(now, newcomers, running)
         on_time = [s for s in newcomers if not self.late(now, s)]
         behind = self.decode_room(now, running) < 0 or (
             bool(on_time) and self.prefill_slack(now, on_time, running) < 0
         )
-        if not training.busy and not behind:
+        if training.busy:
+            out.worker_hold = behind
+        elif not behind:
             micro = self._micro_step(training)
             out.worker_units = len(self.costs.shares) - micro.done
             out.worker_examples = micro.examples

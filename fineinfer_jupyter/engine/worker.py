@@ -39,6 +39,10 @@ class TrainWorker:
         # the worker's intra-op threads (the count is per OS thread); the engine thread changes
         # it between iterations (Executor._worker_threads), a run takes it up at its next unit
         self.threads = threads
+        # set by the engine thread (Executor.execute, from SchedulerOutput.worker_hold): the run
+        # in flight stops after its unit in progress, so that the engine thread's passes get
+        # every thread back within a unit rather than a whole micro-step
+        self.hold = False
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._future: Future | None = None  # the run handed over, until take()
         self._thread = threading.Thread(target=self._main, name="fineinfer-train", daemon=True)
@@ -102,9 +106,10 @@ def train_thread_choice(
     threads: int,
     hidden: int,
     policy: str,
+    dtype: torch.dtype,
 ) -> tuple[bool, str]:
     """(on, why) for EngineConfig.train_thread, given the engine's device, whether layers are
-    offloaded, its intra-op threads, the model's hidden size and the policy."""
+    offloaded, its intra-op threads, the model's hidden size, the policy and the base's dtype."""
     if setting == "off":
         return False, "off (setting): training time-sliced in the engine thread"
     if policy != "deferred":
@@ -119,6 +124,11 @@ def train_thread_choice(
         return False, f"auto: off ({threads} intra-op thread: none to give training)"
     if hidden < MIN_HIDDEN:
         return False, f"auto: off (hidden size {hidden} < {MIN_HIDDEN}: per-op overheads rule)"
+    if dtype == torch.float32:  # (docs/design.md, "The training worker")
+        return False, (
+            "auto: off (a float32 base: its inference on one thread beside the worker missed "
+            "targets at medium load; time-sliced on every thread it does not)"
+        )
     return True, (
         f"auto: on (CPU model {hidden} wide, {threads} threads: training on its own thread "
         "with one, inference on the rest)"

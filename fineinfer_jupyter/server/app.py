@@ -152,7 +152,7 @@ class FineInferApp(ExtensionApp):
         ["auto", "on", "off"],
         default_value="auto",
         help="""Training on a thread of its own beside the engine thread (one core each on a
-        small CPU; deferred policy). auto: on for a CPU model at least 256 wide with >= 2
+        small CPU; deferred policy). auto: on for a bf16 CPU model at least 256 wide with >= 2
         threads and no offload; off: training takes turns with inference in one thread.""",
     ).tag(config=True)
     prefix_cache_bytes = Int(
