@@ -443,10 +443,8 @@ def test_a_held_run_stops_after_its_unit_and_the_job_resumes_to_the_same_weights
         torch.testing.assert_close(a[k], b[k], **tol)
 
 
-@pytest.mark.parametrize("dtype,alone", [("float32", 2), ("bfloat16", 1)])
-def test_the_worker_trains_on_every_thread_while_nothing_is_served_in_float32(
-    tmp_path, monkeypatch, dtype, alone
-):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_worker_trains_on_every_thread_while_nothing_is_served(tmp_path, monkeypatch, dtype):
     counts = []
     original = walk.TrainingPass._unit
 
@@ -461,7 +459,7 @@ def test_the_worker_trains_on_every_thread_while_nothing_is_served_in_float32(
         e.tune("herb", RECORDS, **JOB)
         e.iterate()  # nothing to serve: the whole micro-step
         e.core.executor.settle()
-        assert counts and set(counts) == {alone}
+        assert counts and set(counts) == {2}  # (the engine's threads: config's 2)
         counts.clear()
         stream = e.generate(PROMPT, max_new_tokens=4)
         e.iterate()  # a prefill, the next micro-step beside it on one thread

@@ -337,11 +337,14 @@ class Executor:
 
     def _worker_threads(self, out: SchedulerOutput) -> int:
         """The worker's intra-op threads: one beside an inference pass; every thread of the
-        engine's when this iteration serves nothing and the base computes in float32 (whose
-        training gains from the second core: 225 against 178 tokens/s alone, measured here; a
-        bf16 micro-step does not: 271-291 on two threads, 305-321 on one)."""
+        engine's when this iteration serves nothing. float32 training gains from the second
+        core on both CPUs measured (225 against 178 tokens/s alone); bf16 did not on a Xeon
+        with AMX (271-291 on two threads, 305-321 on one) but does on a Zen 4 without AMX
+        (bf16 alone with the worker 224 tokens/s on every thread against 191 on one, 0.85x
+        against 0.72x the time-sliced engine's): every thread here, one CPU's loss against
+        the other's gain (docs/design.md, "The training worker")."""
         idle = not (out.prefill or out.decode)
-        return torch.get_num_threads() if idle and self.runner.autocast is None else 1
+        return torch.get_num_threads() if idle else 1
 
     def settle(self) -> None:
         """Wait for the worker's run in flight and end it here (before a job's state changes)."""
