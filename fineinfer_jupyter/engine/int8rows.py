@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from .config import DECODE_WEIGHTS as MODES
 from .precision import MIN_HIDDEN, PACK_SHARE, RowLinear
 
-MODES = ("auto", "int8", "base")
 MIN_GAIN = 1.05  # "auto": a shape's int8 product must be this much faster than mv at load
 K_MULTIPLE = 16  # the kernel reads each row in blocks of 16: other widths gave garbage or crashed
 TOLERANCE = 0.02  # of the largest output: the probe's check of the kernel against its reference
@@ -83,6 +83,11 @@ def measure(
     return best[0], best[1], error
 
 
+def copy_bytes(layers: list[RowLinear]) -> int:
+    """Bytes the int8 copies of these layers take: an int8 per weight, a bf16 scale per row."""
+    return sum(m.weight.numel() + 2 * m.out_features for m in layers)
+
+
 def make(
     model: torch.nn.Module,
     mode: str = "auto",
@@ -112,7 +117,7 @@ def make(
     hidden = min(m.in_features for m in taken)
     if mode == "auto" and hidden < MIN_HIDDEN:  # (tests' tiny bf16 models keep bf16's tokens)
         return f"base: layers {hidden} wide < {MIN_HIDDEN}: per-op overheads set the pace"
-    size = sum(m.weight.numel() + 2 * m.out_features for m in taken)
+    size = copy_bytes(taken)
     if available is None:
         import psutil
 
@@ -139,7 +144,7 @@ def make(
         if not taken:
             return f"base: int8 not faster than bf16 at load ({shown})"
         why = f"; one-row int8 / bf16 speed at load: {shown}"
-        size = sum(m.weight.numel() + 2 * m.out_features for m in taken)
+        size = copy_bytes(taken)
     for m in taken:
         m.int8 = copies[m]
         m.int8_from = m.weight.data_ptr()

@@ -238,18 +238,16 @@ def load_model(
         single_rows_by_mv(model)  # precision.py: a bf16 decode at batch 1 by torch.mv
         if off is None:  # (offloaded weights come and go)
             progress(prepack(model))  # precision.py: oneDNN's layout for several rows
-    decode = (
-        "base: set"
-        if decode_weights == "base"
-        else "base: int8 copies are for a bf16 model on a CPU"
-    )
-    if off is not None and decode_weights != "base":
+    copies = decode_weights != "base"  # one-row decodes' int8 copies (int8rows.py)
+    if copies and off is not None:
         decode = "base: offloaded layers' weights come and go"
-    elif quantize != "none" and decode_weights != "base":
+    elif copies and quantize != "none":
         decode = f"base: the base is quantized ({quantize})"
     elif dt == torch.bfloat16 and dev.type == "cpu":
-        decode = int8rows.make(model, decode_weights)  # one-row decodes' int8 copies
+        decode = int8rows.make(model, decode_weights)
         progress(f"decode weights {decode}")
+    else:
+        decode = "base: int8 copies are for a bf16 model on a CPU" if copies else "base: set"
     path = str(folder) if folder is not None else None
     context = max_context(model.config, tokenizer)
     return LoadedModel(model, tokenizer, name, path, dev, dt, context, off, shapes, why, decode)

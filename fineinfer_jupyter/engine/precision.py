@@ -183,24 +183,29 @@ def row_product(
     return y if bias is None else y + bias
 
 
-class _Decoding(threading.local):
-    on = False  # this thread runs a one-row decode pass (`decoding`)
+class _Switch(threading.local):
+    """A per-thread switch, off until a `_switched` block in that thread turns it on."""
 
-
-_decoding = _Decoding()
+    on = False
 
 
 @contextmanager
-def decoding(on: bool = True) -> Iterator[None]:
-    """The block is a one-row decode pass on this thread: its RowLinear products use their
-    int8 copies where int8rows.py made them (Runner.decode). Prefill, evaluation and training
-    forwards, and other threads, keep the bf16 weight."""
-    before = _decoding.on
-    _decoding.on = on
+def _switched(switch: _Switch, on: bool = True) -> Iterator[None]:
+    before, switch.on = switch.on, on
     try:
         yield
     finally:
-        _decoding.on = before
+        switch.on = before
+
+
+_decoding = _Switch()  # this thread runs a one-row decode pass (`decoding`)
+
+
+def decoding(on: bool = True):
+    """The block is a one-row decode pass on this thread: its RowLinear products use their
+    int8 copies where int8rows.py made them (Runner.decode). Prefill, evaluation and training
+    forwards, and other threads, keep the bf16 weight."""
+    return _switched(_decoding, on)
 
 
 class _Pass(threading.local):
@@ -293,7 +298,7 @@ def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
 FLOATS = {torch.bfloat16, torch.float32}
 
 
-_upcasting = threading.local()  # .on: this thread is inside attention_in_fp32
+_upcasting = _Switch()  # this thread is inside attention_in_fp32
 
 
 def _sdpa_upcast(inner: Callable) -> Callable:
@@ -305,8 +310,7 @@ def _sdpa_upcast(inner: Callable) -> Callable:
 
     def sdpa(module, query, key, value, attention_mask, *args, **kwargs):
         low = query.dtype in (torch.bfloat16, torch.float16)
-        on = getattr(_upcasting, "on", False)
-        if not (on and low and query.device.type == "cpu" and torch.is_grad_enabled()):
+        if not (_upcasting.on and low and query.device.type == "cpu" and torch.is_grad_enabled()):
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
@@ -332,11 +336,8 @@ def attention_in_fp32() -> Iterator[None]:
 
     if not getattr(fns["sdpa"], "upcasts", False):
         fns["sdpa"] = _sdpa_upcast(fns["sdpa"])
-    before, _upcasting.on = getattr(_upcasting, "on", False), True
-    try:
+    with _switched(_upcasting):
         yield
-    finally:
-        _upcasting.on = before
 
 
 class ThreadFlag:
