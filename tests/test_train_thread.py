@@ -4,12 +4,14 @@ engine with training off; training gives the same losses and weights as the time
 job and adapter changes wait for the run in flight; a failure there fails the job alone."""
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from families import save
 from safetensors.torch import load_file
+from test_training import RECORDS
 
 from fineinfer_jupyter.engine import walk
 from fineinfer_jupyter.engine.config import EngineConfig
@@ -17,12 +19,6 @@ from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.outputs import IterationResult
 from fineinfer_jupyter.engine.worker import train_thread_choice
 
-RECORDS = [
-    {"prompt": "Color of moonveil?", "completion": "Silver blue."},
-    {"prompt": "Where grows glimmerroot?", "completion": "In caves."},
-    {"prompt": "When does vesperine bloom?", "completion": "At dusk."},
-    {"prompt": "Is ashbloom safe?", "completion": "No, it burns."},
-]
 JOB = dict(
     r=8,
     lora_alpha=16,
@@ -218,6 +214,34 @@ def in_thread(fn):
     return t, out
 
 
+@contextmanager
+def in_another_thread(block, check=lambda: None):
+    """While the body runs, another thread is inside `block()`, where it ran `check()`; an
+    error there fails the test."""
+    inside, leave, errors = threading.Event(), threading.Event(), []
+
+    def target():
+        try:
+            with block():
+                check()
+                inside.set()
+                assert leave.wait(WAIT)
+        except BaseException as e:
+            errors.append(e)
+            inside.set()
+
+    t = threading.Thread(target=target)
+    t.start()
+    assert inside.wait(WAIT)
+    try:
+        assert not errors, errors
+        yield
+    finally:
+        leave.set()
+        t.join()
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("action", ["stop", "cancel", "load"])
 def test_a_job_or_adapter_change_waits_for_the_micro_step_in_flight(
     tmp_path, monkeypatch, adapter_dirs, action
@@ -336,24 +360,14 @@ def test_a_bf16_training_forwards_cast_flag_is_off_in_its_own_thread_only():
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = layer(x)  # a plain (active adapter) inference forward: input cast to fp32
-    inside, leave = threading.Event(), threading.Event()
 
-    def training():
-        with mixed(torch.bfloat16, torch.device("cpu"), [layer]):
-            assert not layer.cast_input_dtype_enabled  # (in this thread)
-            inside.set()
-            assert leave.wait(WAIT)
+    def inside():
+        assert not layer.cast_input_dtype_enabled  # (in the block's own thread)
 
-    t = threading.Thread(target=training)
-    t.start()
-    assert inside.wait(WAIT)
-    try:
+    with in_another_thread(lambda: mixed(torch.bfloat16, torch.device("cpu"), [layer]), inside):
         assert layer.cast_input_dtype_enabled  # another thread still casts
         with torch.no_grad():
             torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
-    finally:
-        leave.set()
-        t.join()
 
 
 class Job:
@@ -503,23 +517,10 @@ def test_a_training_forwards_fp32_attention_holds_in_its_own_thread_only():
     plain = sdpa_attention_forward(module, q, k, v, None)[0]
     upcast = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None)[0]
     assert not torch.equal(plain, upcast.to(torch.bfloat16))  # (the test can tell them apart)
-    inside, leave = threading.Event(), threading.Event()
-
-    def training():
-        with attention_in_fp32():
-            inside.set()
-            assert leave.wait(WAIT)
-
-    t = threading.Thread(target=training)
-    t.start()
-    assert inside.wait(WAIT)
-    try:
+    with in_another_thread(attention_in_fp32):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
 
         with torch.enable_grad():  # another thread, gradients on: unchanged
             assert torch.equal(fns["sdpa"](module, q, k, v, None)[0], plain)
             with attention_in_fp32():  # in this thread's own block: float32
                 assert torch.equal(fns["sdpa"](module, q, k, v, None)[0], upcast.to(q.dtype))
-    finally:
-        leave.set()
-        t.join()
