@@ -335,6 +335,106 @@ def test_a_bf16_prefill_takes_one_thread_only_up_to_the_size_calibration_measure
     assert fp32.one_thread_upto == 0 and fp32.prefill_seconds == {}
 
 
+@pytest.mark.parametrize("faster", [1, 2])
+def test_one_row_products_take_every_thread_only_where_calibration_measured_it_faster(
+    monkeypatch, faster
+):
+    from types import SimpleNamespace
+
+    from fineinfer_jupyter.engine import runner as runner_module
+    from fineinfer_jupyter.engine.batch import Batch
+    from fineinfer_jupyter.engine.config import SamplingParams, Slo
+    from fineinfer_jupyter.engine.runner import Runner
+    from fineinfer_jupyter.engine.sequence import Sequence
+
+    loaded = load_model("tiny", dtype="bfloat16")
+    runner = Runner(loaded.model, device=loaded.device)
+    layers = [m for m in loaded.model.modules() if isinstance(m, precision.RowLinear)]
+    small = loaded.model.model.layers[0].mlp.down_proj
+    assert layers and small.weight.numel() < precision.ROW_PARALLEL_MIN
+    now, passes, forward = [0.0], [], runner.forward
+
+    def timed(ids, **kwargs):  # a pass takes 1 s with its products spread the `faster` way
+        spread = {m.spread for m in layers}
+        assert len(spread) == 1  # every layer the same way within a pass
+        passes.append(spread.pop())
+        now[0] += 1.0 if passes[-1] == (faster == 2) else 1.5
+        return forward(ids, **kwargs)
+
+    seen, mv = [], torch.mv  # the thread count in a small layer's one-row product
+
+    def spy(w, v):
+        if w is small.weight:
+            seen.append(torch.get_num_threads())
+        return mv(w, v)
+
+    def batch_of_one() -> Batch:
+        seq = Sequence([5, 6, 7], sampling=SamplingParams(max_new_tokens=4), slo=Slo())
+        cache, mask, _ = runner.prefill([seq])
+        seq.output_ids.append(8)
+        batch = Batch()
+        batch.join([seq], cache, mask)
+        return batch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reference = runner.decode(batch_of_one())  # (as loaded: products on one thread)
+        probe = batch_of_one()
+        monkeypatch.setattr(runner, "forward", timed)
+        monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+        runner.choose_row_threads(probe, repeats=2)
+        monkeypatch.setattr(runner, "forward", forward)
+        assert passes == [False, True] * 3  # interleaved, a warm-up of each first
+        assert {m.spread for m in layers} == {faster == 2}
+        assert runner.row_threads["threads"] == faster
+        assert runner.row_threads["seconds"] == (
+            {"one": 1.0, "all": 1.5} if faster == 1 else {"one": 1.5, "all": 1.0}
+        )
+        monkeypatch.setattr(torch, "mv", spy)
+        got = runner.decode(batch_of_one())
+        assert seen == [faster] and torch.get_num_threads() == 2
+        assert torch.equal(got, reference)  # the same logits whichever way (one dot a row)
+        seen.clear()
+        torch.set_num_threads(1)  # beside the training worker (Executor._beside_worker): one
+        assert torch.equal(runner.decode(batch_of_one()), reference)
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(threads)
+    fp32 = Runner(load_model("tiny", dtype="float32").model, device=loaded.device)
+    fp32.choose_row_threads(Batch())  # float32: no RowLinear, nothing measured
+    assert fp32.row_threads == {}
+
+
+def test_the_engine_measures_the_one_row_threads_at_start_and_status_says_which(tmp_path):
+    from fineinfer_jupyter.kernel.render import status_lines
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        config = EngineConfig(model="tiny", data_dir=tmp_path, policy="immediate", dtype="bfloat16")
+        with Engine(config, thread=False) as e:
+            rows = e.status()["row_threads"]
+            layers = [
+                m for m in e.core.loaded.model.modules() if isinstance(m, precision.RowLinear)
+            ]
+            assert rows["threads"] in (1, 2) and "a one-row pass took" in rows["reason"]
+            assert {m.spread for m in layers} == {rows["threads"] == 2}
+            seconds = rows["seconds"]
+            assert (seconds["all"] * 1.05 < seconds["one"]) is (rows["threads"] == 2)
+            line = f"one-row products on {rows['threads']} thread"
+            assert any(x.startswith(line) for x in status_lines(e.status(), "url"))
+            stream = e.generate(PROMPTS[0], max_new_tokens=3, ignore_eos=True)
+            run_until_done(e, [stream])
+            assert len(stream.final["token_ids"]) == 3
+        fp32 = EngineConfig(model="tiny", data_dir=tmp_path / "f", dtype="float32")
+        with Engine(fp32, thread=False) as e:
+            assert e.status()["row_threads"] is None
+            assert not any("one-row products" in x for x in status_lines(e.status(), "url"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_bf16_model_multiplies_many_rows_by_a_prepacked_weight_until_the_weight_moves(
     monkeypatch,
 ):

@@ -104,6 +104,7 @@ def auto_cpu_dtype(
 # once built: every new prompt length paid it (docs/design.md, "Base weight formats")
 ROW_BUCKET = 32
 ROW_PARALLEL_MIN = 1 << 22  # weights this large (elements) have a one-row product on all threads
+# (smaller ones too where calibration measured that faster: RowLinear.spread)
 
 
 class RowLinear(torch.nn.Linear):
@@ -117,10 +118,14 @@ class RowLinear(torch.nn.Linear):
     more when a neighbour holds a core), so a weight under ROW_PARALLEL_MIN elements multiplies
     on the calling thread alone; a larger one (a head over a big vocabulary) uses every
     thread. Inside a one-row decode pass (`decoding`) one row multiplies by the weight's int8
-    copy where int8rows.py made one. More rows multiply by the weight's oneDNN-blocked copy
+    copy where int8rows.py made one. A small weight's one-row product runs on every thread
+    all the same where `spread` is set (Runner.choose_row_threads measured a one-row pass
+    faster so). More rows multiply by the weight's oneDNN-blocked copy
     where `prepack` made one, else (and an input that records gradients) by F.linear as
     before. The module stays an
     nn.Linear (PEFT wraps it, state_dict and offload see the same parameters)."""
+
+    spread: bool = False  # its one-row product on every thread, however small (calibration)
 
     packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight (prepack)
     packed_from: int = 0  # the data_ptr of the weight it was made from
@@ -138,7 +143,7 @@ class RowLinear(torch.nn.Linear):
             int8 = self.int8 if _decoding.on and self.weight.data_ptr() == self.int8_from else None
             if int8 is not None and x.dtype != int8[1].dtype:
                 int8 = None
-            y = row_product(self.weight, self.bias, x, int8)
+            y = row_product(self.weight, self.bias, x, int8, spread=self.spread)
             return y.view(*x.shape[:-1], self.out_features)
         if self.packed is not None and self.weight.data_ptr() == self.packed_from:
             return self._by_packed(x)
@@ -163,13 +168,16 @@ def row_product(
     bias: torch.Tensor | None,
     x: torch.Tensor,
     int8: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    spread: bool = False,
 ) -> torch.Tensor:
     """weight @ x + bias for one row x, by torch.mv, or with `int8` (an int8 copy of the weight
     and its per-row scales, int8rows.py) by torch's int8 weight-only kernel: on one thread for
-    a weight under ROW_PARALLEL_MIN, else on every thread (the count outside a `fewer_threads`
-    block)."""
+    a weight under ROW_PARALLEL_MIN unless `spread`, else on every thread (the count outside a
+    `fewer_threads` block)."""
     threads = torch.get_num_threads()
-    want = 1 if weight.numel() < ROW_PARALLEL_MIN else (_pass.threads or threads)
+    wide = spread or weight.numel() >= ROW_PARALLEL_MIN
+    want = (_pass.threads or threads) if wide else 1
     if want != threads:
         torch.set_num_threads(want)  # (~0.3 us a change)
     try:

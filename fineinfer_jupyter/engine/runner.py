@@ -31,6 +31,7 @@ class Runner:
         self.rows = any(isinstance(m, RowLinear) for m in model.modules())  # a bf16 base on a CPU
         self.one_thread_upto = 0  # tokens: prefill passes up to this size on one thread
         self.prefill_seconds: dict = {}  # choose_prefill_threads': {tokens: {1: s, None: s}}
+        self.row_threads: dict = {}  # choose_row_threads': its verdict and seconds, for status
 
     @property
     def model(self):
@@ -191,6 +192,42 @@ class Runner:
             if seconds[1] * (1 + margin) >= seconds[None]:
                 return  # the count wins here: and at every larger size
             self.one_thread_upto = tokens
+
+    def choose_row_threads(self, batch: Batch, repeats: int = 3, margin: float = 0.05) -> None:
+        """A bf16 model on a CPU (RowLinear layers): time one-row decode passes of `batch` (one
+        sequence) with the layers' one-row products on one thread and on every thread (the rest
+        of the pass on one thread either way: `decode`), best of `repeats` each, interleaved,
+        after a warm-up of each; every product runs on every thread from now on
+        (`RowLinear.spread`) if that was `margin` faster. The verdict is a machine's: on a Xeon
+        with AMX waking the other thread for each of a pass's ~200 small products cost more
+        than it gave; on a Zen 4 the pass ran 1.2x (int8 copies) to 1.4x (bf16 mv) faster on
+        two (docs/benchmarks.md, "One-row products on every thread"). Each pass extends the
+        batch's cache by a token (a calibration probe's)."""
+        layers = [m for m in self.model.modules() if isinstance(m, RowLinear)]
+        threads = torch.get_num_threads()
+        for m in layers:
+            m.spread = False
+        if not layers or threads == 1 or len(batch.seqs) != 1:
+            return
+        taken: dict[bool, list[float]] = {False: [], True: []}
+        for spread in (False, True) * (repeats + 1):
+            for m in layers:
+                m.spread = spread
+            start = time.perf_counter()
+            self.decode(batch)
+            taken[spread].append(time.perf_counter() - start)
+        seconds = {spread: min(t[1:]) for spread, t in taken.items()}  # (each one's first: warm-up)
+        chosen = seconds[True] * (1 + margin) < seconds[False]
+        for m in layers:
+            m.spread = chosen
+        self.row_threads = {
+            "threads": threads if chosen else 1,
+            "reason": (
+                f"a one-row pass took {seconds[False] * 1e3:.1f} ms with its layers' products "
+                f"on one thread, {seconds[True] * 1e3:.1f} ms on {threads} (at start)"
+            ),
+            "seconds": {"one": seconds[False], "all": seconds[True]},
+        }
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

@@ -35,6 +35,10 @@ def status_lines(status: dict, url: str) -> list[str]:
             + ")"
             f" · OpenMP waiting: {threads['wait_policy']}"
         )
+    rows = status.get("row_threads")  # (a bf16 model on a CPU: Runner.choose_row_threads)
+    if rows:
+        n = rows["threads"]
+        lines.append(f"one-row products on {n} thread{'s' if n > 1 else ''}: {rows['reason']}")
     lines.append(f"adapters: {', '.join(status.get('adapters') or []) or 'none'}")
     lacking = (status.get("features") or {}).get("lacking") or {}
     for feature, why in lacking.items():
