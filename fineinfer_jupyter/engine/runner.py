@@ -193,7 +193,7 @@ class Runner:
                 return  # the count wins here: and at every larger size
             self.one_thread_upto = tokens
 
-    def choose_row_threads(self, batch: Batch, repeats: int = 3, margin: float = 0.05) -> None:
+    def choose_row_threads(self, batch: Batch, repeats: int = 5, margin: float = 0.03) -> None:
         """A bf16 model on a CPU (RowLinear layers): time one-row decode passes of `batch` (one
         sequence) with the layers' one-row products on one thread and on every thread (the rest
         of the pass on one thread either way: `decode`), best of `repeats` each, interleaved,
