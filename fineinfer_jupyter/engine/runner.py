@@ -200,9 +200,10 @@ class Runner:
         after a warm-up of each; every product runs on every thread from now on
         (`RowLinear.spread`) if that was `margin` faster. The verdict is a machine's: on a Xeon
         with AMX waking the other thread for each of a pass's ~200 small products cost more
-        than it gave; on a Zen 4 the pass ran 1.2x (int8 copies) to 1.4x (bf16 mv) faster on
-        two (docs/benchmarks.md, "One-row products on every thread"). Each pass extends the
-        batch's cache by a token (a calibration probe's)."""
+        than it gave; on a Zen 4 a decode at batch 1 ran 1.07-1.23x (int8 copies) and
+        1.14-1.39x (bf16 mv) faster on two, and as fast beside a busy neighbour
+        (docs/benchmarks.md, "The Zen 4's ceiling, W8A8 tried, one-row products on every
+        thread"). Each pass extends the batch's cache by a token (a calibration probe's)."""
         layers = [m for m in self.model.modules() if isinstance(m, RowLinear)]
         threads = torch.get_num_threads()
         for m in layers:
