@@ -1,10 +1,10 @@
-"""What the int8 copies of one-row decodes (int8rows.py, decode_weights) cost in quality, and
-their speed per product and per decode step, in one process.
+"""What the int8 (and int4) copies of one-row decodes (int8rows.py, decode_weights) cost in
+quality, and their speed per product and per decode step, in one process.
 
 Quality: each of --records herbology records (prompt + completion, chat template) is read
 token by token through one-row decode passes (teacher forcing: every token after the first
 fed as a decode of batch 1), by the float32 model, the bf16 model ("base") and the bf16 model
-with its int8 copies ("int8"). Per setting: the mean loss (nats) of those next-token
+with its int8 copies ("int8") or its int4 copies ("int4", groups of 32). Per setting: the mean loss (nats) of those next-token
 predictions (the validation loss, computed as decodes compute it: the engine's own validation
 pass is a prefill, which keeps bf16), the mean KL divergence from float32's next-token
 distribution, the largest logit difference from float32, and the share of positions whose
@@ -12,8 +12,8 @@ top token is float32's.
 
 Speed (1 thread, process time, interleaved, best of --rounds): each linear shape of the model
 one row at a time by bf16 mv, by oneDNN's blocked bf16 copy, by the int8 kernel; and whole
-decode steps at batch 1 (the engine's threads: one, the head on every thread) with the int8
-copies on and off, the same model and cache.
+decode steps at batch 1 (one thread, the head on every thread) with the int8 copies, the int4
+copies and neither, interleaved.
 
     python benchmarks/decode_int8.py [--model default] [--records 16] [--rounds 5]
 """
@@ -73,6 +73,7 @@ def quality(models: dict, sequences) -> list[list]:
         "float32": (models["float32"], False),
         "bf16 (decode_weights=base)": (models["bf16"], False),
         "bf16 + int8 copies": (models["bf16"], True),
+        "bf16 + int4 copies": (models["int4"], True),
     }.items():
         got = [read(model, s, int8) for s in sequences]
         targets = [torch.tensor(s[1:]) for s in sequences]
@@ -124,27 +125,30 @@ def products(model, rounds: int) -> list[list]:
 
 
 @torch.no_grad()
-def steps(model, tokenizer, rounds: int, n: int = 16) -> list[list]:
+def steps(settings: dict, tokenizer, rounds: int, n: int = 16) -> list[list]:
+    """Whole one-row decode steps on one thread (as beside the training worker; the head on
+    every thread), interleaved, best of `rounds`: `settings` name -> (model, its copies on)."""
     from transformers import DynamicCache
 
     ids = tokenizer("The history of herbology begins", return_tensors="pt").input_ids
     best = {}
     for _ in range(rounds):
-        for int8 in (True, False):
+        for name, (model, copies) in settings.items():
             cache = DynamicCache(config=model.config)
             nxt = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            with precision.fewer_threads(1), precision.decoding(int8):
+            with precision.fewer_threads(1), precision.decoding(copies):
                 cpu, wall = time.process_time(), time.perf_counter()
                 for _ in range(n):
                     logits = model(input_ids=nxt, cache=cache, use_cache=True).logits
                     nxt = logits[:, -1:].argmax(-1)
                 cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-            old = best.get(int8, (float("inf"), float("inf")))
-            best[int8] = (min(old[0], cpu / n), min(old[1], wall / n))
+            old = best.get(name, (float("inf"), float("inf")))
+            best[name] = (min(old[0], cpu / n), min(old[1], wall / n))
+    base = best["bf16 (base)"][1]
     return [
-        [name, f"{best[k][1] * 1e3:.1f}", f"{best[k][0] * 1e3:.1f}", f"{1 / best[k][1]:.1f}"]
-        for name, k in (("int8 copies", True), ("bf16 (base)", False))
-    ] + [["int8 / base", f"{best[False][1] / best[True][1]:.2f}x", "", ""]]
+        [k, f"{w * 1e3:.1f}", f"{c * 1e3:.1f}", f"{1 / w:.1f}", f"{base / w:.2f}x"]
+        for k, (c, w) in best.items()
+    ]
 
 
 def main() -> None:
@@ -154,14 +158,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     bf16 = load_model(args.model, dtype="bfloat16", decode_weights="int8")
+    int4 = load_model(args.model, dtype="bfloat16", decode_weights="int4")
     fp32 = load_model(args.model, dtype="float32")
-    print(f"{args.model}: {bf16.decode_reason}; {torch.get_num_threads()} threads")
+    print(f"{args.model}: {bf16.decode_reason}; {int4.decode_reason}; "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
     print(table(["one row, 1 thread (us)", "bf16 mv", "bf16 blocked", "int8", "mv / int8"],
                 products(bf16.model, args.rounds)))  # fmt: skip
-    print(table(["decode step, batch 1", "ms (wall)", "ms (CPU)", "tok/s"],
-                steps(bf16.model, bf16.tokenizer, args.rounds)))  # fmt: skip
+    settings = {
+        "int8 copies": (bf16.model, True),
+        "int4 copies": (int4.model, True),
+        "bf16 (base)": (bf16.model, False),
+    }
+    print(table(["decode step, batch 1", "ms (wall)", "ms (CPU)", "tok/s", "/ base"],
+                steps(settings, bf16.tokenizer, args.rounds)))  # fmt: skip
     sequences = texts(bf16.tokenizer, args.records)
-    rows = quality({"float32": fp32.model, "bf16": bf16.model}, sequences)
+    rows = quality({"float32": fp32.model, "bf16": bf16.model, "int4": int4.model}, sequences)
     print(table(["one-row decodes read", "loss", "KL from fp32", "max |dlogp|", "top-1 = fp32"],
                 rows))  # fmt: skip
     print(f"({args.records} herbology records, {sum(len(s) - 1 for s in sequences)} positions)")

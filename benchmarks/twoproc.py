@@ -61,12 +61,14 @@ LLAMA_SERVER = BENCH_CACHE / "llama.cpp" / "bin" / "llama-server"
 LLAMA_CPP_PYTHON = BENCH_CACHE / "llama.cpp" / "venv" / "bin" / "python"  # WITH_PYTHON=1 build
 F32_GGUF = BENCH_CACHE / "gguf" / "SmolLM2-135M-Instruct.f32.gguf"
 LOADS = {"light": 0.3, "medium": 0.7, "overload": 0.95}
-ENGINE_SETUPS = {  # name: (policy, serve, train, dtype)
+ENGINE_SETUPS = {  # name: (policy, serve, train, dtype[, more EngineConfig fields])
     "inference alone": ("immediate", True, False, "auto"),
     "deferred": ("deferred", True, True, "auto"),
     "fineinfer": ("fineinfer", True, True, "auto"),
     "immediate": ("immediate", True, True, "auto"),
     "deferred fp32": ("deferred", True, True, "float32"),
+    # one-row decodes by int4 copies (a setting a user chooses: int8rows.py)
+    "deferred int4": ("deferred", True, True, "auto", {"decode_weights": "int4"}),
 }
 
 
@@ -390,7 +392,7 @@ def make_f32(model: str) -> Path:
 
 
 def engine_window(args, setup: str, requests, background: int, slo: Slo, params) -> dict:
-    policy, serve, train, dtype = ENGINE_SETUPS[setup]
+    policy, serve, train, dtype, *more = ENGINE_SETUPS[setup]
     gc.collect()  # the last window's engine: its memory back to the system before this one's
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with PeakRss([os.getpid()]) as peak:
@@ -404,6 +406,7 @@ def engine_window(args, setup: str, requests, background: int, slo: Slo, params)
             params,
             background,
             dtype=dtype,
+            **(more[0] if more else {}),
         )
     w["rss"] = peak.peak
     return w

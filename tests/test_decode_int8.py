@@ -100,8 +100,8 @@ def test_fp32_models_and_settings_other_than_int8_or_auto_are_untouched():
     tiny = load_model("tiny", dtype="bfloat16", decode_weights="auto")  # 64 wide
     assert tiny.decode_reason.startswith("base: layers 64 wide < 256")
     assert int8rows.int8_bytes(tiny.model) == 0
-    with pytest.raises(ValueError, match="decode_weights: must be one of auto, int8, base"):
-        EngineConfig(model="tiny", decode_weights="int4")
+    with pytest.raises(ValueError, match="decode_weights: must be one of auto, int8, int4, base"):
+        EngineConfig(model="tiny", decode_weights="int2")
 
 
 def test_auto_makes_copies_only_for_shapes_the_probe_measured_faster(tmp_path):
@@ -133,9 +133,10 @@ def test_auto_makes_copies_only_for_shapes_the_probe_measured_faster(tmp_path):
     assert mv > 0 and int8 > 0 and error < int8rows.TOLERANCE
 
 
-def decode_logits(model, ids, steps=3, *, int8, adapters=None):
+def decode_logits(model, ids, steps=3, *, int8, adapters=None, decoder=None):
     """Logits of `steps` one-row decode passes after a prefill of `ids` (next tokens fed from
-    a fixed list, so both settings see the same inputs)."""
+    a fixed list, so both settings see the same inputs); `decoder`: another model runs the
+    decode passes, on `model`'s prefill."""
     kw = {"adapter_names": adapters} if adapters else {}
     out = []
     with torch.no_grad():
@@ -144,7 +145,8 @@ def decode_logits(model, ids, steps=3, *, int8, adapters=None):
         for t in range(steps):
             nxt = torch.full((ids.shape[0], 1), 3 + 7 * t)
             with precision.decoding(int8):
-                out.append(model(input_ids=nxt, cache=cache, use_cache=True, **kw).logits)
+                step = (decoder or model)(input_ids=nxt, cache=cache, use_cache=True, **kw)
+                out.append(step.logits)
     return torch.cat(out, 1).float()
 
 
@@ -277,3 +279,120 @@ def test_a_decode_pass_on_one_thread_leaves_another_threads_forwards_in_bf16(mon
     assert len(calls) == 1  # this thread's product only
     assert torch.equal(other[0], torch.mv(layer.weight, x[0])[None])
     assert not torch.equal(mine, other[0])
+
+
+# -- int4 copies (decode_weights="int4") ---------------------------------------------------
+
+
+def int4_calls(monkeypatch) -> list:
+    calls, kernel = [], torch._weight_int4pack_mm_for_cpu
+    spy = lambda x, w, g, s: calls.append(w) or kernel(x, w, g, s)  # noqa: E731
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", spy)
+    return calls
+
+
+def as_dequantized4(model) -> torch.nn.Module:
+    """A copy of `model` whose layers with int4 copies hold their dequantized weights (in
+    bf16), without the copies: what the int4 kernel multiplies by, through the bf16 path."""
+    twin = copy.deepcopy(model)  # (a copy drops the copies)
+    for m, t in zip(model.modules(), twin.modules(), strict=True):
+        if getattr(m, "int4", None) is not None:
+            w = int8rows.dequantized4(int8rows.quantize4(m.weight)).to(torch.bfloat16)
+            t.weight = torch.nn.Parameter(w, requires_grad=False)
+    return twin
+
+
+@pytest.mark.skipif(not int8rows.kernel4(), reason="torch has no int4 kernel")
+def test_int4_copies_are_groups_of_32_and_only_one_row_decode_products_use_them(monkeypatch):
+    loaded = load_model("tiny", dtype="bfloat16", decode_weights="int4")
+    assert loaded.decode_reason.startswith("int4: ") and "groups of 32" in loaded.decode_reason
+    rows = [m for m in loaded.model.modules() if isinstance(m, precision.RowLinear)]
+    assert all(m.int4 is not None and m.int8 is None for m in rows)  # "tiny": every shape fits
+    # shapes the kernel refuses (it raises for them): outputs not a multiple of 16, inputs
+    # not a multiple of the group
+    assert not int8rows.takes4(torch.nn.Linear(64, 300).to(torch.bfloat16))
+    assert not int8rows.takes4(torch.nn.Linear(48, 64).to(torch.bfloat16))
+    layer = loaded.model.model.layers[0].mlp.down_proj
+    q, scales, zeros = int8rows.quantize4(layer.weight)
+    groups = layer.in_features // precision.INT4_GROUP
+    assert q.min() >= 0 and q.max() <= 15 and scales.shape == (layer.out_features, groups)
+    err = (int8rows.dequantized4((q, scales, zeros)) - layer.weight.float()).abs()
+    step = scales.float().repeat_interleave(precision.INT4_GROUP, 1)
+    assert (err <= step / 2 * 1.01 + 1e-6).all()  # each weight rounded to its group's step
+    assert (
+        int8rows.int4_bytes(loaded.model)
+        == sum(
+            sum(t.numel() * t.element_size() for t in m.int4)
+            for m in loaded.model.modules()
+            if getattr(m, "int4", None) is not None
+        )
+        > 0
+    )
+    calls = int4_calls(monkeypatch)
+    x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        plain = layer(x)  # outside a decode pass: mv
+        assert calls == []
+        with precision.decoding():
+            got = layer(x)
+            assert len(calls) == 1
+            layer(x.expand(1, 3, -1).contiguous())  # several rows: bf16
+            assert len(calls) == 1
+    ref = x.float() @ int8rows.dequantized4((q, scales, zeros)).T
+    torch.testing.assert_close(got.float(), ref, rtol=ROUNDING, atol=ROUNDING * ref.abs().max())
+    assert not torch.equal(got, plain)  # (4 bits: not the bf16 product)
+    x.requires_grad_()
+    with precision.decoding():
+        layer(x).sum().backward()  # records gradients: F.linear on the bf16 weight
+    assert len(calls) == 1 and x.grad is not None
+    twin = copy.deepcopy(layer)
+    assert twin.int4 is None
+    plain_model = load_model("tiny", dtype="bfloat16")
+    assert int8rows.make(plain_model.model, "int4", available=1).startswith("base: ")
+    assert int8rows.int4_bytes(plain_model.model) == 0
+
+
+@pytest.mark.skipif(not int8rows.kernel4(), reason="torch has no int4 kernel")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_decodes_one_row_by_int4_as_its_dequantized_weights_would(
+    family, tmp_path, monkeypatch
+):
+    folder = save(family, tmp_path / family)
+    model = load_model(folder, dtype="bfloat16", decode_weights="int4").model
+    taken = sum(getattr(m, "int4", None) is not None for m in model.modules())
+    assert taken
+    ids = torch.tensor([[5, 9, 11, 40, 7]])  # (the prefill by the bf16 weights, both ways)
+    reference = decode_logits(model, ids, int8=False, decoder=as_dequantized4(model))
+    calls = int4_calls(monkeypatch)
+    got = decode_logits(model, ids, int8=True)
+    assert len(calls) == 3 * taken  # every layer the kernel takes, at every step
+    diff = (got - reference).abs().max() / reference.abs().max()
+    assert diff < 0.03, f"{family}: {diff:.3f}"  # bf16 roundings of the same weights
+    bf16 = decode_logits(model, ids, int8=False)
+    assert (got - bf16).abs().max() > 0  # (the copies were used: not the bf16 weights)
+
+
+@pytest.mark.skipif(not int8rows.kernel4(), reason="torch has no int4 kernel")
+def test_the_engine_decodes_single_rows_by_int4_and_status_says_so(tmp_path, monkeypatch):
+    from fineinfer_jupyter.kernel.render import status_lines
+
+    config = EngineConfig(
+        model="tiny", data_dir=tmp_path, policy="immediate", dtype="bfloat16", decode_weights="int4"
+    )
+    with Engine(config, thread=False) as e:
+        info = e.status()["model"]
+        assert info["decode_weights"] == "int4" and info["int8_bytes"] == 0
+        assert info["int4_bytes"] == int8rows.int4_bytes(e.core.loaded.model) > 0
+        assert f"decode weights {info['decode_weights_reason']}" in status_lines(e.status(), "u")
+        calls = int4_calls(monkeypatch)
+        pair = [e.generate(p, max_new_tokens=4, ignore_eos=True) for p in PROMPTS[:2]]
+        run_until_done(e, pair)  # two rows a pass: bf16
+        assert calls == []
+        one = e.generate(PROMPTS[2], max_new_tokens=4, ignore_eos=True)
+        run_until_done(e, [one])
+        assert len(calls) > 0 and len(one.final["token_ids"]) == 4
+    fp32 = EngineConfig(model="tiny", data_dir=tmp_path / "f", decode_weights="int4")
+    with Engine(fp32, thread=False) as e:
+        info = e.status()["model"]
+        assert info["decode_weights"] == "base" and info["int4_bytes"] == 0
+        assert info["decode_weights_reason"] == "base: int4 copies are for a bf16 model on a CPU"

@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-DECODE_WEIGHTS = ("auto", "int8", "base")  # int8rows.py (which imports torch)
+DECODE_WEIGHTS = ("auto", "int8", "int4", "base")  # int8rows.py (which imports torch)
 QUANTIZE = ("none", "nf4", "int8")  # quant.py (which imports torch; this module must not)
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
 OFFLOAD_MODES = ("none", "cpu", "disk")

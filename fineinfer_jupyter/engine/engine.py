@@ -39,7 +39,7 @@ from .config import (
 )
 from .data import build_dataset, fingerprint, unchanged
 from .features import features
-from .int8rows import int8_bytes
+from .int8rows import int4_bytes, int8_bytes
 from .metrics import Metrics
 from .models import build_tiny, default_gguf, load_model
 from .outputs import IterationKind, SchedulerOutput
@@ -697,6 +697,7 @@ class Engine:
             "decode_weights": loaded.decode_reason.split(":")[0],  # "int8" | "base" (int8rows.py)
             "decode_weights_reason": loaded.decode_reason,
             "int8_bytes": int8_bytes(loaded.model),  # one-row decodes' copies (int8rows.py)
+            "int4_bytes": int4_bytes(loaded.model),  # (decode_weights="int4")
         }
         progress("calibrating")
         self.core = core.build(self.config, loaded, self.metrics)

@@ -9,6 +9,12 @@ CPU's matrix units"). At two rows it ties oneDNN's blocked bf16 product and lose
 so only one-row passes use it. The copies sit beside the bf16 weight as plain attributes of
 each `precision.RowLinear` (not parameters: state_dict, PEFT, adapters and export never see
 them); prefill, evaluation and training use the bf16 weight as before.
+
+decode_weights="int4" (asked for; "auto" never picks it) makes int4 copies instead (torch's
+`_weight_int4pack_mm_for_cpu`: a scale and a zero point per 32 weights of a row): cache-hot
+they are no faster than the int8 copies, but in a real decode step the weights stream from
+memory, where a quarter of bf16's bytes decoded 1.3-1.45x faster than the int8 copies
+(docs/benchmarks.md, "Int4 copies for one-row decodes"), at a larger error.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 import torch
 
 from .config import DECODE_WEIGHTS as MODES
-from .precision import MIN_HIDDEN, PACK_SHARE, RowLinear
+from .precision import INT4_GROUP, MIN_HIDDEN, PACK_SHARE, RowLinear
 
 MIN_GAIN = 1.05  # "auto": a shape's int8 product must be this much faster than mv at load
 K_MULTIPLE = 16  # the kernel reads each row in blocks of 16: other widths gave garbage or crashed
@@ -83,6 +89,69 @@ def measure(
     return best[0], best[1], error
 
 
+def kernel4() -> bool:
+    return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def takes4(layer: torch.nn.Linear) -> bool:
+    """The int4 kernel takes this layer's shape: its input width a multiple of INT4_GROUP, its
+    output width of 16 (the packing's block; others are refused)."""
+    return (
+        layer.in_features % INT4_GROUP == 0
+        and layer.out_features % 16 == 0
+        and layer.weight.dtype == torch.bfloat16
+    )
+
+
+def quantize4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int4 codes as int32 [out, in], bf16 scales, bf16 zero points [out, in / INT4_GROUP]):
+    asymmetric per group of INT4_GROUP weights of a row, w ~ (q - 8) x scale + zero with q in
+    0..15 (the kernel's convention), scale and zero rounded to bf16 first so that this is
+    exactly what the kernel multiplies by."""
+    w = weight.detach().float()
+    groups = w.view(w.shape[0], -1, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
+    zeros = (low + 8 * scales.float()).to(torch.bfloat16)
+    q = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8)
+    return q.clamp(0, 15).to(torch.int32).view_as(w), scales, zeros
+
+
+def pack4(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """quantize4's parts as the int4 kernel reads them: (packed weight, [groups, out, 2])."""
+    q, scales, zeros = parts
+    return (
+        torch._convert_weight_to_int4pack_for_cpu(q, 1),
+        torch.stack([scales.t(), zeros.t()], -1).contiguous(),
+    )
+
+
+def dequantized4(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight the int4 kernel multiplies by (its products' reference)."""
+    q, scales, zeros = parts
+    groups = q.float().view(q.shape[0], -1, INT4_GROUP) - 8
+    return (groups * scales.float()[..., None] + zeros.float()[..., None]).view(q.shape)
+
+
+def int4_error(parts, packed) -> float:
+    """The int4 kernel's product of a random row against its dequantized reference, over the
+    reference's largest output (a check of the kernel on this shape)."""
+    x = torch.randn(1, parts[0].shape[1], generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.bfloat16)
+    with torch.inference_mode():
+        ref = x.float() @ dequantized4(parts).T
+        got = torch._weight_int4pack_mm_for_cpu(x, packed[0], INT4_GROUP, packed[1]).float()
+    return float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+
+
+def copy_bytes4(layers: list[RowLinear]) -> int:
+    """Bytes the int4 copies of these layers take: half a byte per weight, a bf16 scale and
+    zero point per group."""
+    return sum(m.weight.numel() // 2 + 4 * (m.weight.numel() // INT4_GROUP) for m in layers)
+
+
 def copy_bytes(layers: list[RowLinear]) -> int:
     """Bytes the int8 copies of these layers take: an int8 per weight, a bf16 scale per row."""
     return sum(m.weight.numel() + 2 * m.out_features for m in layers)
@@ -104,11 +173,13 @@ def make(
         raise ValueError(f"decode_weights: must be one of {', '.join(MODES)}")
     layers = [m for m in model.modules() if isinstance(m, RowLinear)]
     for m in layers:
-        m.int8 = None
+        m.int8 = m.int4 = None
     if mode == "base":
         return "base: set"
     if not layers:
-        return "base: int8 copies are for a bf16 model on a CPU"
+        return f"base: {mode if mode == 'int4' else 'int8'} copies are for a bf16 model on a CPU"
+    if mode == "int4":
+        return _make4(layers, available)
     if not kernel():
         return "base: this torch has no int8 weight-only kernel"
     taken = [m for m in layers if takes(m)]
@@ -151,6 +222,61 @@ def make(
     return (
         f"int8: {len(taken)} of {len(layers)} linear layers' one-row decode products "
         f"({size / 2**20:.0f} MiB of copies){why}"
+    )
+
+
+def _make4(layers: list[RowLinear], available: int | None) -> str:
+    """decode_weights="int4" (asked for, not measured: 4 bits move a decode's tokens more than
+    8 do; docs/benchmarks.md, "Int4 copies for one-row decodes"): every layer whose shape the
+    kernel takes and on which it agreed with its dequantized reference at load."""
+    if not kernel4():
+        return "base: this torch has no int4 weight-only kernel"
+    taken = [m for m in layers if takes4(m)]
+    if not taken:
+        return (
+            f"base: no layer's input width is a multiple of {INT4_GROUP} and output width "
+            "of 16 (the int4 kernel's blocks)"
+        )
+    size = copy_bytes4(taken)
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    if size > PACK_SHARE * available:
+        return f"base: {size / 2**20:.0f} MiB of int4 copies > {PACK_SHARE:.0%} of available memory"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (short elementwise passes: a busy neighbour stalls each region)
+    try:
+        copies, errors = {}, {}
+        for m in taken:
+            parts = quantize4(m.weight)
+            copies[m] = pack4(parts)
+            shape = (m.out_features, m.in_features)
+            if shape not in errors:  # each shape's first layer, on its own weights
+                errors[shape] = int4_error(parts, copies[m])
+    finally:
+        torch.set_num_threads(threads)
+    wrong = sorted(shape for shape, e in errors.items() if e >= TOLERANCE)
+    taken = [m for m in taken if (m.out_features, m.in_features) not in wrong]
+    if not taken:
+        return "base: the int4 kernel disagreed with its reference on every shape"
+    for m in taken:
+        m.int4 = copies[m]
+        m.int4_from = m.weight.data_ptr()
+    why = "; ".join(f"{o}x{i} kernel wrong, bf16 kept" for o, i in wrong)
+    return (
+        f"int4: {len(taken)} of {len(layers)} linear layers' one-row decode products "
+        f"({copy_bytes4(taken) / 2**20:.0f} MiB of copies, groups of {INT4_GROUP})"
+        + (f"; {why}" if why else "")
+    )
+
+
+def int4_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the int4 copies `make` made (status: `model.int4_bytes`)."""
+    return sum(
+        sum(t.numel() * t.element_size() for t in m.int4)
+        for m in model.modules()
+        if isinstance(m, RowLinear) and m.int4 is not None
     )
 
 

@@ -238,7 +238,7 @@ def load_model(
         single_rows_by_mv(model)  # precision.py: a bf16 decode at batch 1 by torch.mv
         if off is None:  # (offloaded weights come and go)
             progress(prepack(model))  # precision.py: oneDNN's layout for several rows
-    copies = decode_weights != "base"  # one-row decodes' int8 copies (int8rows.py)
+    copies = decode_weights != "base"  # one-row decodes' int8 (int4) copies (int8rows.py)
     if copies and off is not None:
         decode = "base: offloaded layers' weights come and go"
     elif copies and quantize != "none":
@@ -247,7 +247,8 @@ def load_model(
         decode = int8rows.make(model, decode_weights)
         progress(f"decode weights {decode}")
     else:
-        decode = "base: int8 copies are for a bf16 model on a CPU" if copies else "base: set"
+        kind = "int4" if decode_weights == "int4" else "int8"
+        decode = f"base: {kind} copies are for a bf16 model on a CPU" if copies else "base: set"
     path = str(folder) if folder is not None else None
     context = max_context(model.config, tokenizer)
     return LoadedModel(model, tokenizer, name, path, dev, dt, context, off, shapes, why, decode)

@@ -104,6 +104,9 @@ def auto_cpu_dtype(
 # once built: every new prompt length paid it (docs/design.md, "Base weight formats")
 ROW_BUCKET = 32
 ROW_PARALLEL_MIN = 1 << 22  # weights this large (elements) have a one-row product on all threads
+INT4_GROUP = (
+    32  # int4 copies (int8rows.py): a scale and a zero point per this many weights of a row
+)
 # (smaller ones too where calibration measured that faster: RowLinear.spread)
 
 
@@ -131,19 +134,26 @@ class RowLinear(torch.nn.Linear):
     packed_from: int = 0  # the data_ptr of the weight it was made from
     int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 weight, scales): int8rows.py
     int8_from: int = 0  # the data_ptr of the weight they were made from
+    # (packed int4 weight, bf16 scales and zero points): int8rows.py, decode_weights="int4"
+    int4: tuple[torch.Tensor, torch.Tensor] | None = None
+    int4_from: int = 0
 
     def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) multiplies by F.linear
-        copies = ("packed", "packed_from", "int8", "int8_from")
+        copies = ("packed", "packed_from", "int8", "int8_from", "int4", "int4_from")
         return {k: v for k, v in self.__dict__.items() if k not in copies}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         if x.numel() == self.in_features:
-            int8 = self.int8 if _decoding.on and self.weight.data_ptr() == self.int8_from else None
-            if int8 is not None and x.dtype != int8[1].dtype:
-                int8 = None
-            y = row_product(self.weight, self.bias, x, int8, spread=self.spread)
+            int8 = int4 = None
+            if _decoding.on and x.dtype == torch.bfloat16:  # (the copies' scales are bf16)
+                at = self.weight.data_ptr()
+                if self.int4 is not None and at == self.int4_from:
+                    int4 = self.int4
+                elif self.int8 is not None and at == self.int8_from:
+                    int8 = self.int8
+            y = row_product(self.weight, self.bias, x, int8, int4=int4, spread=self.spread)
             return y.view(*x.shape[:-1], self.out_features)
         if self.packed is not None and self.weight.data_ptr() == self.packed_from:
             return self._by_packed(x)
@@ -169,22 +179,28 @@ def row_product(
     x: torch.Tensor,
     int8: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
+    int4: tuple[torch.Tensor, torch.Tensor] | None = None,
     spread: bool = False,
 ) -> torch.Tensor:
     """weight @ x + bias for one row x, by torch.mv, or with `int8` (an int8 copy of the weight
-    and its per-row scales, int8rows.py) by torch's int8 weight-only kernel: on one thread for
-    a weight under ROW_PARALLEL_MIN unless `spread`, else on every thread (the count outside a
-    `fewer_threads` block)."""
+    and its per-row scales, int8rows.py) by torch's int8 weight-only kernel, or with `int4` (a
+    packed int4 copy, its scales and zero points per INT4_GROUP) by its int4 one: on one
+    thread for a weight under ROW_PARALLEL_MIN unless `spread`, else on every thread (the count
+    outside a `fewer_threads` block)."""
     threads = torch.get_num_threads()
     wide = spread or weight.numel() >= ROW_PARALLEL_MIN
     want = (_pass.threads or threads) if wide else 1
     if want != threads:
         torch.set_num_threads(want)  # (~0.3 us a change)
     try:
-        if int8 is None:
-            y = torch.mv(weight, x.reshape(-1))
-        else:
+        if int4 is not None:
+            packed, scales = int4
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(1, -1), packed, INT4_GROUP, scales)
+            y = y.view(-1)
+        elif int8 is not None:
             y = torch._weight_int8pack_mm(x.reshape(1, -1), int8[0], int8[1]).view(-1)
+        else:
+            y = torch.mv(weight, x.reshape(-1))
     finally:
         if want != threads:
             torch.set_num_threads(threads)

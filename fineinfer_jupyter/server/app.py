@@ -15,7 +15,7 @@ from .host import EngineHost
 # starts (a test checks that the two agree)
 POLICIES = ("deferred", "fineinfer", "immediate", "exclusive")
 QUANTIZE = ("none", "nf4", "int8")  # engine.config.QUANTIZE, likewise
-DECODE_WEIGHTS = ("auto", "int8", "base")  # engine.config.DECODE_WEIGHTS, likewise
+DECODE_WEIGHTS = ("auto", "int8", "int4", "base")  # engine.config.DECODE_WEIGHTS, likewise
 
 
 class FineInferApp(ExtensionApp):
@@ -53,8 +53,10 @@ class FineInferApp(ExtensionApp):
         help="""Decodes of one row (batch 1) of a bfloat16 model on a CPU: "auto" multiplies
         by int8 copies of its linear weights (per-row scales; torch's int8 weight-only kernel)
         where a probe at load measures them faster, "int8" wherever the kernel takes them,
-        "base" by the bf16 weights. The copies cost half the layers' bf16 bytes again; prefill,
-        evaluation and training keep bf16 (status says which and why).""",
+        "int4" by int4 copies instead (a scale and zero point per 32 weights: faster where the
+        weights stream from memory, a larger error; never chosen by "auto"), "base" by the
+        bf16 weights. The int8 copies cost half the layers' bf16 bytes again, int4 a quarter;
+        prefill, evaluation and training keep bf16 (status says which and why).""",
     ).tag(config=True)
     data_dir = Unicode(
         None,
