@@ -161,7 +161,8 @@ class EngineConfig:
     dtype: str = "auto"
     quantize: str = "none"  # the frozen base's linear layers: "none", "nf4" or "int8" (quant.py)
     # one-row decodes of a bf16 model on a CPU: "auto" (int8 copies of its linear weights where a
-    # probe at load measures them faster), "int8" (wherever the kernel takes them), "base"
+    # probe at load measures them faster), "int8" (wherever the kernel takes them), "int4"
+    # (int4 copies instead: faster, a larger error; never "auto"'s choice), "base"
     decode_weights: str = "auto"
     data_dir: str | Path | None = (
         None  # adapters, checkpoints, jobs; default ~/.local/share/fineinfer
