@@ -211,6 +211,17 @@ def test_lora_adapters_apply_on_top_of_int8_rows_and_are_saved_without_the_copie
     assert saved and all("lora_" in k for k in saved)
 
 
+def only_one_row_decodes_call(engine, calls: list) -> None:
+    """Two answers decoded together (two rows a pass: bf16) leave the kernel's `calls` empty;
+    one answer alone (one-row passes) calls it."""
+    pair = [engine.generate(p, max_new_tokens=4, ignore_eos=True) for p in PROMPTS[:2]]
+    run_until_done(engine, pair)
+    assert calls == []
+    one = engine.generate(PROMPTS[2], max_new_tokens=4, ignore_eos=True)
+    run_until_done(engine, [one])
+    assert len(calls) > 0 and len(one.final["token_ids"]) == 4
+
+
 def test_the_engine_decodes_single_rows_by_int8_and_status_says_so(tmp_path, monkeypatch):
     config = EngineConfig(
         model="tiny", data_dir=tmp_path, policy="immediate", dtype="bfloat16", decode_weights="int8"
@@ -225,12 +236,7 @@ def test_the_engine_decodes_single_rows_by_int8_and_status_says_so(tmp_path, mon
         first = e.generate(PROMPTS[0], max_new_tokens=1)  # prefill only
         run_until_done(e, [first])
         assert calls == []
-        pair = [e.generate(p, max_new_tokens=4, ignore_eos=True) for p in PROMPTS[:2]]
-        run_until_done(e, pair)  # two rows a pass: bf16
-        assert calls == []
-        one = e.generate(PROMPTS[2], max_new_tokens=4, ignore_eos=True)
-        run_until_done(e, [one])
-        assert len(calls) > 0 and len(one.final["token_ids"]) == 4
+        only_one_row_decodes_call(e, calls)
     base = EngineConfig(
         model="tiny", data_dir=tmp_path / "b", dtype="bfloat16", decode_weights="base"
     )
@@ -384,13 +390,7 @@ def test_the_engine_decodes_single_rows_by_int4_and_status_says_so(tmp_path, mon
         assert info["decode_weights"] == "int4" and info["int8_bytes"] == 0
         assert info["int4_bytes"] == int8rows.int4_bytes(e.core.loaded.model) > 0
         assert f"decode weights {info['decode_weights_reason']}" in status_lines(e.status(), "u")
-        calls = int4_calls(monkeypatch)
-        pair = [e.generate(p, max_new_tokens=4, ignore_eos=True) for p in PROMPTS[:2]]
-        run_until_done(e, pair)  # two rows a pass: bf16
-        assert calls == []
-        one = e.generate(PROMPTS[2], max_new_tokens=4, ignore_eos=True)
-        run_until_done(e, [one])
-        assert len(calls) > 0 and len(one.final["token_ids"]) == 4
+        only_one_row_decodes_call(e, int4_calls(monkeypatch))
     fp32 = EngineConfig(model="tiny", data_dir=tmp_path / "f", decode_weights="int4")
     with Engine(fp32, thread=False) as e:
         info = e.status()["model"]

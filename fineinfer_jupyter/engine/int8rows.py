@@ -20,6 +20,8 @@ memory, where a quarter of bf16's bytes decoded 1.3-1.45x faster than the int8 c
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -189,18 +191,10 @@ def make(
     if mode == "auto" and hidden < MIN_HIDDEN:  # (tests' tiny bf16 models keep bf16's tokens)
         return f"base: layers {hidden} wide < {MIN_HIDDEN}: per-op overheads set the pace"
     size = copy_bytes(taken)
-    if available is None:
-        import psutil
-
-        available = psutil.virtual_memory().available
-    if size > PACK_SHARE * available:
-        return f"base: {size / 2**20:.0f} MiB of int8 copies > {PACK_SHARE:.0%} of available memory"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # (short elementwise passes: a busy neighbour stalls each region)
-    try:
+    if no_room := _no_room(size, available, "int8"):
+        return no_room
+    with _one_thread():
         copies = {m: quantize(m.weight) for m in taken}
-    finally:
-        torch.set_num_threads(threads)
     why = ""
     if mode == "auto":
         probe = probe or measure
@@ -225,6 +219,32 @@ def make(
     )
 
 
+def _no_room(size: int, available: int | None, kind: str) -> str | None:
+    """Why copies of `size` bytes are not made (more than PACK_SHARE of the memory available:
+    `available` bytes, psutil's reading by default), or None when they fit."""
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    if size > PACK_SHARE * available:
+        return (
+            f"base: {size / 2**20:.0f} MiB of {kind} copies > {PACK_SHARE:.0%} of available memory"
+        )
+    return None
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The block on one intra-op thread: quantizing is short elementwise passes, and a busy
+    neighbour stalls each parallel region."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _make4(layers: list[RowLinear], available: int | None) -> str:
     """decode_weights="int4" (asked for, not measured: 4 bits move a decode's tokens more than
     8 do; docs/benchmarks.md, "Int4 copies for one-row decodes"): every layer whose shape the
@@ -237,25 +257,16 @@ def _make4(layers: list[RowLinear], available: int | None) -> str:
             f"base: no layer's input width is a multiple of {INT4_GROUP} and output width "
             "of 16 (the int4 kernel's blocks)"
         )
-    size = copy_bytes4(taken)
-    if available is None:
-        import psutil
-
-        available = psutil.virtual_memory().available
-    if size > PACK_SHARE * available:
-        return f"base: {size / 2**20:.0f} MiB of int4 copies > {PACK_SHARE:.0%} of available memory"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # (short elementwise passes: a busy neighbour stalls each region)
-    try:
-        copies, errors = {}, {}
+    if no_room := _no_room(copy_bytes4(taken), available, "int4"):
+        return no_room
+    copies, errors = {}, {}
+    with _one_thread():
         for m in taken:
             parts = quantize4(m.weight)
             copies[m] = pack4(parts)
             shape = (m.out_features, m.in_features)
             if shape not in errors:  # each shape's first layer, on its own weights
                 errors[shape] = int4_error(parts, copies[m])
-    finally:
-        torch.set_num_threads(threads)
     wrong = sorted(shape for shape, e in errors.items() if e >= TOLERANCE)
     taken = [m for m in taken if (m.out_features, m.in_features) not in wrong]
     if not taken:
