@@ -383,8 +383,9 @@ def test_one_row_products_take_every_thread_only_where_calibration_measured_it_f
         probe = batch_of_one()
         monkeypatch.setattr(runner, "forward", timed)
         monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
-        runner.choose_row_threads(probe, repeats=2)
+        timed_passes = runner.choose_row_threads(probe, repeats=2)
         monkeypatch.setattr(runner, "forward", forward)
+        assert timed_passes == [1.0, 1.0]  # the chosen way's, after its warm-up: calibration's
         assert passes == [False, True] * 3  # interleaved, a warm-up of each first
         assert {m.spread for m in layers} == {faster == 2}
         assert runner.row_threads["threads"] == faster
@@ -402,7 +403,7 @@ def test_one_row_products_take_every_thread_only_where_calibration_measured_it_f
     finally:
         torch.set_num_threads(threads)
     fp32 = Runner(load_model("tiny", dtype="float32").model, device=loaded.device)
-    fp32.choose_row_threads(Batch())  # float32: no RowLinear, nothing measured
+    assert fp32.choose_row_threads(Batch()) == []  # float32: no RowLinear, nothing measured
     assert fp32.row_threads == {}
 
 

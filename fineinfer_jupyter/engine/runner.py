@@ -193,7 +193,9 @@ class Runner:
                 return  # the count wins here: and at every larger size
             self.one_thread_upto = tokens
 
-    def choose_row_threads(self, batch: Batch, repeats: int = 5, margin: float = 0.03) -> None:
+    def choose_row_threads(
+        self, batch: Batch, repeats: int = 5, margin: float = 0.03
+    ) -> list[float]:
         """A bf16 model on a CPU (RowLinear layers): time one-row decode passes of `batch` (one
         sequence) with the layers' one-row products on one thread and on every thread (the rest
         of the pass on one thread either way: `decode`), best of `repeats` each, interleaved,
@@ -203,13 +205,15 @@ class Runner:
         than it gave; on a Zen 4 a decode at batch 1 ran 1.07-1.23x (int8 copies) and
         1.14-1.39x (bf16 mv) faster on two, and as fast beside a busy neighbour
         (docs/benchmarks.md, "The Zen 4's ceiling, W8A8 tried, one-row products on every
-        thread"). Each pass extends the batch's cache by a token (a calibration probe's)."""
+        thread"). Each pass extends the batch's cache by a token (a calibration probe's).
+        Returns the seconds of the timed passes made the chosen way ([] if none were timed):
+        calibration's decode timings, so that start-up runs no more passes than this."""
         layers = [m for m in self.model.modules() if isinstance(m, RowLinear)]
         threads = torch.get_num_threads()
         for m in layers:
             m.spread = False
         if not layers or threads == 1 or len(batch.seqs) != 1:
-            return
+            return []
         taken: dict[bool, list[float]] = {False: [], True: []}
         for spread in (False, True) * (repeats + 1):
             for m in layers:
@@ -229,6 +233,7 @@ class Runner:
             ),
             "seconds": {"one": seconds[False], "all": seconds[True]},
         }
+        return taken[chosen][1:]
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
