@@ -12,10 +12,11 @@ top token is float32's.
 
 Speed (1 thread, process time, interleaved, best of --rounds): each linear shape of the model
 one row at a time by bf16 mv, by oneDNN's blocked bf16 copy, by the int8 kernel; and whole
-decode steps at batch 1 (one thread, the head on every thread) with the int8 copies, the int4
-copies and neither, interleaved.
+decode steps at batch 1, 2 and 4 (--batches; one thread, a one-row step's head on every thread)
+with the int8 copies, the int4 copies and neither, interleaved (a step of several rows by the
+copies only up to the rows the load measured them faster for: RowLinear.copy_rows).
 
-    python benchmarks/decode_int8.py [--model default] [--records 16] [--rounds 5]
+    python benchmarks/decode_int8.py [--model default] [--records 16] [--rounds 5] [--batches 1,2,4]
 """
 
 from __future__ import annotations
@@ -125,12 +126,16 @@ def products(model, rounds: int) -> list[list]:
 
 
 @torch.no_grad()
-def steps(settings: dict, tokenizer, rounds: int, n: int = 16) -> list[list]:
-    """Whole one-row decode steps on one thread (as beside the training worker; the head on
-    every thread), interleaved, best of `rounds`: `settings` name -> (model, its copies on)."""
+def steps(settings: dict, tokenizer, rounds: int, n: int = 16, batch: int = 1) -> list[list]:
+    """Whole decode steps of `batch` rows on one thread (as beside the training worker; a
+    one-row step's head on every thread), interleaved, best of `rounds`: `settings` name ->
+    (model, its copies on). A step of several rows multiplies by the copies where the load
+    measured them faster for that many rows (RowLinear.copy_rows), else by the blocked bf16
+    copy."""
     from transformers import DynamicCache
 
     ids = tokenizer("The history of herbology begins", return_tensors="pt").input_ids
+    ids = ids.expand(batch, -1)
     best = {}
     for _ in range(rounds):
         for name, (model, copies) in settings.items():
@@ -156,7 +161,9 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--records", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batches", default="1,2,4", help="decode steps of these many rows")
     args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
     bf16 = load_model(args.model, dtype="bfloat16", decode_weights="int8")
     int4 = load_model(args.model, dtype="bfloat16", decode_weights="int4")
     fp32 = load_model(args.model, dtype="float32")
@@ -169,8 +176,9 @@ def main() -> None:
         "int4 copies": (int4.model, True),
         "bf16 (base)": (bf16.model, False),
     }
-    print(table(["decode step, batch 1", "ms (wall)", "ms (CPU)", "tok/s", "/ base"],
-                steps(settings, bf16.tokenizer, args.rounds)))  # fmt: skip
+    for batch in args.batches:
+        print(table([f"decode step, batch {batch}", "ms (wall)", "ms (CPU)", "steps/s", "/ base"],
+                    steps(settings, bf16.tokenizer, args.rounds, batch=batch)))  # fmt: skip
     sequences = texts(bf16.tokenizer, args.records)
     rows = quality({"float32": fp32.model, "bf16": bf16.model, "int4": int4.model}, sequences)
     print(table(["one-row decodes read", "loss", "KL from fp32", "max |dlogp|", "top-1 = fp32"],

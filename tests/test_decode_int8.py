@@ -1,4 +1,5 @@
-"""Int8 weight-only copies for one-row decode passes of a bf16 model on a CPU (int8rows.py)."""
+"""Int8 (int4) weight-only copies for decode passes of a bf16 model on a CPU (int8rows.py): one
+row, and a few rows where the load measured them faster."""
 
 import copy
 
@@ -151,14 +152,18 @@ def decode_logits(model, ids, steps=3, *, int8, adapters=None, decoder=None):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_family_decodes_one_row_by_int8_with_logits_close_to_bf16s(
-    family, tmp_path, monkeypatch
+@pytest.mark.parametrize("rows", [1, 2])
+def test_every_family_decodes_by_int8_copies_with_logits_close_to_bf16s(
+    family, rows, tmp_path, monkeypatch
 ):
     folder = save(family, tmp_path / family)
     loaded = load_model(folder, dtype="bfloat16", decode_weights="int8")
     model = loaded.model
+    for m in model.modules():
+        if isinstance(m, precision.RowLinear):
+            m.copy_rows = rows  # (2: as if the load had measured two rows faster)
     calls = int8_calls(monkeypatch)
-    ids = torch.tensor([[5, 9, 11, 40, 7]])
+    ids = torch.tensor([[5, 9, 11, 40, 7], [2, 4, 6, 8, 10]][:rows])
     bf16 = decode_logits(model, ids, int8=False)
     assert calls == []
     got = decode_logits(model, ids, int8=True)
@@ -359,15 +364,20 @@ def test_int4_copies_are_groups_of_32_and_only_one_row_decode_products_use_them(
 
 
 @pytest.mark.skipif(not int8rows.kernel4(), reason="torch has no int4 kernel")
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_family_decodes_one_row_by_int4_as_its_dequantized_weights_would(
-    family, tmp_path, monkeypatch
+def test_every_family_decodes_by_int4_copies_as_its_dequantized_weights_would(
+    family, rows, tmp_path, monkeypatch
 ):
     folder = save(family, tmp_path / family)
     model = load_model(folder, dtype="bfloat16", decode_weights="int4").model
     taken = sum(getattr(m, "int4", None) is not None for m in model.modules())
     assert taken
-    ids = torch.tensor([[5, 9, 11, 40, 7]])  # (the prefill by the bf16 weights, both ways)
+    for m in model.modules():
+        if isinstance(m, precision.RowLinear):
+            m.copy_rows = rows  # (3: as if the load had measured three rows faster)
+    ids = torch.tensor([[5, 9, 11, 40, 7], [1, 2, 3, 4, 5], [8, 8, 8, 8, 8]][:rows])
+    # (the prefill by the bf16 weights, both ways)
     reference = decode_logits(model, ids, int8=False, decoder=as_dequantized4(model))
     calls = int4_calls(monkeypatch)
     got = decode_logits(model, ids, int8=True)
@@ -396,3 +406,104 @@ def test_the_engine_decodes_single_rows_by_int4_and_status_says_so(tmp_path, mon
         info = e.status()["model"]
         assert info["decode_weights"] == "base" and info["int4_bytes"] == 0
         assert info["decode_weights_reason"] == "base: int4 copies are for a bf16 model on a CPU"
+
+
+# -- decode passes of a few rows by the copies (RowLinear.copy_rows) ----------------------
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_decode_of_up_to_copy_rows_rows_multiplies_by_the_copies_and_more_rows_by_bf16(
+    kind, monkeypatch
+):
+    if kind == "int4" and not int8rows.kernel4():
+        pytest.skip("torch has no int4 kernel")
+    loaded = load_model("tiny", dtype="bfloat16", decode_weights=kind)
+    layer = loaded.model.model.layers[0].mlp.up_proj
+    assert layer.copy_rows == 1  # (64 wide: not measured, one row only)
+    if kind == "int4":
+        calls, weight = (
+            int4_calls(monkeypatch),
+            int8rows.dequantized4(int8rows.quantize4(layer.weight)),
+        )
+    else:
+        calls, weight = int8_calls(monkeypatch), int8rows.dequantized(layer.int8)
+    layer.copy_rows = 4
+    x = torch.randn(2, 2, layer.in_features, dtype=torch.bfloat16)  # a batch of 2 x 2 rows
+    with torch.no_grad():
+        plain = layer(x)  # outside a decode pass: the blocked bf16 copy
+        assert calls == []
+        with precision.decoding():
+            got = layer(x)
+            assert len(calls) == 1 and got.shape == (2, 2, layer.out_features)
+            five = torch.randn(5, 1, layer.in_features, dtype=torch.bfloat16)
+            layer(five)  # more than copy_rows rows: bf16
+            assert len(calls) == 1
+        layer.copy_rows = 1
+        with precision.decoding():
+            layer(x)  # one row only: bf16 for four
+            assert len(calls) == 1
+    ref = x.float() @ weight.T
+    torch.testing.assert_close(got.float(), ref, rtol=ROUNDING, atol=ROUNDING * ref.abs().max())
+    assert not torch.equal(got, plain)
+
+
+def test_copy_rows_keeps_each_count_measured_faster_and_every_smaller_one():
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    precision.single_rows_by_mv(model)
+    precision.prepack(model)
+    reason = int8rows.make(model, "int8")
+    layers = [m for m in model.modules() if isinstance(m, precision.RowLinear)]
+    rows = {m.copy_rows for m in layers}
+    assert len(rows) == 1 and reason.startswith("int8: ")
+    (chosen,) = rows
+    # "... (the copies' speed over bf16's at load: 2 rows 1.13x, 4 rows 0.78x)": the counts
+    # tried in order, each kept one MIN_GAIN faster, the first that was not ends the trials
+    shown = reason.split("at load: ")[-1].rstrip(")").split(", ")
+    gains = {int(s.split(" rows ")[0]): float(s.split(" rows ")[1][:-1]) for s in shown}
+    assert list(gains) == list(int8rows.ROWS_TRIED[: len(gains)])
+    kept = [n for n, g in gains.items() if g >= int8rows.MIN_GAIN]
+    assert kept == list(gains)[: len(kept)]  # (the first miss stops)
+    assert chosen == max(kept, default=1)
+    assert len(kept) == len(gains) or len(gains) == len(kept) + 1
+    assert f"passes of up to {chosen} rows" in reason or (
+        chosen == 1 and "one-row passes only" in reason
+    )
+
+
+@pytest.mark.skipif(not int8rows.kernel4(), reason="torch has no int4 kernel")
+def test_the_engine_decodes_a_few_rows_together_by_the_copies_as_it_decodes_each_alone(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(int8rows, "copy_rows", lambda layers: (4, "as the test says"))
+    config = EngineConfig(
+        model="tiny", data_dir=tmp_path, policy="immediate", dtype="bfloat16", decode_weights="int4"
+    )
+    with Engine(config, thread=False) as e:
+        reason = e.status()["model"]["decode_weights_reason"]
+        assert "passes of up to 4 rows (as the test says)" in reason
+        alone = []
+        for p in PROMPTS[:3]:
+            one = e.generate(p, max_new_tokens=5, ignore_eos=True)
+            run_until_done(e, [one])
+            alone.append(one.final["token_ids"])
+            rows, kernel = [], torch._weight_int4pack_mm_for_cpu
+        spy = lambda x, w, g, s: rows.append(x.shape[0]) or kernel(x, w, g, s)  # noqa: E731
+        monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", spy)
+        three = [e.generate(p, max_new_tokens=5, ignore_eos=True) for p in PROMPTS[:3]]
+        run_until_done(e, three)
+        assert [s.final["token_ids"] for s in three] == alone
+        assert rows and set(rows) == {3}  # every decode pass: three rows, by the copies
+        rows.clear()
+        five = [e.generate(p, max_new_tokens=3, ignore_eos=True) for p in PROMPTS + ["x y"]]
+        run_until_done(e, five)
+        # five rows a pass, more than copy_rows: by the bf16 weights
+        assert rows == [] and all(len(s.final["token_ids"]) == 3 for s in five)

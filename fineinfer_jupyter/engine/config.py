@@ -160,9 +160,10 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "none"  # the frozen base's linear layers: "none", "nf4" or "int8" (quant.py)
-    # one-row decodes of a bf16 model on a CPU: "auto" (int8 copies of its linear weights where a
-    # probe at load measures them faster), "int8" (wherever the kernel takes them), "int4"
-    # (int4 copies instead: faster, a larger error; never "auto"'s choice), "base"
+    # decodes of a bf16 model on a CPU (one row; a few where int8rows.copy_rows measured them
+    # faster): "auto" (int8 copies of its linear weights where a probe at load measures them
+    # faster), "int8" (wherever the kernel takes them), "int4" (int4 copies instead: faster, a
+    # larger error; never "auto"'s choice), "base"
     decode_weights: str = "auto"
     data_dir: str | Path | None = (
         None  # adapters, checkpoints, jobs; default ~/.local/share/fineinfer

@@ -1,12 +1,14 @@
-"""Int8 weight-only copies of a bf16 base's linear weights for one-row decode passes on a CPU
-(EngineConfig.decode_weights; docs/design.md, "Base weight formats").
+"""Int8 weight-only copies of a bf16 base's linear weights for decode passes on a CPU (one row,
+and a few where measured faster; EngineConfig.decode_weights; docs/design.md, "Base weight
+formats").
 
 A decode at batch 1 multiplies one row by every weight: torch's bf16 `mv` computes a float32
 dot product per output row and is compute-bound, while its int8 weight-only kernel
 (`torch._weight_int8pack_mm`: int8 weights, one bf16 scale per output row, bf16 activations)
 reads half the bytes and ran 1.4-1.5x faster on one thread (docs/benchmarks.md, "bf16 on the
-CPU's matrix units"). At two rows it ties oneDNN's blocked bf16 product and loses from four,
-so only one-row passes use it. The copies sit beside the bf16 weight as plain attributes of
+CPU's matrix units"). At two rows it about ties oneDNN's blocked bf16 product and loses from
+four: a decode pass of several rows uses the copies only up to the count measured faster at
+load (`copy_rows`; for the int4 copies four rows or more on the Zen 4). The copies sit beside the bf16 weight as plain attributes of
 each `precision.RowLinear` (not parameters: state_dict, PEFT, adapters and export never see
 them); prefill, evaluation and training use the bf16 weight as before.
 
@@ -26,9 +28,12 @@ from contextlib import contextmanager
 import torch
 
 from .config import DECODE_WEIGHTS as MODES
-from .precision import INT4_GROUP, MIN_HIDDEN, PACK_SHARE, RowLinear
+from .precision import INT4_GROUP, MIN_HIDDEN, PACK_SHARE, RowLinear, decoding
 
 MIN_GAIN = 1.05  # "auto": a shape's int8 product must be this much faster than mv at load
+# (and copy_rows: the copies' products of several rows, than the blocked bf16 copy's)
+ROWS_TRIED = (2, 4, 8)  # decode passes of this many rows may multiply by the copies too
+SAMPLE_BYTES = 256 << 20  # copy_rows times the first layers up to this many bytes of bf16 weights
 K_MULTIPLE = 16  # the kernel reads each row in blocks of 16: other widths gave garbage or crashed
 TOLERANCE = 0.02  # of the largest output: the probe's check of the kernel against its reference
 
@@ -166,7 +171,7 @@ def make(
     available: int | None = None,
     probe=None,
 ) -> str:
-    """Give the model's RowLinear layers int8 copies for one-row decode passes where `mode`
+    """Give the model's RowLinear layers int8 copies for decode passes (copy_rows) where `mode`
     asks ("int8": every layer the kernel takes; "auto": those whose shape measured MIN_GAIN
     faster at load; "base": none), while the copies fit in PACK_SHARE of the memory available
     (`available` bytes; psutil's reading by default). Returns "int8: ..." or "base: ..." with
@@ -214,8 +219,8 @@ def make(
         m.int8 = copies[m]
         m.int8_from = m.weight.data_ptr()
     return (
-        f"int8: {len(taken)} of {len(layers)} linear layers' one-row decode products "
-        f"({size / 2**20:.0f} MiB of copies){why}"
+        f"int8: {len(taken)} of {len(layers)} linear layers' decode products "
+        f"({size / 2**20:.0f} MiB of copies){why}; {_rows(taken)}"
     )
 
 
@@ -274,12 +279,74 @@ def _make4(layers: list[RowLinear], available: int | None) -> str:
     for m in taken:
         m.int4 = copies[m]
         m.int4_from = m.weight.data_ptr()
-    why = "; ".join(f"{o}x{i} kernel wrong, bf16 kept" for o, i in wrong)
+    why = "".join(f"; {o}x{i} kernel wrong, bf16 kept" for o, i in wrong)
     return (
-        f"int4: {len(taken)} of {len(layers)} linear layers' one-row decode products "
-        f"({copy_bytes4(taken) / 2**20:.0f} MiB of copies, groups of {INT4_GROUP})"
-        + (f"; {why}" if why else "")
+        f"int4: {len(taken)} of {len(layers)} linear layers' decode products "
+        f"({copy_bytes4(taken) / 2**20:.0f} MiB of copies, groups of {INT4_GROUP}){why}; "
+        + _rows(taken)
     )
+
+
+def _rows(taken: list[RowLinear]) -> str:
+    """Set the layers' `copy_rows` (copy_rows' measure) and say it, for status."""
+    rows, why = copy_rows(taken)
+    for m in taken:
+        m.copy_rows = rows
+    if rows == 1:
+        return f"one-row passes only ({why})"
+    return f"passes of up to {rows} rows ({why})"
+
+
+def copy_rows(layers: list[RowLinear], repeats: int = 3) -> tuple[int, str]:
+    """The most rows a decode pass multiplies by the layers' copies (1, or one of ROWS_TRIED),
+    and why. A few rows by the blocked bf16 copy cost about one row's time on the matrix units,
+    while the copies' kernels cost about a row's time per row, on fewer bytes: on the Zen 4 the
+    int4 copies of every decoder layer took 0.38x the blocked copy's time at two rows, 0.71x at
+    four and 1.1x at six, the int8 copies 0.85x at two and 1.4x at four (docs/benchmarks.md,
+    "Copies for decodes of a few rows"); a CPU with AMX multiplies rows faster still. So it is
+    measured: the products of the first layers (in the model's order, up to SAMPLE_BYTES of
+    bf16 weights: more than a cache holds, so that the weights stream from memory as in a
+    decode pass) of random rows inside `decoding`, by the copies and by the path the pass
+    takes otherwise, on one thread, the best of `repeats` interleaved rounds of process time
+    after a warm-up of each; a count is kept where the copies were MIN_GAIN faster, and every
+    smaller count too. Layers under MIN_HIDDEN wide (the tests' tiny models: per-op overheads
+    set the pace) keep one row, unmeasured."""
+    narrow = min((m.in_features for m in layers), default=0)
+    if narrow < MIN_HIDDEN:
+        return 1, f"layers {narrow} wide < {MIN_HIDDEN}: not measured"
+    sample, size = [], 0
+    for m in layers:
+        if size >= SAMPLE_BYTES:
+            break
+        sample.append(m)
+        size += m.weight.numel() * m.weight.element_size()
+    chosen, shown = 1, []
+    with _one_thread(), torch.inference_mode(), decoding():
+        for rows in ROWS_TRIED:
+            gen = torch.Generator().manual_seed(rows)
+            xs = {
+                m.in_features: torch.randn(rows, m.in_features, generator=gen).bfloat16()
+                for m in sample
+            }
+            best = {}
+            for by_copies in (True, False) * (repeats + 1):
+                for m in sample:
+                    m.copy_rows = rows if by_copies else 1
+                start = time.process_time()
+                for m in sample:
+                    m(xs[m.in_features])
+                seconds = time.process_time() - start
+                best.setdefault(by_copies, [])
+                best[by_copies].append(seconds)
+            copies, bf16 = (min(best[k][1:]) for k in (True, False))  # (first: warm-up)
+            gain = bf16 / max(copies, 1e-9)
+            shown.append(f"{rows} rows {gain:.2f}x")
+            if gain < MIN_GAIN:
+                break
+            chosen = rows
+    for m in sample:
+        m.copy_rows = 1
+    return chosen, f"the copies' speed over bf16's at load: {', '.join(shown)}"
 
 
 def int4_bytes(model: torch.nn.Module) -> int:

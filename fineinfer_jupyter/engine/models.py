@@ -62,7 +62,7 @@ class LoadedModel:
     offload: LayerOffload | None = None  # the decoder layers over the memory budget, if any
     shapes: dict[str, tuple] | None = None  # every parameter's shape as loaded (offloaded too)
     dtype_reason: str = ""  # how the dtype was chosen (status, the sidebar; precision.py)
-    decode_reason: str = "base: set"  # the weights one-row decodes use, and why (int8rows.py)
+    decode_reason: str = "base: set"  # the weights decodes use, and why (int8rows.py)
 
     def __post_init__(self):
         if self.shapes is None:
@@ -238,7 +238,7 @@ def load_model(
         single_rows_by_mv(model)  # precision.py: a bf16 decode at batch 1 by torch.mv
         if off is None:  # (offloaded weights come and go)
             progress(prepack(model))  # precision.py: oneDNN's layout for several rows
-    copies = decode_weights != "base"  # one-row decodes' int8 (int4) copies (int8rows.py)
+    copies = decode_weights != "base"  # decodes' int8 (int4) copies (int8rows.py)
     if copies and off is not None:
         decode = "base: offloaded layers' weights come and go"
     elif copies and quantize != "none":

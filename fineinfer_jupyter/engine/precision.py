@@ -120,8 +120,8 @@ class RowLinear(torch.nn.Linear):
     each wakes the sleeping OpenMP workers, which costs more than a layer's product saves (far
     more when a neighbour holds a core), so a weight under ROW_PARALLEL_MIN elements multiplies
     on the calling thread alone; a larger one (a head over a big vocabulary) uses every
-    thread. Inside a one-row decode pass (`decoding`) one row multiplies by the weight's int8
-    copy where int8rows.py made one. A small weight's one-row product runs on every thread
+    thread. Inside a decode pass (`decoding`) one row multiplies by the weight's int8 (int4)
+    copy where int8rows.py made one, and so do up to `copy_rows` rows (measured at load). A small weight's one-row product runs on every thread
     all the same where `spread` is set (Runner.choose_row_threads measured a one-row pass
     faster so). More rows multiply by the weight's oneDNN-blocked copy
     where `prepack` made one, else (and an input that records gradients) by F.linear as
@@ -129,6 +129,9 @@ class RowLinear(torch.nn.Linear):
     nn.Linear (PEFT wraps it, state_dict and offload see the same parameters)."""
 
     spread: bool = False  # its one-row product on every thread, however small (calibration)
+    # a decode pass of up to this many rows multiplies by the copies below (int8rows.copy_rows
+    # measures it at load; one row: only a decode at batch 1)
+    copy_rows: int = 1
 
     packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight (prepack)
     packed_from: int = 0  # the data_ptr of the weight it was made from
@@ -145,19 +148,33 @@ class RowLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return torch.nn.functional.linear(x, self.weight, self.bias)
-        if x.numel() == self.in_features:
-            int8 = int4 = None
-            if _decoding.on and x.dtype == torch.bfloat16:  # (the copies' scales are bf16)
-                at = self.weight.data_ptr()
-                if self.int4 is not None and at == self.int4_from:
-                    int4 = self.int4
-                elif self.int8 is not None and at == self.int8_from:
-                    int8 = self.int8
+        rows = x.numel() // self.in_features
+        if rows == 1:
+            int8, int4 = self._copies(x)
             y = row_product(self.weight, self.bias, x, int8, int4=int4, spread=self.spread)
             return y.view(*x.shape[:-1], self.out_features)
+        if 0 < rows <= self.copy_rows:  # a decode pass of a few rows: by the copies too
+            int8, int4 = self._copies(x)
+            if int8 is not None or int4 is not None:
+                y = copy_product(x.reshape(rows, self.in_features), int8, int4)
+                y = y if self.bias is None else y + self.bias
+                return y.view(*x.shape[:-1], self.out_features)
         if self.packed is not None and self.weight.data_ptr() == self.packed_from:
             return self._by_packed(x)
         return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def _copies(self, x: torch.Tensor) -> tuple:
+        """(int8 copy, int4 copy) a decode pass's product by this layer multiplies by (one of
+        them, or neither): none outside a `decoding` block, for a non-bf16 input (the copies'
+        scales are bf16), or where the weight moved since they were made."""
+        if not (_decoding.on and x.dtype == torch.bfloat16):
+            return None, None
+        at = self.weight.data_ptr()
+        if self.int4 is not None and at == self.int4_from:
+            return None, self.int4
+        if self.int8 is not None and at == self.int8_from:
+            return self.int8, None
+        return None, None
 
     def _by_packed(self, x: torch.Tensor) -> torch.Tensor:
         """x's rows times the blocked copy, their count padded up to a multiple of ROW_BUCKET
@@ -193,18 +210,27 @@ def row_product(
     if want != threads:
         torch.set_num_threads(want)  # (~0.3 us a change)
     try:
-        if int4 is not None:
-            packed, scales = int4
-            y = torch._weight_int4pack_mm_for_cpu(x.reshape(1, -1), packed, INT4_GROUP, scales)
-            y = y.view(-1)
-        elif int8 is not None:
-            y = torch._weight_int8pack_mm(x.reshape(1, -1), int8[0], int8[1]).view(-1)
+        if int4 is not None or int8 is not None:
+            y = copy_product(x.reshape(1, -1), int8, int4).view(-1)
         else:
             y = torch.mv(weight, x.reshape(-1))
     finally:
         if want != threads:
             torch.set_num_threads(threads)
     return y if bias is None else y + bias
+
+
+def copy_product(
+    x: torch.Tensor,
+    int8: tuple[torch.Tensor, torch.Tensor] | None,
+    int4: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """x's rows ([rows, in], bf16) times a weight's int4 copy (its packed codes, its scales and
+    zero points per INT4_GROUP) if given, else its int8 copy (int8 weight, per-row scales), by
+    torch's weight-only kernels (int8rows.py): [rows, out], no bias."""
+    if int4 is not None:
+        return torch._weight_int4pack_mm_for_cpu(x, int4[0], INT4_GROUP, int4[1])
+    return torch._weight_int8pack_mm(x, int8[0], int8[1])
 
 
 class _Switch(threading.local):
@@ -226,9 +252,10 @@ _decoding = _Switch()  # this thread runs a one-row decode pass (`decoding`)
 
 
 def decoding(on: bool = True):
-    """The block is a one-row decode pass on this thread: its RowLinear products use their
-    int8 copies where int8rows.py made them (Runner.decode). Prefill, evaluation and training
-    forwards, and other threads, keep the bf16 weight."""
+    """The block is a decode pass on this thread: its RowLinear products of one row, and of up
+    to each layer's `copy_rows` rows, use their int8 (int4) copies where int8rows.py made them
+    (Runner.decode). Prefill, evaluation and training forwards, and other threads, keep the
+    bf16 weight."""
     return _switched(_decoding, on)
 
 

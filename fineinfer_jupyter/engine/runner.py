@@ -147,8 +147,9 @@ class Runner:
         # one row of a bf16 model: one thread (precision.py; not with a training unit in
         # between, which keeps every thread)
         one = self.rows and len(seqs) == 1
-        # (and its products by int8 copies where int8rows.py made them)
-        with fewer_threads(1 if one and also is None else None), decoding(one):
+        # (and its products, of one row or of a few, by int8 (int4) copies where int8rows.py
+        # made them and measured them faster for that many rows: RowLinear.copy_rows)
+        with fewer_threads(1 if one and also is None else None), decoding(self.rows):
             logits = self.forward(
                 ids,
                 mask=mask,

@@ -50,7 +50,8 @@ class FineInferApp(ExtensionApp):
     decode_weights = Enum(
         DECODE_WEIGHTS,
         default_value="auto",
-        help="""Decodes of one row (batch 1) of a bfloat16 model on a CPU: "auto" multiplies
+        help="""Decodes of a bfloat16 model on a CPU (of one row, and of a few rows where a
+        measurement at load finds the copies faster for them): "auto" multiplies
         by int8 copies of its linear weights (per-row scales; torch's int8 weight-only kernel)
         where a probe at load measures them faster, "int8" wherever the kernel takes them,
         "int4" by int4 copies instead (a scale and zero point per 32 weights: faster where the
