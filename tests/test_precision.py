@@ -175,13 +175,16 @@ def test_bf16_training_attention_computes_in_fp32_and_follows_the_fp32_step_in_e
 ):
     """A bf16 base's training forward (autocast) runs transformers' sdpa attention on float32
     queries, keys and values (torch's bf16 CPU attention backward is 5-7x slower); inference
-    keeps bf16; the mixed-precision micro-step's loss and LoRA gradients follow fp32's."""
+    keeps bf16 but for a decode pass's one query position (float32: faster); the
+    mixed-precision micro-step's loss and LoRA gradients follow fp32's."""
+    from transformers import DynamicCache
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    own = ALL_ATTENTION_FUNCTIONS["sdpa"]
     seen = _spy_attention(monkeypatch)
     fp32 = _lora(load_model(family_folders[family], dtype="float32", device="cpu").model)
     bf16 = _lora(load_model(family_folders[family], dtype="bfloat16", device="cpu").model)
+    own = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert getattr(own, "upcasts", False)  # (a bf16 CPU model's load put it in)
     examples = [
         Example(list(range(3, 23)), [-100] * 5 + list(range(8, 23))),
         Example(list(range(30, 42)), [-100] * 3 + list(range(33, 42))),
@@ -195,8 +198,14 @@ def test_bf16_training_attention_computes_in_fp32_and_follows_the_fp32_step_in_e
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is own  # put back after each unit
     seen.clear()
     with torch.no_grad():  # an inference forward of the same model: bf16 attention
-        bf16(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    assert set(seen) == ({(torch.bfloat16, False)} if sdpa else set())
+        cache = DynamicCache(config=bf16.config)
+        mask = batch["attention_mask"]
+        bf16(input_ids=batch["input_ids"], attention_mask=mask, cache=cache)
+        assert set(seen) == ({(torch.bfloat16, False)} if sdpa else set())
+        seen.clear()  # a decode pass after it (one query position): float32
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        bf16(input_ids=batch["input_ids"][:, -1:], attention_mask=mask, cache=cache)
+    assert set(seen) == ({(torch.float32, False)} if sdpa else set())
     assert loss16 == pytest.approx(loss32, rel=0.02)
     assert grads16.keys() == grads32.keys() and grads16
     for name, g in grads32.items():  # bf16 activations: a few percent of the largest
@@ -514,3 +523,38 @@ def test_a_one_thread_block_is_its_own_threads_and_leaves_another_threads_produc
     finally:
         torch.set_num_threads(threads)
     assert seen == [(None, 3)]
+
+
+def test_a_decodes_one_query_attention_computes_in_fp32_and_nothing_else_changes():
+    """No gradients, one query position, bf16 on a CPU: float32 queries, keys and values (the
+    bf16 flash kernel took 2.5-6x longer), the output cast back; a prefill's several query
+    positions, a float32 model's, and a forward that records gradients (outside a training
+    block) are transformers' own."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    precision.upcast_attention()
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.training, module.num_key_value_groups = True, False, 2
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    mask[1, :, :, :7] = False  # (a padded row)
+    q = torch.randn(2, 4, 1, 16, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 40, 16, dtype=torch.bfloat16) for _ in range(2))
+    kw = dict(scaling=0.25)
+    plain = sdpa_attention_forward(module, q, k, v, mask, **kw)[0]
+    upcast = sdpa_attention_forward(module, q.float(), k.float(), v.float(), mask, **kw)[0]
+    assert not torch.equal(plain, upcast.to(torch.bfloat16))  # (the test can tell them apart)
+    with torch.no_grad():
+        got = fns["sdpa"](module, q, k, v, mask, **kw)[0]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, upcast.to(torch.bfloat16))
+        many = torch.randn(2, 4, 3, 16, dtype=torch.bfloat16)  # three query positions
+        mask3 = mask.expand(2, 1, 3, 40)
+        ref = sdpa_attention_forward(module, many, k, v, mask3, **kw)[0]
+        assert torch.equal(fns["sdpa"](module, many, k, v, mask3, **kw)[0], ref)
+        q32 = q.float()
+        ref = sdpa_attention_forward(module, q32, k.float(), v.float(), mask, **kw)[0]
+        assert torch.equal(fns["sdpa"](module, q32, k.float(), v.float(), mask, **kw)[0], ref)
+    with torch.enable_grad():
+        assert torch.equal(fns["sdpa"](module, q, k, v, mask, **kw)[0], plain)

@@ -23,7 +23,7 @@ from . import int8rows
 from .attention import NAME as CHUNK_SDPA
 from .config import check
 from .offload import LayerOffload, Weights, over_budget
-from .precision import auto_cpu_dtype, prepack, single_rows_by_mv
+from .precision import auto_cpu_dtype, prepack, single_rows_by_mv, upcast_attention
 from .quant import check_quantize, logical_shape, quantize_base
 from .storage import atomic_dir
 
@@ -235,6 +235,7 @@ def load_model(
         progress(f"quantizing {name}'s linear layers to {quantize}")
         quantize_base(model, quantize, dev)  # quant.py; the head, embeddings, norms stay in dt
     if dt == torch.bfloat16 and dev.type == "cpu":
+        upcast_attention()  # precision.py: a decode pass's attention in float32 (faster)
         single_rows_by_mv(model)  # precision.py: a bf16 decode at batch 1 by torch.mv
         if off is None:  # (offloaded weights come and go)
             progress(prepack(model))  # precision.py: oneDNN's layout for several rows

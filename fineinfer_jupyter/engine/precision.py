@@ -356,12 +356,16 @@ def _sdpa_upcast(inner: Callable) -> Callable:
     """transformers' sdpa attention function `inner`, computed in float32 for a bf16 (or fp16)
     CPU forward that records gradients inside `attention_in_fp32` (in that thread): torch's CPU
     flash-attention backward in bf16 took 5-7x its float32 time (docs/benchmarks.md, "bf16 on
-    the CPU's matrix units", round 3), more than all of a bf16 layer's matrix products. The
-    output is cast back to the input's dtype. Anything else passes through unchanged."""
+    the CPU's matrix units", round 3), more than all of a bf16 layer's matrix products; and for
+    a no-grad forward of one query position (a decode pass), whose bf16 flash kernel took 2.5x
+    its float32 time with the casts at 64 keys and 4-6x from 256 (docs/benchmarks.md, "A
+    decode's attention in float32"). The output is cast back to the input's dtype. Anything
+    else (a prefill: no gain measured) passes through unchanged."""
 
     def sdpa(module, query, key, value, attention_mask, *args, **kwargs):
-        low = query.dtype in (torch.bfloat16, torch.float16)
-        if not (_upcasting.on and low and query.device.type == "cpu" and torch.is_grad_enabled()):
+        low = query.dtype in (torch.bfloat16, torch.float16) and query.device.type == "cpu"
+        grad = torch.is_grad_enabled()
+        if not (low and ((_upcasting.on and grad) or (query.shape[2] == 1 and not grad))):
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
@@ -382,13 +386,21 @@ def attention_in_fp32() -> Iterator[None]:
     transformers' local mapping once and stays (a local override leaves its global mapping
     alone): the block only switches it on for its own thread, so that a forward in another
     thread (inference on the engine thread beside the training worker) never sees the table
-    change under it; no-grad forwards pass through unchanged anyway."""
+    change under it; no-grad forwards are not the block's business (one query position: float32
+    in every thread, `_sdpa_upcast`; more: unchanged)."""
+    upcast_attention()
+    with _switched(_upcasting):
+        yield
+
+
+def upcast_attention() -> None:
+    """Put `_sdpa_upcast` into transformers' attention table (once; it stays): at the load of a
+    bf16 model on a CPU (its decode passes' attention), and at a training forward's first
+    `attention_in_fp32` block."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
 
     if not getattr(fns["sdpa"], "upcasts", False):
         fns["sdpa"] = _sdpa_upcast(fns["sdpa"])
-    with _switched(_upcasting):
-        yield
 
 
 class ThreadFlag:
