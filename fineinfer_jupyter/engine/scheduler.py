@@ -46,10 +46,6 @@ INF = float("inf")
 STALL_TPOTS = 4.0  # the longest planned pause between two tokens, in units of the tpot target
 MIN_CHUNK = 64  # prompt tokens: a smaller chunk would pay its pass's fixed cost for too little
 LARGER_WITHIN = 0.93  # a larger micro-step is preferred while its estimated rate is this close
-# split mode: the running rows decode on this share of their time-per-token target, not as fast
-# as they can: rows that live longer overlap more, a decode pass serves them all at once, and
-# the time between passes goes to the training worker (docs/design.md, "The training worker")
-PACE = 0.5
 
 
 class Training(Protocol):
@@ -240,10 +236,6 @@ class Scheduler:
         them on every thread until they catch up (a run under way stops after its unit in
         progress: `worker_hold`)."""
         out = self._serve(now, newcomers, running)
-        if out.decode and not out.prefill and not newcomers:
-            due = min(self.paced(s, now) for s in running)
-            if due > now and self.decode_room(due, running) >= 0:
-                out = SchedulerOutput(wake_at=due)  # the rows are ahead of the pace: hold
         on_time = [s for s in newcomers if not self.late(now, s)]
         behind = self.decode_room(now, running) < 0 or (
             bool(on_time) and self.prefill_slack(now, on_time, running) < 0
@@ -255,13 +247,6 @@ class Scheduler:
             out.worker_units = len(self.costs.shares) - micro.done
             out.worker_examples = micro.examples
         return out
-
-    def paced(self, s: Sequence, now: float) -> float:
-        """When split mode decodes running row `s` next: its n-th token after its first at
-        n x PACE x its tpot target from its first (`now` before it has one)."""
-        if not s.token_times:
-            return now
-        return s.token_times[0] + len(s.token_times) * PACE * s.slo.tpot
 
     def _rides_along(self, micro: MicroStepPlan) -> bool:
         """Offloaded layers, heterogeneous batching on, and the micro-step's next unit is a
