@@ -696,7 +696,7 @@ class Engine:
             "prepacked_bytes": prepacked_bytes(loaded.model),  # copies for speed (precision.py)
             "decode_weights": loaded.decode_reason.split(":")[0],  # "int8" | "base" (int8rows.py)
             "decode_weights_reason": loaded.decode_reason,
-            "int8_bytes": int8_bytes(loaded.model),  # one-row decodes' copies (int8rows.py)
+            "int8_bytes": int8_bytes(loaded.model),  # decodes' copies (int8rows.py)
             "int4_bytes": int4_bytes(loaded.model),  # (decode_weights="int4")
         }
         progress("calibrating")

@@ -25,7 +25,7 @@ def status_lines(status: dict, url: str) -> list[str]:
         )
         if str(model.get("dtype_reason", "")).startswith("auto: "):
             lines.append(f"dtype {model['dtype_reason']}")
-        if model.get("decode_weights") in ("int8", "int4"):  # one-row decodes' copies (int8rows.py)
+        if model.get("decode_weights") in ("int8", "int4"):  # decodes' copies (int8rows.py)
             lines.append(f"decode weights {model.get('decode_weights_reason', 'int8')}")
     threads = status.get("threads")
     if threads:
