@@ -447,7 +447,9 @@ def test_a_decode_of_up_to_copy_rows_rows_multiplies_by_the_copies_and_more_rows
     assert not torch.equal(got, plain)
 
 
-def test_copy_rows_keeps_each_count_measured_faster_and_every_smaller_one():
+def wide_bf16_model() -> torch.nn.Module:
+    """A 256-wide two-layer Llama in bf16 with RowLinear layers, prepacked (as a load makes it):
+    wide enough for copy_rows to measure."""
     config = LlamaConfig(
         vocab_size=512,
         hidden_size=256,
@@ -460,6 +462,11 @@ def test_copy_rows_keeps_each_count_measured_faster_and_every_smaller_one():
     model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     precision.single_rows_by_mv(model)
     precision.prepack(model)
+    return model
+
+
+def test_copy_rows_keeps_each_count_measured_faster_and_every_smaller_one():
+    model = wide_bf16_model()
     reason = int8rows.make(model, "int8")
     layers = [m for m in model.modules() if isinstance(m, precision.RowLinear)]
     rows = {m.copy_rows for m in layers}
@@ -477,6 +484,25 @@ def test_copy_rows_keeps_each_count_measured_faster_and_every_smaller_one():
     assert f"passes of up to {chosen} rows" in reason or (
         chosen == 1 and "one-row passes only" in reason
     )
+
+
+def test_a_kernel_that_refuses_several_rows_leaves_one_row_passes_and_the_load_goes_on(
+    monkeypatch,
+):
+    kernel = torch._weight_int8pack_mm
+
+    def one_row_only(x, w, s):
+        if x.shape[0] > 1:
+            raise RuntimeError("only one row here")
+        return kernel(x, w, s)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", one_row_only)
+    model = wide_bf16_model()
+    reason = int8rows.make(model, "int8")
+    assert reason.startswith("int8: ")
+    assert "one-row passes only (the kernel refused several rows at load: only one row" in reason
+    layers = [m for m in model.modules() if isinstance(m, precision.RowLinear)]
+    assert {m.copy_rows for m in layers} == {1} and all(m.int8 is not None for m in layers)
 
 
 @pytest.mark.skipif(not int8rows.kernel4(), reason="torch has no int4 kernel")

@@ -8,7 +8,8 @@ dot product per output row and is compute-bound, while its int8 weight-only kern
 reads half the bytes and ran 1.4-1.5x faster on one thread (docs/benchmarks.md, "bf16 on the
 CPU's matrix units"). At two rows it about ties oneDNN's blocked bf16 product and loses from
 four: a decode pass of several rows uses the copies only up to the count measured faster at
-load (`copy_rows`; for the int4 copies four rows or more on the Zen 4). The copies sit beside the bf16 weight as plain attributes of
+load (`copy_rows`: on the Zen 4 two rows for the int8 copies, four, once eight, for the int4
+ones). The copies sit beside the bf16 weight as plain attributes of
 each `precision.RowLinear` (not parameters: state_dict, PEFT, adapters and export never see
 them); prefill, evaluation and training use the bf16 weight as before.
 
@@ -320,6 +321,18 @@ def copy_rows(layers: list[RowLinear], repeats: int = 3) -> tuple[int, str]:
             break
         sample.append(m)
         size += m.weight.numel() * m.weight.element_size()
+    try:
+        chosen, shown = _measure_rows(sample, repeats)
+    except RuntimeError as e:  # a kernel that refuses several rows: one-row passes as before
+        return 1, f"the kernel refused several rows at load: {e}"
+    finally:
+        for m in sample:
+            m.copy_rows = 1
+    return chosen, f"the copies' speed over bf16's at load: {', '.join(shown)}"
+
+
+def _measure_rows(sample: list[RowLinear], repeats: int) -> tuple[int, list[str]]:
+    """copy_rows' measurement: (the count chosen, each count's gain as shown in status)."""
     chosen, shown = 1, []
     with _one_thread(), torch.inference_mode(), decoding():
         for rows in ROWS_TRIED:
@@ -344,9 +357,7 @@ def copy_rows(layers: list[RowLinear], repeats: int = 3) -> tuple[int, str]:
             if gain < MIN_GAIN:
                 break
             chosen = rows
-    for m in sample:
-        m.copy_rows = 1
-    return chosen, f"the copies' speed over bf16's at load: {', '.join(shown)}"
+    return chosen, shown
 
 
 def int4_bytes(model: torch.nn.Module) -> int:
