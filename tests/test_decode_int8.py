@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import PROMPTS, run_until_done
-from families import FAMILIES, save
+from families import FAMILIES, build, save
 from peft import PeftModel
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -448,18 +448,9 @@ def test_a_decode_of_up_to_copy_rows_rows_multiplies_by_the_copies_and_more_rows
 
 
 def wide_bf16_model() -> torch.nn.Module:
-    """A 256-wide two-layer Llama in bf16 with RowLinear layers, prepacked (as a load makes it):
-    wide enough for copy_rows to measure."""
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    """The tiny Llama widened to 256 (families.py), in bf16 with RowLinear layers, prepacked
+    (as a load makes it): wide enough for copy_rows to measure."""
+    model = build("llama", hidden_size=256, intermediate_size=512)[0].to(torch.bfloat16)
     precision.single_rows_by_mv(model)
     precision.prepack(model)
     return model

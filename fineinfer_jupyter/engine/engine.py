@@ -694,7 +694,7 @@ class Engine:
             "quantize": self.config.quantize,
             "weight_bytes": weight_bytes(loaded.model)["total"],  # the base's, as loaded
             "prepacked_bytes": prepacked_bytes(loaded.model),  # copies for speed (precision.py)
-            "decode_weights": loaded.decode_reason.split(":")[0],  # "int8" | "base" (int8rows.py)
+            "decode_weights": loaded.decode_reason.split(":")[0],  # int8 | int4 | base (int8rows)
             "decode_weights_reason": loaded.decode_reason,
             "int8_bytes": int8_bytes(loaded.model),  # decodes' copies (int8rows.py)
             "int4_bytes": int4_bytes(loaded.model),  # (decode_weights="int4")

@@ -29,7 +29,14 @@ from contextlib import contextmanager
 import torch
 
 from .config import DECODE_WEIGHTS as MODES
-from .precision import INT4_GROUP, MIN_HIDDEN, PACK_SHARE, RowLinear, decoding
+from .precision import (
+    INT4_GROUP,
+    MIN_HIDDEN,
+    PACK_SHARE,
+    RowLinear,
+    decoding,
+    interleaved_seconds,
+)
 
 MIN_GAIN = 1.05  # "auto": a shape's int8 product must be this much faster than mv at load
 # (and copy_rows: the copies' products of several rows, than the blocked bf16 copy's)
@@ -75,25 +82,20 @@ def measure(
     x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0))
     x = x.to(weight.dtype)
     reps = max(2, (1 << 22) // weight.numel())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            ref = x.float() @ dequantized(int8).T
-            got = torch._weight_int8pack_mm(x, *int8).float()
-            error = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
-            best = [float("inf"), float("inf")]
-            for _ in range(repeats):
-                for i, f in enumerate(
-                    (lambda: torch.mv(weight, x[0]), lambda: torch._weight_int8pack_mm(x, *int8))
-                ):
+    with _one_thread(), torch.inference_mode():
+        ref = x.float() @ dequantized(int8).T
+        got = torch._weight_int8pack_mm(x, *int8).float()
+        error = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+        best = [float("inf"), float("inf")]
+        for _ in range(repeats):
+            for i, f in enumerate(
+                (lambda: torch.mv(weight, x[0]), lambda: torch._weight_int8pack_mm(x, *int8))
+            ):
+                f()
+                t = time.process_time()
+                for _ in range(reps):
                     f()
-                    t = time.process_time()
-                    for _ in range(reps):
-                        f()
-                    best[i] = min(best[i], (time.process_time() - t) / reps)
-    finally:
-        torch.set_num_threads(threads)
+                best[i] = min(best[i], (time.process_time() - t) / reps)
     return best[0], best[1], error
 
 
@@ -341,16 +343,18 @@ def _measure_rows(sample: list[RowLinear], repeats: int) -> tuple[int, list[str]
                 m.in_features: torch.randn(rows, m.in_features, generator=gen).bfloat16()
                 for m in sample
             }
-            best = {}
-            for by_copies in (True, False) * (repeats + 1):
+
+            def by_copies(on: bool, rows: int = rows) -> None:
                 for m in sample:
-                    m.copy_rows = rows if by_copies else 1
-                start = time.process_time()
+                    m.copy_rows = rows if on else 1
+
+            def products(xs: dict = xs) -> None:
                 for m in sample:
                     m(xs[m.in_features])
-                seconds = time.process_time() - start
-                best.setdefault(by_copies, [])
-                best[by_copies].append(seconds)
+
+            best = interleaved_seconds(
+                (True, False), by_copies, products, repeats, clock=time.process_time
+            )
             copies, bf16 = (min(best[k][1:]) for k in (True, False))  # (first: warm-up)
             gain = bf16 / max(copies, 1e-9)
             shown.append(f"{rows} rows {gain:.2f}x")

@@ -110,6 +110,26 @@ INT4_GROUP = (
 # (smaller ones too where calibration measured that faster: RowLinear.spread)
 
 
+def interleaved_seconds(
+    settings: tuple,
+    apply: Callable[[object], None],
+    run: Callable[[], object],
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[object, list[float]]:
+    """Seconds `run()` takes after `apply(setting)` (outside the timing), for each of
+    `settings` in turn, `repeats` + 1 rounds: {setting: its seconds in order}. Each setting's
+    first is its warm-up, which the caller drops. How calibration compares two ways of doing
+    the same pass on a noisy machine (Runner.choose_row_threads, int8rows.copy_rows)."""
+    taken: dict[object, list[float]] = {s: [] for s in settings}
+    for setting in settings * (repeats + 1):
+        apply(setting)
+        start = clock()
+        run()
+        taken[setting].append(clock() - start)
+    return taken
+
+
 class RowLinear(torch.nn.Linear):
     """nn.Linear whose one-row inference forward is a matrix-vector product (torch.mv).
 
@@ -248,7 +268,7 @@ def _switched(switch: _Switch, on: bool = True) -> Iterator[None]:
         switch.on = before
 
 
-_decoding = _Switch()  # this thread runs a one-row decode pass (`decoding`)
+_decoding = _Switch()  # this thread runs a decode pass (`decoding`)
 
 
 def decoding(on: bool = True):

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from . import logprobs
 from .batch import Batch
 from .config import SamplingParams, Slo
-from .precision import RowLinear, autocast_dtype, decoding, fewer_threads
+from .precision import RowLinear, autocast_dtype, decoding, fewer_threads, interleaved_seconds
 from .quant import logical_numel
 from .sequence import Sequence
 from .walk import BASE_ROW, LayerWalk, TrainingPass, token_loss
@@ -215,13 +215,14 @@ class Runner:
             m.spread = False
         if not layers or threads == 1 or len(batch.seqs) != 1:
             return []
-        taken: dict[bool, list[float]] = {False: [], True: []}
-        for spread in (False, True) * (repeats + 1):
+
+        def spread(on: bool) -> None:
             for m in layers:
-                m.spread = spread
-            start = time.perf_counter()
-            self.decode(batch)
-            taken[spread].append(time.perf_counter() - start)
+                m.spread = on
+
+        taken = interleaved_seconds(
+            (False, True), spread, lambda: self.decode(batch), repeats, clock=time.perf_counter
+        )
         seconds = {spread: min(t[1:]) for spread, t in taken.items()}  # (each one's first: warm-up)
         chosen = seconds[True] * (1 + margin) < seconds[False]
         for m in layers:
