@@ -141,6 +141,23 @@ def test_a_micro_step_in_units_gives_the_whole_steps_loss_and_gradients(case, lo
     assert got.keys() == expected.keys() and len(got) > 0
     for name, g in expected.items():
         assert_close(got[name], g, case[1], name)
+    # kept apart (two micro-steps at once, Trainer.work_side): none on .grad until add_grads(),
+    # then exactly backward's, added to what was there
+    own = TrainingPass(LayerWalk(model), model, batch, scale=0.1, own_grads=True)
+    while not own.finished:
+        own.run(2)
+    left = grads(model)
+    assert left.keys() == got.keys() and all(torch.equal(left[n], got[n]) for n in got)
+    assert len(own.grads) == len(got)
+    kept = dict(own.grads)
+    own.add_grads()  # onto cut's: added
+    assert own.loss_sum == cut.loss_sum and own.grads == {}
+    assert all(torch.equal(g, got[n] + got[n]) for n, g in grads(model).items())
+    model.zero_grad(set_to_none=True)
+    own.grads = kept
+    own.add_grads()  # onto none: exactly cut's
+    mine = grads(model)
+    assert mine.keys() == got.keys() and all(torch.equal(mine[n], got[n]) for n in got)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=ids_of)

@@ -93,8 +93,8 @@ def oom_micro_steps(engine, monkeypatch, *, above: int):
     """Micro-steps of more than `above` examples run out of memory half-way (in a backward)."""
     real, sizes = engine.core.runner.micro_step, []
 
-    def tight(batch, *, scale):
-        run = real(batch, scale=scale)
+    def tight(batch, *, scale, **kw):
+        run = real(batch, scale=scale, **kw)
         rows = batch["input_ids"].shape[0]
         sizes.append(rows)
         if rows > above:

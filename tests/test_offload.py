@@ -133,6 +133,7 @@ def test_gradients_through_offloaded_layers_equal_resident_ones(tmp_path):
             trainer.work(0, 2)  # start the micro-step, then every unit but the optimizer's
             run = trainer.run
             run.run(run.units)
+            run.add_grads()  # (the trainer adds them at the micro-step's end)
             grads[mode] = {
                 n: p.grad.clone()
                 for n, p in e.core.runner.model.named_parameters()

@@ -524,3 +524,132 @@ def test_a_training_forwards_fp32_attention_holds_in_its_own_thread_only():
             assert torch.equal(fns["sdpa"](module, q, k, v, None)[0], plain)
             with attention_in_fp32():  # in this thread's own block: float32
                 assert torch.equal(fns["sdpa"](module, q, k, v, None)[0], upcast.to(q.dtype))
+
+
+def by_hand(trainer, order):
+    """Two micro-steps of one example: the first as the worker runs it, the second as the
+    second stream does (Trainer.work_side), in `order`."""
+    run = trainer.prepare(1)
+    layers = run.units // 2  # (forward units before the head's backward)
+    if order == "side first":  # the later micro-step ends first; it waits to be added
+        trainer.work_side(1 << 30, 1)
+        assert trainer.side is None and len(trainer._flight) == 2
+        trainer.collect(0, run.run(run.units))
+        return
+    forwards, their_forwards = threading.Event(), threading.Event()
+
+    def worker():  # both forwards first, then both backwards at once, one on each thread
+        torch.set_num_threads(1)
+        seconds = run.run(layers)
+        forwards.set()
+        assert their_forwards.wait(WAIT)
+        return seconds + run.run(run.units)
+
+    def stop():
+        if trainer.side is not None and trainer.side.done == layers:
+            their_forwards.set()
+            assert forwards.wait(WAIT)
+        return False
+
+    t, out = in_thread(worker)
+    trainer.work_side(1 << 30, 1, stop=stop)
+    t.join(WAIT)
+    assert out and not isinstance(out[0], Exception), out
+    trainer.collect(0, out[0])
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
+def test_two_micro_steps_at_once_give_the_one_streams_weights_exactly(tmp_path, family, dtype):
+    """Four micro-steps an effective batch, two at a time: their gradients add up in the batch's
+    order whichever ends first (a sum of three or more in another order differs)."""
+    model = save(family, tmp_path / "model")
+    got = {}
+    for order in ("one stream", "side first", "at once"):
+        with Engine(config(model, tmp_path / order, "off", dtype=dtype), thread=False) as e:
+            job = e.tune("herb", RECORDS, **{**JOB, "max_steps": 2})
+            trainer = e.core.trainer
+            torch.set_num_threads(1)  # every stream on one (sums split across threads differ)
+            try:
+                while trainer.active:
+                    if order == "one stream":
+                        trainer.micro_step(1)
+                        continue
+                    by_hand(trainer, order)
+            finally:
+                torch.set_num_threads(2)
+            record = e.job(job["id"])
+            assert record["state"] == "done" and record["step"] == 2
+            data = trainer.jobs[job["id"]]
+            assert data.tokens_done == 2 * sum(ex.num_tokens for ex in data.dataset.train)
+            weights = load_file(e.home / "adapters" / "herb" / "adapter_model.safetensors")
+            got[order] = (record["loss_history"], weights)
+    (losses, want) = got["one stream"]
+    assert len(losses) == 2 and len(want) > 0
+    for order in ("side first", "at once"):
+        assert got[order][0] == losses, order
+        assert got[order][1].keys() == want.keys()
+        assert all(torch.equal(got[order][1][k], want[k]) for k in want), order
+
+
+def test_with_nothing_to_serve_a_second_micro_step_runs_on_the_engine_thread(tmp_path, monkeypatch):
+    gate = Gate(unit=1)
+    gate.install(monkeypatch)
+    seen = []  # (thread, intra-op threads, the pass) of each unit
+    original = walk.TrainingPass._unit
+
+    def unit(run, u):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), run))
+        return original(run, u)
+
+    monkeypatch.setattr(walk.TrainingPass, "_unit", unit)
+    model = save("llama", tmp_path / "model")
+    with Engine(config(model, tmp_path / "data"), thread=False) as e:
+        seen.clear()  # (calibration's)
+        gate.armed = True
+        job = e.tune("herb", RECORDS, **JOB)  # 2 micro-steps of 2 examples a batch
+        first = e.iterate()  # nothing to serve: the worker starts the batch's first
+        assert first.worker_units and not first.side
+        assert gate.inside.wait(WAIT)  # (the worker is held inside its second unit)
+        trainer, executor = e.core.trainer, e.core.executor
+        worker_run = trainer.run
+        second = e.iterate()  # the batch's second, here, on one thread
+        assert second.side and second.train_units == worker_run.units
+        side = [(n, k) for n, k, r in seen if r is not worker_run]
+        assert side == [("MainThread", 1)] * worker_run.units
+        assert executor.side_units == worker_run.units and trainer.side is None
+        assert len(trainer._flight) == 2 and e.job(job["id"])["step"] == 0  # it waits for the first
+        gate.release.set()
+        executor.settle()
+        assert e.job(job["id"])["step"] == 1 and not trainer._flight  # both ended, in order
+        worker = [k for n, k, r in seen if r is worker_run]
+        assert worker[0] == 2 and set(worker[2:]) == {1}  # one thread each once both ran
+        # anything in the inbox stops the second stream after the unit it is in (the engine's
+        # test; the worker's end is there now: it wakes an idle engine thread)
+        assert executor.interrupted()
+        e._drain(block=False)
+        assert not executor.interrupted()
+        e._inbox.put((lambda: None, (), None))
+        assert executor.interrupted()
+        e.iterate()
+        executor.interrupted = lambda: True
+        at_batch_start(e)
+        gate.armed = True
+        e.iterate()
+        assert gate.inside.wait(WAIT)
+        before = executor.side_units
+        assert e.iterate().side and executor.side_units == before + 1
+        assert e.iterate().side and executor.side_units == before + 2
+        gate.release.set()
+        done = train_to_end(e, job["id"])
+        assert done["state"] == "done" and done["step"] == JOB["max_steps"]
+
+
+def test_no_second_stream_on_one_thread(tmp_path):
+    model = save("llama", tmp_path / "model")
+    cfg = EngineConfig(
+        model=model, data_dir=tmp_path / "data", train_thread="on", threads=1, prefix_cache_bytes=0
+    )
+    with Engine(cfg, thread=False) as e:
+        job = e.tune("herb", RECORDS, **JOB)
+        assert train_to_end(e, job["id"])["state"] == "done"
+        assert e.core.executor.side_units == 0

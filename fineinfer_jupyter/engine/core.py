@@ -67,6 +67,10 @@ class EngineCore:
     def iterate(self) -> SchedulerOutput:
         follow_load()  # the default thread count follows the machine's load ("Sharing the machine")
         self.executor.collect()  # a run the training worker finished: its end, here (split mode)
+        # (two threads or more: an iteration with nothing to serve trains a second micro-step)
+        self.scheduler.side_stream = self.executor.worker is not None and (
+            torch.get_num_threads() >= 2
+        )
         out = self.scheduler.schedule(time.monotonic(), self.trainer)
         result = self.executor.execute(out)
         for seq in self.scheduler.update(out, result):

@@ -703,6 +703,7 @@ class Engine:
         self.core = core.build(self.config, loaded, self.metrics)
         if self.core.executor.worker is not None:  # a finished run wakes an idle engine thread
             self.core.executor.worker.wake = lambda: self._inbox.put((_nothing, (), None))
+            self.core.executor.interrupted = lambda: not self._inbox.empty()
         self.model_info["data_dir"] = str(self.core.home)
         progress("ready")
 

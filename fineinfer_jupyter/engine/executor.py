@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -56,6 +57,10 @@ class Executor:
         self.split = chunks_split(runner.config, runner.device)  # (and how chunks attend)
         self.worker: TrainWorker | None = None  # split mode: micro-steps run there (worker.py)
         self._launched = 0  # the first unit of the run handed to the worker
+        # split mode's second stream stops after a unit once this says so (the engine: its
+        # inbox holds something, a request or the worker's end); None: it never stops early
+        self.interrupted: Callable[[], bool] | None = None
+        self.side_units = 0  # units the second stream ran (status)
 
     def calibrate(self, slo: Slo) -> tuple[list[Timing], list[tuple[int, int, float]]]:
         """Time prefill, decode and (forward and backward) training passes once, so the
@@ -155,6 +160,8 @@ class Executor:
         elif out.decode:
             self._decode(out.decode, result, shared)
             rows = tokens = len(out.decode)
+        elif out.train_units and out.side:
+            rows, tokens = self._side(out.train_units, out.train_examples)
         elif out.train_units:
             rows, tokens = self._train(out.train_units, out.train_examples, result)
         if shared is not None:
@@ -297,6 +304,24 @@ class Executor:
 
     # -- the training worker (split mode, worker.py) -------------------------------------------
 
+    def _side(self, units: int, examples: int) -> tuple[int, int]:
+        """The second stream's units (split mode, nothing to serve), on the engine thread beside
+        the worker's run, until one unit after anything arrives. Like the worker's, they stay
+        out of the cost model. A failure waits for the worker's run to end, then fails alone
+        (a smaller retry after running out of memory, else the job)."""
+        try:
+            progress = self.trainer.work_side(units, examples or None, stop=self.interrupted)
+        except Exception as e:
+            self.collect(wait=True)
+            progress = self.trainer.fail_side(e)
+        self.side_units += len(progress.seconds)
+        step = progress.step
+        if step is None:
+            self._publish_training(0, 0)
+            return 0, 0
+        self._publish_training(step.examples, step.tokens)
+        return step.examples, step.tokens
+
     def _launch(self, units: int, examples: int) -> None:
         """Hand the micro-step under way (or a new one on `examples` examples) to the worker;
         what comes before its units (a job's start, its examples) runs here, first."""
@@ -348,7 +373,7 @@ class Executor:
         (bf16 alone with the worker 224 tokens/s on every thread against 191 on one, 0.85x
         against 0.72x the time-sliced engine's): every thread here, one CPU's loss against
         the other's gain (docs/design.md, "The training worker")."""
-        idle = not (out.prefill or out.decode)
+        idle = not (out.prefill or out.decode or out.side)
         return torch.get_num_threads() if idle else 1
 
     def settle(self) -> None:

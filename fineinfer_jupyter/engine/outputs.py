@@ -37,6 +37,9 @@ class SchedulerOutput:
     # the worker's run in flight stops after the unit it is in (the requests fell behind: the
     # engine thread serves them on every thread; the micro-step resumes later where it stopped)
     worker_hold: bool = False
+    # split mode, nothing to serve: train_units belong to a second micro-step that the engine
+    # thread runs on one thread beside the worker's (Trainer.work_side), not measured either
+    side: bool = False
     # chunked prefill: a request in `prefill` listed here is prefilled up to this prompt
     # position only (its pass has one row; it gets no token yet)
     chunks: dict[Sequence, int] = field(default_factory=dict)

@@ -279,16 +279,21 @@ class Runner:
                 seq.generator.manual_seed(p.seed)
         return int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
 
-    def micro_step(self, batch: dict[str, torch.Tensor], *, scale: float) -> TrainingPass:
+    def micro_step(
+        self, batch: dict[str, torch.Tensor], *, scale: float, own_grads: bool = False
+    ) -> TrainingPass:
         """A micro-step's forward and backward on the active (training) adapter, to run a few
-        units at a time (TrainingPass.run).
+        units at a time (TrainingPass.run); `own_grads`: its gradients reach the weights' .grad
+        only at its add_grads().
 
         The gradient is d(sum of token losses * scale): with scale = 1 / label tokens of the whole
         effective batch, micro-batches of any grouping add up to the same gradient.
         """
         batch = {k: v.to(self.device) for k, v in batch.items()}
         walk = self.walk if self.walk.supported else None
-        return TrainingPass(walk, self.model, batch, scale=scale, autocast=self.autocast)
+        return TrainingPass(
+            walk, self.model, batch, scale=scale, autocast=self.autocast, own_grads=own_grads
+        )
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], *, scale: float

@@ -63,6 +63,12 @@ class Training(Protocol):
         """A micro-step under way: (padded tokens, units done, whether it ends its effective
         batch, so that the optimizer step follows its last unit)."""
 
+    def side_ready(self) -> bool:
+        """Split mode: a second micro-step can run beside the worker's (side_stream)."""
+
+    def side_progress(self) -> tuple[int, int, bool] | None:
+        """The second stream's micro-step under way, as in_progress."""
+
 
 @dataclass
 class MicroStepPlan:
@@ -96,6 +102,9 @@ class Scheduler:
         # split mode (worker.py, deferred policy only): training runs on the training worker,
         # inference is planned as if nothing else ran on the engine thread
         self.split_training = False
+        # split mode with two threads or more (EngineCore.iterate sets it each iteration): an
+        # iteration with nothing to serve runs a second micro-step on the engine thread
+        self.side_stream = False
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # the decode batch, in row order
         self.prefilling: list[Sequence] = []  # admitted, their prompt prefilled in part (chunks)
@@ -246,6 +255,14 @@ class Scheduler:
             micro = self._micro_step(training)
             out.worker_units = len(self.costs.shares) - micro.done
             out.worker_examples = micro.examples
+        if self.side_stream and not (out.prefill or out.decode) and training.side_ready():
+            # nothing to serve: a second stream, one thread each, rather than the worker's
+            # micro-step on two (docs/design.md, "The training worker"); the engine thread
+            # stops it after a unit once anything arrives (Executor.interrupted)
+            state = training.side_progress()
+            examples = 0 if state is not None else self._new_micro_step(training).examples
+            out.train_units = len(self.costs.shares) - (state[1] if state else 0)
+            out.train_examples, out.side = examples, True
         return out
 
     def _rides_along(self, micro: MicroStepPlan) -> bool:
@@ -268,6 +285,10 @@ class Scheduler:
         if state is not None:
             padded, done, last = state
             return MicroStepPlan(0, padded, done, last)
+        return self._new_micro_step(training, ceiling)
+
+    def _new_micro_step(self, training: Training, ceiling: float = INF) -> MicroStepPlan:
+        """The next micro-step's size (_micro_step), whatever is under way."""
         tokens = training.next_tokens()
         most = min(training.max_examples(), len(tokens))
         fits = [k for k in range(1, most + 1) if self._longest_unit(tokens[:k]) <= ceiling]

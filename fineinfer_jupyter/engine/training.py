@@ -81,7 +81,13 @@ class Trainer:
         self.queue: deque[Job] = deque()
         self.current: Job | None = None
         self.run: TrainingPass | None = None  # the current job's micro-step in progress
-        self._run_examples: list[Example] = []
+        # split mode's second stream (docs/design.md, "The training worker"): a later micro-step
+        # of the same effective batch, run by the engine thread when it has nothing to serve
+        # while the worker runs `run`
+        self.side: TrainingPass | None = None
+        # every micro-step begun and not ended yet, in the effective batch's order, with its
+        # examples: they end (their loss and gradients added) in this order only
+        self._flight: list[tuple[TrainingPass, list[Example]]] = []
         self.busy = False  # `run` is running on the training worker now (Executor sets it)
         self._ids = itertools.count(1)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -175,7 +181,30 @@ class Trainer:
         under way, if any."""
         if self.run is None:
             return None
-        return self.run.padded, self.run.done, not self.current.pending
+        return self.run.padded, self.run.done, self._ends_batch(self.run)
+
+    def side_progress(self) -> tuple[int, int, bool] | None:
+        """As in_progress, for the second stream's micro-step under way."""
+        if self.side is None:
+            return None
+        return self.side.padded, self.side.done, self._ends_batch(self.side)
+
+    def side_ready(self) -> bool:
+        """The second stream has a micro-step to run beside `run` (split mode): its own under
+        way, or a later one of the effective batch `run` belongs to (never a new batch's: its
+        optimizer step waits for every micro-step in flight)."""
+        job = self.current
+        if job is None or self.run is None or not self._walks:
+            return False
+        return self.side is not None or bool(job.pending)
+
+    @property
+    def _walks(self) -> bool:
+        return self.runner.walk.supported and self.runner.walk.offload is None
+
+    def _ends_batch(self, run: TrainingPass) -> bool:
+        unfinished = [r for r, _ in self._flight if not r.finished]
+        return not self.current.pending and unfinished == [run]
 
     def next_tokens(self) -> list[int]:
         """Token counts of the examples left in the current effective batch, in the order they
@@ -218,16 +247,51 @@ class Trainer:
             except Exception as e:
                 self._fail(job, e)
                 return None
-        if self.run is None and self._held(job):
+        if self.run is None and not self._flight and self._held(job):
             time.sleep(0.02)  # (test-only: the engine loop goes on, slowly)
             return None
+        if self.run is None and not job.pending and self.side is not None:
+            self.run, self.side = self.side, None  # the batch's last one: this stream finishes it
         if self.run is None:
             try:
-                self._begin_micro_step(job, max_examples)
+                self.run = self._begin_micro_step(job, max_examples)
             except Exception as e:
                 self._fail(job, e)
                 return None
         return self.run
+
+    def work_side(self, units: int, max_examples: int | None, stop=None) -> Progress:
+        """The second stream (engine thread, while the worker runs `run`): up to `units` units
+        of its micro-step under way, or of a new one on at most `max_examples` of the batch's
+        examples still pending; `stop()`, asked after each unit, ends the call early. A
+        failure raises: the caller waits for the worker's run first, then fail_side()."""
+        job = self.current
+        if not self.side_ready():
+            return NO_PROGRESS
+        if self.side is None:
+            self.side = self._begin_micro_step(job, max_examples)
+        run, first, seconds = self.side, self.side.done, []
+        while len(seconds) < units and not run.finished:
+            seconds += run.run(1, sync=self.runner.sync)
+            if stop is not None and stop():
+                break
+        if run.finished:
+            self.side = None
+        return Progress(seconds, first, run.padded, self._end_ready(job))
+
+    def fail_side(self, error: Exception) -> Progress:
+        """The second stream's micro-step failed (the worker's run has ended): as collect()
+        does with a failure (a smaller retry after running out of memory, else the job fails)."""
+        job = self.current
+        if job is None:
+            return NO_PROGRESS
+        try:
+            if is_oom(error) and self._retry_smaller(job, error, self.side):
+                return NO_PROGRESS
+            raise error
+        except Exception as e:
+            self._fail(job, e)
+            return NO_PROGRESS
 
     def collect(self, first: int, seconds: list[float], error: Exception | None = None) -> Progress:
         """After units of the prepared micro-step ran (from its unit `first`, each taking
@@ -239,10 +303,12 @@ class Trainer:
             return NO_PROGRESS  # (the job ended meanwhile)
         try:
             if error is not None:
-                if is_oom(error) and self._retry_smaller(job, error):
+                if is_oom(error) and self._retry_smaller(job, error, run):
                     return NO_PROGRESS
                 raise error
-            step = self._end_micro_step(job) if run.finished else None
+            if run.finished:
+                self.run = None
+            step = self._end_ready(job)
         except Exception as e:
             self._fail(job, e)
             return NO_PROGRESS
@@ -254,39 +320,57 @@ class Trainer:
             return False
         return self.hold[1] is None or os.path.exists(self.hold[1])
 
-    def _begin_micro_step(self, job: Job, max_examples: int | None) -> None:
+    def _begin_micro_step(self, job: Job, max_examples: int | None) -> TrainingPass:
         if not job.pending:
             self._begin_batch(job)
         micro = _micro(job)
         k = min(micro, max_examples or micro, len(job.pending))
         take, job.pending = job.pending[:k], job.pending[k:]
         examples = [job.dataset.train[i] for i in take]
-        self.run = self.runner.micro_step(
-            collate(examples, self.pad_id), scale=1.0 / job.batch_tokens
+        run = self.runner.micro_step(
+            collate(examples, self.pad_id), scale=1.0 / job.batch_tokens, own_grads=True
         )
-        self.run.padded = k * max(e.num_tokens for e in examples)
-        self._run_examples = examples
+        run.padded = k * max(e.num_tokens for e in examples)
+        self._flight.append((run, examples))
+        return run
 
-    def _end_micro_step(self, job: Job) -> MicroStep:
-        run, examples = self.run, self._run_examples
-        self.run, self._run_examples = None, []
-        check(math.isfinite(run.loss_sum), "loss", f"is {run.loss_sum} at step {job.step + 1}")
-        job.loss_sum += run.loss_sum
-        tokens = sum(e.num_tokens for e in examples)
-        job.tokens_done += tokens
-        job.samples_done += len(examples)
-        job.rates.micro_step(len(examples), tokens)
+    def _end_ready(self, job: Job) -> MicroStep | None:
+        """End the micro-steps in flight that are finished and first in the batch's order (their
+        loss and gradients added in that order: the sums do not depend on which stream ran
+        which, or when), then the optimizer step once the effective batch has ended."""
+        ended = []
+        while self._flight and self._flight[0][0].finished:
+            run, examples = self._flight.pop(0)
+            loss = run.loss_sum
+            check(math.isfinite(loss), "loss", f"is {loss} at step {job.step + 1}")
+            job.loss_sum += loss
+            run.add_grads()
+            tokens = sum(e.num_tokens for e in examples)
+            job.tokens_done += tokens
+            job.samples_done += len(examples)
+            job.rates.micro_step(len(examples), tokens)
+            ended.append(MicroStep(len(examples), tokens, run.padded))
+        if not ended:
+            return None
         optimizer = time.perf_counter()
-        if not job.pending:
+        if not job.pending and not self._flight:
             self._optimizer_step(job)
         optimizer = time.perf_counter() - optimizer
-        return MicroStep(len(examples), tokens, run.padded, optimizer)
+        examples, tokens, padded = (sum(column) for column in list(zip(*ended, strict=True))[:3])
+        return MicroStep(examples, tokens, padded, optimizer)
 
-    def _retry_smaller(self, job: Job, error: Exception) -> bool:
+    def _drop_flight(self) -> list[Example]:
+        """Every micro-step in flight dropped (their gradients with them); their examples."""
+        examples = [e for _, group in self._flight for e in group]
+        self.run = self.side = None
+        self._flight = []
+        return examples
+
+    def _retry_smaller(self, job: Job, error: Exception, failed: TrainingPass | None) -> bool:
         """Out of memory in a micro-step: its effective batch starts again, half as many
         examples at a time (the same gradient in the end). One example alone fails the job."""
-        examples = self._run_examples
-        self.run, self._run_examples = None, []
+        examples = next((group for r, group in self._flight if r is failed), [])
+        self._drop_flight()
         free_memory()
         if len(examples) <= 1:
             n = examples[0].num_tokens if examples else 0
@@ -454,7 +538,8 @@ class Trainer:
     # -- endings ----------------------------------------------------------------------------------
 
     def _finish(self, job: Job, state: JobState) -> None:
-        job.pending, self.run = [], None  # a partial effective batch is dropped; its gradients too
+        job.pending = []  # a partial effective batch is dropped; its gradients too
+        self._drop_flight()
         job.optimizer.zero_grad(set_to_none=True)
         self._save_checkpoint(job)
         folder = self.adapters.root / job.adapter
@@ -484,7 +569,8 @@ class Trainer:
         slot."""
         job.pending, job.optimizer, job.lr_scheduler = [], None, None
         if self.current is job:
-            self.current, self.run = None, None
+            self.current = None
+            self._drop_flight()
         owned, job.owns_adapter = job.owns_adapter, False
         name = job.adapter
         if not owned or name not in self.adapters:

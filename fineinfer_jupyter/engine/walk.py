@@ -188,6 +188,13 @@ class LayerWalk:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def trainable(self, layer: int | None) -> list[torch.Tensor]:
+        """The weights that train in decoder layer `layer`, or (None) outside every layer."""
+        if layer is not None:
+            return [p for p in self.stack.layers[layer].parameters() if p.requires_grad]
+        inside = {id(p) for p in self.stack.layers.parameters()}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in inside]
+
     def resident(self, i: int, kind: str):
         """Layer i's weights on the device for the block."""
         return nullcontext() if self.offload is None else self.offload.resident(i, kind)
@@ -255,6 +262,7 @@ class TrainingPass:
         scale: float,
         probe: bool = False,
         autocast: torch.dtype | None = None,
+        own_grads: bool = False,
     ):
         self.walk, self.model, self.batch, self.scale = walk, model, batch, scale
         self.probe = probe  # calibration: the gradient w.r.t. the input embeddings only
@@ -270,6 +278,12 @@ class TrainingPass:
         self.labels = 0  # label tokens
         self.padded = 0  # tokens it computes (examples x the longest), set by its owner
         self.pass_: Pass | None = None
+        # own_grads: the trainable weights' gradients stay here until add_grads(), so that two
+        # micro-steps can run at once on two threads and still add up on .grad in their order
+        # (docs/design.md, "The training worker"); None: backward adds them on .grad at once
+        self.grads: dict[torch.Tensor, torch.Tensor] | None = (
+            {} if own_grads and walk is not None else None
+        )
 
     @property
     def finished(self) -> bool:
@@ -334,13 +348,51 @@ class TrainingPass:
 
     def _backward(self, layer: int) -> None:
         if layer == self.layers or self.walk is None:  # the head (or the whole model)
-            (self.loss * self.scale).backward()
+            loss = self.loss * self.scale
+            if self.grads is None:
+                loss.backward()
+            else:
+                self._gradients(loss, None, layer)
             self.loss_sum, self.loss = self.loss.item(), None
             return
         grad = self.inputs[layer + 1].grad
         with self.walk.resident(layer, "train"):  # fetched again, if it is offloaded
-            self.outputs[layer].backward(grad)
+            if self.grads is None:
+                self.outputs[layer].backward(grad)
+            else:
+                self._gradients(self.outputs[layer], grad, layer)
         self.inputs[layer + 1] = self.outputs[layer] = None
+
+    def _gradients(self, output: torch.Tensor, grad: torch.Tensor | None, unit: int) -> None:
+        """What backward would do for the unit (the head when unit == layers), without touching
+        any weight's .grad: the input leaf's gradient on its .grad (the leaf is this pass's
+        own), the trainable weights' in `grads`. A layer's weights are its own; those outside
+        the layers (the head's, an embedding's adapter) are offered to the head and to layer 0,
+        the two units whose graphs can reach them."""
+        x = self.inputs[unit]
+        weights = [] if unit == self.layers else self.walk.trainable(unit)
+        if unit in (0, self.layers):
+            weights = weights + self.walk.trainable(None)
+        targets = ([x] if x.requires_grad else []) + weights
+        if not targets or not output.requires_grad:
+            return
+        got = torch.autograd.grad(output, targets, grad, allow_unused=True)
+        if x.requires_grad:
+            x.grad, got = got[0], got[1:]
+        for w, g in zip(weights, got, strict=True):
+            if g is not None:
+                self.grads[w] = g if w not in self.grads else self.grads[w] + g
+
+    def add_grads(self) -> None:
+        """Put the gradients kept in `grads` on the weights' .grad (added to what is there, as
+        backward adds): the micro-steps of one effective batch in their order, one at a time."""
+        for w, g in (self.grads or {}).items():
+            if w.grad is None:
+                w.grad = g
+            else:
+                w.grad += g
+        if self.grads is not None:
+            self.grads = {}
 
     def _loss(self, logits: torch.Tensor) -> torch.Tensor:
         loss, self.labels = token_loss(logits, self.batch["labels"])
