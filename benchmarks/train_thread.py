@@ -3,10 +3,11 @@
 and training alone, side by side in one run, windows interleaved.
 
     python benchmarks/train_thread.py [--model default] [--dtypes auto,float32] [--duration 30]
-                                      [--rounds 2] [--gap 1.5] [--background 0]
+                                      [--rounds 2] [--gap 1.5] [--background 0] [--modes on,off]
 
 Each window builds a fresh engine (EngineConfig.train_thread "on" or "off"; "auto" is on for a
-model this wide on a CPU with 2 threads; everything else the same), starts coserve.py's job (r 16, batch 8 in micro-batches of 4, max_length 128, herbology),
+model this wide on a CPU with 2 threads; mode "on1" is "on" with train_streams=1, no second
+micro-step on the engine thread; everything else the same), starts coserve.py's job (r 16, batch 8 in micro-batches of 4, max_length 128, herbology),
 then replays coserve.py's seeded trace (a request every `gap` seconds on average, 16-64 new
 tokens) for `duration` seconds; "alone" windows have no requests. Training tokens/s counts the
 tokens of the micro-steps that ended inside the window (off by up to one micro-step at each
@@ -29,6 +30,7 @@ from fineinfer_jupyter.engine import Engine, EngineConfig, Slo  # noqa: E402
 
 
 def one(args, dtype: str, mode: str, requests, slo: Slo) -> dict:
+    streams = 1 if mode == "on1" else 2
     with Neighbours(args.background, seconds=args.duration + 600):
         engine = Engine(
             EngineConfig(
@@ -37,7 +39,8 @@ def one(args, dtype: str, mode: str, requests, slo: Slo) -> dict:
                 policy="deferred",
                 slo=slo,
                 dtype=dtype,
-                train_thread=mode,
+                train_thread=mode.removesuffix("1"),
+                train_streams=streams,
             )
         )
         try:
@@ -85,6 +88,7 @@ def main() -> None:
     ap.add_argument("--tpot", type=float, default=0.2)
     ap.add_argument("--background", type=int, default=0, help="busy neighbours per window")
     ap.add_argument("--no-alone", action="store_true", help="skip the training-alone windows")
+    ap.add_argument("--modes", default="on,off", help="of on, on1 (one stream), off")
     args = ap.parse_args()
     slo = Slo(ttft=args.ttft, tpot=args.tpot)
     stream = trace(args.duration, args.gap)
@@ -95,10 +99,10 @@ def main() -> None:
     for r in range(args.rounds):
         for dtype in args.dtypes.split(","):
             for load, requests in loads:
-                modes = ("on", "off") if r % 2 == 0 else ("off", "on")  # interleaved
-                for mode in modes:
+                modes = args.modes.split(",")
+                for mode in modes if r % 2 == 0 else modes[::-1]:  # interleaved
                     w = one(args, dtype, mode, requests, slo)
-                    key = (w["dtype"], load, "on" if w["split"] else "off")
+                    key = (w["dtype"], load, mode if w["split"] else "off")
                     windows.setdefault(key, []).append(w)
                     why[key] = w["why"]
                     print(
@@ -120,20 +124,24 @@ def main() -> None:
     ]
     rows = [row(", ".join(k), ws, args.duration, slo) for k, ws in windows.items()]
     print(
-        f"\ntrain_thread on vs off: deferred, {args.model}, gap {args.gap} s, "
+        f"\ntrain_thread {' vs '.join(args.modes.split(','))}: deferred, {args.model}, gap {args.gap} s, "
         f"{args.duration:g} s windows, {args.rounds} rounds, {args.background} busy neighbours"
     )
     print(table(header, rows))
     for (dtype, load, mode), reason in why.items():
         if load == loads[0][0]:
             print(f"  {dtype} train_thread={mode}: {reason}")
+
+    def mean(ws):
+        return sum(w["train_tokens_counted"] for w in ws) / len(ws)
+
+    modes = args.modes.split(",")
     for dtype in dict.fromkeys(k[0] for k in windows):
         for load, _ in loads:
-            on, off = windows.get((dtype, load, "on")), windows.get((dtype, load, "off"))
-            if on and off:
-                a = sum(w["train_tokens_counted"] for w in on) / len(on)
-                b = sum(w["train_tokens_counted"] for w in off) / len(off)
-                print(f"  {dtype} {load}: training on/off {a / max(b, 1e-9):.2f}x")
+            for a, b in [(m, n) for i, m in enumerate(modes) for n in modes[i + 1 :]]:
+                x, y = windows.get((dtype, load, a)), windows.get((dtype, load, b))
+                if x and y:
+                    print(f"  {dtype} {load}: training {a}/{b} {mean(x) / max(mean(y), 1e-9):.2f}x")
 
 
 if __name__ == "__main__":

@@ -617,6 +617,7 @@ def test_with_nothing_to_serve_a_second_micro_step_runs_on_the_engine_thread(tmp
         side = [(n, k) for n, k, r in seen if r is not worker_run]
         assert side == [("MainThread", 1)] * worker_run.units
         assert executor.side_units == worker_run.units and trainer.side is None
+        assert e.status()["train_thread"]["second_stream_units"] == worker_run.units
         assert len(trainer._flight) == 2 and e.job(job["id"])["step"] == 0  # it waits for the first
         gate.release.set()
         executor.settle()
@@ -644,12 +645,25 @@ def test_with_nothing_to_serve_a_second_micro_step_runs_on_the_engine_thread(tmp
         assert done["state"] == "done" and done["step"] == JOB["max_steps"]
 
 
-def test_no_second_stream_on_one_thread(tmp_path):
+@pytest.mark.parametrize("threads,streams", [(1, 2), (2, 1)])
+def test_no_second_stream_on_one_thread_or_when_set_to_one(tmp_path, threads, streams):
     model = save("llama", tmp_path / "model")
     cfg = EngineConfig(
-        model=model, data_dir=tmp_path / "data", train_thread="on", threads=1, prefix_cache_bytes=0
+        model=model,
+        data_dir=tmp_path / "data",
+        train_thread="on",
+        train_streams=streams,
+        threads=threads,
+        prefix_cache_bytes=0,
     )
     with Engine(cfg, thread=False) as e:
         job = e.tune("herb", RECORDS, **JOB)
         assert train_to_end(e, job["id"])["state"] == "done"
         assert e.core.executor.side_units == 0
+        assert e.status()["train_thread"]["second_stream_units"] == 0
+
+
+@pytest.mark.parametrize("bad", [0, 3, "2"])
+def test_train_streams_other_than_one_or_two_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="^train_streams: must be 1 or 2$"):
+        EngineConfig(model="tiny", train_streams=bad)

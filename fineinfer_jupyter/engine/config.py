@@ -199,6 +199,9 @@ class EngineConfig:
     # training on a thread of its own beside the engine thread (worker.py): "auto" (a wide bf16
     # CPU model with >= 2 threads, policy deferred), "on" or "off" (time-sliced in the engine thread)
     train_thread: str = "auto"
+    # with it on: micro-steps at once, 2 (a second one on the engine thread while it has nothing
+    # to serve and two threads or more: docs/design.md, "The training worker") or 1
+    train_streams: int = 2
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -215,6 +218,11 @@ class EngineConfig:
             self.train_thread in TRAIN_THREAD,
             "train_thread",
             f"must be one of {', '.join(TRAIN_THREAD)}",
+        )
+        check(
+            is_int(self.train_streams) and self.train_streams in (1, 2),
+            "train_streams",
+            "must be 1 or 2",
         )
         check(self.quantize in QUANTIZE, "quantize", f"must be one of {', '.join(QUANTIZE)}")
         check(

@@ -53,6 +53,7 @@ class EngineCore:
         self.scheduler, self.executor, self.metrics = scheduler, executor, metrics
         self.requests: dict[str, Sequence] = {}  # live requests, by id
         self.train_thread = {"enabled": False, "reason": ""}  # split mode (worker.py)
+        self.streams = 1  # micro-steps at once in split mode (EngineConfig.train_streams)
 
     def add(self, seq: Sequence) -> None:
         self.requests[seq.request_id] = seq
@@ -68,8 +69,8 @@ class EngineCore:
         follow_load()  # the default thread count follows the machine's load ("Sharing the machine")
         self.executor.collect()  # a run the training worker finished: its end, here (split mode)
         # (two threads or more: an iteration with nothing to serve trains a second micro-step)
-        self.scheduler.side_stream = self.executor.worker is not None and (
-            torch.get_num_threads() >= 2
+        self.scheduler.side_stream = (
+            self.executor.worker is not None and self.streams > 1 and torch.get_num_threads() >= 2
         )
         out = self.scheduler.schedule(time.monotonic(), self.trainer)
         result = self.executor.execute(out)
@@ -192,6 +193,7 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
         home=home,
     )
     c.train_thread = {"enabled": split, "reason": why}
+    c.streams = config.train_streams
     return c
 
 

@@ -492,7 +492,9 @@ class Engine:
             "threads": threads.current() if c else None,
             "adapters": c.adapters.names() if c else [],
             "offload": (c.runner.walk.offload.describe() if c and c.runner.walk.offload else None),
-            "train_thread": dict(c.train_thread) if c else None,
+            "train_thread": (
+                {**c.train_thread, "second_stream_units": c.executor.side_units} if c else None
+            ),
             "row_threads": dict(c.runner.row_threads) if c and c.runner.row_threads else None,
             "layer_walk": (
                 {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None

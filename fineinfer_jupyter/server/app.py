@@ -158,6 +158,13 @@ class FineInferApp(ExtensionApp):
         small CPU; deferred policy). auto: on for a bf16 CPU model at least 256 wide with >= 2
         threads and no offload; off: training takes turns with inference in one thread.""",
     ).tag(config=True)
+    train_streams = Int(
+        2,
+        help="""With the training thread on: micro-steps trained at once. 2: while nothing is
+        being served (and the engine has two threads or more), the engine thread trains a
+        second micro-step of the same batch beside the worker's, one core each; 1: the worker
+        alone, on every thread then.""",
+    ).tag(config=True)
     prefix_cache_bytes = Int(
         None,
         allow_none=True,
@@ -216,7 +223,7 @@ class FineInferApp(ExtensionApp):
         names = ("model", "device", "dtype", "quantize", "data_dir", "cache_dir", "policy")
         names += ("decode_weights",)
         names += ("offload", "memory_budget", "heterogeneous")
-        names += ("prefix_cache_bytes", "chunked_prefill", "train_thread")
+        names += ("prefix_cache_bytes", "chunked_prefill", "train_thread", "train_streams")
         limits = (
             "max_queue",
             "max_new_tokens_cap",
