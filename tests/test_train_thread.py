@@ -4,6 +4,7 @@ engine with training off; training gives the same losses and weights as the time
 job and adapter changes wait for the run in flight; a failure there fails the job alone."""
 
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -384,11 +385,20 @@ class Job:
     def in_progress(self):
         return None
 
+    side = None  # (padded, done, last) of the second stream's micro-step under way
+    side_left = True  # a later micro-step of the batch is pending
+
+    def side_ready(self):
+        return self.busy and (self.side is not None or self.side_left)
+
+    def side_progress(self):
+        return self.side
+
 
 def test_the_worker_gets_a_whole_micro_step_unless_the_requests_fall_behind():
     from fineinfer_jupyter.engine.config import SamplingParams, Slo
     from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
-    from fineinfer_jupyter.engine.scheduler import Scheduler
+    from fineinfer_jupyter.engine.scheduler import PACE, Scheduler
     from fineinfer_jupyter.engine.sequence import Sequence
 
     costs = CostModel()
@@ -409,11 +419,20 @@ def test_the_worker_gets_a_whole_micro_step_unless_the_requests_fall_behind():
     seq.output_ids.append(5)
     seq.token_times.append(0.2)
     job.busy = True
-    out = sched.schedule(0.25, job)
+    paced = 0.2 + PACE * 0.3  # split mode decodes on PACE x the tpot target after the first
+    out = sched.schedule(0.25, job)  # ahead of that pace: the decode is held until then
+    assert (out.decode, out.prefill, out.wake_at) == ([], [], pytest.approx(paced))
+    assert out.worker_units == 0 and not out.worker_hold  # (the worker is busy: it goes on)
+    out = sched.schedule(paced, job)
     assert out.decode == [seq] and out.worker_units == 0  # (the worker is busy)
     assert not out.worker_hold  # on its pace: the run in flight goes on
+    costs.decode = LinearCost(0.2, 0.0)  # a decode so slow that waiting would miss the target
+    assert sched.schedule(0.25, job).decode == [seq]  # ... is not held
+    costs.decode = LinearCost(0.08, 0.0)
     job.busy = False
-    assert sched.schedule(0.3, job).worker_units == 4  # on its pace
+    held = sched.schedule(0.25, job)  # held, the worker idle: it gets a micro-step
+    assert held.decode == [] and held.worker_units == 4
+    assert sched.schedule(0.36, job).worker_units == 4  # on its pace
     late = sched.schedule(0.2 + 4 * 0.3, job)  # its next token is overdue
     assert late.decode == [seq] and late.worker_units == 0 and not late.worker_hold
     job.busy = True
@@ -667,3 +686,67 @@ def test_no_second_stream_on_one_thread_or_when_set_to_one(tmp_path, threads, st
 def test_train_streams_other_than_one_or_two_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="^train_streams: must be 1 or 2$"):
         EngineConfig(model="tiny", train_streams=bad)
+
+
+def test_a_held_decode_leaves_the_engine_thread_to_the_second_stream_until_it_falls_due():
+    from fineinfer_jupyter.engine.config import SamplingParams, Slo
+    from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
+    from fineinfer_jupyter.engine.scheduler import PACE, Scheduler
+    from fineinfer_jupyter.engine.sequence import Sequence
+
+    costs = CostModel()
+    costs.prefill, costs.decode = LinearCost(0.0, 0.004), LinearCost(0.08, 0.0)
+    costs.train, costs.margin = LinearCost(0.0, 0.005), 1.0
+    costs.set_units([1.0, 1.0, 2.0, 2.0])
+    sched = Scheduler(policy="deferred", costs=costs)
+    sched.split_training, sched.side_stream = True, True
+    job = Job()
+    first = sched.schedule(0.0, job)  # the worker idle: it starts; no second stream before it
+    assert first.worker_units == 4 and not first.side
+    job.busy = True
+    out = sched.schedule(0.0, job)  # nothing to serve: a new micro-step here, all its units
+    assert out.side and (out.train_units, out.train_examples) == (4, 4) and out.wake_at is None
+    job.side = (160, 3, False)
+    out = sched.schedule(0.0, job)  # the one under way: its last unit
+    assert out.side and (out.train_units, out.train_examples) == (1, 0)
+    seq = Sequence([1] * 50, sampling=SamplingParams(max_new_tokens=8), slo=Slo(ttft=1, tpot=0.3))
+    seq.arrival = 0.0
+    sched.add(seq)
+    out = sched.schedule(0.0, job)  # a prompt to serve: no second stream
+    assert out.prefill == [[seq]] and not out.side and out.train_units == 0
+    sched.update(out, IterationResult())
+    seq.output_ids.append(5)
+    seq.token_times.append(0.2)
+    out = sched.schedule(0.25, job)  # its decode held for its pace: the second stream till then
+    assert out.decode == [] and out.side and out.wake_at == pytest.approx(0.2 + PACE * 0.3)
+    assert sched.schedule(0.2 + PACE * 0.3, job).decode == [seq]  # due: decoded, no stream
+    sched.side_stream = False  # (one thread: the engine thread waits instead)
+    out = sched.schedule(0.25, job)
+    assert out.decode == [] and not out.side and out.train_units == 0 and out.wake_at
+
+
+def test_the_second_stream_stops_before_a_unit_that_would_end_after_a_held_decode(
+    tmp_path, monkeypatch
+):
+    gate = Gate(unit=1)
+    gate.install(monkeypatch)
+    model = save("llama", tmp_path / "model")
+    with Engine(config(model, tmp_path / "data"), thread=False) as e:
+        gate.armed = True
+        e.tune("herb", RECORDS, **JOB)
+        e.iterate()  # the worker starts; held at its second unit
+        assert gate.inside.wait(WAIT)
+        executor, trainer = e.core.executor, e.core.trainer
+        rows, tokens = executor._side(1 << 30, 2, until=time.monotonic() + 3600)
+        assert executor.side_units == trainer.run.units  # (far off: all of it)
+        assert (rows, tokens) == (0, 0) and len(trainer._flight) == 2  # (it waits for the first)
+        gate.release.set()
+        at_batch_start(e)
+        gate.armed = True
+        e.iterate()
+        assert gate.inside.wait(WAIT)
+        before = executor.side_units
+        executor._side(1 << 30, 2, until=time.monotonic())  # due now: one unit, no more
+        assert executor.side_units == before + 1
+        gate.release.set()
+        executor.settle()

@@ -724,11 +724,13 @@ class Engine:
                     return
                 continue
             if out.kind is IterationKind.IDLE and not out.worker_units:
-                self._drain(block=True)  # until something arrives (or the worker's run ends)
+                # until something arrives (or the worker's run ends, or held decodes fall due)
+                wait = None if out.wake_at is None else max(out.wake_at - time.monotonic(), 0.0)
+                self._drain(block=True, timeout=wait)
 
-    def _drain(self, *, block: bool) -> None:
+    def _drain(self, *, block: bool, timeout: float | None = None) -> None:
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(block=block, timeout=timeout)
         except queue.Empty:
             return
         while True:

@@ -161,7 +161,7 @@ class Executor:
             self._decode(out.decode, result, shared)
             rows = tokens = len(out.decode)
         elif out.train_units and out.side:
-            rows, tokens = self._side(out.train_units, out.train_examples)
+            rows, tokens = self._side(out.train_units, out.train_examples, out.wake_at)
         elif out.train_units:
             rows, tokens = self._train(out.train_units, out.train_examples, result)
         if shared is not None:
@@ -304,13 +304,23 @@ class Executor:
 
     # -- the training worker (split mode, worker.py) -------------------------------------------
 
-    def _side(self, units: int, examples: int) -> tuple[int, int]:
+    def _side(self, units: int, examples: int, until: float | None = None) -> tuple[int, int]:
         """The second stream's units (split mode, nothing to serve), on the engine thread beside
-        the worker's run, until one unit after anything arrives. Like the worker's, they stay
+        the worker's run, until one unit after anything arrives, or before a unit as long as the
+        last would end past `until` (held decodes fall due then). Like the worker's, they stay
         out of the cost model. A failure waits for the worker's run to end, then fails alone
         (a smaller retry after running out of memory, else the job)."""
+        last = [time.monotonic()]
+
+        def stop() -> bool:
+            now = time.monotonic()
+            unit, last[0] = now - last[0], now
+            if until is not None and now + unit > until:
+                return True
+            return self.interrupted is not None and self.interrupted()
+
         try:
-            progress = self.trainer.work_side(units, examples or None, stop=self.interrupted)
+            progress = self.trainer.work_side(units, examples or None, stop=stop)
         except Exception as e:
             self.collect(wait=True)
             progress = self.trainer.fail_side(e)

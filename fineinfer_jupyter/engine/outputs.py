@@ -43,6 +43,10 @@ class SchedulerOutput:
     # chunked prefill: a request in `prefill` listed here is prefilled up to this prompt
     # position only (its pass has one row; it gets no token yet)
     chunks: dict[Sequence, int] = field(default_factory=dict)
+    # an idle iteration that holds the running rows' decode back (split mode's pace,
+    # scheduler.PACE): when it falls due (time.monotonic() seconds); the engine thread waits
+    # until then unless something arrives
+    wake_at: float | None = None
 
     @property
     def admitted(self) -> list[Sequence]:

@@ -46,6 +46,10 @@ INF = float("inf")
 STALL_TPOTS = 4.0  # the longest planned pause between two tokens, in units of the tpot target
 MIN_CHUNK = 64  # prompt tokens: a smaller chunk would pay its pass's fixed cost for too little
 LARGER_WITHIN = 0.93  # a larger micro-step is preferred while its estimated rate is this close
+# split mode: the running rows decode on this share of their time-per-token target, not as fast
+# as they can: rows that live longer overlap more, a decode pass serves them all at once, and
+# the time between passes goes to the training worker (docs/design.md, "The training worker")
+PACE = 0.5
 
 
 class Training(Protocol):
@@ -243,8 +247,14 @@ class Scheduler:
         the micro-step under way or a whole new one (its size as with nothing to serve),
         unless the requests have fallen behind their targets: then the engine thread serves
         them on every thread until they catch up (a run under way stops after its unit in
-        progress: `worker_hold`)."""
+        progress: `worker_hold`). The running rows decode on PACE x their tpot target, not as
+        fast as they can, while that keeps them on target; meanwhile the engine thread trains
+        a second micro-step (side_stream) or waits (`wake_at`)."""
         out = self._serve(now, newcomers, running)
+        if out.decode and not out.prefill and not newcomers:
+            due = min(self.paced(s, now) for s in running)
+            if due > now and self.decode_room(due, running) >= 0:
+                out = SchedulerOutput(wake_at=due)  # the rows are ahead of the pace: hold
         on_time = [s for s in newcomers if not self.late(now, s)]
         behind = self.decode_room(now, running) < 0 or (
             bool(on_time) and self.prefill_slack(now, on_time, running) < 0
@@ -258,12 +268,20 @@ class Scheduler:
         if self.side_stream and not (out.prefill or out.decode) and training.side_ready():
             # nothing to serve: a second stream, one thread each, rather than the worker's
             # micro-step on two (docs/design.md, "The training worker"); the engine thread
-            # stops it after a unit once anything arrives (Executor.interrupted)
+            # stops it after a unit once anything arrives (Executor.interrupted) or before
+            # the held decodes fall due (wake_at)
             state = training.side_progress()
             examples = 0 if state is not None else self._new_micro_step(training).examples
             out.train_units = len(self.costs.shares) - (state[1] if state else 0)
             out.train_examples, out.side = examples, True
         return out
+
+    def paced(self, s: Sequence, now: float) -> float:
+        """When split mode decodes running row `s` next: its n-th token after its first at
+        n x PACE x its tpot target from its first (`now` before it has one)."""
+        if not s.token_times:
+            return now
+        return s.token_times[0] + len(s.token_times) * PACE * s.slo.tpot
 
     def _rides_along(self, micro: MicroStepPlan) -> bool:
         """Offloaded layers, heterogeneous batching on, and the micro-step's next unit is a
