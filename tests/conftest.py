@@ -24,14 +24,14 @@ def pytest_collection_modifyitems(config, items):
 PROMPTS = ["Hello there, tiny model.", "A", "The quick brown fox jumps over", "12345"]
 
 
-def make_adapter(path, *, seed: int, r: int = 4):
+def make_adapter(path, *, seed: int, r: int = 4, targets="all-linear"):
     """A saved LoRA adapter with non-zero random weights, so it changes the tiny model's output."""
     base = load_model("tiny").model
     torch.manual_seed(seed)
     config = LoraConfig(
         r=r,
         lora_alpha=2 * r,
-        target_modules="all-linear",
+        target_modules=targets,
         lora_dropout=0.0,
         init_lora_weights=False,
     )

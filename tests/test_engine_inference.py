@@ -68,6 +68,25 @@ def test_mixed_adapter_batch_matches_each_adapter_alone(stepped, adapter_dirs):
     assert mixed[0] != mixed[1] != mixed[2]  # the adapters really change the answer
 
 
+def test_an_adapter_on_other_layers_loaded_after_requests_ran_is_served_on_them(stepped, tmp_path):
+    """The walk remembers each decoder layer's LoRA layers (walk.rows); an adapter loaded later
+    that wraps other linear layers is found there too."""
+    from conftest import make_adapter
+
+    q = make_adapter(tmp_path / "q", seed=3, targets=["q_proj"])
+    mlp = make_adapter(tmp_path / "mlp", seed=4, targets=["up_proj", "down_proj"])
+    stepped.load_adapter("q", q)
+    first = stepped.generate(PROMPTS[1], adapter="q", max_new_tokens=12)
+    run_until_done(stepped, [first])
+    stepped.load_adapter("ffn", mlp)
+    streams = [stepped.generate(PROMPTS[1], adapter=a, max_new_tokens=12) for a in ("ffn", "q")]
+    run_until_done(stepped, streams)
+    assert streams[0].final["token_ids"] == reference([PROMPTS[1]], 12, mlp)[0]
+    assert streams[1].final["token_ids"] == first.final["token_ids"]
+    assert first.final["token_ids"] == reference([PROMPTS[1]], 12, q)[0]
+    assert streams[0].final["token_ids"] != reference([PROMPTS[1]], 12)[0]  # (it changes it)
+
+
 def test_cancelling_one_stream_leaves_the_others_unchanged_and_frees_its_row(stepped):
     expected = reference(PROMPTS[:3], 20)
     streams = [stepped.generate(p, max_new_tokens=20) for p in PROMPTS[:3]]

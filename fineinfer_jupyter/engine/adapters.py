@@ -133,8 +133,10 @@ class AdapterStore:
     # -- changes (engine thread) ----------------------------------------------------------------
 
     def _quiet(self) -> None:
+        """Before the model's structure, its active adapter or LoRA weights change."""
         if self.before_change is not None:
             self.before_change()
+        self.runner.walk.forget()  # (each module's LoRA layers are found again)
 
     def _set(self, info: AdapterInfo) -> None:
         self._info = {**self._info, info.name: info}

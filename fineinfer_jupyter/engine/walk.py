@@ -82,6 +82,20 @@ class LayerWalk:
         self.offload = None  # a LayerOffload when base layers live off the device
 
     @property
+    def model(self):
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:
+        self._model = model
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what rows() found in each module: before the model's structure changes (a
+        PeftModel, an adapter's layers added or removed: AdapterStore calls it)."""
+        self._lora: dict[int, list[torch.nn.Module]] = {}
+
+    @property
     def supported(self) -> bool:
         return self.why_not is None
 
@@ -205,7 +219,11 @@ class LayerWalk:
         in between uses the adapter it trains."""
         if p.adapters is None:
             return nullcontext()
-        return _adapter_rows([m for m in module.modules() if isinstance(m, LoraLayer)], p.adapters)
+        lora = self._lora.get(id(module))
+        if lora is None:  # (a walk of the module's tree: a tenth of a small model's decode step)
+            lora = [m for m in module.modules() if isinstance(m, LoraLayer)]
+            self._lora[id(module)] = lora
+        return _adapter_rows(lora, p.adapters)
 
 
 @contextmanager
