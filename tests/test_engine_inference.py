@@ -87,6 +87,58 @@ def test_an_adapter_on_other_layers_loaded_after_requests_ran_is_served_on_them(
     assert streams[0].final["token_ids"] != reference([PROMPTS[1]], 12)[0]  # (it changes it)
 
 
+def test_rows_all_on_the_base_skip_the_lora_layers_in_their_own_thread_only(
+    stepped, adapter_dirs, monkeypatch
+):
+    """A pass whose every row is on the base calls each LoRA layer's base layer only (PEFT's
+    disabled path, walk.rows); a forward in another thread meanwhile keeps its adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    from fineinfer_jupyter.engine.precision import BASE_ONLY
+
+    stepped.load_adapter("alpha", adapter_dirs["alpha"])
+    calls, mixed = [], LoraLayer._mixed_batch_forward  # (PEFT's per-row path)
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs["adapter_names"])
+        return mixed(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLayer, "_mixed_batch_forward", spy)
+    base = stepped.generate(PROMPTS[0], max_new_tokens=10)
+    run_until_done(stepped, [base])
+    assert base.final["token_ids"] == reference([PROMPTS[0]], 10)[0] and calls == []
+    both = [stepped.generate(PROMPTS[0], adapter=a, max_new_tokens=10) for a in (None, "alpha")]
+    run_until_done(stepped, both)
+    assert calls  # (a mixed batch takes PEFT's per-row path)
+    assert [s.final["token_ids"] for s in both] == [
+        base.final["token_ids"],
+        reference([PROMPTS[0]], 10, adapter_dirs["alpha"])[0],
+    ]
+    layer = next(m for m in stepped.core.runner.model.modules() if isinstance(m, LoraLayer))
+    assert layer._disable_adapters is BASE_ONLY and not layer.disable_adapters
+    x = torch.randn(2, layer.in_features)
+    layer.set_adapter("alpha")
+    with_adapter = layer(x)
+    assert not torch.equal(with_adapter, layer.get_base_layer()(x))
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with BASE_ONLY.flipped():  # another thread in a base-only pass
+            seen.append(bool(layer.disable_adapters))
+            inside.set()
+            assert leave.wait(30)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(30)
+    try:
+        assert seen == [True] and not layer.disable_adapters
+        assert torch.equal(layer(x), with_adapter)  # this thread: its adapter still applies
+    finally:
+        leave.set()
+        t.join()
+
+
 def test_cancelling_one_stream_leaves_the_others_unchanged_and_frees_its_row(stepped):
     expected = reference(PROMPTS[:3], 20)
     streams = [stepped.generate(p, max_new_tokens=20) for p in PROMPTS[:3]]

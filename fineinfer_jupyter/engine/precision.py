@@ -424,37 +424,45 @@ def upcast_attention() -> None:
 
 
 class ThreadFlag:
-    """A flag that is true except in the threads inside a block that turned it off: a LoRA
-    layer's `cast_input_dtype_enabled` during a bf16 training forward (`mixed`), which must not
-    change how an inference forward in another thread (the engine thread, beside the training
-    worker) computes the same layer. PEFT reads it as `not layer.cast_input_dtype_enabled`."""
+    """A flag that is `default` except in the threads inside a block that flipped it: a LoRA
+    layer's `cast_input_dtype_enabled` during a bf16 training forward (`mixed`: CAST_INPUT,
+    true, off in the block), or its `_disable_adapters` during an inference pass whose every row
+    is on the base model (`walk.LayerWalk.rows`: BASE_ONLY, false, on in the block), which must
+    not change how a forward in another thread (the engine thread, the training worker)
+    computes the same layer. PEFT reads them as plain attributes."""
 
-    def __init__(self):
+    def __init__(self, default: bool = True):
+        self.default = default
         self._local = threading.local()
 
     def __bool__(self) -> bool:
-        return not getattr(self._local, "off", False)
+        return self.default != getattr(self._local, "flipped", False)
 
     def __deepcopy__(self, memo) -> ThreadFlag:
         return self  # (a copied layer shares it)
 
     def __reduce__(self):
-        return _cast_input, ()
+        return _thread_flag, (self.default,)
 
     @contextmanager
-    def off(self) -> Iterator[None]:
-        self._local.off = True
+    def flipped(self) -> Iterator[None]:
+        self._local.flipped = True
         try:
             yield
         finally:
-            self._local.off = False
+            self._local.flipped = False
+
+    def off(self):
+        """(CAST_INPUT's block)"""
+        return self.flipped()
 
 
 CAST_INPUT = ThreadFlag()  # every LoRA layer's cast_input_dtype_enabled, once `mixed` ran
+BASE_ONLY = ThreadFlag(default=False)  # every LoRA layer's _disable_adapters, once rows() ran
 
 
-def _cast_input() -> ThreadFlag:
-    return CAST_INPUT
+def _thread_flag(default: bool) -> ThreadFlag:
+    return CAST_INPUT if default else BASE_ONLY
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .precision import mixed
+from .precision import BASE_ONLY, mixed
 
 BASE_ROW = "__base__"  # PEFT's per-row name for "no adapter"
 
@@ -223,6 +223,16 @@ class LayerWalk:
         if lora is None:  # (a walk of the module's tree: a tenth of a small model's decode step)
             lora = [m for m in module.modules() if isinstance(m, LoraLayer)]
             self._lora[id(module)] = lora
+        if not lora:
+            return nullcontext()
+        if all(a == BASE_ROW for a in p.adapters):
+            # every row on the base: the LoRA layers call their base layer and nothing else,
+            # in this thread only (PEFT's disabled-adapter path; its per-row one costs ~15 us
+            # a layer: docs/design.md, "The layer walk")
+            for m in lora:
+                if m._disable_adapters is not BASE_ONLY:
+                    m._disable_adapters = BASE_ONLY
+            return BASE_ONLY.flipped()
         return _adapter_rows(lora, p.adapters)
 
 
