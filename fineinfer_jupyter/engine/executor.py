@@ -377,8 +377,8 @@ class Executor:
 
     def _worker_threads(self, out: SchedulerOutput) -> int:
         """The worker's intra-op threads: one beside an inference pass or the second training
-        stream (`out.side`); every thread of the engine's when this iteration runs nothing. float32 training gains from the second
-        core on both CPUs measured (225 against 178 tokens/s alone); bf16 did not on a Xeon
+        stream (`out.side`); every thread of the engine's when this iteration runs nothing.
+        float32 training gains from the second core on both CPUs measured (225 against 178 tokens/s alone); bf16 did not on a Xeon
         with AMX (271-291 on two threads, 305-321 on one) but does on a Zen 4 without AMX
         (bf16 alone with the worker 224 tokens/s on every thread against 191 on one, 0.85x
         against 0.72x the time-sliced engine's): every thread here, one CPU's loss against

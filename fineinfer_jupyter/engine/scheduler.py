@@ -48,7 +48,8 @@ MIN_CHUNK = 64  # prompt tokens: a smaller chunk would pay its pass's fixed cost
 LARGER_WITHIN = 0.93  # a larger micro-step is preferred while its estimated rate is this close
 # split mode: the running rows decode on this share of their time-per-token target, not as fast
 # as they can: rows that live longer overlap more, a decode pass serves them all at once, and
-# the time between passes goes to the training worker (docs/design.md, "The training worker")
+# the time between passes goes to the second training stream (docs/design.md, "The training
+# worker")
 PACE = 0.5
 
 

@@ -359,12 +359,10 @@ class Trainer:
         examples, tokens, padded = (sum(column) for column in list(zip(*ended, strict=True))[:3])
         return MicroStep(examples, tokens, padded, optimizer)
 
-    def _drop_flight(self) -> list[Example]:
-        """Every micro-step in flight dropped (their gradients with them); their examples."""
-        examples = [e for _, group in self._flight for e in group]
+    def _drop_flight(self) -> None:
+        """Every micro-step in flight dropped (their gradients with them)."""
         self.run = self.side = None
         self._flight = []
-        return examples
 
     def _retry_smaller(self, job: Job, error: Exception, failed: TrainingPass | None) -> bool:
         """Out of memory in a micro-step: its effective batch starts again, half as many
