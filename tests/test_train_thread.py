@@ -578,6 +578,7 @@ def by_hand(trainer, order):
 
 
 @pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
+@pytest.mark.realtime  # (threads held at gates: make stress repeats it)
 def test_two_micro_steps_at_once_give_the_one_streams_weights_exactly(tmp_path, family, dtype):
     """Four micro-steps an effective batch, two at a time: their gradients add up in the batch's
     order whichever ends first (a sum of three or more in another order differs)."""
@@ -610,6 +611,7 @@ def test_two_micro_steps_at_once_give_the_one_streams_weights_exactly(tmp_path, 
         assert all(torch.equal(got[order][1][k], want[k]) for k in want), order
 
 
+@pytest.mark.realtime  # (threads held at gates: make stress repeats it)
 def test_with_nothing_to_serve_a_second_micro_step_runs_on_the_engine_thread(tmp_path, monkeypatch):
     gate = Gate(unit=1)
     gate.install(monkeypatch)
@@ -725,6 +727,7 @@ def test_a_held_decode_leaves_the_engine_thread_to_the_second_stream_until_it_fa
     assert out.decode == [] and not out.side and out.train_units == 0 and out.wake_at
 
 
+@pytest.mark.realtime  # (threads held at gates: make stress repeats it)
 def test_the_second_stream_stops_before_a_unit_that_would_end_after_a_held_decode(
     tmp_path, monkeypatch
 ):
