@@ -753,3 +753,29 @@ def test_the_second_stream_stops_before_a_unit_that_would_end_after_a_held_decod
         assert executor.side_units == before + 1
         gate.release.set()
         executor.settle()
+
+
+@pytest.mark.realtime  # (a thread held at a gate: make stress repeats it)
+def test_no_second_stream_while_memory_would_not_hold_two_micro_steps(tmp_path, monkeypatch):
+    from fineinfer_jupyter.engine import training
+
+    gate = Gate(unit=1)
+    gate.install(monkeypatch)
+    model = save("llama", tmp_path / "model")
+    with Engine(config(model, tmp_path / "data"), thread=False) as e:
+        trainer, executor = e.core.trainer, e.core.executor
+        gate.armed = True
+        job = e.tune("herb", RECORDS, **JOB)
+        e.iterate()  # the worker starts the batch's first micro-step; held at its second unit
+        assert gate.inside.wait(WAIT)
+        need = trainer._side_bytes(trainer.current)
+        assert need > 0
+        monkeypatch.setattr(training, "available_memory", lambda: 2 * need + training.SIDE_RESERVE)
+        out = e.iterate()  # (strictly more is needed)
+        assert not out.side and executor.side_units == 0 and trainer.side is None
+        monkeypatch.setattr(training, "available_memory", lambda: 2 * need + (2 << 30))
+        out = e.iterate()  # room for it now
+        assert out.side and executor.side_units > 0
+        gate.release.set()
+        done = train_to_end(e, job["id"])
+        assert done["state"] == "done" and done["step"] == JOB["max_steps"]

@@ -22,6 +22,7 @@ from collections import deque
 from pathlib import Path
 from typing import NamedTuple
 
+import psutil
 import torch
 from peft import LoraConfig
 from transformers import get_cosine_schedule_with_warmup
@@ -50,6 +51,18 @@ KEEP_CHECKPOINTS = 2
 # file HOLD_FILE exists (or for good without one), so a test acts at a known step.
 HOLD_STEP, HOLD_FILE = "FINEINFER_TEST_HOLD_STEP", "FINEINFER_TEST_HOLD_FILE"
 EVAL_SAMPLE = 16  # held-out examples the automatic validation passes before the last score
+# The second stream doubles the activations in memory (two micro-steps at once), and a CPU
+# process that runs out is killed, not told: it begins a micro-step only while the memory
+# available exceeds twice this estimate of one's plus SIDE_RESERVE (docs/design.md, "The second
+# stream"). Per token: each layer keeps ~24 hidden-wide tensors for its backward (attention's
+# q/k/v/output, norms, residuals, the gated MLP's ~3.5x-wide gate/up/product), the head ~2
+# vocabulary-wide float32 rows (its logits and their gradient).
+SIDE_ACTIVATIONS, SIDE_RESERVE = 24, 1 << 30
+
+
+def available_memory() -> int:
+    """Bytes of memory the OS can give this process now (psutil: MemAvailable on Linux)."""
+    return psutil.virtual_memory().available
 
 
 class MicroStep(NamedTuple):
@@ -196,7 +209,19 @@ class Trainer:
         job = self.current
         if job is None or self.run is None or not self._walks:
             return False
-        return self.side is not None or bool(job.pending)
+        if self.side is not None:
+            return True
+        return bool(job.pending) and available_memory() > 2 * self._side_bytes(job) + SIDE_RESERVE
+
+    def _side_bytes(self, job: Job) -> int:
+        """An estimate of what a new second-stream micro-step would hold in memory at its
+        peak (its activations: SIDE_ACTIVATIONS)."""
+        examples = [job.dataset.train[i] for i in job.pending[: _micro(job)]]
+        tokens = len(examples) * max(e.num_tokens for e in examples)
+        config = self.runner.config.get_text_config()
+        element = 2 if self.runner.autocast is not None else 4  # (bf16 autocast, else float32)
+        layer = config.num_hidden_layers * config.hidden_size * SIDE_ACTIVATIONS * element
+        return tokens * (layer + 2 * 4 * config.vocab_size)
 
     @property
     def _walks(self) -> bool:
