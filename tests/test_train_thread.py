@@ -49,8 +49,8 @@ class Gate:
     """Makes the worker wait at the start of a unit's forward (inside its training forward's
     precision block), and lets an engine-thread pass hand over to it from inside a layer."""
 
-    def __init__(self, unit=0, fail=False):
-        self.unit, self.fail = unit, fail
+    def __init__(self, unit=0, fail=False, thread="fineinfer-train"):
+        self.unit, self.fail, self.thread = unit, fail, thread
         self.armed = False
         self.inside = threading.Event()  # the worker waits at the gate
         self.release = threading.Event()
@@ -60,7 +60,7 @@ class Gate:
         original = walk.TrainingPass._forward
 
         def forward(run, u):
-            worker = threading.current_thread().name == "fineinfer-train"
+            worker = threading.current_thread().name == self.thread
             if not (worker and self.armed and u == self.unit):
                 return original(run, u)
             self.armed = False
@@ -783,4 +783,31 @@ def test_no_second_stream_while_memory_would_not_hold_two_micro_steps(tmp_path, 
         assert out.side and executor.side_units > 0
         gate.release.set()
         done = train_to_end(e, job["id"])
+        assert done["state"] == "done" and done["step"] == JOB["max_steps"]
+
+
+@pytest.mark.realtime  # (the engine's own thread and the worker's, both held at gates)
+def test_shutdown_with_both_streams_mid_micro_step_keeps_the_last_step(tmp_path, monkeypatch):
+    worker = Gate(unit=1)
+    worker.install(monkeypatch)
+    engine = Gate(unit=1, thread="fineinfer-engine")  # the second stream's micro-step
+    engine.install(monkeypatch)
+    e = Engine(config("tiny", tmp_path), thread=True)
+    worker.armed = engine.armed = True
+    job = e.tune("herb", RECORDS, **JOB)  # 2 micro-steps of 2 examples a batch
+    assert worker.inside.wait(WAIT) and engine.inside.wait(WAIT)
+    assert len(e.core.trainer._flight) == 2
+    t, out = in_thread(e.shutdown)
+    t.join(0.5)
+    assert t.is_alive() and not out  # both are held inside a unit
+    worker.release.set()
+    engine.release.set()
+    t.join(WAIT)
+    assert out == [True]
+    with Engine(config("tiny", tmp_path), thread=False) as again:
+        record = again.job(job["id"])  # neither micro-step's gradient reached a step
+        assert record["state"] == "interrupted" and record["step"] == 0
+        assert record["checkpoint"].endswith("checkpoint-000000")
+        again.resume_job(job["id"])
+        done = train_to_end(again, job["id"])
         assert done["state"] == "done" and done["step"] == JOB["max_steps"]
