@@ -27,7 +27,7 @@ from .prefix import PrefixCache
 from .request import Tokenizer
 from .runner import Runner
 from .sequence import Sequence
-from .training import Trainer
+from .training import MicroStep, Trainer
 from .worker import TrainWorker
 
 log = logging.getLogger("fineinfer")
@@ -294,11 +294,16 @@ class Executor:
         result.unit_seconds, result.first_unit = progress.seconds, progress.first
         result.padded = progress.padded
         step = progress.step
+        if step is not None and step.optimizer:
+            result.timings.append(Timing("optimizer", 1, step.optimizer))
+        return self._published(step)
+
+    def _published(self, step: MicroStep | None) -> tuple[int, int]:
+        """The micro-steps that ended in this iteration (None: none) in the training figures;
+        their (examples, tokens)."""
         if step is None:
             self._publish_training(0, 0)
             return 0, 0
-        if step.optimizer:
-            result.timings.append(Timing("optimizer", 1, step.optimizer))
         self._publish_training(step.examples, step.tokens)
         return step.examples, step.tokens
 
@@ -325,12 +330,7 @@ class Executor:
             self.collect(wait=True)
             progress = self.trainer.fail_side(e)
         self.side_units += len(progress.seconds)
-        step = progress.step
-        if step is None:
-            self._publish_training(0, 0)
-            return 0, 0
-        self._publish_training(step.examples, step.tokens)
-        return step.examples, step.tokens
+        return self._published(progress.step)
 
     def _launch(self, units: int, examples: int) -> None:
         """Hand the micro-step under way (or a new one on `examples` examples) to the worker;
@@ -378,8 +378,9 @@ class Executor:
     def _worker_threads(self, out: SchedulerOutput) -> int:
         """The worker's intra-op threads: one beside an inference pass or the second training
         stream (`out.side`); every thread of the engine's when this iteration runs nothing.
-        float32 training gains from the second core on both CPUs measured (225 against 178 tokens/s alone); bf16 did not on a Xeon
-        with AMX (271-291 on two threads, 305-321 on one) but does on a Zen 4 without AMX
+        float32 training gains from the second core on both CPUs measured (225 against 178
+        tokens/s alone); bf16 did not on a Xeon with AMX (271-291 on two threads, 305-321 on
+        one) but does on a Zen 4 without AMX
         (bf16 alone with the worker 224 tokens/s on every thread against 191 on one, 0.85x
         against 0.72x the time-sliced engine's): every thread here, one CPU's loss against
         the other's gain (docs/design.md, "The training worker")."""

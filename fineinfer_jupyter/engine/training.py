@@ -207,8 +207,8 @@ class Trainer:
         way, or a later one of the effective batch `run` belongs to (never a new batch's: its
         optimizer step waits for every micro-step in flight)."""
         job = self.current
-        if job is None or self.run is None or not self._walks:
-            return False
+        if job is None or self.run is None or not self.runner.walk.supported:
+            return False  # (own gradients need the walk's units: TrainingPass.grads)
         if self.side is not None:
             return True
         return bool(job.pending) and available_memory() > 2 * self._side_bytes(job) + SIDE_RESERVE
@@ -222,10 +222,6 @@ class Trainer:
         element = 2 if self.runner.autocast is not None else 4  # (bf16 autocast, else float32)
         layer = config.num_hidden_layers * config.hidden_size * SIDE_ACTIVATIONS * element
         return tokens * (layer + 2 * 4 * config.vocab_size)
-
-    @property
-    def _walks(self) -> bool:
-        return self.runner.walk.supported and self.runner.walk.offload is None
 
     def _ends_batch(self, run: TrainingPass) -> bool:
         unfinished = [r for r, _ in self._flight if not r.finished]
@@ -295,11 +291,8 @@ class Trainer:
             return NO_PROGRESS
         if self.side is None:
             self.side = self._begin_micro_step(job, max_examples)
-        run, first, seconds = self.side, self.side.done, []
-        while len(seconds) < units and not run.finished:
-            seconds += run.run(1, sync=self.runner.sync)
-            if stop is not None and stop():
-                break
+        run, first = self.side, self.side.done
+        seconds = run.run(units, sync=self.runner.sync, stop=stop)
         if run.finished:
             self.side = None
         return Progress(seconds, first, run.padded, self._end_ready(job))
@@ -308,10 +301,13 @@ class Trainer:
         """The second stream's micro-step failed (the worker's run has ended): as collect()
         does with a failure (a smaller retry after running out of memory, else the job fails)."""
         job = self.current
-        if job is None:
-            return NO_PROGRESS
+        return NO_PROGRESS if job is None else self._failed(job, error, self.side)
+
+    def _failed(self, job: Job, error: Exception, run: TrainingPass | None) -> Progress:
+        """Micro-step `run` failed with `error`: a smaller retry of its effective batch after
+        running out of memory, else the job fails (its last checkpoint stays)."""
         try:
-            if is_oom(error) and self._retry_smaller(job, error, self.side):
+            if is_oom(error) and self._retry_smaller(job, error, run):
                 return NO_PROGRESS
             raise error
         except Exception as e:
@@ -326,11 +322,9 @@ class Trainer:
         job, run = self.current, self.run
         if job is None or run is None:
             return NO_PROGRESS  # (the job ended meanwhile)
+        if error is not None:
+            return self._failed(job, error, run)
         try:
-            if error is not None:
-                if is_oom(error) and self._retry_smaller(job, error, run):
-                    return NO_PROGRESS
-                raise error
             if run.finished:
                 self.run = None
             step = self._end_ready(job)

@@ -322,9 +322,10 @@ class TrainingPass:
         """The layer whose forward the next unit runs (None: the head or a backward unit)."""
         return self.done if self.walk is not None and self.done < self.layers else None
 
-    def run(self, n: int, *, sync=None) -> list[float]:
-        """Run up to n more units; returns each one's seconds of compute (fetching an
-        offloaded layer's weights is counted apart, by the offload)."""
+    def run(self, n: int, *, sync=None, stop=None) -> list[float]:
+        """Run up to n more units, fewer if `stop()`, asked after each unit, says so; returns
+        each one's seconds of compute (fetching an offloaded layer's weights is counted apart,
+        by the offload)."""
         off = self.walk.offload if self.walk is not None else None
         seconds = []
         while n > 0 and not self.finished:
@@ -337,6 +338,8 @@ class TrainingPass:
             seconds.append(time.perf_counter() - start - fetched)
             self.done += 1
             n -= 1
+            if stop is not None and stop():
+                break
         return seconds
 
     def _unit(self, u: int) -> None:
