@@ -15,9 +15,12 @@ from safetensors.torch import load_file
 from test_training import RECORDS
 
 from fineinfer_jupyter.engine import walk
-from fineinfer_jupyter.engine.config import EngineConfig
+from fineinfer_jupyter.engine.config import EngineConfig, SamplingParams, Slo
+from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
 from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.outputs import IterationResult
+from fineinfer_jupyter.engine.scheduler import PACE, Scheduler
+from fineinfer_jupyter.engine.sequence import Sequence
 from fineinfer_jupyter.engine.worker import train_thread_choice
 
 JOB = dict(
@@ -397,24 +400,31 @@ class Job:
         return self.side
 
 
-def test_the_worker_gets_a_whole_micro_step_unless_the_requests_fall_behind():
-    from fineinfer_jupyter.engine.config import SamplingParams, Slo
-    from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
-    from fineinfer_jupyter.engine.scheduler import PACE, Scheduler
-    from fineinfer_jupyter.engine.sequence import Sequence
-
+def split_scheduler():
+    """A deferred scheduler in split mode on a fixed cost model (a decode 0.08 s, four units)."""
     costs = CostModel()
     costs.prefill, costs.decode = LinearCost(0.0, 0.004), LinearCost(0.08, 0.0)
     costs.train, costs.margin = LinearCost(0.0, 0.005), 1.0
     costs.set_units([1.0, 1.0, 2.0, 2.0])
     sched = Scheduler(policy="deferred", costs=costs)
     sched.split_training = True
-    job = Job()
-    out = sched.schedule(0.0, job)  # nothing to serve: a whole micro-step, on the worker
-    assert (out.worker_units, out.worker_examples, out.train_units) == (4, 4, 0)
+    return sched, costs
+
+
+def one_request(sched):
+    """A 50-token prompt for 8 tokens (TTFT 1 s, TPOT 0.3 s) arriving at 0, queued in `sched`."""
     seq = Sequence([1] * 50, sampling=SamplingParams(max_new_tokens=8), slo=Slo(ttft=1, tpot=0.3))
     seq.arrival = 0.0
     sched.add(seq)
+    return seq
+
+
+def test_the_worker_gets_a_whole_micro_step_unless_the_requests_fall_behind():
+    sched, costs = split_scheduler()
+    job = Job()
+    out = sched.schedule(0.0, job)  # nothing to serve: a whole micro-step, on the worker
+    assert (out.worker_units, out.worker_examples, out.train_units) == (4, 4, 0)
+    seq = one_request(sched)
     out = sched.schedule(0.0, job)  # served as `immediate` serves it, the worker beside
     assert out.prefill == [[seq]] and out.worker_units == 4
     sched.update(out, IterationResult())
@@ -696,17 +706,8 @@ def test_train_streams_other_than_one_or_two_is_refused_by_name(bad):
 
 
 def test_a_held_decode_leaves_the_engine_thread_to_the_second_stream_until_it_falls_due():
-    from fineinfer_jupyter.engine.config import SamplingParams, Slo
-    from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
-    from fineinfer_jupyter.engine.scheduler import PACE, Scheduler
-    from fineinfer_jupyter.engine.sequence import Sequence
-
-    costs = CostModel()
-    costs.prefill, costs.decode = LinearCost(0.0, 0.004), LinearCost(0.08, 0.0)
-    costs.train, costs.margin = LinearCost(0.0, 0.005), 1.0
-    costs.set_units([1.0, 1.0, 2.0, 2.0])
-    sched = Scheduler(policy="deferred", costs=costs)
-    sched.split_training, sched.side_stream = True, True
+    sched, _ = split_scheduler()
+    sched.side_stream = True
     job = Job()
     first = sched.schedule(0.0, job)  # the worker idle: it starts; no second stream before it
     assert first.worker_units == 4 and not first.side
@@ -716,9 +717,7 @@ def test_a_held_decode_leaves_the_engine_thread_to_the_second_stream_until_it_fa
     job.side = (160, 3, False)
     out = sched.schedule(0.0, job)  # the one under way: its last unit
     assert out.side and (out.train_units, out.train_examples) == (1, 0)
-    seq = Sequence([1] * 50, sampling=SamplingParams(max_new_tokens=8), slo=Slo(ttft=1, tpot=0.3))
-    seq.arrival = 0.0
-    sched.add(seq)
+    seq = one_request(sched)
     out = sched.schedule(0.0, job)  # a prompt to serve: no second stream
     assert out.prefill == [[seq]] and not out.side and out.train_units == 0
     sched.update(out, IterationResult())
@@ -811,3 +810,28 @@ def test_shutdown_with_both_streams_mid_micro_step_keeps_the_last_step(tmp_path,
         again.resume_job(job["id"])
         done = train_to_end(again, job["id"])
         assert done["state"] == "done" and done["step"] == JOB["max_steps"]
+
+
+@pytest.mark.realtime  # (the worker held at a gate)
+def test_a_failure_in_the_second_stream_fails_the_job_alone(tmp_path, monkeypatch):
+    worker = Gate(unit=1)
+    worker.install(monkeypatch)
+    side = Gate(unit=1, fail=True, thread="MainThread")  # (thread=False: the test drives it)
+    side.install(monkeypatch)
+    side.release.set()
+    model = save("llama", tmp_path / "model")
+    with Engine(config(model, tmp_path / "data"), thread=False) as e:
+        worker.armed = True
+        job = e.tune("herb", RECORDS, **JOB)
+        e.iterate()  # the worker starts the batch's first micro-step; held at its second unit
+        assert worker.inside.wait(WAIT)
+        worker.release.set()
+        side.armed = True
+        out = e.iterate()  # the batch's second, here: its second unit fails
+        assert out.side and side.inside.is_set()
+        failed = e.job(job["id"])
+        assert failed["state"] == "failed" and "a unit failed" in failed["error"]
+        assert e.core.trainer._flight == [] and not e.core.executor.worker.pending
+        assert e.complete("hello", max_new_tokens=4).finish_reason in ("length", "stop")
+        again = e.tune("herb2", RECORDS, **{**JOB, "max_steps": 2})
+        assert train_to_end(e, again["id"])["state"] == "done"
