@@ -22,9 +22,12 @@ from fineinfer_jupyter.engine.config import EngineConfig, SamplingParams, Slo
 from fineinfer_jupyter.engine.data import Example, collate
 from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.features import FEATURES
+from fineinfer_jupyter.engine.lean import SHAPES
 from fineinfer_jupyter.engine.models import load_model
+from fineinfer_jupyter.engine.precision import decoding
 from fineinfer_jupyter.engine.runner import Runner
 from fineinfer_jupyter.engine.sequence import Sequence
+from fineinfer_jupyter.engine.walk import FAMILIES as WALK_FAMILIES
 from fineinfer_jupyter.engine.walk import LayerWalk, TrainingPass
 from fineinfer_jupyter.kernel.render import status_lines
 
@@ -113,6 +116,53 @@ def test_the_walk_gives_the_models_own_logits_past_the_sliding_window_with_mixed
         positions = positions[:, -1:] + 1
     assert mask.sum(1).min() > WINDOW + 1
     assert not torch.equal(ref[0], ref[2])  # the adapters do change the answer
+
+
+@pytest.mark.parametrize("case", WALKED_CASES, ids=ids_of)
+@torch.no_grad()
+def test_the_lean_decode_gives_the_module_calls_logits_bit_for_bit(case, folders):
+    """lean.py's decoder layers against the modules' own calls: the same numbers, bit for bit,
+    for rows on two adapters and the base, for rows all on the base (the LoRA layers' base
+    layers alone), and without PEFT; in bf16 by the int4 copies of a decode pass."""
+    family, dtype = case
+    weights = "int4" if dtype == "bf16" else "base"
+    model = load_model(folders[family], dtype=dtype, device="cpu", decode_weights=weights).model
+    copies = [m for m in model.modules() if getattr(m, "int4", None) is not None]
+    assert bool(copies) == (dtype == "bf16")
+    for m in copies:  # (the test's three rows multiply by them too)
+        m.copy_rows = 3
+    for rows in (None, ["one", "two", None], [None] * 3):
+        if rows is not None and not hasattr(model, "peft_config"):  # adapters, in place
+            torch.manual_seed(1)
+            config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+            model = get_peft_model(model, config, adapter_name="one")
+            model.add_adapter("two", config)
+            model.eval()
+        lean, calls = LayerWalk(model), LayerWalk(model)
+        calls.lean = False
+        assert lean.lean_why_not is None and calls.lean_why_not == "lean_decode is off"
+        torch.manual_seed(2)
+        ids = torch.randint(3, 250, (3, 12))  # [B, P]: P > WINDOW
+        ids[0, :5] = ids[2, :1] = 0  # left padding
+        mask = (ids != 0).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        caches = [DynamicCache(config=model.config) for _ in range(2)]
+        kind = "prefill"
+        for _ in range(5):  # prefill, then decodes past the window of every row
+            with decoding(kind == "decode"):
+                got = [
+                    walk_logits(w, ids, mask, positions, c, rows, kind=kind)
+                    for w, c in zip((lean, calls), caches)
+                ]
+            assert torch.equal(got[0], got[1]), (kind, rows)
+            ids, kind = got[1][:, -1:].argmax(-1), "decode"
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+            positions = positions[:, -1:] + 1
+        assert mask.sum(1).min() > WINDOW + 1
+
+
+def test_every_walked_family_has_a_lean_decode():
+    assert set(SHAPES) == set(WALK_FAMILIES)
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -219,6 +269,7 @@ def test_greedy_tokens_equal_generate_while_rows_join_and_leave_past_the_window(
             assert mine == theirs
     walk = engine.status()["layer_walk"]
     assert walk["enabled"] == (engine.case[0] in WALKED), walk
+    assert walk["lean_decode"] == (engine.case[0] in WALKED), walk  # (these decodes ran lean)
 
 
 def test_status_says_which_features_the_model_lacks_and_why(engine):

@@ -24,10 +24,10 @@ def two_adapters():
     return peft.eval()
 
 
-def walk_logits(walk, ids, mask, positions, cache, rows):
+def walk_logits(walk, ids, mask, positions, cache, rows, kind="train"):
     hidden = walk.embed(ids)
     p = walk.begin(hidden, mask=mask, position_ids=positions, cache=cache, adapters=rows)
-    return walk.head(p, walk.layers(p, hidden, 0, walk.num_layers))
+    return walk.head(p, walk.layers(p, hidden, 0, walk.num_layers, kind=kind))
 
 
 @torch.no_grad()
@@ -115,7 +115,40 @@ def test_decodes_between_the_units_of_a_micro_step_keep_their_tokens_and_its_los
 
 
 def test_the_engine_walks_the_tiny_model_and_says_so(stepped):
-    assert stepped.status()["layer_walk"] == {"enabled": True, "reason": None}
+    assert stepped.status()["layer_walk"] == {
+        "enabled": True,
+        "reason": None,
+        "lean_decode": True,
+        "lean_reason": None,
+    }
     model, tokenizer = build_tiny()
     expected = hf_greedy(model.eval(), tokenizer, PROMPTS[2], 12)
     assert stepped.complete(PROMPTS[2], max_new_tokens=12).token_ids == expected
+    walk = stepped.core.runner.walk
+    walk.lean = False  # (the module calls: the same tokens)
+    try:
+        assert stepped.status()["layer_walk"]["lean_reason"] == "lean_decode is off"
+        assert stepped.complete(PROMPTS[2], max_new_tokens=12).token_ids == expected
+    finally:
+        walk.lean = True
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_lean_decode_other_than_true_or_false_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="^lean_decode: must be true or false$"):
+        EngineConfig(model="tiny", lean_decode=bad)
+
+
+def test_a_hooked_or_training_layer_keeps_its_module_call():
+    """lean.py bypasses the decoder layer's module call: a hook on it (or on its attention or
+    MLP), or train mode, keeps the call, so that what hooks it sees its calls."""
+    model, _ = build_tiny()
+    walk = LayerWalk(model)
+    assert walk.lean_layer(0) is not None and walk.lean_why_not is None
+    handle = model.model.layers[0].self_attn.register_forward_hook(lambda *_: None)
+    assert walk.lean_layer(0) is None and walk.lean_layer(1) is not None
+    assert walk.lean_why_not == "1 of 2 decoder layers (LlamaDecoderLayer) keep the module call"
+    handle.remove()
+    assert walk.lean_layer(0) is not None
+    model.train()
+    assert walk.lean_layer(0) is None

@@ -202,6 +202,10 @@ class EngineConfig:
     # with it on: micro-steps at once, 2 (a second one on the engine thread while it has nothing
     # to serve and two threads or more: docs/design.md, "The training worker") or 1
     train_streams: int = 2
+    # decode passes run each walked decoder layer as lean.py does (its modeling code's tensor
+    # operations, the same numbers, without the module calls: docs/design.md, "The lean decode
+    # step"); False: the module calls, as prefill and training do
+    lean_decode: bool = True
 
     def __post_init__(self):
         check(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
@@ -224,6 +228,7 @@ class EngineConfig:
             "train_streams",
             "must be 1 or 2",
         )
+        check(isinstance(self.lean_decode, bool), "lean_decode", "must be true or false")
         check(self.quantize in QUANTIZE, "quantize", f"must be one of {', '.join(QUANTIZE)}")
         check(
             self.decode_weights in DECODE_WEIGHTS,

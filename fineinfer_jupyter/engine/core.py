@@ -194,6 +194,7 @@ def build(config: EngineConfig, loaded: LoadedModel, metrics: Metrics) -> Engine
     )
     c.train_thread = {"enabled": split, "reason": why}
     c.streams = config.train_streams
+    runner.walk.lean = config.lean_decode
     return c
 
 

@@ -497,7 +497,15 @@ class Engine:
             ),
             "row_threads": dict(c.runner.row_threads) if c and c.runner.row_threads else None,
             "layer_walk": (
-                {"enabled": c.runner.walk.supported, "reason": c.runner.walk.why_not} if c else None
+                {
+                    "enabled": c.runner.walk.supported,
+                    "reason": c.runner.walk.why_not,
+                    # decode steps without the module calls (lean.py), or why not
+                    "lean_decode": c.runner.walk.lean_why_not is None,
+                    "lean_reason": c.runner.walk.lean_why_not,
+                }
+                if c
+                else None
             ),
             "prefix_cache": dict(self.metrics.prefix) if c else None,
             "features": (

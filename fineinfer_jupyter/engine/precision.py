@@ -396,6 +396,7 @@ def _sdpa_upcast(inner: Callable) -> Callable:
         return out.to(query.dtype), weights
 
     sdpa.upcasts = True
+    sdpa.inner = inner  # (lean.one_query_sdpa computes the same for a decode step)
     return sdpa
 
 

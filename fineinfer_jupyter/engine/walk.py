@@ -20,9 +20,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .lean import BASE_ROW, LeanLayer, lean_layer, rows_of
 from .precision import BASE_ONLY, mixed
-
-BASE_ROW = "__base__"  # PEFT's per-row name for "no adapter"
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,7 @@ class LayerWalk:
         self.family = FAMILIES.get(self.stack.config.model_type) if self.why_not is None else None
         self.types = attention_types(self.stack.config) if self.why_not is None else []
         self.offload = None  # a LayerOffload when base layers live off the device
+        self.lean = True  # decode passes run lean.py's layers (EngineConfig.lean_decode)
 
     @property
     def model(self):
@@ -94,6 +94,7 @@ class LayerWalk:
         """Drop what rows() found in each module: before the model's structure changes (a
         PeftModel, an adapter's layers added or removed: AdapterStore calls it)."""
         self._lora: dict[int, list[torch.nn.Module]] = {}
+        self._lean: dict[int, LeanLayer | None] = {}
 
     @property
     def supported(self) -> bool:
@@ -167,10 +168,27 @@ class LayerWalk:
         `kind` of work) and the next one prefetched; `also(i)` runs while layer i is still
         there (a training unit sharing the fetch)."""
         stack, off = self.stack, self.offload
+        lean = kind == "decode" and self.lean and p.cache is not None
+        lean = lean and not torch.is_grad_enabled()
+        rows = rows_of(p.adapters) if lean else None
         for i in range(start, end):
             if off is not None and i + 1 < end:  # (none left in flight after the range)
                 off.prefetch(i + 1)
             with self.resident(i, kind):
+                step = self.lean_layer(i) if lean else None
+                if step is not None:
+                    hidden = step.run(
+                        hidden,
+                        mask=p.masks[self.types[i]],
+                        position_embeddings=p.position_embeddings[self.types[i]],
+                        cache=p.cache,
+                        rows=rows,
+                        position_ids=p.position_ids,
+                        use_cache=True,
+                    )
+                    if also is not None:
+                        also(i)
+                    continue
                 with self.rows(p, stack.layers[i]):
                     hidden = stack.layers[i](
                         hidden,
@@ -183,6 +201,26 @@ class LayerWalk:
                 if also is not None:
                     also(i)
         return hidden
+
+    def lean_layer(self, i: int) -> LeanLayer | None:
+        """Decoder layer i's lean decode (lean.py), None where it keeps the module call."""
+        if i not in self._lean:
+            self._lean[i] = lean_layer(self.stack.layers[i], self.stack.config)
+        step = self._lean[i]
+        return None if step is None or step.layer.training or step.hooked else step
+
+    @property
+    def lean_why_not(self) -> str | None:
+        """Why decode passes call the decoder layers' modules (None: lean.py's layers run)."""
+        if not self.supported:
+            return self.why_not
+        if not self.lean:
+            return "lean_decode is off"
+        kept = [i for i in range(self.num_layers) if self.lean_layer(i) is None]
+        if kept:
+            name = type(self.stack.layers[kept[0]]).__name__
+            return f"{len(kept)} of {self.num_layers} decoder layers ({name}) keep the module call"
+        return None
 
     def head(
         self, p: Pass, hidden: torch.Tensor, keep: int = 0, at: torch.Tensor | None = None

@@ -165,6 +165,12 @@ class FineInferApp(ExtensionApp):
         second micro-step of the same batch beside the worker's, one core each; 1: the worker
         alone, on every thread then.""",
     ).tag(config=True)
+    lean_decode = Bool(
+        True,
+        help="""Decode steps run each decoder layer of a walked family (Llama, Mistral, Qwen,
+        Gemma, Phi-3) as its modeling code does, without the module calls (the same numbers,
+        faster on a CPU); False: through the modules, as prefill and training do.""",
+    ).tag(config=True)
     prefix_cache_bytes = Int(
         None,
         allow_none=True,
@@ -224,6 +230,7 @@ class FineInferApp(ExtensionApp):
         names += ("decode_weights",)
         names += ("offload", "memory_budget", "heterogeneous")
         names += ("prefix_cache_bytes", "chunked_prefill", "train_thread", "train_streams")
+        names += ("lean_decode",)
         limits = (
             "max_queue",
             "max_new_tokens_cap",
