@@ -143,7 +143,7 @@ def test_a_hooked_or_training_layer_keeps_its_module_call():
     """lean.py bypasses the decoder layer's module call: a hook on it (or on its attention or
     MLP), or train mode, keeps the call, so that what hooks it sees its calls."""
     model, _ = build_tiny()
-    walk = LayerWalk(model)
+    walk = LayerWalk(model.eval())
     assert walk.lean_layer(0) is not None and walk.lean_why_not is None
     handle = model.model.layers[0].self_attn.register_forward_hook(lambda *_: None)
     assert walk.lean_layer(0) is None and walk.lean_layer(1) is not None
