@@ -122,8 +122,9 @@ def test_the_walk_gives_the_models_own_logits_past_the_sliding_window_with_mixed
 @torch.no_grad()
 def test_the_lean_decode_gives_the_module_calls_logits_bit_for_bit(case, folders):
     """lean.py's decoder layers against the modules' own calls: the same numbers, bit for bit,
-    for rows on two adapters and the base, for rows all on the base (the LoRA layers' base
-    layers alone), and without PEFT; in bf16 by the int4 copies of a decode pass."""
+    without PEFT, for rows on two adapters and the base, rows all on one adapter (lean.lora_rows
+    adds to the whole output), rows all on the base (the LoRA layers' base layers alone); in
+    bf16 by the int4 copies of a decode pass."""
     family, dtype = case
     weights = "int4" if dtype == "bf16" else "base"
     model = load_model(folders[family], dtype=dtype, device="cpu", decode_weights=weights).model
@@ -131,7 +132,7 @@ def test_the_lean_decode_gives_the_module_calls_logits_bit_for_bit(case, folders
     assert bool(copies) == (dtype == "bf16")
     for m in copies:  # (the test's three rows multiply by them too)
         m.copy_rows = 3
-    for rows in (None, ["one", "two", None], [None] * 3):
+    for rows in (None, ["one", "two", None], ["two"] * 3, [None] * 3):
         if rows is not None and not hasattr(model, "peft_config"):  # adapters, in place
             torch.manual_seed(1)
             config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers.integrations.sdpa_attention import (
     pack_gqa,
     sdpa_attention_forward,
@@ -68,23 +69,69 @@ def direct(module: torch.nn.Module) -> Callable:
     return module.forward
 
 
-def rows_of(adapters: list[str] | None) -> list[str] | str | None:
+@dataclass(frozen=True)
+class Rows:
+    """A pass's rows when some ask for an adapter: PEFT's per-row names, and each adapter's rows
+    (None: every row), found once for the pass rather than in every LoRA layer."""
+
+    names: list[str]
+    groups: tuple[tuple[str, list[int] | None], ...]
+
+
+def rows_of(adapters: list[str] | None) -> Rows | str | None:
     """A pass's per-row adapter names as `project` takes them: ON_BASE when every row is on the
-    base (BASE_ROW), else as they are (None: no PEFT model, or its active adapter)."""
-    if adapters is not None and all(a == BASE_ROW for a in adapters):
+    base (BASE_ROW), Rows when some ask for an adapter, None for no PEFT model (or its active
+    adapter)."""
+    if adapters is None:
+        return None
+    if all(a == BASE_ROW for a in adapters):
         return ON_BASE
-    return adapters
+    groups = []
+    for name in dict.fromkeys(adapters):
+        if name != BASE_ROW:
+            rows = [i for i, a in enumerate(adapters) if a == name]
+            groups.append((name, None if len(rows) == len(adapters) else rows))
+    return Rows(list(adapters), tuple(groups))
 
 
-def project(module: torch.nn.Module, x: torch.Tensor, rows: list[str] | str | None):
+def project(module: torch.nn.Module, x: torch.Tensor, rows: Rows | str | None):
     """module(x) in a decode pass whose rows are `rows` (rows_of). A LoRA layer runs its base
     layer only when every row is on the base, as PEFT's disabled-adapter path does; with an
-    adapter among them it runs as the model's forward runs it (PEFT's per-row path)."""
+    adapter among them, PEFT's per-row path (`lora_rows`, or the layer itself for what that
+    does not cover)."""
     if isinstance(module, LoraLayer):
+        if rows is None:
+            return module(x)
         if rows is not ON_BASE:
-            return module(x) if rows is None else module(x, adapter_names=rows)
+            if (
+                type(module) is LoraLinear
+                and not module.lora_variant
+                and direct(module) is not module
+            ):
+                return lora_rows(module, x, rows)
+            return module(x, adapter_names=rows.names)
         module = module.base_layer
     return direct(module)(x)
+
+
+def lora_rows(module: LoraLinear, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """PEFT's per-row forward of a plain LoRA Linear (`Linear._mixed_batch_forward`: the base
+    layer's output plus, for each adapter's rows, B(A(dropout(x))) x scaling computed in the
+    adapter's dtype), the same operations without the module calls; every row on one adapter
+    adds to the whole output (the same sums as PEFT's indexed ones)."""
+    result = direct(module.base_layer)(x)
+    dtype = result.dtype
+    for name, index in rows.groups:
+        if name not in module.lora_A:  # (an adapter that leaves this layer alone)
+            continue
+        a, b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        sub = (x if index is None else x[index]).to(a.weight.dtype)
+        out = direct(b)(direct(a)(direct(dropout)(sub))) * module.scaling[name]
+        if index is None:
+            result += out.to(dtype)
+        else:
+            result[index] += out.to(dtype)
+    return result
 
 
 class LeanLayer:
@@ -126,7 +173,7 @@ class LeanLayer:
         mask,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         cache,
-        rows: list[str] | str | None,
+        rows: Rows | str | None,
         **kwargs,
     ) -> torch.Tensor:
         layer, shape = self.layer, self.shape
