@@ -61,12 +61,15 @@ SHAPES = {
 }
 
 
+def hooked(module: torch.nn.Module) -> bool:
+    """A forward hook is on the module (walk.LayerWalk.rows' adapter hooks, a user's)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def direct(module: torch.nn.Module) -> Callable:
-    """The module's forward, called without the module call around it where nothing hooks it
-    (a hook keeps the call: rows' adapter hooks, accelerate's)."""
-    if module._forward_hooks or module._forward_pre_hooks:
-        return module
-    return module.forward
+    """The module's forward, called without the module call around it, unless a hook is on it
+    (its call then runs, hooks and all)."""
+    return module if hooked(module) else module.forward
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,7 @@ def project(module: torch.nn.Module, x: torch.Tensor, rows: Rows | str | None):
         if rows is None:
             return module(x)
         if rows is not ON_BASE:
-            if (
-                type(module) is LoraLinear
-                and not module.lora_variant
-                and direct(module) is not module
-            ):
+            if type(module) is LoraLinear and not module.lora_variant and not hooked(module):
                 return lora_rows(module, x, rows)
             return module(x, adapter_names=rows.names)
         module = module.base_layer
@@ -164,7 +163,7 @@ class LeanLayer:
     def hooked(self) -> bool:
         """Something hooks the layer, its attention or its MLP: the module calls run (the hooks
         see what they expect)."""
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        return any(hooked(m) for m in self.modules)
 
     def run(
         self,
@@ -244,10 +243,10 @@ def one_query_sdpa(module, query, key, value, mask, *, upcast: bool) -> torch.Te
     """What transformers' "sdpa" attention (`upcast`: as precision.upcast_attention wraps it)
     computes for one query position of a no-grad pass (a decode step; [B, H, 1, D] ->
     [B, 1, H, D]), with the wrapper's and the interface's per-call work left out (~50 us a
-    layer, a default-model decode step's 1.5 ms): float32 for a bf16 (fp16) CPU pass where
-    the wrapper would, transformers' choice between
-    grouped-query attention in the kernel and query heads packed per key head, one kernel
-    call. The same kernel on the same tensors, so the same numbers (tests/test_families.py)."""
+    layer, a default-model decode step's 1.5 ms): float32 for a bf16 (fp16) CPU pass where the
+    wrapper would, transformers' choice between grouped-query attention in the kernel and query
+    heads packed per key head, one kernel call. The same kernel on the same tensors, so the
+    same numbers (tests/test_families.py)."""
     dtype = query.dtype
     low = upcast and dtype in (torch.bfloat16, torch.float16) and query.device.type == "cpu"
     if low:
