@@ -22,7 +22,7 @@ from fineinfer_jupyter.engine.config import EngineConfig, SamplingParams, Slo
 from fineinfer_jupyter.engine.data import Example, collate
 from fineinfer_jupyter.engine.engine import Engine
 from fineinfer_jupyter.engine.features import FEATURES
-from fineinfer_jupyter.engine.lean import SHAPES
+from fineinfer_jupyter.engine.lean import SHAPES, LeanLayer
 from fineinfer_jupyter.engine.models import load_model
 from fineinfer_jupyter.engine.precision import decoding
 from fineinfer_jupyter.engine.runner import Runner
@@ -120,7 +120,7 @@ def test_the_walk_gives_the_models_own_logits_past_the_sliding_window_with_mixed
 
 @pytest.mark.parametrize("case", WALKED_CASES, ids=ids_of)
 @torch.no_grad()
-def test_the_lean_decode_gives_the_module_calls_logits_bit_for_bit(case, folders):
+def test_the_lean_decode_gives_the_module_calls_logits_bit_for_bit(case, folders, monkeypatch):
     """lean.py's decoder layers against the modules' own calls: the same numbers, bit for bit,
     without PEFT, for rows on two adapters and the base, rows all on one adapter (lean.lora_rows
     adds to the whole output), rows all on the base (the LoRA layers' base layers alone); in
@@ -132,6 +132,9 @@ def test_the_lean_decode_gives_the_module_calls_logits_bit_for_bit(case, folders
     assert bool(copies) == (dtype == "bf16")
     for m in copies:  # (the test's three rows multiply by them too)
         m.copy_rows = 3
+    ran = []  # the layers the lean decode ran (not a silent fallback to the module calls)
+    run = LeanLayer.run
+    monkeypatch.setattr(LeanLayer, "run", lambda self, *a, **k: ran.append(1) or run(self, *a, **k))
     for rows in (None, ["one", "two", None], ["two"] * 3, [None] * 3):
         if rows is not None and not hasattr(model, "peft_config"):  # adapters, in place
             torch.manual_seed(1)
@@ -156,6 +159,8 @@ def test_the_lean_decode_gives_the_module_calls_logits_bit_for_bit(case, folders
                     for w, c in zip((lean, calls), caches)
                 ]
             assert torch.equal(got[0], got[1]), (kind, rows)
+            assert len(ran) == (lean.num_layers if kind == "decode" else 0)
+            ran.clear()
             ids, kind = got[1][:, -1:].argmax(-1), "decode"
             mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
             positions = positions[:, -1:] + 1
