@@ -175,29 +175,29 @@ class LayerWalk:
             if off is not None and i + 1 < end:  # (none left in flight after the range)
                 off.prefetch(i + 1)
             with self.resident(i, kind):
+                mask = p.masks[self.types[i]]
+                rotary = p.position_embeddings[self.types[i]]
                 step = self.lean_layer(i) if lean else None
                 if step is not None:
                     hidden = step.run(
                         hidden,
-                        mask=p.masks[self.types[i]],
-                        position_embeddings=p.position_embeddings[self.types[i]],
+                        mask=mask,
+                        position_embeddings=rotary,
                         cache=p.cache,
                         rows=rows,
                         position_ids=p.position_ids,
                         use_cache=True,
                     )
-                    if also is not None:
-                        also(i)
-                    continue
-                with self.rows(p, stack.layers[i]):
-                    hidden = stack.layers[i](
-                        hidden,
-                        attention_mask=p.masks[self.types[i]],
-                        position_embeddings=p.position_embeddings[self.types[i]],
-                        position_ids=p.position_ids,
-                        cache=p.cache,
-                        use_cache=p.cache is not None,
-                    )
+                else:
+                    with self.rows(p, stack.layers[i]):
+                        hidden = stack.layers[i](
+                            hidden,
+                            attention_mask=mask,
+                            position_embeddings=rotary,
+                            position_ids=p.position_ids,
+                            cache=p.cache,
+                            use_cache=p.cache is not None,
+                        )
                 if also is not None:
                     also(i)
         return hidden
