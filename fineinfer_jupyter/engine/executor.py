@@ -388,14 +388,35 @@ class Executor:
         return torch.get_num_threads() if idle else 1
 
     def settle(self) -> None:
-        """Wait for the worker's run in flight and end it here (before a job's state changes)."""
-        self.collect(wait=True)
+        """Stop the worker's run in flight after its unit in progress, wait for it and end it
+        here (before a job's state changes). The engine thread waits a unit, not the rest of
+        a micro-step (~1 s): the requests in flight wait with it (docs/design.md, "The training
+        worker"). The micro-step's remaining units run later, or are dropped with the job's
+        partial batch, as in a time-sliced micro-step."""
+        with self._holding():
+            self.collect(wait=True)
 
     def quiesce(self) -> None:
-        """Wait for the worker's run in flight (its end waits for the next collect): before the
-        model's structure, its active adapter or LoRA weights change (AdapterStore)."""
+        """Stop the worker's run in flight after its unit in progress and wait for it (its end
+        waits for the next collect): before the model's structure, its active adapter or LoRA
+        weights change (AdapterStore)."""
         if self.worker is not None:
-            self.worker.wait()
+            with self._holding():
+                self.worker.wait()
+
+    @contextmanager
+    def _holding(self):
+        """The worker's run in flight stops after its unit in progress while inside; the hold
+        this iteration set comes back after (a run launched later must not inherit it)."""
+        w = self.worker
+        if w is None:
+            yield
+            return
+        held, w.hold = w.hold, True
+        try:
+            yield
+        finally:
+            w.hold = held
 
     @contextmanager
     def _beside_worker(self):

@@ -39,9 +39,10 @@ class TrainWorker:
         # the worker's intra-op threads (the count is per OS thread); the engine thread changes
         # it between iterations (Executor._worker_threads), a run takes it up at its next unit
         self.threads = threads
-        # set by the engine thread (Executor.execute, from SchedulerOutput.worker_hold): the run
-        # in flight stops after its unit in progress, so that the engine thread's passes get
-        # every thread back within a unit rather than a whole micro-step
+        # set by the engine thread (Executor.execute, from SchedulerOutput.worker_hold; settle
+        # and quiesce, before a job or the model changes): the run in flight stops after its
+        # unit in progress, so that the engine thread gets every thread back, or goes on,
+        # within a unit rather than a whole micro-step
         self.hold = False
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._future: Future | None = None  # the run handed over, until take()
