@@ -50,7 +50,7 @@ LARGER_WITHIN = 0.93  # a larger micro-step is preferred while its estimated rat
 # as they can: rows that live longer overlap more, a decode pass serves them all at once, and
 # the time between passes goes to the second training stream, or, beside a busy neighbour, back
 # to the worker's core. 0.7 leaves each token 0.2 x tpot of bank (planning headroom 0.9) for a
-# newcomer's prefill and a slow step; at 0.85 a row missed its target beside the neighbour
+# newcomer's prefill and a slow step; 0.85 trained no more and missed a target once
 # (docs/design.md, "The training worker"; docs/benchmarks.md, "The pace")
 PACE = 0.7
 
