@@ -278,6 +278,7 @@ def test_a_job_or_adapter_change_waits_for_the_unit_in_flight_not_the_micro_step
         t.join(WAIT)
         assert out and not isinstance(out[0], Exception), out
         assert run.done == 2 and not run.finished  # its unit in progress, no more
+        assert not e.core.executor.worker.hold  # (only while it waited: the next run is whole)
         if action == "load":
             assert out[0]["name"] == "other"
             done = train_to_end(e, job["id"])
