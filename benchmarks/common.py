@@ -122,3 +122,54 @@ class Neighbours:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+
+class CpuMeter:
+    """Cores' worth of CPU that groups of processes and threads used over a span: `groups` maps a
+    name to (pid, thread id or None for the whole process) pairs. `start()`, then `stop()`
+    returns {name: CPU seconds per wall second}. Beside a busy neighbour it shows who paid for
+    the cores: the training, the serving, the neighbour (psutil's per-process and per-thread
+    user + system times, in the kernel's clock ticks; a process or thread gone by `stop()`
+    counts nothing for the span)."""
+
+    def __init__(self, groups: dict[str, list[tuple[int, int | None]]]):
+        self.groups = groups
+        self.began: tuple[float, dict[str, float]] | None = None
+
+    def _read(self) -> dict[str, float]:
+        import psutil
+
+        seconds = {}
+        for name, members in self.groups.items():
+            total = 0.0
+            for pid, tid in members:
+                try:
+                    p = psutil.Process(pid)
+                    if tid is None:
+                        t = p.cpu_times()
+                        total += t.user + t.system
+                    else:
+                        total += sum(
+                            t.user_time + t.system_time for t in p.threads() if t.id == tid
+                        )
+                except psutil.Error:
+                    pass
+            seconds[name] = total
+        return seconds
+
+    def start(self) -> CpuMeter:
+        import time
+
+        self.began = (time.monotonic(), self._read())
+        return self
+
+    def stop(self) -> dict[str, float]:
+        import time
+
+        t0, before = self.began
+        after, wall = self._read(), time.monotonic() - t0
+        return {k: max(0.0, after[k] - before[k]) / max(wall, 1e-9) for k in self.groups}

@@ -22,6 +22,7 @@ baseline (llama.cpp's server and a PEFT training script).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import sys
@@ -31,7 +32,7 @@ from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OUT, STYLES, TOPICS, Neighbours, table  # noqa: E402
+from common import OUT, STYLES, TOPICS, CpuMeter, Neighbours, table  # noqa: E402
 
 from fineinfer_jupyter.engine import Engine, EngineConfig, Slo, TrainParams  # noqa: E402
 
@@ -68,17 +69,24 @@ def run(
     """One window of `duration` seconds replaying `requests` (arrival seconds from 0), with
     `background` busy processes from the engine's start until the window's requests are done;
     `config`: more EngineConfig fields (offload, ...)."""
-    with Neighbours(background, seconds=duration + 600):
+    with Neighbours(background, seconds=duration + 600) as neighbours:
         engine = Engine(
             EngineConfig(model=model, data_dir=tempfile.mkdtemp(), policy=policy, slo=slo, **config)
         )
         try:
-            return window(engine, requests, duration, train, params)
+            return window(engine, requests, duration, train, params, neighbours.pids)
         finally:
             engine.shutdown()  # also on Ctrl-C: no engine thread left running torch at exit
 
 
-def window(engine: Engine, requests, duration: float, train: bool, params: TrainParams) -> dict:
+def window(
+    engine: Engine,
+    requests,
+    duration: float,
+    train: bool,
+    params: TrainParams,
+    neighbours: list[int] = (),
+) -> dict:
     engine.metrics.timeline = deque(maxlen=100_000)  # every step of the window, for the plot
     job = None
     if train:
@@ -87,12 +95,14 @@ def window(engine: Engine, requests, duration: float, train: bool, params: Train
             time.sleep(0.05)
     busy0 = dict(engine.metrics.busy)
     samples0, tokens0 = (job.samples_done, job.tokens_done) if job else (0, 0)
+    cpu = CpuMeter(cpu_groups(engine, neighbours)).start()
     start, wall = time.monotonic(), time.time()  # the timeline's clock is time.time()
     streams = []
     for at, messages, n in requests:
         time.sleep(max(0.0, start + at - time.monotonic()))
         streams.append(engine.generate(messages, max_new_tokens=n))
     time.sleep(max(0.0, start + duration - time.monotonic()))
+    cores = cpu.stop()
     samples, counted = (job.samples_done - samples0, job.tokens_done - tokens0) if job else (0, 0)
     busy = {k: engine.metrics.busy[k] - busy0[k] for k in busy0}
     costs = engine.core.scheduler.costs.snapshot()
@@ -113,7 +123,25 @@ def window(engine: Engine, requests, duration: float, train: bool, params: Train
         "results": results,
         "timeline": timeline,
         "costs": costs,
+        "cpu": cores,
     }
+
+
+def cpu_groups(engine: Engine, neighbours: list[int]) -> dict[str, list[tuple[int, int | None]]]:
+    """CpuMeter's groups for an engine window: "train", the training worker's thread (split mode;
+    its units on one thread, as beside a neighbour: with more, OpenMP's pool threads do part of
+    its work and count under "process"); "serve", the engine thread (inference, the scheduler,
+    split mode's second stream); "process", this whole process; "neighbour", the busy
+    neighbours."""
+    me = os.getpid()
+    worker = engine.core.executor.worker
+    groups = {"train": [], "serve": [], "process": [(me, None)]}
+    if worker is not None:
+        groups["train"].append((me, worker.native_id))
+    if engine.native_id is not None:
+        groups["serve"].append((me, engine.native_id))
+    groups["neighbour"] = [(pid, None) for pid in neighbours]
+    return groups
 
 
 def train_tokens_in(steps: list[dict], t0: float, t1: float) -> float:
@@ -161,6 +189,10 @@ def summarize(windows: list[dict], duration: float, slo: Slo) -> dict:
         "stall_p99": pct(stall, 0.99),
         "slo": sum(met) / len(met) if met else float("nan"),
         "inference_share": inference / total,
+        # CpuMeter's cores per group (cpu_groups), the windows' mean
+        "cpu": {
+            k: sum(w["cpu"][k] for w in windows) / len(windows) for k in windows[0].get("cpu", {})
+        },
         "timeline": windows[-1]["timeline"],
         "slack": [(r.stats["deferred"], r.stats["slack_at_admission"]) for r in results],
     }

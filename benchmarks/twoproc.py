@@ -47,7 +47,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
 import coserve  # noqa: E402
-from common import OUT, Neighbours, table  # noqa: E402
+from common import OUT, CpuMeter, Neighbours, table  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 from fineinfer_jupyter.engine import Slo  # noqa: E402
@@ -326,14 +326,22 @@ class TwoProc:
                 p.proc.wait()
 
     def window(self, args, requests, duration: float, background: int, logs: Path) -> dict:
-        with Neighbours(background, seconds=duration + 600):
+        with Neighbours(background, seconds=duration + 600) as neighbours:
             if self.server is None:
                 self.start(args, logs)
             else:
                 self.server.proc.send_signal(signal.SIGCONT)
                 self.trainer.cont()
             pids = [self.server.proc.pid, self.trainer.proc.pid]
+            cpu = CpuMeter(
+                {
+                    "train": [(self.trainer.proc.pid, None)],
+                    "serve": [(self.server.proc.pid, None)],
+                    "neighbour": [(pid, None) for pid in neighbours.pids],
+                }
+            )
             with PeakRss(pids) as peak:
+                cpu.start()
                 start, wall = time.monotonic(), time.time()
                 threads, results = [], [None] * len(requests)
                 for i, (at, messages, n) in enumerate(requests):
@@ -343,11 +351,13 @@ class TwoProc:
                     threads.append(threading.Thread(target=fill, args=job, daemon=True))
                     threads[-1].start()
                 time.sleep(max(0.0, start + duration - time.monotonic()))
+                cores = cpu.stop()
                 self.trainer.stop()  # the requests still running finish without it
                 for t in threads:
                     t.join()
             self.server.proc.send_signal(signal.SIGSTOP)
         w = {"busy": {"prefill": 0.0, "decode": 0.0}, "results": results, "timeline": []}
+        w["cpu"] = cores
         w["rss"], w["span"] = peak.peak, (wall, wall + duration)
         self.windows.append(w)
         self.count(w)  # so far: the end of the window is known once a later line is in (close)
@@ -507,11 +517,18 @@ def main() -> None:
     report(args, windows, gaps, slo, twoprocs, logs)
 
 
+def cores(cpu: dict, neighbours: int) -> str:
+    """CpuMeter's cores per group as "train / serve / neighbour" ("-": not measured)."""
+    keys = ("train", "serve") + (("neighbour",) if neighbours else ())
+    return " / ".join(f"{cpu[k]:.2f}" if k in cpu else "-" for k in keys)
+
+
 def report(args, windows, gaps, slo: Slo, twoprocs, logs: Path) -> None:
     runs = {k: coserve.summarize(ws, args.duration, slo) for k, ws in windows.items()}
     peak = {k: max(w["rss"] for w in ws) for k, ws in windows.items()}
     headers = ["load", "neighbour", "setup", "train tokens/s", "SLO met", "TTFT p50", "TTFT p99"]
-    headers += ["TPOT p50", "TPOT p99", "inference tokens/s", "inference share", "peak RSS GB"]
+    headers += ["TPOT p50", "TPOT p99", "inference tokens/s", "inference share"]
+    headers += ["CPU train / serve / neighbour", "peak RSS GB"]
     rows = []
     for (load, bg, setup), r in runs.items():
         served = setup != "training alone"
@@ -522,7 +539,8 @@ def report(args, windows, gaps, slo: Slo, twoprocs, logs: Path) -> None:
                 if served
                 else ["-"] * 5
             )
-            + [r["tokens_per_s"], r["inference_share"], peak[(load, bg, setup)] / 2**30]
+            + [r["tokens_per_s"], r["inference_share"], cores(r["cpu"], bg)]
+            + [peak[(load, bg, setup)] / 2**30]
         )
     print(f"\nthe two-process setups (their logs: {logs}):")
     for t in twoprocs:
@@ -531,8 +549,12 @@ def report(args, windows, gaps, slo: Slo, twoprocs, logs: Path) -> None:
     print(table(headers, rows))
     print(
         "\n(inference share: the engine's own prefill + decode seconds per second; for the two "
-        "processes not measured. The two-process setup cannot serve the adapter it trains until "
-        "training ends; the engine serves it while it trains.)\n"
+        "processes not measured. CPU: cores' worth of CPU time per second over the window, of the "
+        "training (the engine's worker thread; the trainer process), the serving (the engine "
+        "thread; llama-server) and the busy neighbour; on two threads or more OpenMP's pool "
+        "threads and split mode's second stream blur the engine's split. The two-process setup "
+        "cannot serve the adapter it trains until training ends; the engine serves it while it "
+        "trains.)\n"
     )
     for load, bg in {(k[0], k[1]) for k in runs if k[0] != "-"}:
         cell = {k[2]: v for k, v in runs.items() if k[:2] == (load, bg)}

@@ -97,6 +97,11 @@ class Engine:
 
     # -- public API (any thread) -------------------------------------------------------------
 
+    @property
+    def native_id(self) -> int | None:
+        """The engine thread's OS thread id (None without one: thread=False)."""
+        return self._thread.native_id if self._thread is not None else None
+
     def wait_ready(self, timeout: float | None = None) -> None:
         if not self._ready.wait(timeout):
             raise TimeoutError("model still loading")

@@ -55,6 +55,11 @@ class TrainWorker:
         return self._future is not None and not self._future.done()
 
     @property
+    def native_id(self) -> int | None:
+        """The worker's OS thread id (per-thread CPU time: benchmarks' CpuMeter)."""
+        return self._thread.native_id
+
+    @property
     def pending(self) -> bool:
         """A run was handed over and not taken back yet (finished or not)."""
         return self._future is not None

@@ -1,0 +1,97 @@
+"""The benchmarks' CPU meter (benchmarks/common.py, CpuMeter): who used the cores in a window."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from common import CpuMeter  # noqa: E402
+
+WORK = 0.3  # CPU seconds each busy member spends: their own clocks, not the machine's speed
+SPIN = f"import time\nwhile time.process_time() < {WORK}:\n    pass\ntime.sleep(30)\n"
+
+
+def spin_thread(go: threading.Event, done: threading.Event, ids: dict, end: threading.Event):
+    ids["busy"] = threading.get_native_id()
+    go.wait()  # the meter has started
+    start = time.thread_time()
+    while time.thread_time() - start < WORK:
+        pass
+    done.set()
+    end.wait()  # alive until the meter has stopped: a thread gone by then counts nothing
+
+
+def test_cpu_meter_counts_a_busy_thread_a_busy_process_and_not_a_sleeper():
+    sleeper_ready, stop_sleeper, ids = threading.Event(), threading.Event(), {}
+
+    def sleeper():
+        ids["sleeper"] = threading.get_native_id()
+        sleeper_ready.set()
+        stop_sleeper.wait()
+
+    s = threading.Thread(target=sleeper)
+    s.start()
+    sleeper_ready.wait()
+    child = subprocess.Popen([sys.executable, "-c", SPIN])
+    try:
+        go, busy_done = threading.Event(), threading.Event()
+        t = threading.Thread(target=spin_thread, args=(go, busy_done, ids, stop_sleeper))
+        began = time.monotonic()
+        t.start()
+        while "busy" not in ids:
+            time.sleep(0.001)
+        meter = CpuMeter(
+            {
+                "busy": [(os.getpid(), ids["busy"])],
+                "sleeper": [(os.getpid(), ids["sleeper"])],
+                "child": [(child.pid, None)],
+                "gone": [(2**22 + 1, None)],  # no such process: counts nothing, no error
+            }
+        ).start()
+        go.set()
+        busy_done.wait()
+        p = psutil.Process(child.pid)
+        # the child's spin, by its own clock (the kernel's count of it, in ticks, may read a
+        # little less than the child's own process_time)
+        while sum(p.cpu_times()[:2]) < WORK - 0.05:
+            time.sleep(0.01)
+        cores = meter.stop()
+        wall = time.monotonic() - began
+    finally:
+        child.kill()
+        child.wait()
+        stop_sleeper.set()
+        s.join()
+        t.join()
+    # the meter's span is inside `wall`: the thread's whole work (it began after the meter;
+    # the kernel counts CPU time in ticks, hence the slack) over it, in cores; the child's
+    # start-up and some of its spin may come before the meter, so only some of it; no member
+    # more than one core
+    assert WORK - 0.05 <= cores["busy"] * wall and cores["busy"] <= 1.05
+    assert cores["child"] * wall > 0.05 and cores["child"] <= 1.05
+    assert cores["sleeper"] * wall < 0.02
+    assert cores["gone"] == 0.0
+
+
+def test_an_engine_windows_groups_are_its_worker_and_engine_threads(tmp_path):
+    import coserve
+
+    from fineinfer_jupyter.engine import Engine, EngineConfig
+
+    config = EngineConfig(model="tiny", data_dir=tmp_path, policy="deferred", train_thread="on")
+    with Engine(config) as engine:
+        engine.wait_ready()
+        groups = coserve.cpu_groups(engine, [4242])
+        me = os.getpid()
+        tasks = {int(t) for t in os.listdir(f"/proc/{me}/task")}
+        (train,), (serve,) = groups["train"], groups["serve"]
+        assert train[0] == serve[0] == me and train[1] != serve[1]
+        assert {train[1], serve[1]} <= tasks
+        assert groups["process"] == [(me, None)] and groups["neighbour"] == [(4242, None)]
+        cores = CpuMeter(groups).start().stop()
+        assert set(cores) == {"train", "serve", "process", "neighbour"}
