@@ -6,7 +6,10 @@ import atexit
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 OUT = Path(__file__).parent / "out"
 
@@ -141,8 +144,6 @@ class CpuMeter:
         self.began: tuple[float, dict[str, float]] | None = None
 
     def _read(self) -> dict[str, float]:
-        import psutil
-
         seconds = {}
         for name, members in self.groups.items():
             total = 0.0
@@ -162,14 +163,10 @@ class CpuMeter:
         return seconds
 
     def start(self) -> CpuMeter:
-        import time
-
         self.began = (time.monotonic(), self._read())
         return self
 
     def stop(self) -> dict[str, float]:
-        import time
-
         t0, before = self.began
         after, wall = self._read(), time.monotonic() - t0
         return {k: max(0.0, after[k] - before[k]) / max(wall, 1e-9) for k in self.groups}

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,7 +86,7 @@ def window(
     duration: float,
     train: bool,
     params: TrainParams,
-    neighbours: list[int] = (),
+    neighbours: Sequence[int] = (),
 ) -> dict:
     engine.metrics.timeline = deque(maxlen=100_000)  # every step of the window, for the plot
     job = None
@@ -127,7 +128,9 @@ def window(
     }
 
 
-def cpu_groups(engine: Engine, neighbours: list[int]) -> dict[str, list[tuple[int, int | None]]]:
+def cpu_groups(
+    engine: Engine, neighbours: Sequence[int]
+) -> dict[str, list[tuple[int, int | None]]]:
     """CpuMeter's groups for an engine window: "train", the training worker's thread (split mode;
     its units on one thread, as beside a neighbour: with more, OpenMP's pool threads do part of
     its work and count under "process"); "serve", the engine thread (inference, the scheduler,
