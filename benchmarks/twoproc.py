@@ -14,7 +14,8 @@ and with one busy neighbour process, and per cell:
   thread). More setups: --twoproc NAME=SERVER_THREADS/TORCH_THREADS[/DTYPE][/q4_1|f32], or
   `py-` before the name for llama-cpp-python's server (--llama-cpp-python: its interpreter).
 Windows are interleaved (round-robin over every cell and setup), >= 2 rounds. Prints one table
-with training tokens/s, SLO attainment, TTFT/TPOT percentiles and the peak RSS of the processes
+with training tokens/s, SLO attainment, TTFT/TPOT percentiles, the cores' worth of CPU time the
+training, the serving and the neighbour used (common.CpuMeter) and the peak RSS of the processes
 that serve and train (the engine: this one process; two processes: both summed); saves a bar
 plot and the engine's timelines under benchmarks/out/.
 
