@@ -3,6 +3,7 @@ served while a micro-step is provably under way on the worker get exactly the to
 engine with training off; training gives the same losses and weights as the time-sliced engine;
 job and adapter changes wait for the run in flight; a failure there fails the job alone."""
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -18,10 +19,11 @@ from fineinfer_jupyter.engine import walk
 from fineinfer_jupyter.engine.config import EngineConfig, SamplingParams, Slo
 from fineinfer_jupyter.engine.costmodel import CostModel, LinearCost
 from fineinfer_jupyter.engine.engine import Engine
+from fineinfer_jupyter.engine.executor import Executor
 from fineinfer_jupyter.engine.outputs import IterationResult
 from fineinfer_jupyter.engine.scheduler import PACE, Scheduler
 from fineinfer_jupyter.engine.sequence import Sequence
-from fineinfer_jupyter.engine.worker import train_thread_choice
+from fineinfer_jupyter.engine.worker import Apart, last_cpu, train_thread_choice
 
 JOB = dict(
     r=8,
@@ -840,3 +842,104 @@ def test_a_failure_in_the_second_stream_fails_the_job_alone(tmp_path, monkeypatc
         assert e.complete("hello", max_new_tokens=4).finish_reason in ("length", "stop")
         again = e.tune("herb2", RECORDS, **{**JOB, "max_steps": 2})
         assert train_to_end(e, again["id"])["state"] == "done"
+
+
+APART = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+@pytest.mark.skipif(not APART, reason="needs per-thread CPU affinity and two CPUs")
+@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
+def test_passes_beside_the_worker_keep_off_its_cpu_every_other_time(
+    tmp_path, monkeypatch, family, dtype
+):
+    # docs/design.md, "Sharing the machine": left alone, the OS ran the engine thread's passes
+    # on the worker's core, and serving's CPU came out of training's core alone
+    model = save(family, tmp_path / "model")
+    gate = Gate(unit=0)
+    gate.install(monkeypatch)
+    masks = []  # (iteration kind, the engine thread's CPUs) as each iteration ran
+    original = Executor._execute
+
+    def execute(self, out, result, start):
+        masks.append((out.kind.value, os.sched_getaffinity(0)))
+        return original(self, out, result, start)
+
+    monkeypatch.setattr(Executor, "_execute", execute)
+    cpus = os.sched_getaffinity(0)
+    cfg = config(model, tmp_path / "e", dtype=dtype, train_streams=1)
+    with Engine(cfg, thread=False) as e:
+        job = e.tune("herb", RECORDS, **JOB)
+        e.iterate()
+        at_batch_start(e)
+        assert os.sched_getaffinity(0) == cpus  # (no run in flight)
+        gate.armed = True
+        e.iterate()  # the worker starts a micro-step and waits at the gate
+        assert gate.inside.wait(WAIT)
+        worker = e.core.executor.worker
+        cpu = last_cpu(worker.native_id)  # (asleep at the gate, it stays there)
+        assert cpu in cpus
+        masks.clear()
+        stream = e.generate(PROMPT, max_new_tokens=6)
+        deadline = time.monotonic() + WAIT
+        while stream.final is None and time.monotonic() < deadline:
+            e.iterate()  # served while the worker's run waits at the gate
+        assert stream.final is not None and stream.final["type"] == "done", stream.final
+        assert worker.busy
+        passes = [m for kind, m in masks if kind != "idle"]
+        assert len(passes) >= 6  # a prefill and five decodes at least
+        assert set(map(frozenset, passes)) == {frozenset(cpus), frozenset(cpus - {cpu})}
+        assert all(a != b for a, b in zip(passes, passes[1:])), passes  # every other one
+        moved = sum(m != cpus for m in passes)
+        assert e.status()["train_thread"]["passes_apart"] >= moved
+        gate.release.set()
+        e.core.executor.collect(wait=True)
+        assert os.sched_getaffinity(0) == cpus  # back once the run is collected
+        done = train_to_end(e, job["id"])
+        assert done["state"] == "done", done["error"]
+    assert os.sched_getaffinity(0) == cpus
+
+
+@pytest.mark.skipif(not APART, reason="needs per-thread CPU affinity and two CPUs")
+def test_apart_stays_put_with_one_cpu_and_is_restored_from_another_thread():
+    cpus = os.sched_getaffinity(0)
+    first = min(cpus)
+    ran, leave, seen = threading.Event(), threading.Event(), []
+
+    def worker():  # runs on the first CPU, then sleeps
+        os.sched_setaffinity(0, {first})
+        sum(range(100_000))
+        ran.set()
+        assert leave.wait(WAIT)
+
+    def engine(apart, wtid, own):
+        os.sched_setaffinity(0, own)
+        apart.before_pass(wtid)
+        seen.append(os.sched_getaffinity(0))
+        ran.wait(WAIT)
+        leave.wait(WAIT)
+
+    w = threading.Thread(target=worker)
+    w.start()
+    try:
+        assert ran.wait(WAIT) and last_cpu(w.native_id) == first
+        apart = Apart()
+        # the engine thread has the worker's CPU only: nowhere to go, nothing moves
+        t = threading.Thread(target=engine, args=(apart, w.native_id, {first}))
+        t.start()
+        while not seen and t.is_alive():
+            time.sleep(0.01)
+        assert seen == [{first}] and apart.passes == 0
+        # every CPU: off the worker's on its first turn; restore() from here puts it back
+        seen.clear()
+        apart = Apart()
+        u = threading.Thread(target=engine, args=(apart, w.native_id, cpus))
+        u.start()
+        while not seen and u.is_alive():
+            time.sleep(0.01)
+        assert seen == [cpus - {first}] and apart.passes == 1
+        assert os.sched_getaffinity(u.native_id) == cpus - {first}
+        apart.restore()
+        assert os.sched_getaffinity(u.native_id) == cpus
+    finally:
+        leave.set()
+        w.join()

@@ -498,7 +498,13 @@ class Engine:
             "adapters": c.adapters.names() if c else [],
             "offload": (c.runner.walk.offload.describe() if c and c.runner.walk.offload else None),
             "train_thread": (
-                {**c.train_thread, "second_stream_units": c.executor.side_units} if c else None
+                {
+                    **c.train_thread,
+                    "second_stream_units": c.executor.side_units,
+                    "passes_apart": c.executor.apart.passes,
+                }
+                if c
+                else None
             ),
             "row_threads": dict(c.runner.row_threads) if c and c.runner.row_threads else None,
             "layer_walk": (
@@ -773,6 +779,7 @@ class Engine:
                 log.exception("could not checkpoint the running job at shutdown")
             if self.core.executor.worker is not None:
                 self.core.executor.worker.close()
+            self.core.executor.apart.restore()
             self.core.fail_all(reason)
         self._closed = True
         self._fail_inbox(reason)  # callers waiting on engine-thread calls get an answer too

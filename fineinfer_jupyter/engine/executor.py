@@ -22,13 +22,13 @@ from .config import SamplingParams, Slo
 from .costmodel import attention_span, prefill_units
 from .metrics import Metrics
 from .oom import decode_fitting, free_memory, halves, is_oom, too_big
-from .outputs import IterationResult, SchedulerOutput, Timing
+from .outputs import IterationKind, IterationResult, SchedulerOutput, Timing
 from .prefix import PrefixCache
 from .request import Tokenizer
 from .runner import Runner
 from .sequence import Sequence
 from .training import MicroStep, Trainer
-from .worker import TrainWorker
+from .worker import Apart, TrainWorker
 
 log = logging.getLogger("fineinfer")
 GROW_BELOW = 0.2  # seconds: a calibration probe this fast is doubled (Executor.calibrate)
@@ -61,6 +61,7 @@ class Executor:
         # inbox holds something, a request or the worker's end); None: it never stops early
         self.interrupted: Callable[[], bool] | None = None
         self.side_units = 0  # units the second stream ran (status)
+        self.apart = Apart()  # the engine thread's passes beside the worker's run (worker.py)
 
     def calibrate(self, slo: Slo) -> tuple[list[Timing], list[tuple[int, int, float]]]:
         """Time prefill, decode and (forward and backward) training passes once, so the
@@ -144,7 +145,7 @@ class Executor:
             self.worker.hold = out.worker_hold
         if out.worker_units:  # first: it runs beside this iteration's pass
             self._launch(out.worker_units, out.worker_examples)
-        with self._beside_worker():
+        with self._beside_worker(out.kind is not IterationKind.IDLE):
             return self._execute(out, result, start)
 
     def _execute(self, out: SchedulerOutput, result: IterationResult, start: float):
@@ -361,6 +362,7 @@ class Executor:
         if w is None or not w.pending or (w.busy and not wait):
             return
         future = w.take()
+        self.apart.restore()  # (nothing to keep apart from until the next run)
         self.trainer.busy = False
         try:
             seconds, error = future.result(), None
@@ -419,10 +421,19 @@ class Executor:
             w.hold = held
 
     @contextmanager
-    def _beside_worker(self):
-        """The engine thread's passes on one thread fewer while the worker trains on its own."""
+    def _beside_worker(self, runs: bool = True):
+        """The engine thread's passes on one thread fewer while the worker trains on its own;
+        a pass (`runs`) on one thread keeps off the worker's CPU every other time (Apart)."""
         threads = torch.get_num_threads()
-        if self.worker is None or not self.worker.busy or threads < 2:
+        if self.worker is None or not self.worker.busy:
+            self.apart.restore()
+            yield
+            return
+        if threads > 2:
+            self.apart.restore()
+        elif runs:  # (one thread: two less the worker's, or one where a neighbour took a core)
+            self.apart.before_pass(self.worker.native_id)
+        if threads < 2:
             yield
             return
         torch.set_num_threads(threads - 1)

@@ -16,6 +16,7 @@ Whether it is used: `train_thread_choice` (EngineConfig.train_thread, shown in s
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -102,6 +103,71 @@ class TrainWorker:
                     self.wake()
                 except Exception:
                     log.exception("training worker: waking the engine thread failed")
+
+
+def last_cpu(tid: int) -> int | None:
+    """The CPU this process's thread `tid` last ran on (Linux: /proc), or None."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[36])  # field 39, "processor"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Apart:
+    """Every other pass the engine thread runs on one thread beside the worker's run, it keeps
+    off the CPU the worker last ran on, until its next pass (docs/design.md, "Sharing the
+    machine").
+
+    The two threads share the GIL: each hands it to the other around every torch op, and the OS
+    wakes the thread that waited for it on the CPU of the one that let it go. Left alone, the
+    engine thread thus ran mostly on the worker's core while a busy neighbour kept the other
+    core to itself: serving's CPU came out of training's core alone. Kept off the worker's CPU
+    all the time, it came out of the neighbour's; every other pass, out of both, as a separate
+    server process's does (docs/benchmarks.md, "Twentieth run"). The mask lasts until the next
+    pass, not only through this one: between two passes the engine thread sleeps, and woke on
+    the worker's CPU again when its mask was back at the end of a pass (measured: no effect).
+
+    Only a pass on one intra-op thread moves it (no OpenMP thread of the engine thread's starts
+    inside it and inherits the mask); the engine thread is back on its CPUs before any other
+    pass, once the worker's run is collected, and at shutdown (`restore`, from any thread). Off
+    where the OS has no per-thread CPU affinity (not Linux) or the engine thread has one CPU."""
+
+    def __init__(self) -> None:
+        self.supported = hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")
+        self.turn = False
+        self.passes = 0  # passes kept off the worker's CPU (status)
+        self._moved: tuple[int, set[int]] | None = None  # (thread id, the CPUs it had)
+
+    def before_pass(self, worker_tid: int | None) -> None:
+        """Before a pass of the calling thread (the engine thread) on one intra-op thread beside
+        the worker's run: every other call off the CPU the worker last ran on, else back."""
+        self.turn = not self.turn
+        cpus = self._moved[1] if self._moved else None
+        if not (self.turn and self.supported and worker_tid is not None):
+            self.restore()
+            return
+        cpus = cpus or os.sched_getaffinity(0)  # (pid 0: the calling thread's own mask)
+        cpu = last_cpu(worker_tid)
+        try:
+            if cpu not in cpus or len(cpus) < 2:
+                raise OSError("nowhere else to go")
+            os.sched_setaffinity(0, cpus - {cpu})
+        except OSError:  # (or a CPU set changed under us: a container, taskset)
+            self.restore()
+            return
+        self._moved = (threading.get_native_id(), cpus)
+        self.passes += 1
+
+    def restore(self) -> None:
+        """The thread moved off the worker's CPU back on the CPUs it had (from any thread)."""
+        if self._moved is None:
+            return
+        (tid, cpus), self._moved = self._moved, None
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # (the thread has ended)
+            pass
 
 
 def train_thread_choice(
