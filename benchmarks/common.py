@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 import random
 import subprocess
 import sys
@@ -137,11 +138,35 @@ class CpuMeter:
     returns {name: CPU seconds per wall second}. Beside a busy neighbour it shows who paid for
     the cores: the training, the serving, the neighbour (psutil's per-process and per-thread
     user + system times, in the kernel's clock ticks; a process or thread gone by `stop()`
-    counts nothing for the span)."""
+    counts nothing for the span). On Linux `stop()` also sets `waited`: {name: seconds per
+    wall second its members were ready to run but waited for a CPU} (/proc's schedstat); a
+    member's share of its ready time is cores / (cores + waited): what the OS gave each one
+    when they all wanted a core (docs/benchmarks.md, "Twentieth run")."""
 
     def __init__(self, groups: dict[str, list[tuple[int, int | None]]]):
         self.groups = groups
         self.began: tuple[float, dict[str, float]] | None = None
+        self.waits: dict[str, float] | None = None
+        self.waited: dict[str, float] | None = None
+
+    def _waits(self) -> dict[str, float] | None:
+        """Seconds each group's members have waited ready to run (Linux), or None."""
+        if not os.path.isdir("/proc/self/task"):
+            return None
+        waits = {}
+        for name, members in self.groups.items():
+            total = 0
+            for pid, tid in members:
+                tasks = [tid] if tid is not None else None
+                try:
+                    tasks = tasks or [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+                    for t in tasks:
+                        with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                            total += int(f.read().split()[1])  # nanoseconds on a run queue
+                except (OSError, ValueError, IndexError):
+                    pass
+            waits[name] = total / 1e9
+        return waits
 
     def _read(self) -> dict[str, float]:
         seconds = {}
@@ -163,10 +188,16 @@ class CpuMeter:
         return seconds
 
     def start(self) -> CpuMeter:
+        self.waits = self._waits()
         self.began = (time.monotonic(), self._read())
         return self
 
     def stop(self) -> dict[str, float]:
         t0, before = self.began
         after, wall = self._read(), time.monotonic() - t0
+        waits = self._waits()
+        if waits is not None and self.waits is not None:
+            self.waited = {
+                k: max(0.0, waits[k] - self.waits[k]) / max(wall, 1e-9) for k in self.groups
+            }
         return {k: max(0.0, after[k] - before[k]) / max(wall, 1e-9) for k in self.groups}

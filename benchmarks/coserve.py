@@ -13,9 +13,10 @@ it is when a compile, an indexer or a browser tab runs beside the notebook.
     python benchmarks/coserve.py [--model default] [--duration 40] [--rounds 3] [--gap 1.0]
                                  [--background 0]
 
-A window's training tokens are the seconds of training inside it times the tokens per second of
-training (train_tokens_in): counting micro-steps that ended in it was off by up to a micro-step
-at each end. benchmarks/twoproc.py runs these windows at three loads beside a two-process
+A window's training tokens are what the job trained between its two ends, read on the engine
+thread: the micro-steps that ended plus, for each micro-step in flight, its share of the work
+done (`trained`). Counting the micro-steps that ended inside it was off by up to a micro-step at
+each end, and the window starts just after one ended (docs/benchmarks.md, "Twentieth run"). benchmarks/twoproc.py runs these windows at three loads beside a two-process
 baseline (llama.cpp's server and a PEFT training script).
 """
 
@@ -97,12 +98,14 @@ def window(
     busy0 = dict(engine.metrics.busy)
     samples0, tokens0 = (job.samples_done, job.tokens_done) if job else (0, 0)
     cpu = CpuMeter(cpu_groups(engine, neighbours)).start()
+    first = trained(engine, job) if job else None
     start, wall = time.monotonic(), time.time()  # the timeline's clock is time.time()
     streams = []
     for at, messages, n in requests:
         time.sleep(max(0.0, start + at - time.monotonic()))
         streams.append(engine.generate(messages, max_new_tokens=n))
     time.sleep(max(0.0, start + duration - time.monotonic()))
+    last = trained(engine, job) if job else None
     cores = cpu.stop()
     samples, counted = (job.samples_done - samples0, job.tokens_done - tokens0) if job else (0, 0)
     busy = {k: engine.metrics.busy[k] - busy0[k] for k in busy0}
@@ -118,13 +121,15 @@ def window(
     ]
     return {
         "samples": samples,
-        "train_tokens": train_tokens_in(steps, wall, wall + duration) if job else 0,
-        "train_tokens_counted": counted,
+        # over the span between the two readings, scaled to the window's length
+        "train_tokens": (last[1] - first[1]) / (last[0] - first[0]) * duration if job else 0,
+        "train_tokens_counted": counted,  # (whole micro-steps that ended in the window)
         "busy": busy,
         "results": results,
         "timeline": timeline,
         "costs": costs,
         "cpu": cores,
+        "waited": cpu.waited,  # (Linux: seconds ready to run, not running, per wall second)
     }
 
 
@@ -145,6 +150,30 @@ def cpu_groups(
         groups["serve"].append((me, engine.native_id))
     groups["neighbour"] = [(pid, None) for pid in neighbours]
     return groups
+
+
+def trained(engine: Engine, job) -> tuple[float, float]:
+    """(time.monotonic(), `job`'s training tokens so far), read on the engine thread between two
+    iterations: its ended micro-steps' tokens, plus each micro-step in flight's tokens times the
+    share of its work done (its units done, weighted by the cost model's per-unit shares of a
+    micro-step's time; a finished one whole). It moves with the work, as twoproc.py's trainer's
+    progress interpolated between its lines does, not in whole micro-steps."""
+
+    def read() -> tuple[float, float]:
+        trainer, shares = engine.core.trainer, engine.core.scheduler.costs.shares
+        tokens = float(job.tokens_done)
+        if trainer.current is job:
+            for run, examples in trainer._flight:
+                if run.finished:
+                    done = 1.0
+                elif len(shares) == run.units:
+                    done = sum(shares[: run.done]) / sum(shares)
+                else:
+                    done = run.done / run.units
+                tokens += sum(e.num_tokens for e in examples) * done
+        return time.monotonic(), tokens
+
+    return engine._call(read)
 
 
 def train_tokens_in(steps: list[dict], t0: float, t1: float) -> float:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from common import CpuMeter  # noqa: E402
@@ -95,3 +96,35 @@ def test_an_engine_windows_groups_are_its_worker_and_engine_threads(tmp_path):
         assert groups["process"] == [(me, None)] and groups["neighbour"] == [(4242, None)]
         cores = CpuMeter(groups).start().stop()
         assert set(cores) == {"train", "serve", "process", "neighbour"}
+
+
+@pytest.mark.skipif(
+    not (hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")),
+    reason="schedstat and CPU affinity: Linux",
+)
+def test_cpu_meter_counts_the_time_two_spinners_on_one_cpu_wait_for_it():
+    # two processes held to one CPU, each spinning WORK of its own CPU time: each waits ready
+    # to run while the other runs; a sleeper does not wait
+    cpu = min(os.sched_getaffinity(0))
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\n" + SPIN
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time\ntime.sleep(30)"])
+    spinners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    try:
+        groups = {f"s{i}": [(p.pid, None)] for i, p in enumerate(spinners)}
+        meter = CpuMeter({**groups, "sleeper": [(sleeper.pid, None)]}).start()
+        began = time.monotonic()
+        for p in spinners:
+            while sum(psutil.Process(p.pid).cpu_times()[:2]) < WORK - 0.05:
+                time.sleep(0.01)
+        meter.stop()
+        wall = time.monotonic() - began
+    finally:
+        for p in [*spinners, sleeper]:
+            p.kill()
+            p.wait()
+    waited = meter.waited
+    assert waited is not None
+    # the second to finish waited while the first ran, at least a good part of it; the first
+    # waited for the second too, unless it spun before the second had started (start-up)
+    assert max(waited["s0"], waited["s1"]) * wall > WORK / 3, waited
+    assert waited["sleeper"] * wall < 0.02

@@ -133,6 +133,8 @@ class Apart:
     pass, once the worker's run is collected, and at shutdown (`restore`, from any thread). Off
     where the OS has no per-thread CPU affinity (not Linux) or the engine thread has one CPU."""
 
+    on = True  # (benchmarks/apart.py's A/B turns it off)
+
     def __init__(self) -> None:
         self.supported = hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")
         self.turn = False
@@ -144,7 +146,7 @@ class Apart:
         the worker's run: every other call off the CPU the worker last ran on, else back."""
         self.turn = not self.turn
         cpus = self._moved[1] if self._moved else None
-        if not (self.turn and self.supported and worker_tid is not None):
+        if not (self.turn and self.on and self.supported and worker_tid is not None):
             self.restore()
             return
         cpus = cpus or os.sched_getaffinity(0)  # (pid 0: the calling thread's own mask)
