@@ -503,9 +503,13 @@ def main() -> None:
                         w = engine_window(args, setup, requests, bg, slo, params)
                     windows.setdefault((load, bg, setup), []).append(w)
                     met = coserve.summarize([w], args.duration, slo)["slo"]
+                    counted = w.get("train_tokens_counted")  # (the engine's whole micro-steps)
+                    whole = (
+                        f" ({counted / args.duration:.0f} in whole micro-steps)" if counted else ""
+                    )
                     print(
                         f"  round {r + 1} {load} bg{bg} {setup}: "
-                        f"{w['train_tokens'] / args.duration:.0f} train tokens/s, "
+                        f"{w['train_tokens'] / args.duration:.0f} train tokens/s{whole}, "
                         f"{len(w['results'])} requests, SLO {met:.0%}, "
                         f"{time.monotonic() - began:.0f} s in",
                         flush=True,

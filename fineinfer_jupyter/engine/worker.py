@@ -119,14 +119,14 @@ class Apart:
     off the CPU the worker last ran on, until its next pass (docs/design.md, "Sharing the
     machine").
 
-    The two threads share the GIL: each hands it to the other around every torch op, and the OS
-    wakes the thread that waited for it on the CPU of the one that let it go. Left alone, the
-    engine thread thus ran mostly on the worker's core while a busy neighbour kept the other
-    core to itself: serving's CPU came out of training's core alone. Kept off the worker's CPU
-    all the time, it came out of the neighbour's; every other pass, out of both, as a separate
-    server process's does (docs/benchmarks.md, "Twentieth run"). The mask lasts until the next
-    pass, not only through this one: between two passes the engine thread sleeps, and woke on
-    the worker's CPU again when its mask was back at the end of a pass (measured: no effect).
+    The two threads share the GIL: each hands it to the other around every torch op, and Linux
+    tends to wake a thread on the CPU of the thread that woke it. Left alone, serving's CPU came
+    more out of the worker's core than out of a busy neighbour's (the worker ran 66-77% of the
+    time it was ready to, the neighbour 74-83%). Kept off the worker's CPU on every pass, it
+    came out of the neighbour's (67-76% against the worker's 73-86%); every other pass, out of
+    both alike, as a separate server process's does (71-80% and 71-79%; docs/benchmarks.md,
+    "Twentieth run"). The mask lasts until the next pass, through the engine thread's sleep
+    between the two, as measured.
 
     Only a pass on one intra-op thread moves it (no OpenMP thread of the engine thread's starts
     inside it and inherits the mask); the engine thread is back on its CPUs before any other
