@@ -16,8 +16,9 @@ it is when a compile, an indexer or a browser tab runs beside the notebook.
 A window's training tokens are what the job trained between its two ends, read on the engine
 thread: the micro-steps that ended plus, for each micro-step in flight, its share of the work
 done (`trained`). Counting the micro-steps that ended inside it was off by up to a micro-step at
-each end, and the window starts just after one ended (docs/benchmarks.md, "Twentieth run"). benchmarks/twoproc.py runs these windows at three loads beside a two-process
-baseline (llama.cpp's server and a PEFT training script).
+each end (docs/benchmarks.md, "Twentieth run").
+benchmarks/twoproc.py runs these windows at three loads beside a two-process baseline
+(llama.cpp's server and a PEFT training script).
 """
 
 from __future__ import annotations
