@@ -145,11 +145,12 @@ class Apart:
         """Before a pass of the calling thread (the engine thread) on one intra-op thread beside
         the worker's run: every other call off the CPU the worker last ran on, else back."""
         self.turn = not self.turn
-        cpus = self._moved[1] if self._moved else None
         if not (self.turn and self.on and self.supported and worker_tid is not None):
             self.restore()
             return
-        cpus = cpus or os.sched_getaffinity(0)  # (pid 0: the calling thread's own mask)
+        cpus = os.sched_getaffinity(
+            0
+        )  # (pid 0: its own mask; never moved here: the call before put it back)
         cpu = last_cpu(worker_tid)
         try:
             if cpu not in cpus or len(cpus) < 2:
