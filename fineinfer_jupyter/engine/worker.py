@@ -148,9 +148,8 @@ class Apart:
         if not (self.turn and self.on and self.supported and worker_tid is not None):
             self.restore()
             return
-        cpus = os.sched_getaffinity(
-            0
-        )  # (pid 0: its own mask; never moved here: the call before put it back)
+        # its own mask (pid 0); never a moved one here: the call before put it back
+        cpus = os.sched_getaffinity(0)
         cpu = last_cpu(worker_tid)
         try:
             if cpu not in cpus or len(cpus) < 2:
