@@ -326,3 +326,23 @@ def test_a_taken_name_is_refused(stepped, adapter_dirs):
     stepped.tune("herb", RECORDS, max_steps=1)
     with pytest.raises(NameTaken):
         stepped.tune("herb", RECORDS)
+
+
+def test_a_batchs_micro_steps_take_its_longest_examples_first_and_pad_less(stepped):
+    """Examples of about the same length share a micro-step (each pads to its longest), the
+    longest first; the batch (its examples, its gradient's scale) stays what it was."""
+    words = "moonveil glimmerroot vesperine ashbloom dewcap".split()
+    records = [{"text": " ".join(words[: 1 + i % 5] * (1 + 3 * (i % 3)))} for i in range(12)]
+    p = dict(FAST, batch_size=6, micro_batch_size=2, max_steps=4)
+    job_id = stepped.tune("sorted", records, **p)["id"]
+    trainer, saved = stepped.core.trainer, 0
+    for step in range(4):
+        got = [trainer.work(1 << 30).padded for _ in range(3)]
+        job = trainer.current or trainer.get(job_id)
+        lengths = [job.dataset.train[i].num_tokens for i in job.batch_indices(step)]
+        ordered = sorted(lengths, reverse=True)
+        assert got == [2 * max(ordered[k : k + 2]) for k in (0, 2, 4)], (step, lengths)
+        shuffled = sum(2 * max(lengths[k : k + 2]) for k in (0, 2, 4))
+        saved += shuffled - sum(got)
+        assert stepped.job(job_id)["step"] == step + 1
+    assert saved > 0  # the data is such that the batch's own order pads more
