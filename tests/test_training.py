@@ -330,7 +330,7 @@ def test_a_taken_name_is_refused(stepped, adapter_dirs):
 
 def test_a_batchs_micro_steps_take_its_longest_examples_first_and_pad_less(stepped):
     """Examples of about the same length share a micro-step (each pads to its longest), the
-    longest first; the batch (its examples, its gradient's scale) stays what it was."""
+    longest first, out of the same effective batch (its losses: the plain-loop test above)."""
     words = "moonveil glimmerroot vesperine ashbloom dewcap".split()
     records = [{"text": " ".join(words[: 1 + i % 5] * (1 + 3 * (i % 3)))} for i in range(12)]
     p = dict(FAST, batch_size=6, micro_batch_size=2, max_steps=4)
