@@ -56,9 +56,7 @@ def main() -> None:
             indices = job.batch_indices(step)
             real += sum(data.train[i].num_tokens for i in indices)
             shuffled += padded([data.train[i].num_tokens for i in indices], micro)
-            longest += padded(
-                [data.train[i].num_tokens for i in _longest_first(job, indices)], micro
-            )
+            longest += padded([data.train[i].num_tokens for i in _longest_first(job, step)], micro)
         saved = 1 - longest / shuffled
         rows.append([f"{batch} / {micro}", real / shuffled, real / longest, f"{saved:.1%}"])
     print(

@@ -233,7 +233,7 @@ class Trainer:
         job = self._next_job()
         if job is None:
             return []
-        pending = job.pending or _longest_first(job, job.batch_indices(job.step))
+        pending = job.pending or _longest_first(job, job.step)
         return [job.dataset.train[i].num_tokens for i in pending]
 
     def micro_step(self, max_examples: int | None = None) -> MicroStep:
@@ -435,7 +435,7 @@ class Trainer:
         self._write_job(job)
 
     def _begin_batch(self, job: Job) -> None:
-        job.pending = _longest_first(job, job.batch_indices(job.step))
+        job.pending = _longest_first(job, job.step)
         job.batch_tokens = sum(_label_tokens(job.dataset.train[i]) for i in job.pending)
         job.loss_sum = 0.0
         job.optimizer.zero_grad(set_to_none=True)
@@ -646,13 +646,14 @@ def _micro(job: Job) -> int:
     return min(job.params.micro_batch_size, job.micro_cap or job.params.micro_batch_size)
 
 
-def _longest_first(job: Job, indices: list[int]) -> list[int]:
-    """An effective batch's examples, the longest first (ties in the batch's order): each
-    micro-step pads its examples to its longest, so examples of about the same length share
-    one, and the effective batch's gradient (a sum scaled by its label tokens) is the same
-    whichever micro-step an example is in (docs/design.md, "The life of a training job")."""
+def _longest_first(job: Job, step: int) -> list[int]:
+    """Optimizer step `step`'s examples (Job.batch_indices), the longest first (ties in the
+    batch's order): each micro-step pads its examples to its longest, so examples of about the
+    same length share one, and the effective batch's gradient (a sum scaled by its label
+    tokens) is the same whichever micro-step an example is in (docs/design.md, "The life of a
+    training job")."""
     train = job.dataset.train
-    return sorted(indices, key=lambda i: -train[i].num_tokens)
+    return sorted(job.batch_indices(step), key=lambda i: -train[i].num_tokens)
 
 
 def _label_tokens(example: Example) -> int:
