@@ -27,6 +27,7 @@ def spin_thread(go: threading.Event, done: threading.Event, ids: dict, end: thre
     end.wait()  # alive until the meter has stopped: a thread gone by then counts nothing
 
 
+@pytest.mark.realtime  # (a child process and threads spinning against the clock)
 def test_cpu_meter_counts_a_busy_thread_a_busy_process_and_not_a_sleeper():
     sleeper_ready, stop_sleeper, ids = threading.Event(), threading.Event(), {}
 
@@ -102,6 +103,7 @@ def test_an_engine_windows_groups_are_its_worker_and_engine_threads(tmp_path):
     not (hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")),
     reason="schedstat and CPU affinity: Linux",
 )
+@pytest.mark.realtime  # (two processes spinning on one CPU)
 def test_cpu_meter_counts_the_time_two_spinners_on_one_cpu_wait_for_it():
     # two processes held to one CPU, each spinning WORK of its own CPU time: each waits ready
     # to run while the other runs; a sleeper does not wait

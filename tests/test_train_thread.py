@@ -847,6 +847,7 @@ def test_a_failure_in_the_second_stream_fails_the_job_alone(tmp_path, monkeypatc
 APART = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
 
 
+@pytest.mark.realtime  # (the worker held at a gate, the engine's own thread)
 @pytest.mark.skipif(not APART, reason="needs per-thread CPU affinity and two CPUs")
 @pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
 def test_passes_beside_the_worker_keep_off_its_cpu_every_other_time(
@@ -899,6 +900,7 @@ def test_passes_beside_the_worker_keep_off_its_cpu_every_other_time(
     assert os.sched_getaffinity(0) == cpus
 
 
+@pytest.mark.realtime  # (CPU affinity set from another thread)
 @pytest.mark.skipif(not APART, reason="needs per-thread CPU affinity and two CPUs")
 def test_apart_stays_put_with_one_cpu_and_is_restored_from_another_thread():
     cpus = os.sched_getaffinity(0)
