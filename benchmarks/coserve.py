@@ -29,6 +29,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -99,6 +100,7 @@ def window(
     busy0 = dict(engine.metrics.busy)
     samples0, tokens0 = (job.samples_done, job.tokens_done) if job else (0, 0)
     cpu = CpuMeter(cpu_groups(engine, neighbours)).start()
+    watch = Watch(engine).start()
     first = trained(engine, job) if job else None
     start, wall = time.monotonic(), time.time()  # the timeline's clock is time.time()
     streams = []
@@ -108,6 +110,8 @@ def window(
     time.sleep(max(0.0, start + duration - time.monotonic()))
     last = trained(engine, job) if job else None
     cores = cpu.stop()
+    watched = watch.stop(duration)
+    status = engine.status().get("train_thread") or {}
     samples, counted = (job.samples_done - samples0, job.tokens_done - tokens0) if job else (0, 0)
     busy = {k: engine.metrics.busy[k] - busy0[k] for k in busy0}
     costs = engine.core.scheduler.costs.snapshot()
@@ -131,7 +135,87 @@ def window(
         "costs": costs,
         "cpu": cores,
         "waited": cpu.waited,  # (Linux: seconds ready to run, not running, per wall second)
+        "watch": {
+            **watched,
+            "second_stream_units": status.get("second_stream_units"),
+            "passes_apart": status.get("passes_apart"),
+        },
     }
+
+
+class Watch:
+    """Where the engine's threads were, sampled every `every` seconds over a window from a
+    thread of its own (reads /proc and the worker's flag only; nothing on the engine thread):
+    the share of samples the worker had a run in flight, the engine thread was kept to fewer
+    CPUs than the process has (Apart), the two last ran on the same CPU, and the engine
+    thread's intra-op counts; at the end the busiest threads of the process, in cores, by
+    name. For a window that trains far less than its neighbours (docs/benchmarks.md,
+    "The stalled window")."""
+
+    def __init__(self, engine: Engine, every: float = 0.2):
+        self.engine, self.every = engine, every
+        self.samples: list[tuple[bool, bool, bool, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="bench-watch", daemon=True)
+        self._cpu0 = self._threads()
+
+    @staticmethod
+    def _threads() -> dict[int, tuple[str, float]]:
+        """{thread id: (name, CPU seconds)}: Python's name for its threads, the OS's for the
+        others (OpenMP's pool, the tokenizer's)."""
+        names, out = {t.native_id: t.name for t in threading.enumerate()}, {}
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{t}/stat", "rb") as f:
+                    comm, rest = f.read().rsplit(b")", 1)
+                fields = rest.split()
+                ticks = int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15)
+                name = names.get(int(t)) or comm.split(b"(", 1)[1].decode()
+                out[int(t)] = (name, ticks / os.sysconf("SC_CLK_TCK"))
+            except (OSError, ValueError, IndexError):
+                pass
+        return out
+
+    def _main(self) -> None:
+        from fineinfer_jupyter.engine import threads
+        from fineinfer_jupyter.engine.worker import last_cpu
+
+        ex, me = self.engine.core.executor, self.engine.native_id
+        cpus = len(os.sched_getaffinity(0))
+        while not self._stop.wait(self.every):
+            w = ex.worker
+            busy = w is not None and w.busy
+            try:
+                kept = len(os.sched_getaffinity(me)) < cpus
+            except OSError:
+                kept = False
+            wid = w.native_id if w is not None else None
+            same = wid is not None and last_cpu(wid) == last_cpu(me)
+            self.samples.append((busy, kept, same, (threads.current() or {}).get("intra_op", 0)))
+
+    def start(self) -> Watch:
+        self._thread.start()
+        return self
+
+    def stop(self, seconds: float) -> dict:
+        self._stop.set()
+        self._thread.join()
+        end, n = self._threads(), max(1, len(self.samples))
+        used: dict[str, float] = {}
+        for tid, (name, t1) in end.items():
+            t0 = self._cpu0.get(tid, (name, 0.0))[1]
+            used[f"{name}/{tid}"] = (t1 - t0) / seconds
+        top = sorted(used.items(), key=lambda kv: -kv[1])[:5]
+        counts: dict[int, int] = {}
+        for *_, k in self.samples:
+            counts[k] = counts.get(k, 0) + 1
+        return {
+            "worker_busy": sum(s[0] for s in self.samples) / n,
+            "engine_kept": sum(s[1] for s in self.samples) / n,
+            "same_cpu": sum(s[2] for s in self.samples) / n,
+            "intra_op": counts,
+            "top_threads": {k: round(v, 2) for k, v in top if v >= 0.01},
+        }
 
 
 def cpu_groups(

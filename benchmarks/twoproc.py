@@ -514,12 +514,24 @@ def main() -> None:
                         f"{time.monotonic() - began:.0f} s in",
                         flush=True,
                     )
+                    if "watch" in w:  # where the engine's threads were (coserve.Watch)
+                        print(f"    {watched(w['watch'])}", flush=True)
     except (KeyboardInterrupt, SystemExit) as e:  # (timeout's SIGTERM): what was measured
         print(f"stopped early ({e!r}): the table has the windows that ended", flush=True)
     finally:
         for t in twoprocs:
             t.close()
     report(args, windows, gaps, slo, twoprocs, logs)
+
+
+def watched(watch: dict) -> str:
+    """coserve.Watch's figures on one line."""
+    return (
+        f"worker busy {watch['worker_busy']:.0%}, engine thread kept apart "
+        f"{watch['engine_kept']:.0%}, same CPU {watch['same_cpu']:.0%}, intra-op counts "
+        f"{watch['intra_op']}, second stream units {watch['second_stream_units']}, passes "
+        f"apart {watch['passes_apart']}; busiest threads (cores) {watch['top_threads']}"
+    )
 
 
 def cores(cpu: dict, neighbours: int) -> str:

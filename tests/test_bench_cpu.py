@@ -99,6 +99,36 @@ def test_an_engine_windows_groups_are_its_worker_and_engine_threads(tmp_path):
         assert set(cores) == {"train", "serve", "process", "neighbour"}
 
 
+@pytest.mark.realtime  # (a thread spinning against the clock)
+def test_an_engine_windows_watch_names_the_busiest_thread_and_the_workers_state(tmp_path):
+    import coserve
+
+    from fineinfer_jupyter.engine import Engine, EngineConfig
+
+    config = EngineConfig(model="tiny", data_dir=tmp_path, policy="deferred", train_thread="on")
+    with Engine(config) as engine:
+        engine.wait_ready()
+        go, done, end, ids = threading.Event(), threading.Event(), threading.Event(), {}
+        spinner = threading.Thread(target=spin_thread, args=(go, done, ids, end), name="spin")
+        spinner.start()
+        began = time.monotonic()
+        watch = coserve.Watch(engine, every=0.01).start()
+        go.set()
+        done.wait()
+        while len(watch.samples) < 3:  # (a sample or more after the spin, whatever the load)
+            time.sleep(0.01)
+        seen = watch.stop(time.monotonic() - began)
+        end.set()
+        spinner.join()
+    # the spinner's WORK CPU seconds over the span; no job: the worker had no run in flight,
+    # and the engine thread was never kept off a CPU
+    busiest = next(iter(seen["top_threads"]))
+    assert busiest == f"spin/{ids['busy']}", seen
+    assert seen["top_threads"][busiest] > 0
+    assert (seen["worker_busy"], seen["engine_kept"]) == (0.0, 0.0)
+    assert sum(seen["intra_op"].values()) == len(watch.samples)
+
+
 @pytest.mark.skipif(
     not (hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")),
     reason="schedstat and CPU affinity: Linux",
