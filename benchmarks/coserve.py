@@ -147,14 +147,15 @@ class Watch:
     """Where the engine's threads were, sampled every `every` seconds over a window from a
     thread of its own (reads /proc and the worker's flag only; nothing on the engine thread):
     the share of samples the worker had a run in flight, the engine thread was kept to fewer
-    CPUs than the process has (Apart), the two last ran on the same CPU, and the engine
-    thread's intra-op counts; at the end the busiest threads of the process, in cores, by
+    CPUs than the process has (Apart), the two last ran on the same CPU, the engine thread's
+    intra-op counts, and how many other threads were ever seen kept to fewer; at the end the busiest threads of the process, in cores, by
     name. For a window that trains far less than its neighbours (docs/benchmarks.md,
     "The stalled window")."""
 
     def __init__(self, engine: Engine, every: float = 0.2):
         self.engine, self.every = engine, every
         self.samples: list[tuple[bool, bool, bool, int]] = []
+        self.masked: set[int] = set()  # threads other than the engine thread seen kept
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="bench-watch", daemon=True)
         self._cpu0 = self._threads()
@@ -192,6 +193,12 @@ class Watch:
             wid = w.native_id if w is not None else None
             same = wid is not None and last_cpu(wid) == last_cpu(me)
             self.samples.append((busy, kept, same, (threads.current() or {}).get("intra_op", 0)))
+            for t in os.listdir("/proc/self/task"):  # any other thread kept to fewer CPUs
+                try:
+                    if int(t) != me and len(os.sched_getaffinity(int(t))) < cpus:
+                        self.masked.add(int(t))
+                except (OSError, ValueError):
+                    pass
 
     def start(self) -> Watch:
         self._thread.start()
@@ -214,6 +221,7 @@ class Watch:
             "engine_kept": sum(s[1] for s in self.samples) / n,
             "same_cpu": sum(s[2] for s in self.samples) / n,
             "intra_op": counts,
+            "others_kept": len(self.masked),
             "top_threads": {k: round(v, 2) for k, v in top if v >= 0.01},
         }
 

@@ -125,7 +125,7 @@ def test_an_engine_windows_watch_names_the_busiest_thread_and_the_workers_state(
     busiest = next(iter(seen["top_threads"]))
     assert busiest == f"spin/{ids['busy']}", seen
     assert seen["top_threads"][busiest] > 0
-    assert (seen["worker_busy"], seen["engine_kept"]) == (0.0, 0.0)
+    assert (seen["worker_busy"], seen["engine_kept"], seen["others_kept"]) == (0.0, 0.0, 0)
     assert sum(seen["intra_op"].values()) == len(watch.samples)
 
 
