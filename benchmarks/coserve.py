@@ -111,7 +111,6 @@ def window(
     last = trained(engine, job) if job else None
     cores = cpu.stop()
     watched = watch.stop(duration)
-    status = engine.status().get("train_thread") or {}
     samples, counted = (job.samples_done - samples0, job.tokens_done - tokens0) if job else (0, 0)
     busy = {k: engine.metrics.busy[k] - busy0[k] for k in busy0}
     costs = engine.core.scheduler.costs.snapshot()
@@ -135,11 +134,7 @@ def window(
         "costs": costs,
         "cpu": cores,
         "waited": cpu.waited,  # (Linux: seconds ready to run, not running, per wall second)
-        "watch": {
-            **watched,
-            "second_stream_units": status.get("second_stream_units"),
-            "passes_apart": status.get("passes_apart"),
-        },
+        "watch": watched,
     }
 
 
@@ -148,9 +143,10 @@ class Watch:
     thread of its own (reads /proc and the worker's flag only; nothing on the engine thread):
     the share of samples the worker had a run in flight, the engine thread was kept to fewer
     CPUs than the process has (Apart), the two last ran on the same CPU, the engine thread's
-    intra-op counts, and how many other threads were ever seen kept to fewer; at the end the busiest threads of the process, in cores, by
-    name. For a window that trains far less than its neighbours (docs/benchmarks.md,
-    "The stalled window")."""
+    intra-op counts, and how many other threads were ever seen kept to fewer; at the end the
+    busiest threads of the process, in cores (and the kernel's part of them: page faults,
+    futexes), by name. For a window that trains far less than its neighbours
+    (docs/benchmarks.md, "The stalled window")."""
 
     def __init__(self, engine: Engine, every: float = 0.2):
         self.engine, self.every = engine, every
@@ -159,20 +155,22 @@ class Watch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="bench-watch", daemon=True)
         self._cpu0 = self._threads()
+        self._counts0 = self._counts()
 
     @staticmethod
-    def _threads() -> dict[int, tuple[str, float]]:
-        """{thread id: (name, CPU seconds)}: Python's name for its threads, the OS's for the
-        others (OpenMP's pool, the tokenizer's)."""
+    def _threads() -> dict[int, tuple[str, float, float]]:
+        """{thread id: (name, CPU seconds, of which in the kernel)}: Python's name for its
+        threads, the OS's for the others (OpenMP's pool, the tokenizer's)."""
         names, out = {t.native_id: t.name for t in threading.enumerate()}, {}
         for t in os.listdir("/proc/self/task"):
             try:
                 with open(f"/proc/self/task/{t}/stat", "rb") as f:
                     comm, rest = f.read().rsplit(b")", 1)
                 fields = rest.split()
-                ticks = int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15)
+                user, system = int(fields[11]), int(fields[12])  # utime, stime (fields 14, 15)
+                tick = os.sysconf("SC_CLK_TCK")
                 name = names.get(int(t)) or comm.split(b"(", 1)[1].decode()
-                out[int(t)] = (name, ticks / os.sysconf("SC_CLK_TCK"))
+                out[int(t)] = (name, (user + system) / tick, system / tick)
             except (OSError, ValueError, IndexError):
                 pass
         return out
@@ -200,6 +198,11 @@ class Watch:
                 except (OSError, ValueError):
                     pass
 
+    def _counts(self) -> dict[str, int]:
+        """The engine's split-mode counters (status): second-stream units, passes kept apart."""
+        status = self.engine.status().get("train_thread") or {}
+        return {k: status.get(k) or 0 for k in ("second_stream_units", "passes_apart")}
+
     def start(self) -> Watch:
         self._thread.start()
         return self
@@ -208,21 +211,24 @@ class Watch:
         self._stop.set()
         self._thread.join()
         end, n = self._threads(), max(1, len(self.samples))
-        used: dict[str, float] = {}
-        for tid, (name, t1) in end.items():
-            t0 = self._cpu0.get(tid, (name, 0.0))[1]
-            used[f"{name}/{tid}"] = (t1 - t0) / seconds
-        top = sorted(used.items(), key=lambda kv: -kv[1])[:5]
+        used: dict[str, tuple[float, float]] = {}
+        for tid, (name, t1, k1) in end.items():
+            _, t0, k0 = self._cpu0.get(tid, (name, 0.0, 0.0))
+            used[f"{name}/{tid}"] = ((t1 - t0) / seconds, (k1 - k0) / seconds)
+        top = sorted(used.items(), key=lambda kv: -kv[1][0])[:5]
         counts: dict[int, int] = {}
         for *_, k in self.samples:
             counts[k] = counts.get(k, 0) + 1
+        ran = {k: v - self._counts0[k] for k, v in self._counts().items()}
         return {
+            **ran,  # over the window
             "worker_busy": sum(s[0] for s in self.samples) / n,
             "engine_kept": sum(s[1] for s in self.samples) / n,
             "same_cpu": sum(s[2] for s in self.samples) / n,
             "intra_op": counts,
             "others_kept": len(self.masked),
-            "top_threads": {k: round(v, 2) for k, v in top if v >= 0.01},
+            # cores, and of them the kernel's (page faults, futexes)
+            "top_threads": {k: (round(v, 2), round(kern, 2)) for k, (v, kern) in top if v >= 0.01},
         }
 
 

@@ -124,8 +124,10 @@ def test_an_engine_windows_watch_names_the_busiest_thread_and_the_workers_state(
     # and the engine thread was never kept off a CPU
     busiest = next(iter(seen["top_threads"]))
     assert busiest == f"spin/{ids['busy']}", seen
-    assert seen["top_threads"][busiest] > 0
+    cores, kernel = seen["top_threads"][busiest]
+    assert cores > 0 and 0 <= kernel <= cores
     assert (seen["worker_busy"], seen["engine_kept"], seen["others_kept"]) == (0.0, 0.0, 0)
+    assert (seen["second_stream_units"], seen["passes_apart"]) == (0, 0)
     assert sum(seen["intra_op"].values()) == len(watch.samples)
 
 
