@@ -185,11 +185,12 @@ class Watch:
             w = ex.worker
             busy = w is not None and w.busy
             try:
-                kept = len(os.sched_getaffinity(me)) < cpus
-            except OSError:
+                kept = me is not None and len(os.sched_getaffinity(me)) < cpus
+            except OSError:  # (the engine thread has ended)
                 kept = False
             wid = w.native_id if w is not None else None
-            same = wid is not None and last_cpu(wid) == last_cpu(me)
+            on = last_cpu(wid) if None not in (wid, me) else None
+            same = on is not None and on == last_cpu(me)
             self.samples.append((busy, kept, same, (threads.current() or {}).get("intra_op", 0)))
             for t in os.listdir("/proc/self/task"):  # any other thread kept to fewer CPUs
                 try:

@@ -529,9 +529,9 @@ def watched(watch: dict) -> str:
     return (
         f"worker busy {watch['worker_busy']:.0%}, engine thread kept apart "
         f"{watch['engine_kept']:.0%}, same CPU {watch['same_cpu']:.0%}, intra-op counts "
-        f"{watch['intra_op']}, other threads kept {watch['others_kept']}, second stream units {watch['second_stream_units']}, passes "
-        f"apart {watch['passes_apart']}; busiest threads (cores, of them in the kernel) "
-        f"{watch['top_threads']}"
+        f"{watch['intra_op']}, other threads kept {watch['others_kept']}, second stream units "
+        f"{watch['second_stream_units']}, passes apart {watch['passes_apart']}; busiest threads "
+        f"(cores, of them in the kernel) {watch['top_threads']}"
     )
 
 
