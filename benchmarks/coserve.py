@@ -162,13 +162,13 @@ class Watch:
         """{thread id: (name, CPU seconds, of which in the kernel)}: Python's name for its
         threads, the OS's for the others (OpenMP's pool, the tokenizer's)."""
         names, out = {t.native_id: t.name for t in threading.enumerate()}, {}
+        tick = os.sysconf("SC_CLK_TCK")
         for t in os.listdir("/proc/self/task"):
             try:
                 with open(f"/proc/self/task/{t}/stat", "rb") as f:
                     comm, rest = f.read().rsplit(b")", 1)
                 fields = rest.split()
                 user, system = int(fields[11]), int(fields[12])  # utime, stime (fields 14, 15)
-                tick = os.sysconf("SC_CLK_TCK")
                 name = names.get(int(t)) or comm.split(b"(", 1)[1].decode()
                 out[int(t)] = (name, (user + system) / tick, system / tick)
             except (OSError, ValueError, IndexError):
